@@ -1,0 +1,1 @@
+"""cfg-serve: classifier-free guidance diffusion inference service."""
