@@ -8,6 +8,8 @@ from app.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     sha256_file,
+    unet_denoiser,
+    verify_checkpoint,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "sha256_file",
+    "unet_denoiser",
+    "verify_checkpoint",
 ]

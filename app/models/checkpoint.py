@@ -106,8 +106,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file is not valid JSON: {path} ({exc})") from exc
 
 
-def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Verify and load a checkpoint folder onto `device`, in eval mode."""
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    manifest: Manifest
+    unet_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    weights: Path
+
+
+def verify_checkpoint(path: Path | str) -> VerifiedCheckpoint:
+    """Check every file of a checkpoint folder and the weights' sha256, without loading them."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder missing: {path}")
@@ -119,7 +127,6 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"checkpoint manifest has wrong fields: {manifest_path} ({exc})") from exc
     unet_config = _read_json(path / "unet" / "config.json")
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-
     weights = path / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"checkpoint file missing: {weights}")
@@ -127,18 +134,38 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Loa
     if actual != manifest.weights_sha256:
         raise CheckpointError(
             f"checkpoint weights fail verification: {weights} has sha256 {actual[:12]}..., "
-            f"manifest.json expects {manifest.weights_sha256[:12]}..."
+            f"{manifest_path.name} expects {manifest.weights_sha256[:12]}..."
         )
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"checkpoint weights unreadable: {weights} ({exc})") from exc
+    return VerifiedCheckpoint(manifest, unet_config, scheduler_config, weights)
 
-    unet = UNet2DModel.from_config(unet_config)
+
+def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Verify and load a checkpoint folder onto `device`, in eval mode. Never unpickles."""
+    path = Path(path)
+    ckpt = verify_checkpoint(path)
+    try:
+        state = load_file(ckpt.weights)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint weights unreadable: {ckpt.weights} ({exc})") from exc
+    unet = UNet2DModel.from_config(ckpt.unet_config)
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not match {path / 'unet' / 'config.json'}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint weights do not match {path / 'unet' / 'config.json'}: {exc}"
+        ) from exc
     device = torch.device(device)
     unet.to(device).eval().requires_grad_(False)
-    return LoadedModel(unet=unet, scheduler_config=scheduler_config, manifest=manifest, path=path, device=device)
+    return LoadedModel(
+        unet=unet, scheduler_config=ckpt.scheduler_config, manifest=ckpt.manifest, path=path, device=device
+    )
+
+
+def unet_denoiser(unet: UNet2DModel):
+    """Adapt the UNet to the sampler's Denoiser signature: (x, timesteps, class_labels) -> eps."""
+
+    @torch.inference_mode()
+    def denoise(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return unet(x, timesteps, class_labels=class_labels).sample
+
+    return denoise

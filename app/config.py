@@ -1,0 +1,41 @@
+"""The service's settings, read from CFG_* environment variables when create_app() builds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model_store" / "fashion-mnist-cfg"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CFG_", protected_namespaces=())
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint folder (model_store/<name>)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    max_batch_rows: int = Field(32, ge=1, description="most rows (images x cond/uncond) in one forward")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond the running ones; more get 503")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request still unfinished after this gets 504"
+    )
+    max_images: int = Field(16, ge=1, description="most images per request")
+    max_steps: int = Field(200, ge=1, description="most sampling steps per request")
+    default_steps: int = Field(20, ge=1)
+    max_guidance_scale: float = Field(30.0, gt=0)
+    max_noise_level: float = Field(5.0, ge=0)
+    warmup: bool = Field(True, description="run one forward at startup before reporting ready")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
+
+    @model_validator(mode="after")
+    def _rows_fit_a_request(self) -> Settings:
+        if self.max_batch_rows < 2 * self.max_images:
+            raise ValueError(
+                f"CFG_MAX_BATCH_ROWS ({self.max_batch_rows}) must be at least 2 x CFG_MAX_IMAGES "
+                f"({2 * self.max_images}): a guided request needs two rows per image"
+            )
+        if self.default_steps > self.max_steps:
+            raise ValueError("CFG_DEFAULT_STEPS must not exceed CFG_MAX_STEPS")
+        return self

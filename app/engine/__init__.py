@@ -1,0 +1,21 @@
+"""The batching engine: one loop owns the model and runs one forward per tick over all active rows."""
+
+from app.engine.engine import (
+    Engine,
+    EngineClosedError,
+    EngineStats,
+    Job,
+    JobResult,
+    NonFiniteError,
+    QueueFullError,
+)
+
+__all__ = [
+    "Engine",
+    "EngineClosedError",
+    "EngineStats",
+    "Job",
+    "JobResult",
+    "NonFiniteError",
+    "QueueFullError",
+]

@@ -1,0 +1,259 @@
+"""Step-level batching (continuous batching, as in vLLM/Orca, at the granularity of sampler steps).
+
+One asyncio task owns the model. Each tick it:
+  1. admits waiting jobs, in arrival order, while their rows fit under max_batch_rows;
+  2. drops cancelled jobs, so no compute is spent on them;
+  3. runs ONE forward over the rows of all active jobs (each job's conditional and unconditional
+     rows, per-row timesteps) in a worker thread, so the event loop stays responsive;
+  4. advances each job's own sampler, fails jobs whose latents went non-finite, resolves finished ones.
+A job therefore joins at the next tick and never waits for the current batch to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from app.sampling import Denoiser, SampleRun, SampleSpec, denoise_step
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is at its limit."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is draining or stopped and admits no new jobs."""
+
+
+class NonFiniteError(RuntimeError):
+    """A job's latents became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    queue_wait_s: float
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What one tick did; the metrics are recorded from these."""
+
+    rows: int
+    active_jobs: int
+    queue_depth: int
+    step_seconds: float
+    images_finished: int
+
+
+@dataclass(eq=False)
+class Job:
+    spec: SampleSpec
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    run: SampleRun | None = None
+    cancelled: bool = False
+
+    @property
+    def max_rows(self) -> int:
+        """Rows this job may need in one forward: two per image when guided."""
+        return self.spec.num_images * (1 if self.spec.class_label is None else 2)
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return (self.run.step_index if self.run else 0, self.spec.steps)
+
+
+StatsHook = Callable[[EngineStats], None]
+AdmitHook = Callable[[Job], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        *,
+        scheduler_config: dict,
+        image_shape: tuple[int, int, int],
+        null_label: int,
+        device: torch.device,
+        max_batch_rows: int,
+        max_queue: int,
+        on_step: StatsHook | None = None,
+        on_admit: AdmitHook | None = None,
+    ) -> None:
+        self._denoiser = denoiser
+        self._scheduler_config = scheduler_config
+        self._image_shape = image_shape
+        self._null_label = null_label
+        self._device = device
+        self.max_batch_rows = max_batch_rows
+        self.max_queue = max_queue
+        self._on_step = on_step
+        self._on_admit = on_admit
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-forward")
+        self._task: asyncio.Task | None = None
+        self._accepting = False
+        self._error: BaseException | None = None
+
+    # --- the interface the HTTP front end uses -------------------------------------------------
+
+    def submit(self, spec: SampleSpec) -> Job:
+        if not self._accepting:
+            raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
+        if 2 * spec.num_images > self.max_batch_rows:
+            raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
+        if len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
+            raise QueueFullError(f"queue full ({self.max_queue} waiting)")
+        job = Job(spec=spec, future=asyncio.get_running_loop().create_future())
+        self._waiting.append(job)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop the job: its rows leave the batch at the next tick."""
+        job.cancelled = True
+        if job in self._waiting:
+            self._waiting.remove(job)
+        if not job.future.done():
+            job.future.cancel()
+        self._wake.set()
+
+    def check_health(self) -> bool:
+        return self._task is not None and not self._task.done() and self._error is None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._active)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        self._accepting = True
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop admitting; with drain, finish every admitted and waiting job first."""
+        self._accepting = False
+        if not drain:
+            for job in [*self._waiting, *self._active]:
+                self.cancel(job)
+        while self._task and not self._task.done() and (self._waiting or self._active):
+            await asyncio.sleep(0.05)
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def warmup(self, spec: SampleSpec) -> None:
+        """Run one job's forwards outside the loop, before the service reports ready."""
+        run = self._make_run(spec)
+        loop = asyncio.get_running_loop()
+        while not run.done:
+            await loop.run_in_executor(self._executor, denoise_step, self._denoiser, [run])
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _make_run(self, spec: SampleSpec) -> SampleRun:
+        return SampleRun(spec, self._scheduler_config, self._image_shape, self._null_label, self._device)
+
+    def _has_room_now(self, spec: SampleSpec) -> bool:
+        used = sum(j.max_rows for j in self._active)
+        rows = spec.num_images * (1 if spec.class_label is None else 2)
+        return not self._waiting and used + rows <= self.max_batch_rows
+
+    def _admit(self) -> None:
+        used = sum(j.max_rows for j in self._active)
+        while self._waiting and used + self._waiting[0].max_rows <= self.max_batch_rows:
+            job = self._waiting.popleft()
+            job.run = self._make_run(job.spec)
+            job.started_at = time.monotonic()
+            used += job.max_rows
+            self._active.append(job)
+            if self._on_admit:
+                self._on_admit(job)
+
+    def _tick(self, runs: list[SampleRun]) -> tuple[int, list[bool]]:
+        """In the worker thread: one shared forward, then one host sync for all the finiteness flags."""
+        rows = denoise_step(self._denoiser, runs)
+        finite = torch.stack([r.latents.isfinite().all() for r in runs]).tolist()
+        return rows, finite
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._active = [j for j in self._active if not j.cancelled]
+                self._admit()
+                if not self._active:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                jobs = list(self._active)
+                t0 = time.perf_counter()
+                rows, finite = await loop.run_in_executor(self._executor, self._tick, [j.run for j in jobs])
+                step_seconds = time.perf_counter() - t0
+                images_finished = self._settle(jobs, finite)
+                if self._on_step:
+                    self._on_step(
+                        EngineStats(rows, len(jobs), len(self._waiting), step_seconds, images_finished)
+                    )
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a broken model must not leave requests hanging
+            self._error = exc
+            log.exception("engine loop failed")
+            for job in [*self._waiting, *self._active]:
+                if not job.future.done():
+                    job.future.set_exception(RuntimeError(f"engine failure: {exc}"))
+            raise
+
+    def _settle(self, jobs: list[Job], finite: list[bool]) -> int:
+        """Fail non-finite jobs, resolve finished ones; returns the number of images finished."""
+        now = time.monotonic()
+        finished = 0
+        for job, ok in zip(jobs, finite):
+            if job.cancelled:
+                continue
+            if not ok:
+                self._active.remove(job)
+                job.future.set_exception(
+                    NonFiniteError(f"non-finite values in the latents at step {job.run.step_index}")
+                )
+            elif job.run.done:
+                self._active.remove(job)
+                finished += job.spec.num_images
+                job.future.set_result(
+                    JobResult(
+                        images=job.run.images(),
+                        queue_wait_s=job.started_at - job.enqueued_at,
+                        compute_s=now - job.started_at,
+                    )
+                )
+        return finished

@@ -1,0 +1,136 @@
+"""create_app(settings): the FastAPI app. Its lifespan loads the model, warms it up, starts the
+engine, and on shutdown stops admitting, finishes the requests in flight and stops the engine."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from app.api.routes import Service, build_router, install_error_handlers
+from app.api.schemas import SAMPLER_NAMES, Limits
+from app.config import Settings
+from app.engine import Engine, EngineStats, Job
+from app.metrics import Metrics, create_metrics
+from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
+from app.sampling import SampleSpec
+
+log = logging.getLogger("app")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CFG_DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _engine_hooks(metrics: Metrics, device: torch.device):
+    def on_step(stats: EngineStats) -> None:
+        metrics.step_duration.observe(stats.step_seconds)
+        metrics.batch_rows.observe(stats.rows)
+        metrics.in_flight.set(stats.active_jobs)
+        metrics.queue_depth.set(stats.queue_depth)
+        if stats.images_finished:
+            metrics.images.inc(stats.images_finished)
+
+    def on_admit(job: Job) -> None:
+        metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+
+    return on_step, on_admit
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    # Fails fast, with one line naming the file, before the server starts listening.
+    manifest = verify_checkpoint(settings.model_path).manifest
+    limits = Limits(
+        class_names=tuple(manifest.class_names),
+        max_images=settings.max_images,
+        max_steps=settings.max_steps,
+        default_steps=settings.default_steps,
+        max_guidance_scale=settings.max_guidance_scale,
+        max_noise_level=settings.max_noise_level,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        device = resolve_device(settings.device)
+        loaded = load_checkpoint(settings.model_path, device)
+        metrics = create_metrics()
+        on_step, on_admit = _engine_hooks(metrics, device)
+        image_shape = (loaded.manifest.in_channels, loaded.manifest.image_size, loaded.manifest.image_size)
+        engine = Engine(
+            unet_denoiser(loaded.unet),
+            scheduler_config=loaded.scheduler_config,
+            image_shape=image_shape,
+            null_label=loaded.manifest.null_label,
+            device=device,
+            max_batch_rows=settings.max_batch_rows,
+            max_queue=settings.max_queue,
+            on_step=on_step,
+            on_admit=on_admit,
+        )
+        m = loaded.manifest
+        metrics.model_info.info(
+            {
+                "name": m.name,
+                "device": str(device),
+                "weights_sha256": m.weights_sha256[:16],
+                "torch": torch.__version__,
+            }
+        )
+        service = Service(
+            engine=engine,
+            metrics=metrics,
+            limits=limits,
+            model_name=m.name,
+            models_info={
+                "data": [
+                    {
+                        **m.to_dict(),
+                        "device": str(device),
+                        "samplers": list(SAMPLER_NAMES),
+                        "schedules": ["constant", "linear", "cosine", "interval"],
+                        "limits": {
+                            "max_images": settings.max_images,
+                            "max_steps": settings.max_steps,
+                            "max_guidance_scale": settings.max_guidance_scale,
+                            "max_noise_level": settings.max_noise_level,
+                            "max_batch_rows": settings.max_batch_rows,
+                            "max_queue": settings.max_queue,
+                            "request_timeout_s": settings.request_timeout_s,
+                        },
+                    }
+                ]
+            },
+            request_timeout_s=settings.request_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            on_scrape=lambda: metrics.update_device_memory(device),
+        )
+        app.state.service = service
+        if settings.warmup:
+            await engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+        await engine.start()
+        service.ready = True
+        log.info("model %s ready on %s", m.name, device)
+        try:
+            yield
+        finally:
+            service.ready = False
+            await engine.stop(drain=True)
+            log.info("engine stopped")
+
+    app = FastAPI(
+        title="cfg-serve",
+        summary="Class-conditional diffusion with classifier-free guidance, batched per sampler step",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(build_router(limits))
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,24 @@
+"""Sampler runs over a denoiser callable, built on diffusers' schedulers, one instance per request."""
+
+from app.sampling.run import (
+    Denoiser,
+    GuidanceParams,
+    ModelInput,
+    SampleRun,
+    SampleSpec,
+    denoise_step,
+    sample,
+)
+from app.sampling.schedulers import SAMPLERS, make_scheduler
+
+__all__ = [
+    "SAMPLERS",
+    "Denoiser",
+    "GuidanceParams",
+    "ModelInput",
+    "SampleRun",
+    "SampleSpec",
+    "denoise_step",
+    "make_scheduler",
+    "sample",
+]
