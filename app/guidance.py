@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 ScheduleKind = Literal["constant", "linear", "cosine", "interval"]
 
@@ -40,15 +41,11 @@ def add_condition_noise(
 
 
 def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), sec. 3.4,
-    as diffusers' rescale_noise_cfg computes it: match the per-row std of eps_cond, then mix by phi."""
+    """Guidance rescale phi (Lin et al. 2023, sec. 3.4), computed by diffusers' rescale_noise_cfg:
+    match the per-row std of eps_cond, then mix with the plain combine by phi."""
     if guidance_rescale == 0:
         return eps_cfg
-    dims = list(range(1, eps_cfg.ndim))
-    std_cond = eps_cond.std(dim=dims, keepdim=True)
-    std_cfg = eps_cfg.std(dim=dims, keepdim=True)
-    rescaled = eps_cfg * (std_cond / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * eps_cfg
+    return rescale_noise_cfg(eps_cfg, eps_cond, guidance_rescale)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""The batched sampler against plain diffusers loops, on the real shipped checkpoint."""
+
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from app.guidance import GuidanceSchedule
+from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, denoise_step, make_scheduler, sample
+
+SHAPE = (1, 28, 28)
+# Batched and unbatched convolutions round differently; this bounds the latent difference we accept
+# (relative, since euler_a latents start at sigma_max of the training schedule).
+BATCH_ATOL = 1e-4
+BATCH_RTOL = 1e-4
+
+
+def make_run(loaded, spec):
+    return SampleRun(spec, loaded.scheduler_config, SHAPE, loaded.manifest.null_label)
+
+
+def plain_diffusers_loop(loaded, sampler, steps, label, seeds, scale, with_uncond=True):
+    """The textbook CFG loop: one scheduler, a scalar timestep, cat([x, x]) each step."""
+    unet, null = loaded.unet, loaded.manifest.null_label
+    scheduler = make_scheduler(sampler, loaded.scheduler_config)
+    scheduler.set_timesteps(steps)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    n = len(seeds)
+    x = randn_tensor((n, *SHAPE), generator=gens) * scheduler.init_noise_sigma
+    cond = torch.full((n,), label, dtype=torch.long)
+    uncond = torch.full((n,), null, dtype=torch.long)
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            xin = scheduler.scale_model_input(x, t)
+            if with_uncond:
+                eps_c, eps_u = unet(torch.cat([xin, xin]), t, class_labels=torch.cat([cond, uncond])).sample.chunk(2)
+                eps = eps_u + scale * (eps_c - eps_u)
+            else:
+                eps = unet(xin, t, class_labels=cond).sample
+            x = scheduler.step(eps, t, x, generator=gens).prev_sample
+    return x
+
+
+def test_one_forward_over_2b_rows_equals_two_passes(loaded, denoiser):
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    x = torch.randn(b, *SHAPE, generator=g)
+    t = torch.tensor([999, 700, 300, 20])
+    cond = torch.tensor([0, 3, 7, 9])
+    null = torch.full((b,), loaded.manifest.null_label)
+    joint = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+    assert torch.allclose(joint[:b], denoiser(x, t, cond), atol=1e-5)
+    assert torch.allclose(joint[b:], denoiser(x, t, null), atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_batched_loop_matches_plain_diffusers_loop(loaded, denoiser, sampler):
+    seeds = (11, 12)
+    run = make_run(loaded, SampleSpec(class_label=5, seeds=seeds, steps=6, sampler=sampler))
+    sample(denoiser, [run])
+    want = plain_diffusers_loop(loaded, sampler, 6, 5, seeds, scale=3.0)
+    assert torch.allclose(run.latents, want, atol=BATCH_ATOL, rtol=BATCH_RTOL), (run.latents - want).abs().max()
+
+
+def test_scale_one_is_the_conditional_model_alone(loaded, denoiser):
+    spec = SampleSpec(class_label=7, seeds=(3,), steps=6, guidance=GuidanceParams(guidance_scale=1.0))
+    run = make_run(loaded, spec)
+    assert run.rows_needed() == 1  # the unconditional rows are skipped
+    sample(denoiser, [run])
+    want = plain_diffusers_loop(loaded, "ddim", 6, 7, (3,), scale=1.0, with_uncond=False)
+    assert torch.equal(run.latents, want)
+
+
+def test_scale_zero_is_the_unconditional_model(loaded, denoiser):
+    guided = make_run(loaded, SampleSpec(class_label=7, seeds=(3,), steps=6, guidance=GuidanceParams(0.0)))
+    uncond = make_run(loaded, SampleSpec(class_label=None, seeds=(3,), steps=6))
+    sample(denoiser, [guided])
+    sample(denoiser, [uncond])
+    assert torch.allclose(guided.latents, uncond.latents, atol=BATCH_ATOL, rtol=BATCH_RTOL)
+
+
+def test_seeded_request_is_batch_invariant(loaded, denoiser):
+    spec = SampleSpec(
+        class_label=2,
+        seeds=(42, 43),
+        steps=8,
+        sampler="euler_a",
+        guidance=GuidanceParams(4.0, GuidanceSchedule("cosine", 1.0, 0.25), noise_level=0.3, guidance_rescale=0.5),
+    )
+    alone = make_run(loaded, spec)
+    sample(denoiser, [alone])
+    crowd = [
+        make_run(loaded, SampleSpec(class_label=0, seeds=(1, 2, 3), steps=5, sampler="ddpm")),
+        make_run(loaded, spec),
+        make_run(loaded, SampleSpec(class_label=None, seeds=(9,), steps=12, sampler="dpmpp_2m")),
+    ]
+    sample(denoiser, crowd)
+    assert torch.allclose(crowd[1].latents, alone.latents, atol=BATCH_ATOL, rtol=BATCH_RTOL)
+    # Each image depends only on its own seed: image 1 alone equals image 1 of the pair.
+    single = make_run(loaded, SampleSpec(**{**spec.__dict__, "seeds": (43,)}))
+    sample(denoiser, [single])
+    assert torch.allclose(single.latents[0], alone.latents[1], atol=BATCH_ATOL, rtol=BATCH_RTOL)
+
+
+def test_different_requests_share_one_forward_per_step(loaded, denoiser):
+    calls = []
+
+    def counting(x, t, y):
+        calls.append((x.shape[0], t.unique().numel()))
+        return denoiser(x, t, y)
+
+    runs = [
+        make_run(loaded, SampleSpec(class_label=1, seeds=(1, 2), steps=4, sampler="ddim")),
+        make_run(loaded, SampleSpec(class_label=4, seeds=(5,), steps=3, sampler="euler_a")),
+        make_run(loaded, SampleSpec(class_label=None, seeds=(6,), steps=2, sampler="ddpm")),
+    ]
+    denoise_step(counting, runs[:1])  # the first run is one step ahead of the others
+    rows = denoise_step(counting, runs)
+    assert rows == 4 + 2 + 1 and calls[1] == (7, 2)  # one forward, rows at two different timesteps
+    sample(counting, runs)
+    assert [c[0] for c in calls] == [4, 7, 7, 6]  # runs leave the batch as they finish
+    assert all(r.done for r in runs)
+
+
+def test_weight_one_steps_skip_unconditional_rows(loaded, denoiser):
+    spec = SampleSpec(
+        class_label=3, seeds=(1,), steps=10, guidance=GuidanceParams(3.0, GuidanceSchedule("interval", 0.3, 0.6))
+    )
+    run = make_run(loaded, spec)
+    rows = []
+    while not run.done:
+        rows.append(denoise_step(denoiser, [run]))
+    assert rows == [1, 1, 1, 2, 2, 2, 1, 1, 1, 1]
+
+
+def test_noise_level_changes_the_sample_reproducibly(loaded, denoiser):
+    def draw(noise_level):
+        run = make_run(loaded, SampleSpec(class_label=8, seeds=(5,), steps=5, guidance=GuidanceParams(3.0, noise_level=noise_level)))
+        sample(denoiser, [run])
+        return run.latents
+
+    base, noisy, again = draw(0.0), draw(0.5), draw(0.5)
+    assert torch.equal(noisy, again)
+    assert not torch.allclose(base, noisy, atol=1e-3)
