@@ -1,0 +1,316 @@
+"""Draw samples from a checkpoint and write a PNG, without the server.
+
+  python -m app.generate --class Sneaker --num-images 16 --scale 3 --out sneakers.png
+  python -m app.generate --sweep --scales 0,1,2,3,5,7.5 --out sweep.png
+
+Image i uses seed --seed + i, so an image is the same whatever it is batched with.
+The sweep draws --num-images (default 1) per class at each of --scales, with the other guidance
+options as given; a row keeps its seeds across the scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from app.guidance import GuidanceSchedule
+from app.images import labelled_grid, make_grid, to_pil, upscale
+from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
+from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, denoise_step
+
+DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
+DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
+DEFAULT_MAX_ROWS = 256
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "interval")
+
+
+# ---- library: specs -> images --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of one spec's seeds, small enough to share a forward pass with other chunks."""
+
+    spec_index: int
+    spec: SampleSpec
+
+
+def rows_per_image(spec: SampleSpec) -> int:
+    """Model rows an image of this spec takes at its busiest step: 2 where any step is guided, else 1."""
+    if spec.class_label is None:
+        return 1
+    g = spec.guidance
+    return 2 if any(s != 1.0 for s in g.schedule.scales(g.guidance_scale, spec.steps)) else 1
+
+
+def plan_batches(specs: Sequence[SampleSpec], max_rows: int = DEFAULT_MAX_ROWS) -> list[list[Chunk]]:
+    """Split specs into chunks that fit max_rows model rows, and pack the chunks in order into batches
+    of at most max_rows rows, so that each batch is one forward per step."""
+    batches: list[list[Chunk]] = [[]]
+    rows = 0
+    for index, spec in enumerate(specs):
+        width = rows_per_image(spec)
+        per_chunk = max(1, max_rows // width)
+        for start in range(0, spec.num_images, per_chunk):
+            chunk = Chunk(index, replace(spec, seeds=spec.seeds[start : start + per_chunk]))
+            if rows + width * chunk.spec.num_images > max_rows and batches[-1]:
+                batches.append([])
+                rows = 0
+            batches[-1].append(chunk)
+            rows += width * chunk.spec.num_images
+    return [b for b in batches if b]
+
+
+def total_steps(specs: Sequence[SampleSpec], max_rows: int = DEFAULT_MAX_ROWS) -> int:
+    """The number of forward passes generate() makes: one per step of each batch's longest run."""
+    return sum(max(c.spec.steps for c in batch) for batch in plan_batches(specs, max_rows))
+
+
+def generate(
+    model: LoadedModel,
+    specs: Sequence[SampleSpec],
+    max_rows: int = DEFAULT_MAX_ROWS,
+    on_step: Callable[[], None] | None = None,
+) -> list[np.ndarray]:
+    """The images of each spec, uint8 (N, H, W, C), in spec order. on_step is called after each forward."""
+    denoiser = unet_denoiser(model.unet)
+    m = model.manifest
+    image_shape = (m.in_channels, m.image_size, m.image_size)
+    parts: list[list[np.ndarray]] = [[] for _ in specs]
+    for batch in plan_batches(specs, max_rows):
+        runs = [
+            SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device) for c in batch
+        ]
+        active = runs
+        while active:
+            denoise_step(denoiser, active)
+            active = [r for r in active if not r.done]
+            if on_step is not None:
+                on_step()
+        for chunk, run in zip(batch, runs, strict=True):
+            parts[chunk.spec_index].append(run.images())
+    return [np.concatenate(p) for p in parts]
+
+
+def sweep_specs(
+    class_labels: Sequence[int],
+    guidance_scales: Sequence[float],
+    seed: int,
+    per_class: int = 1,
+    steps: int = 20,
+    sampler: str = "ddim",
+    guidance: GuidanceParams | None = None,
+) -> list[SampleSpec]:
+    """One spec per (class, scale), class-major; class c uses seeds seed + c * per_class + i at every scale.
+
+    guidance gives everything but the scale. Where every step's scale is 0 and there is no rescale,
+    the guided eps is eps_uncond exactly, so those specs are drawn unconditionally (half the rows).
+    """
+    guidance = guidance or GuidanceParams()
+    specs = []
+    for c in class_labels:
+        seeds = tuple(seed + c * per_class + i for i in range(per_class))
+        for s in guidance_scales:
+            g = replace(guidance, guidance_scale=s)
+            unconditional = g.guidance_rescale == 0 and not any(g.schedule.scales(s, steps))
+            specs.append(SampleSpec(None if unconditional else c, seeds, steps, sampler, g))
+    return specs
+
+
+def sweep_image(
+    images: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    guidance_scales: Sequence[float],
+    zoom: int = 3,
+    max_per_class: int | None = None,
+) -> Image.Image:
+    """The labelled grid of generate(sweep_specs(...)): a row per class and sample, a column per scale.
+
+    max_per_class shows only the first samples of each class.
+    """
+    per_class = min(images[0].shape[0], max_per_class or images[0].shape[0])
+    ncols = len(guidance_scales)
+    cells, row_labels = [], []
+    for r, name in enumerate(class_names):
+        row = images[r * ncols : (r + 1) * ncols]
+        for i in range(per_class):
+            cells.extend(cell[i] for cell in row)
+            row_labels.append(name if i == 0 else "")
+    col_labels = [f"s={s:g}" for s in guidance_scales]
+    return labelled_grid(np.stack(cells), ncols, row_labels, col_labels, zoom=zoom)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def scale_list(text: str) -> tuple[float, ...]:
+    """'0,1,2.5' -> (0.0, 1.0, 2.5); every scale finite and >= 0."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated guidance scales, e.g. 0,1,3")
+    return tuple(non_negative_float(p) for p in parts)
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+def resolve_class(text: str, class_names: Sequence[str]) -> int:
+    """A class index from its name (case-insensitive; 'T-shirt/top', 't-shirt', 'top' all match) or index."""
+    if text.strip().lstrip("-").isdigit():
+        index = int(text)
+        if 0 <= index < len(class_names):
+            return index
+        raise ValueError(f"class index {index} is out of range 0..{len(class_names) - 1}")
+    key = _name_key(text)
+    for index, name in enumerate(class_names):
+        if key == _name_key(name) or key in (_name_key(alias) for alias in name.split("/")):
+            return index
+    raise ValueError(f"unknown class {text!r}; choose one of {', '.join(class_names)} (or an index)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cfg-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--class", dest="class_name", default=None, help="class name or index; omit for unconditional samples"
+    )
+    p.add_argument(
+        "--num-images",
+        type=positive_int,
+        default=None,
+        help="images (default 16), or per class with --sweep (default 1)",
+    )
+    p.add_argument("--scale", type=non_negative_float, default=3.0, help="guidance scale s (1: no guidance)")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
+    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="constant", help="guidance weight schedule")
+    p.add_argument(
+        "--schedule-start",
+        type=finite_float,
+        default=None,
+        help="schedule start (default 0 for interval, else 1); see app/guidance.py",
+    )
+    p.add_argument("--schedule-end", type=finite_float, default=None, help="schedule end (default 1)")
+    p.add_argument("--noise-level", type=non_negative_float, default=0.0, help="noise added to eps_cond")
+    p.add_argument("--rescale", type=unit_float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--ncols", type=positive_int, default=None, help="grid columns (default: about sqrt(N))")
+    p.add_argument("--zoom", type=positive_int, default=None, help="pixel enlargement (default 1, sweep 3)")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default samples.png, sweep.png)")
+    p.add_argument("--sweep", action="store_true", help="one grid: rows are classes, columns guidance scales")
+    p.add_argument(
+        "--scales", type=scale_list, default=DEFAULT_SCALES, help="sweep scales (default 0,1,2,3,5,7.5)"
+    )
+    p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
+    start = (
+        args.schedule_start
+        if args.schedule_start is not None
+        else (0.0 if args.schedule == "interval" else 1.0)
+    )
+    end = args.schedule_end if args.schedule_end is not None else 1.0
+    return GuidanceParams(
+        guidance_scale=args.scale,
+        schedule=GuidanceSchedule(kind=args.schedule, start=start, end=end),
+        noise_level=args.noise_level,
+        guidance_rescale=args.rescale,
+    )
+
+
+def run_with_progress(model: LoadedModel, specs: list[SampleSpec], max_rows: int) -> list[np.ndarray]:
+    with tqdm(total=total_steps(specs, max_rows), desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        return generate(model, specs, max_rows, on_step=bar.update)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        model = load_checkpoint(args.model, args.device)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")
+    class_names = model.manifest.class_names
+    try:
+        class_label = None if args.class_name is None else resolve_class(args.class_name, class_names)
+    except ValueError as exc:
+        parser.error(f"argument --class: {exc}")
+
+    if args.sweep:
+        labels = list(range(len(class_names))) if class_label is None else [class_label]
+        per_class = args.num_images or 1
+        guidance = guidance_from_args(args)
+        specs = sweep_specs(labels, args.scales, args.seed, per_class, args.steps, args.sampler, guidance)
+        images = run_with_progress(model, specs, args.max_rows)
+        picture = sweep_image(images, [class_names[c] for c in labels], args.scales, zoom=args.zoom or 3)
+        out = args.out or Path("sweep.png")
+    else:
+        seeds = tuple(args.seed + i for i in range(args.num_images or 16))
+        spec = SampleSpec(class_label, seeds, args.steps, args.sampler, guidance_from_args(args))
+        (images,) = run_with_progress(model, [spec], args.max_rows)
+        if len(images) == 1:
+            grid = images[0]
+        else:
+            grid = make_grid(images, args.ncols or math.ceil(math.sqrt(len(images))))
+        zoom = args.zoom or 1
+        picture = to_pil(upscale(grid, zoom))
+        out = args.out or Path("samples.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out, format="PNG")
+    print(f"wrote {out} ({picture.width}x{picture.height})")
+
+
+if __name__ == "__main__":
+    main()

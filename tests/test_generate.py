@@ -1,0 +1,135 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.data import CLASS_NAMES
+from app.generate import main, plan_batches, resolve_class, rows_per_image, sweep_specs
+from app.guidance import GuidanceSchedule
+from app.images import GRID_PADDING
+from app.sampling import GuidanceParams, SampleSpec
+
+# The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
+CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    if not (CHECKPOINT / "manifest.json").is_file():
+        pytest.fail(f"shipped checkpoint missing at {CHECKPOINT}; copy it there (or set CFG_TEST_CHECKPOINT)")
+    return CHECKPOINT
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image)
+
+
+def test_writes_a_grid_png(checkpoint, tmp_path, capsys):
+    out = tmp_path / "sneakers.png"
+    main(["--model", str(checkpoint), "--class", "sneaker", "--num-images", "6", "--ncols", "3"]
+         + ["--steps", "3", "--out", str(out)])  # fmt: skip
+    pixels = read_png(out)
+    p = GRID_PADDING
+    assert pixels.shape == (2 * (28 + p) + p, 3 * (28 + p) + p)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_one_image_is_28_pixels_times_zoom(checkpoint, tmp_path):
+    out = tmp_path / "one.png"
+    main(["--model", str(checkpoint), "--num-images", "1", "--steps", "2", "--zoom", "2", "--out", str(out)])
+    assert read_png(out).shape == (56, 56)
+
+
+def test_sweep_grid_has_a_cell_per_class_and_scale(checkpoint, tmp_path):
+    """Each cell of the sweep is the image the plain command draws for that class, scale and seed."""
+    sweep, zoom, steps = tmp_path / "sweep.png", 2, "2"
+    main(["--model", str(checkpoint), "--sweep", "--scales", "0,1,3", "--steps", steps, "--zoom", str(zoom),
+          "--seed", "10", "--out", str(sweep)])  # fmt: skip
+    pixels = read_png(sweep)
+    cell, p = 28 + GRID_PADDING, GRID_PADDING
+    grid_h, grid_w = (len(CLASS_NAMES) * cell + p) * zoom, (3 * cell + p) * zoom
+    assert pixels.shape[0] > grid_h and pixels.shape[1] > grid_w  # plus the label margins
+    assert pixels.shape[0] - grid_h < 60 and pixels.shape[1] - grid_w < 150
+    grid = pixels[-grid_h:, -grid_w:][::zoom, ::zoom]
+
+    # Sneaker (class 7) at s=3: seed 10 + 7 in the sweep.
+    single = tmp_path / "single.png"
+    main(["--model", str(checkpoint), "--class", "7", "--scale", "3", "--seed", "17", "--num-images", "1",
+          "--steps", steps, "--out", str(single)])  # fmt: skip
+    row, col = 7, 2
+    top, left = p + row * cell, p + col * cell
+    in_sweep = grid[top : top + 28, left : left + 28].astype(int)
+    # Batch composition changes float round-off, so allow a grey level or two.
+    assert np.abs(in_sweep - read_png(single).astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--class", "Socks"], "unknown class 'Socks'"),
+        (["--class", "10"], "out of range"),
+        (["--num-images", "0"], "must be at least 1"),
+        (["--scale", "-1"], "must be 0 or more"),
+        (["--scale", "nan"], "finite"),
+        (["--rescale", "2"], "between 0 and 1"),
+        (["--sampler", "plms"], "invalid choice"),
+        (["--sweep", "--scales", "1,,x"], "expected a number"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(checkpoint, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(checkpoint), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "nowhere")])
+    assert "checkpoint folder missing" in str(exc.value.code)
+
+
+@pytest.mark.parametrize(
+    "text, index",
+    [("Sneaker", 7), ("sneaker", 7), ("7", 7), ("0", 0), ("t-shirt", 0), ("T-shirt/top", 0), ("top", 0),
+     ("ankle boot", 9), ("Ankle-Boot", 9)],
+)  # fmt: skip
+def test_resolve_class(text, index):
+    assert resolve_class(text, CLASS_NAMES) == index
+
+
+def test_plan_batches_splits_and_packs_within_max_rows():
+    guided = SampleSpec(class_label=1, seeds=tuple(range(100)), guidance=GuidanceParams(guidance_scale=3.0))
+    unguided = SampleSpec(class_label=2, seeds=tuple(range(40)), guidance=GuidanceParams(guidance_scale=1.0))
+    uncond = SampleSpec(class_label=None, seeds=tuple(range(30)))
+    assert [rows_per_image(s) for s in (guided, unguided, uncond)] == [2, 1, 1]
+    batches = plan_batches([guided, unguided, uncond], max_rows=64)
+    for batch in batches:
+        assert sum(rows_per_image(c.spec) * c.spec.num_images for c in batch) <= 64
+    # Every seed of every spec is drawn once, in order.
+    for index, spec in enumerate([guided, unguided, uncond]):
+        seeds = [s for batch in batches for c in batch if c.spec_index == index for s in c.spec.seeds]
+        assert tuple(seeds) == spec.seeds
+
+
+def test_sweep_specs_share_seeds_across_scales_and_draw_s0_unconditionally():
+    specs = sweep_specs([0, 1], [0.0, 3.0], seed=5, per_class=2)
+    assert [(s.class_label, s.guidance.guidance_scale, s.seeds) for s in specs] == [
+        (None, 0.0, (5, 6)),
+        (0, 3.0, (5, 6)),
+        (None, 0.0, (7, 8)),
+        (1, 3.0, (7, 8)),
+    ]
+
+
+def test_sweep_specs_keep_the_class_where_s0_is_not_the_unconditional_model():
+    # Outside an interval schedule's window the scale is 1 (conditional), so s=0 is not unconditional.
+    window = GuidanceParams(schedule=GuidanceSchedule("interval", start=0.5, end=1.0))
+    rescaled = GuidanceParams(guidance_rescale=0.7)
+    for guidance in (window, rescaled):
+        (spec,) = sweep_specs([4], [0.0], seed=0, guidance=guidance)
+        assert spec.class_label == 4 and spec.guidance.guidance_scale == 0.0
