@@ -17,7 +17,8 @@ from app.metrics import Metrics, create_metrics
 from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
 from app.sampling import SampleSpec
 
-log = logging.getLogger("app")
+# Lifecycle messages go through uvicorn's configured logger, so they show with its own.
+log = logging.getLogger("uvicorn.error")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,8 +33,6 @@ def _engine_hooks(metrics: Metrics, device: torch.device):
     def on_step(stats: EngineStats) -> None:
         metrics.step_duration.observe(stats.step_seconds)
         metrics.batch_rows.observe(stats.rows)
-        metrics.in_flight.set(stats.active_jobs)
-        metrics.queue_depth.set(stats.queue_depth)
         if stats.images_finished:
             metrics.images.inc(stats.images_finished)
 
@@ -74,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_step=on_step,
             on_admit=on_admit,
         )
+        metrics.in_flight.set_function(lambda: engine.active_jobs)
+        metrics.queue_depth.set_function(lambda: engine.queue_depth)
         m = loaded.manifest
         metrics.model_info.info(
             {

@@ -40,7 +40,9 @@ def test_noise_level_reproducible_with_seed_and_varies_without(eps):
     assert not torch.allclose(a, c)
     assert not torch.allclose(d, e)
     # The noise has the requested std.
-    big = add_condition_noise(torch.zeros(4, 1, 64, 64), 0.5, [torch.Generator().manual_seed(i) for i in range(4)])
+    big = add_condition_noise(
+        torch.zeros(4, 1, 64, 64), 0.5, [torch.Generator().manual_seed(i) for i in range(4)]
+    )
     assert abs(big.std().item() - 0.5) < 0.02
 
 
@@ -81,7 +83,14 @@ def test_cosine_schedule_is_cosine_annealing():
 
 def test_cosine_schedule_increasing_variant():
     got = GuidanceSchedule("cosine", start=0.0, end=1.0).scales(4.0, 4)
-    assert got == pytest.approx([0.0, 4 * (1 - 0.5 * (1 + math.cos(math.pi / 4))), 2.0, 4 * (1 - 0.5 * (1 + math.cos(3 * math.pi / 4)))])
+    assert got == pytest.approx(
+        [
+            0.0,
+            4 * (1 - 0.5 * (1 + math.cos(math.pi / 4))),
+            2.0,
+            4 * (1 - 0.5 * (1 + math.cos(3 * math.pi / 4))),
+        ]
+    )
     assert all(a < b for a, b in zip(got, got[1:], strict=False))
 
 

@@ -9,7 +9,7 @@ from app.sampling.run import (
     denoise_step,
     sample,
 )
-from app.sampling.schedulers import SAMPLERS, make_scheduler
+from app.sampling.schedulers import SAMPLERS, make_scheduler, set_timesteps
 
 __all__ = [
     "SAMPLERS",
@@ -21,4 +21,5 @@ __all__ = [
     "denoise_step",
     "make_scheduler",
     "sample",
+    "set_timesteps",
 ]

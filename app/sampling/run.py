@@ -17,7 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from app.guidance import GuidanceSchedule, add_condition_noise, cfg_combine, rescale_guidance
-from app.sampling.schedulers import make_scheduler
+from app.sampling.schedulers import make_scheduler, set_timesteps
 
 # (x, timesteps, class_labels) -> eps, all with the same leading row dimension.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,7 +72,7 @@ class SampleRun:
         self.spec = spec
         self.null_label = null_label
         self.scheduler = make_scheduler(spec.sampler, scheduler_config)
-        self.scheduler.set_timesteps(spec.steps, device=device)
+        set_timesteps(self.scheduler, spec.steps, device)
         self.timesteps = self.scheduler.timesteps
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in spec.seeds]
         n = spec.num_images

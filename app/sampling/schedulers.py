@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -32,3 +33,15 @@ def make_scheduler(sampler: str, scheduler_config: dict[str, Any]) -> SchedulerM
     except KeyError:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}") from None
     return cls.from_config(scheduler_config, **overrides)
+
+
+def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | str = "cpu") -> None:
+    """scheduler.set_timesteps, keeping Euler-ancestral sigmas in float64.
+
+    With trailing spacing and a cosine training schedule the first sigma is ~2e4. Euler ancestral's
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2) then cancels catastrophically in float32 and can go
+    NaN; the same formula in float64 is exact enough. The latents stay float32.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    if isinstance(scheduler, EulerAncestralDiscreteScheduler) and scheduler.sigmas.device.type != "mps":
+        scheduler.sigmas = scheduler.sigmas.to(torch.float64)

@@ -5,7 +5,16 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from app.guidance import GuidanceSchedule
-from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, denoise_step, make_scheduler, sample
+from app.sampling import (
+    SAMPLERS,
+    GuidanceParams,
+    SampleRun,
+    SampleSpec,
+    denoise_step,
+    make_scheduler,
+    sample,
+    set_timesteps,
+)
 
 SHAPE = (1, 28, 28)
 # Batched and unbatched convolutions round differently; this bounds the latent difference we accept
@@ -22,7 +31,7 @@ def plain_diffusers_loop(loaded, sampler, steps, label, seeds, scale, with_uncon
     """The textbook CFG loop: one scheduler, a scalar timestep, cat([x, x]) each step."""
     unet, null = loaded.unet, loaded.manifest.null_label
     scheduler = make_scheduler(sampler, loaded.scheduler_config)
-    scheduler.set_timesteps(steps)
+    set_timesteps(scheduler, steps)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     n = len(seeds)
     x = randn_tensor((n, *SHAPE), generator=gens) * scheduler.init_noise_sigma
@@ -32,7 +41,9 @@ def plain_diffusers_loop(loaded, sampler, steps, label, seeds, scale, with_uncon
         for t in scheduler.timesteps:
             xin = scheduler.scale_model_input(x, t)
             if with_uncond:
-                eps_c, eps_u = unet(torch.cat([xin, xin]), t, class_labels=torch.cat([cond, uncond])).sample.chunk(2)
+                eps_c, eps_u = unet(
+                    torch.cat([xin, xin]), t, class_labels=torch.cat([cond, uncond])
+                ).sample.chunk(2)
                 eps = eps_u + scale * (eps_c - eps_u)
             else:
                 eps = unet(xin, t, class_labels=cond).sample
@@ -58,7 +69,9 @@ def test_batched_loop_matches_plain_diffusers_loop(loaded, denoiser, sampler):
     run = make_run(loaded, SampleSpec(class_label=5, seeds=seeds, steps=6, sampler=sampler))
     sample(denoiser, [run])
     want = plain_diffusers_loop(loaded, sampler, 6, 5, seeds, scale=3.0)
-    assert torch.allclose(run.latents, want, atol=BATCH_ATOL, rtol=BATCH_RTOL), (run.latents - want).abs().max()
+    assert torch.allclose(run.latents, want, atol=BATCH_ATOL, rtol=BATCH_RTOL), (
+        (run.latents - want).abs().max()
+    )
 
 
 def test_scale_one_is_the_conditional_model_alone(loaded, denoiser):
@@ -84,7 +97,9 @@ def test_seeded_request_is_batch_invariant(loaded, denoiser):
         seeds=(42, 43),
         steps=8,
         sampler="euler_a",
-        guidance=GuidanceParams(4.0, GuidanceSchedule("cosine", 1.0, 0.25), noise_level=0.3, guidance_rescale=0.5),
+        guidance=GuidanceParams(
+            4.0, GuidanceSchedule("cosine", 1.0, 0.25), noise_level=0.3, guidance_rescale=0.5
+        ),
     )
     alone = make_run(loaded, spec)
     sample(denoiser, [alone])
@@ -123,7 +138,10 @@ def test_different_requests_share_one_forward_per_step(loaded, denoiser):
 
 def test_weight_one_steps_skip_unconditional_rows(loaded, denoiser):
     spec = SampleSpec(
-        class_label=3, seeds=(1,), steps=10, guidance=GuidanceParams(3.0, GuidanceSchedule("interval", 0.3, 0.6))
+        class_label=3,
+        seeds=(1,),
+        steps=10,
+        guidance=GuidanceParams(3.0, GuidanceSchedule("interval", 0.3, 0.6)),
     )
     run = make_run(loaded, spec)
     rows = []
@@ -134,10 +152,23 @@ def test_weight_one_steps_skip_unconditional_rows(loaded, denoiser):
 
 def test_noise_level_changes_the_sample_reproducibly(loaded, denoiser):
     def draw(noise_level):
-        run = make_run(loaded, SampleSpec(class_label=8, seeds=(5,), steps=5, guidance=GuidanceParams(3.0, noise_level=noise_level)))
+        run = make_run(
+            loaded,
+            SampleSpec(
+                class_label=8, seeds=(5,), steps=5, guidance=GuidanceParams(3.0, noise_level=noise_level)
+            ),
+        )
         sample(denoiser, [run])
         return run.latents
 
     base, noisy, again = draw(0.0), draw(0.5), draw(0.5)
     assert torch.equal(noisy, again)
     assert not torch.allclose(base, noisy, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 3, 25])
+def test_every_sampler_stays_finite_at_any_step_count(loaded, denoiser, sampler, steps):
+    run = make_run(loaded, SampleSpec(class_label=0, seeds=(1, 2), steps=steps, sampler=sampler))
+    sample(denoiser, [run])
+    assert run.latents.isfinite().all()

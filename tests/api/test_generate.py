@@ -1,0 +1,176 @@
+"""POST /generate and the other endpoints, through the real app lifespan and the shipped checkpoint."""
+
+import base64
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.config import Settings
+from app.main import create_app
+from app.models import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(request_timeout_s=60))) as c:
+        yield c
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def metric(client, line_start: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    raise KeyError(line_start)
+
+
+def test_generate_json(client):
+    r = client.post("/generate", json={"class_label": "sneaker", "num_images": 2, "steps": 4, "seed": 9})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["class_label"] == 7 and body["class_name"] == "Sneaker"
+    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "ddim"
+    assert body["model"] == "fashion-mnist-cfg"
+    assert set(body["timings"]) == {"queue_wait_s", "compute_s", "total_s"}
+    images = [decode(b) for b in body["images"]]
+    assert [im.shape for im in images] == [(28, 28), (28, 28)] and images[0].dtype == np.uint8
+    again = client.post("/generate", json={"class_label": 7, "num_images": 1, "steps": 4, "seed": 10}).json()
+    assert np.array_equal(decode(again["images"][0]), images[1])  # seeds[i] redraws image i
+
+
+def test_generate_png_grid(client):
+    r = client.post(
+        "/generate",
+        json={"class_label": 1, "num_images": 4, "steps": 3, "seed": 1},
+        headers={"Accept": "image/png"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    grid = Image.open(io.BytesIO(r.content))
+    assert grid.size[0] > 2 * 28 and grid.size[1] > 2 * 28
+    assert r.headers["x-seeds"] == "1,2,3,4"
+
+
+def test_every_option_is_accepted(client):
+    r = client.post(
+        "/generate",
+        json={
+            "class_label": None,
+            "steps": 3,
+            "sampler": "euler_a",
+            "guidance_scale": 5,
+            "noise_level": 0.2,
+            "guidance_rescale": 0.7,
+            "schedule": {"kind": "interval", "start": 0.1, "end": 0.6},
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["class_name"] is None and len(r.json()["seeds"]) == 1
+
+
+@pytest.mark.parametrize(
+    "patch, field, hint",
+    [
+        ({"class_label": "Jacket"}, "class_label", "known classes"),
+        ({"class_label": 10}, "class_label", "0..9"),
+        ({"num_images": 17}, "num_images", "16"),
+        ({"num_images": 0}, "num_images", "1"),
+        ({"steps": 0}, "steps", "1"),
+        ({"steps": 201}, "steps", "200"),
+        ({"guidance_scale": -1}, "guidance_scale", "0"),
+        ({"guidance_scale": 31}, "guidance_scale", "30"),
+        ({"noise_level": -0.1}, "noise_level", "0"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale", "1"),
+        ({"sampler": "plms"}, "sampler", "ddim"),
+        ({"schedule": {"kind": "warp"}}, "schedule", "constant"),
+        ({"schedule": {"kind": "cosine", "gamma": 2}}, "gamma", "Extra"),
+        ({"schedule": {"kind": "interval", "start": 0.2}}, "end", "required"),
+        ({"schedule": {"kind": "linear", "start": 11}}, "start", "10"),
+        ({"seed": -5}, "seed", "0"),
+        ({"colour": "red"}, "colour", "Extra"),
+    ],
+)
+def test_invalid_requests_get_422_naming_field_and_range(client, patch, field, hint):
+    r = client.post("/generate", json={"class_label": 0, "steps": 2, **patch})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(field in map(str, e["loc"]) and hint in e["msg"] for e in errors), errors
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/generate", content=b'{"class_label": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_health_ready_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["name"] == "fashion-mnist-cfg" and model["image_size"] == 28
+    assert model["class_names"][7] == "Sneaker" and model["null_label"] == 10
+    assert model["samplers"] == ["ddim", "ddpm", "dpmpp_2m", "euler_a"]
+    assert model["limits"]["max_images"] == 16
+
+
+def test_metrics_count_requests(client):
+    ok0 = metric(client, 'cfg_requests_total{outcome="ok"}')
+    bad0 = metric(client, 'cfg_requests_total{outcome="invalid"}')
+    img0 = metric(client, "cfg_images_generated_total")
+    steps0 = metric(client, "cfg_engine_step_duration_seconds_count")
+    client.post("/generate", json={"class_label": 3, "num_images": 3, "steps": 5})
+    client.post("/generate", json={"class_label": 3, "steps": -1})
+    assert metric(client, 'cfg_requests_total{outcome="ok"}') == ok0 + 1
+    assert metric(client, 'cfg_requests_total{outcome="invalid"}') == bad0 + 1
+    assert metric(client, "cfg_images_generated_total") == img0 + 3
+    assert metric(client, "cfg_engine_step_duration_seconds_count") == steps0 + 5
+    text = client.get("/metrics").text
+    assert 'cfg_request_duration_seconds_bucket{le="120.0",outcome="ok"}' in text
+    assert "cfg_queue_wait_seconds_count" in text and "cfg_engine_batch_rows_bucket" in text
+    assert 'cfg_model_info{device="cpu"' in text and "cfg_device_memory_bytes" in text
+
+
+def test_openapi_documents_fields_ranges_and_formulas(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    req = schemas["GenerateRequest"]["properties"]
+    for name in ("class_label", "num_images", "steps", "sampler", "guidance_scale", "noise_level",
+                 "schedule", "guidance_rescale", "seed"):  # fmt: skip
+        assert req[name].get("description"), name
+    assert req["num_images"]["maximum"] == 16 and req["steps"]["maximum"] == 200
+    assert "cos(pi * i / N)" in schemas["CosineSchedule"]["description"]
+    assert "i / (N - 1)" in schemas["LinearSchedule"]["description"]
+    assert "Kynk" in schemas["IntervalSchedule"]["description"]
+
+
+def test_timeout_gives_504():
+    with TestClient(create_app(Settings(request_timeout_s=0.3, warmup=False))) as c:
+        r = c.post("/generate", json={"class_label": 1, "num_images": 16, "steps": 200})
+        assert r.status_code == 504 and "timeout" in r.json()["detail"]
+        assert metric(c, 'cfg_requests_total{outcome="timeout"}') == 1
+
+
+def test_missing_or_corrupt_checkpoint_stops_startup_naming_the_file(tmp_path, checkpoint_path):
+    with pytest.raises(CheckpointError, match="nowhere"):
+        create_app(Settings(model_path=tmp_path / "nowhere"))
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(checkpoint_path), str(bad)], check=True)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.serve", "--port", "1"],
+        env={"CFG_MODEL_PATH": str(bad), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(weights) in lines[0] and "sha256" in lines[0], proc.stderr
