@@ -31,9 +31,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(
-    split: str, data_dir: Path | str = DEFAULT_DATA_DIR
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(split: str, data_dir: Path | str = DEFAULT_DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 in [-1, 1] with shape (N, 1, 28, 28), and int64 labels."""
     data_dir = Path(data_dir)
     image_file, label_file = (data_dir / name for name in _FILES[split])

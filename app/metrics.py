@@ -37,12 +37,8 @@ class Metrics:
 
     def update_device_memory(self, device: torch.device) -> None:
         if device.type == "cuda":
-            self.device_memory.labels(device=str(device), kind="allocated").set(
-                torch.cuda.memory_allocated(device)
-            )
-            self.device_memory.labels(device=str(device), kind="reserved").set(
-                torch.cuda.memory_reserved(device)
-            )
+            self.device_memory.labels(device=str(device), kind="allocated").set(torch.cuda.memory_allocated(device))
+            self.device_memory.labels(device=str(device), kind="reserved").set(torch.cuda.memory_reserved(device))
         else:
             # On the CPU the model lives in host memory: report the process's peak resident set.
             scale = 1 if sys.platform == "darwin" else 1024

@@ -98,9 +98,7 @@ def start_server(tmp_path: Path) -> Iterator:
     servers: list[LiveServer] = []
 
     def start(**env: str) -> LiveServer:
-        server = LiveServer(
-            {f"CFG_{k.upper()}": str(v) for k, v in env.items()}, tmp_path / f"s{len(servers)}.log"
-        )
+        server = LiveServer({f"CFG_{k.upper()}": str(v) for k, v in env.items()}, tmp_path / f"s{len(servers)}.log")
         servers.append(server)
         server.wait_ready()
         return server

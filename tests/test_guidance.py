@@ -40,9 +40,7 @@ def test_noise_level_reproducible_with_seed_and_varies_without(eps):
     assert not torch.allclose(a, c)
     assert not torch.allclose(d, e)
     # The noise has the requested std.
-    big = add_condition_noise(
-        torch.zeros(4, 1, 64, 64), 0.5, [torch.Generator().manual_seed(i) for i in range(4)]
-    )
+    big = add_condition_noise(torch.zeros(4, 1, 64, 64), 0.5, [torch.Generator().manual_seed(i) for i in range(4)])
     assert abs(big.std().item() - 0.5) < 0.02
 
 

@@ -59,9 +59,7 @@ class IntervalSchedule(_Schedule):
     end: float = Field(..., ge=0, le=1, description="fraction of the trajectory where guidance stops")
 
 
-Schedule = Annotated[
-    ConstantSchedule | LinearSchedule | CosineSchedule | IntervalSchedule, Field(discriminator="kind")
-]
+Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | IntervalSchedule, Field(discriminator="kind")]
 
 
 class Timings(BaseModel):
@@ -119,9 +117,7 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
         guidance_rescale: float = Field(
             0.0, ge=0, le=1, description="phi of Lin et al. 2023: 0 off, 1 full std rescale to eps_cond"
         )
-        seed: int | None = Field(
-            None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted"
-        )
+        seed: int | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted")
 
         @field_validator("class_label")
         @classmethod

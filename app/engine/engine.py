@@ -221,9 +221,7 @@ class Engine:
                 step_seconds = time.perf_counter() - t0
                 images_finished = self._settle(jobs, finite)
                 if self._on_step:
-                    self._on_step(
-                        EngineStats(rows, len(jobs), len(self._waiting), step_seconds, images_finished)
-                    )
+                    self._on_step(EngineStats(rows, len(jobs), len(self._waiting), step_seconds, images_finished))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a broken model must not leave requests hanging
@@ -238,7 +236,7 @@ class Engine:
         """Fail non-finite jobs, resolve finished ones; returns the number of images finished."""
         now = time.monotonic()
         finished = 0
-        for job, ok in zip(jobs, finite):
+        for job, ok in zip(jobs, finite, strict=True):
             if job.cancelled:
                 continue
             if not ok:

@@ -151,9 +151,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Loa
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint weights do not match {path / 'unet' / 'config.json'}: {exc}"
-        ) from exc
+        raise CheckpointError(f"checkpoint weights do not match {path / 'unet' / 'config.json'}: {exc}") from exc
     device = torch.device(device)
     unet.to(device).eval().requires_grad_(False)
     return LoadedModel(

@@ -137,7 +137,7 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
         torch.cat([i.class_labels for i in inputs]),
     )
     offset = 0
-    for run, inp in zip(runs, inputs):
+    for run, inp in zip(runs, inputs, strict=True):
         run.advance(eps[offset : offset + inp.rows])
         offset += inp.rows
     return offset

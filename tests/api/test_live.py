@@ -79,10 +79,7 @@ def test_full_queue_gives_503_and_disconnects_cancel(start_server):
     steps = server.metric("cfg_engine_step_duration_seconds_count")
     time.sleep(1.5)
     assert server.metric("cfg_engine_step_duration_seconds_count") == steps, "compute continued after cancel"
-    assert (
-        httpx.post(f"{server.url}/generate", json={"class_label": 3, "steps": 2}, timeout=60).status_code
-        == 200
-    )
+    assert httpx.post(f"{server.url}/generate", json={"class_label": 3, "steps": 2}, timeout=60).status_code == 200
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(start_server):

@@ -54,9 +54,7 @@ def test_requests_join_at_the_next_tick_and_share_forwards(loaded, denoiser):
 
 
 def test_result_matches_the_request_sampled_alone(loaded, denoiser):
-    spec = SampleSpec(
-        class_label=6, seeds=(10, 11), steps=6, sampler="dpmpp_2m", guidance=GuidanceParams(2.5)
-    )
+    spec = SampleSpec(class_label=6, seeds=(10, 11), steps=6, sampler="dpmpp_2m", guidance=GuidanceParams(2.5))
 
     async def main():
         engine = make_engine(loaded, denoiser)

@@ -41,9 +41,7 @@ def plain_diffusers_loop(loaded, sampler, steps, label, seeds, scale, with_uncon
         for t in scheduler.timesteps:
             xin = scheduler.scale_model_input(x, t)
             if with_uncond:
-                eps_c, eps_u = unet(
-                    torch.cat([xin, xin]), t, class_labels=torch.cat([cond, uncond])
-                ).sample.chunk(2)
+                eps_c, eps_u = unet(torch.cat([xin, xin]), t, class_labels=torch.cat([cond, uncond])).sample.chunk(2)
                 eps = eps_u + scale * (eps_c - eps_u)
             else:
                 eps = unet(xin, t, class_labels=cond).sample
@@ -69,9 +67,7 @@ def test_batched_loop_matches_plain_diffusers_loop(loaded, denoiser, sampler):
     run = make_run(loaded, SampleSpec(class_label=5, seeds=seeds, steps=6, sampler=sampler))
     sample(denoiser, [run])
     want = plain_diffusers_loop(loaded, sampler, 6, 5, seeds, scale=3.0)
-    assert torch.allclose(run.latents, want, atol=BATCH_ATOL, rtol=BATCH_RTOL), (
-        (run.latents - want).abs().max()
-    )
+    assert torch.allclose(run.latents, want, atol=BATCH_ATOL, rtol=BATCH_RTOL), (run.latents - want).abs().max()
 
 
 def test_scale_one_is_the_conditional_model_alone(loaded, denoiser):
@@ -97,9 +93,7 @@ def test_seeded_request_is_batch_invariant(loaded, denoiser):
         seeds=(42, 43),
         steps=8,
         sampler="euler_a",
-        guidance=GuidanceParams(
-            4.0, GuidanceSchedule("cosine", 1.0, 0.25), noise_level=0.3, guidance_rescale=0.5
-        ),
+        guidance=GuidanceParams(4.0, GuidanceSchedule("cosine", 1.0, 0.25), noise_level=0.3, guidance_rescale=0.5),
     )
     alone = make_run(loaded, spec)
     sample(denoiser, [alone])
@@ -154,9 +148,7 @@ def test_noise_level_changes_the_sample_reproducibly(loaded, denoiser):
     def draw(noise_level):
         run = make_run(
             loaded,
-            SampleSpec(
-                class_label=8, seeds=(5,), steps=5, guidance=GuidanceParams(3.0, noise_level=noise_level)
-            ),
+            SampleSpec(class_label=8, seeds=(5,), steps=5, guidance=GuidanceParams(3.0, noise_level=noise_level)),
         )
         sample(denoiser, [run])
         return run.latents
