@@ -2,19 +2,20 @@
 
 import asyncio
 import base64
+import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.schemas import Limits, build_generate_request
-from app.engine import Engine, EngineClosedError, JobResult, NonFiniteError, QueueFullError
+from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import GuidanceSchedule
 from app.images import make_grid, to_png_bytes
 from app.metrics import Metrics
@@ -49,8 +50,17 @@ class ClientGoneError(Exception):
     pass
 
 
-def error(status: int, message: str, outcome: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": message, "outcome": outcome}, status_code=status, headers=headers)
+class ApiError(Exception):
+    """A request that ends without images; the outcome is already recorded."""
+
+    def __init__(self, status: int, message: str, outcome: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.outcome, self.headers = status, message, outcome, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"detail": self.message, "outcome": self.outcome}, status_code=self.status, headers=self.headers
+        )
 
 
 def to_spec(body: Any) -> SampleSpec:
@@ -72,18 +82,92 @@ def to_spec(body: Any) -> SampleSpec:
     )
 
 
-async def wait_for_job(future: asyncio.Future, request: Request, timeout_s: float) -> JobResult:
-    """Wait for the engine, watching for the client going away and for the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
-        if done:
-            return future.result()
-        if await request.is_disconnected():
-            raise ClientGoneError
+def submit(service: Service, spec: SampleSpec, arrived: float) -> Job:
+    try:
+        return service.engine.submit(spec)
+    except (QueueFullError, EngineClosedError) as exc:
+        service.metrics.observe_request("rejected", time.monotonic() - arrived)
+        raise ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}) from exc
+
+
+async def await_result(service: Service, job: Job, request: Request, arrived: float) -> JobResult:
+    """Wait for the engine, watching the deadline and the client; map every ending to an outcome."""
+    deadline = arrived + service.request_timeout_s
+    observe = service.metrics.observe_request
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({job.future}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                result = job.future.result()
+                observe("ok", time.monotonic() - arrived)
+                return result
+            if await request.is_disconnected():
+                raise ClientGoneError
+    except TimeoutError:
+        service.engine.cancel(job)
+        observe("timeout", time.monotonic() - arrived)
+        raise ApiError(504, f"generation exceeded the {service.request_timeout_s:g} s timeout", "timeout") from None
+    except (ClientGoneError, asyncio.CancelledError) as exc:
+        service.engine.cancel(job)
+        observe("cancelled", time.monotonic() - arrived)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise ApiError(499, "client disconnected", "cancelled") from None
+    except NonFiniteError as exc:
+        observe("error", time.monotonic() - arrived)
+        raise ApiError(500, f"sampling failed: {exc}; no image was produced", "error") from None
+    except RuntimeError as exc:
+        service.engine.cancel(job)
+        observe("error", time.monotonic() - arrived)
+        raise ApiError(500, f"generation failed: {exc}", "error") from None
+
+
+def result_body(service: Service, spec: SampleSpec, result: JobResult, arrived: float) -> dict[str, Any]:
+    names = service.limits.class_names
+    return {
+        "model": service.model_name,
+        "class_label": spec.class_label,
+        "class_name": None if spec.class_label is None else names[spec.class_label],
+        "num_images": spec.num_images,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "guidance_scale": spec.guidance.guidance_scale,
+        "images": [base64.b64encode(to_png_bytes(img)).decode() for img in result.images],
+        "seeds": list(spec.seeds),
+        "timings": {
+            "queue_wait_s": round(result.queue_wait_s, 4),
+            "compute_s": round(result.compute_s, 4),
+            "total_s": round(time.monotonic() - arrived, 4),
+        },
+    }
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def progress_stream(
+    service: Service, job: Job, request: Request, spec: SampleSpec, arrived: float
+) -> AsyncIterator[str]:
+    """Server-sent events: `progress` as the steps advance, then one `result` or `error`."""
+    waiter = asyncio.ensure_future(await_result(service, job, request, arrived))
+    try:
+        last = None
+        while not waiter.done():
+            step, steps = job.progress
+            if step != last:
+                last = step
+                yield sse("progress", {"step": step, "steps": steps, "queued": job.run is None})
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+        try:
+            yield sse("result", result_body(service, spec, waiter.result(), arrived))
+        except ApiError as exc:
+            yield sse("error", {"status": exc.status, "detail": exc.message, "outcome": exc.outcome})
+    finally:
+        waiter.cancel()
 
 
 def build_router(limits: Limits) -> APIRouter:
@@ -94,8 +178,10 @@ def build_router(limits: Limits) -> APIRouter:
         "/generate",
         responses={
             200: {
-                "content": {"image/png": {}},
-                "description": "JSON (default) or a PNG grid (Accept: image/png)",
+                "content": {"image/png": {}, "text/event-stream": {}},
+                "description": "JSON (default); a PNG grid with Accept: image/png; with Accept: "
+                "text/event-stream, server-sent `progress` events ({step, steps}) then one `result` "
+                "(the JSON body) or `error` event",
             },
             422: {"description": "invalid request: the detail names the field and the allowed range"},
             500: {"description": "the sampler produced non-finite values"},
@@ -106,60 +192,21 @@ def build_router(limits: Limits) -> APIRouter:
     )
     async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:  # type: ignore[valid-type]
         arrived = time.monotonic()
-        metrics = service.metrics
-
-        def fail(status: int, message: str, outcome: str, headers: dict[str, str] | None = None) -> Response:
-            metrics.observe_request(outcome, time.monotonic() - arrived)
-            return error(status, message, outcome, headers)
-
         spec = to_spec(body)
+        accept = request.headers.get("accept", "")
         try:
-            job = service.engine.submit(spec)
-        except QueueFullError as exc:
-            return fail(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)})
-        except EngineClosedError as exc:
-            return fail(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)})
-        try:
-            result = await wait_for_job(job.future, request, service.request_timeout_s)
-        except TimeoutError:
-            service.engine.cancel(job)
-            return fail(504, f"generation exceeded the {service.request_timeout_s:g} s timeout", "timeout")
-        except ClientGoneError:
-            service.engine.cancel(job)
-            return fail(499, "client disconnected", "cancelled")
-        except NonFiniteError as exc:
-            return fail(500, f"sampling failed: {exc}; no image was produced", "error")
-        except (asyncio.CancelledError, RuntimeError) as exc:
-            service.engine.cancel(job)
-            if isinstance(exc, asyncio.CancelledError):
-                metrics.observe_request("cancelled", time.monotonic() - arrived)
-                raise
-            return fail(500, f"generation failed: {exc}", "error")
-
-        total = time.monotonic() - arrived
-        metrics.observe_request("ok", total)
-        if "image/png" in request.headers.get("accept", ""):
+            job = submit(service, spec, arrived)
+            if "text/event-stream" in accept:
+                stream = progress_stream(service, job, request, spec, arrived)
+                return StreamingResponse(stream, media_type="text/event-stream")
+            result = await await_result(service, job, request, arrived)
+        except ApiError as exc:
+            return exc.response()
+        if "image/png" in accept:
             grid = make_grid(result.images, ncols=math.ceil(math.sqrt(len(result.images))))
-            return Response(to_png_bytes(grid), media_type="image/png", headers={"X-Seeds": _seeds(spec)})
-        names = limits.class_names
-        return JSONResponse(
-            {
-                "model": service.model_name,
-                "class_label": spec.class_label,
-                "class_name": None if spec.class_label is None else names[spec.class_label],
-                "num_images": spec.num_images,
-                "steps": spec.steps,
-                "sampler": spec.sampler,
-                "guidance_scale": spec.guidance.guidance_scale,
-                "images": [base64.b64encode(to_png_bytes(img)).decode() for img in result.images],
-                "seeds": list(spec.seeds),
-                "timings": {
-                    "queue_wait_s": round(result.queue_wait_s, 4),
-                    "compute_s": round(result.compute_s, 4),
-                    "total_s": round(total, 4),
-                },
-            }
-        )
+            seeds = ",".join(str(s) for s in spec.seeds)
+            return Response(to_png_bytes(grid), media_type="image/png", headers={"X-Seeds": seeds})
+        return JSONResponse(result_body(service, spec, result, arrived))
 
     @router.get("/healthz", summary="Liveness: the process and its engine loop are running")
     async def healthz(service: ServiceDep) -> Response:
@@ -183,10 +230,6 @@ def build_router(limits: Limits) -> APIRouter:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def _seeds(spec: SampleSpec) -> str:
-    return ",".join(str(s) for s in spec.seeds)
 
 
 def install_error_handlers(app: FastAPI) -> None:

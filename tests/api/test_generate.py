@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -174,3 +175,24 @@ def test_missing_or_corrupt_checkpoint_stops_startup_naming_the_file(tmp_path, c
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(weights) in lines[0] and "sha256" in lines[0], proc.stderr
+
+
+def test_event_stream_reports_progress_then_the_result(client):
+    events = []
+    with client.stream(
+        "POST",
+        "/generate",
+        json={"class_label": 2, "steps": 12, "seed": 4},
+        headers={"Accept": "text/event-stream"},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for block in r.iter_text():
+            events.append(block)
+    text = "".join(events)
+    chunks = [c for c in text.split("\n\n") if c.strip()]
+    kinds = [c.split("\n")[0].removeprefix("event: ") for c in chunks]
+    assert kinds[-1] == "result" and kinds.count("result") == 1 and "progress" in kinds
+    steps = [json.loads(c.split("data: ", 1)[1])["step"] for c in chunks if c.startswith("event: progress")]
+    assert steps == sorted(steps) and steps[-1] <= 12
+    body = json.loads(chunks[-1].split("data: ", 1)[1])
+    assert body["class_label"] == 2 and body["seeds"] == [4] and len(body["images"]) == 1
