@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# cfg-serve image: the API server with the embedded Fashion-MNIST checkpoint.
+#
+#   docker build -t cfg-serve:gpu .                                  CUDA PyTorch (the default)
+#   docker build --build-arg TORCH_FLAVOR=cpu -t cfg-serve:cpu .     CPU-only PyTorch, a much smaller image
+#   docker run --gpus 1 -p 8000:8000 cfg-serve:gpu
+#
+# One container serves one GPU with one server process; run more containers for more GPUs.
+# Mount another model_store over /srv/cfg/model_store (and set CFG_MODEL_PATH) to serve another checkpoint.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# Build: a virtual environment with torch and the runtime dependencies. It depends only on
+# pyproject.toml and scripts/install.sh, so code changes don't reinstall torch.
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_FLAVOR=cuda
+# PyPI's Linux torch is the CUDA build: the CPU image takes torch from PyTorch's CPU index.
+ARG TORCH_INDEX_URL=
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHON=/opt/venv/bin/python
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml ./
+COPY scripts/install.sh scripts/install.sh
+RUN if [ "$TORCH_FLAVOR" = cpu ] && [ -z "$TORCH_INDEX_URL" ]; then \
+        export TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu; \
+    fi \
+ && TORCH_FLAVOR="$TORCH_FLAVOR" scripts/install.sh --deps
+
+# Runtime: the environment, the code and the checkpoint; no compilers, no pip cache, not root.
+FROM ${PYTHON_IMAGE} AS runtime
+ARG TORCH_FLAVOR=cuda
+LABEL org.opencontainers.image.title="cfg-serve" \
+      org.opencontainers.image.description="Class-conditional diffusion (classifier-free guidance) inference API" \
+      cfg-serve.torch-flavor="${TORCH_FLAVOR}"
+RUN groupadd --system --gid 10001 cfg \
+ && useradd --system --uid 10001 --gid cfg --home-dir /home/cfg --create-home --shell /usr/sbin/nologin cfg
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    CFG_MODEL_PATH=/srv/cfg/model_store/fashion-mnist-cfg
+WORKDIR /srv/cfg
+# The checkpoint changes less often than the code: its layer comes first.
+COPY model_store/fashion-mnist-cfg model_store/fashion-mnist-cfg
+COPY app app
+# Compiled now: the unprivileged user can't write __pycache__ next to the code at run time.
+RUN python -m compileall -q app
+USER 10001:10001
+EXPOSE 8000
+# Ready means loaded, warmed up and not draining; start-period covers the loading.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
+# One process: it owns the model and its batching loop (exec form, so it gets SIGTERM and drains).
+CMD ["python", "-m", "app.serve", "--host", "0.0.0.0", "--port", "8000"]

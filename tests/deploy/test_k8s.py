@@ -1,0 +1,65 @@
+"""The Kubernetes manifests, read as YAML: no cluster here, so only their content is checked."""
+
+from __future__ import annotations
+
+import yaml
+
+from app.metrics import create_metrics
+
+from .support import REPO
+
+K8S = REPO / "deploy" / "k8s"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def app_container() -> dict:
+    (container,) = load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_one_gpu_per_pod() -> None:
+    resources = app_container()["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1
+
+
+def test_probes_ask_readyz_and_healthz_on_the_served_port() -> None:
+    container = app_container()
+    (port,) = container["ports"]
+    assert port["containerPort"] == 8000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == port["name"]
+
+
+def test_pods_outlive_the_longest_request_when_stopped() -> None:
+    spec = load("deployment.yaml")["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in app_container()["env"]}
+    assert spec["terminationGracePeriodSeconds"] > float(env["CFG_REQUEST_TIMEOUT_S"])
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_service_and_autoscaler_point_at_the_deployment() -> None:
+    deployment, service, hpa = load("deployment.yaml"), load("service.yaml"), load("hpa.yaml")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == app_container()["ports"][0]["name"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+
+def test_autoscaler_metric_is_one_the_app_exports() -> None:
+    exported = {sample.name for family in create_metrics().registry.collect() for sample in family.samples}
+    for metric in load("hpa.yaml")["spec"]["metrics"]:
+        assert metric["pods"]["metric"]["name"] in exported
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(load("kustomization.yaml")["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
