@@ -64,7 +64,7 @@ def test_full_queue_gives_503_and_disconnects_cancel(start_server):
     threads = [threading.Thread(target=post_then_hang_up, args=(big,))]
     threads[0].start()
     wait_until(lambda: server.metric("cfg_requests_in_flight") == 1)
-    threads.append(threading.Thread(target=post_then_hang_up, args=({"class_label": 2, "steps": 2},)))
+    threads.append(threading.Thread(target=post_then_hang_up, args=({**big, "class_label": 2},)))
     threads[1].start()
     wait_until(lambda: server.metric("cfg_queue_depth") == 1)
 
