@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from app.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
-from app.models import build_unet, save_checkpoint
+from app.models import build_unet, load_checkpoint, save_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-uncond", type=float, default=0.15, help="label dropout probability (0.1 to 0.2)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--channels", type=str, default="32,64,128", help="UNet block_out_channels")
+    p.add_argument(
+        "--beta-schedule",
+        default="linear",
+        choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+        help="noise schedule (diffusers' beta_schedule); see docs/quality.md for why linear",
+    )
+    p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this wall time")
@@ -55,12 +62,15 @@ def train(args: argparse.Namespace) -> Path:
     null_label = len(CLASS_NAMES)
     channels = tuple(int(c) for c in args.channels.split(","))
 
-    unet = build_unet(image_size=28, num_classes=len(CLASS_NAMES), block_out_channels=channels).to(device)
+    unet = build_unet(image_size=28, num_classes=len(CLASS_NAMES), block_out_channels=channels)
+    if args.init_from:
+        unet.load_state_dict(load_checkpoint(args.init_from).unet.state_dict())
+    unet.to(device)
+    # The cosine schedule's last step has alpha_bar ~ 2e-9 (sigma ~ 2e4): the sigma-space samplers
+    # (Euler, DPM-Solver) then amplify any eps error 2e4-fold at the first step. The linear
+    # schedule of Ho et al. 2020 ends at sigma ~ 157, which every sampler handles.
     noise_scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=True,
+        num_train_timesteps=1000, beta_schedule=args.beta_schedule, prediction_type="epsilon", clip_sample=True
     )
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
