@@ -1,0 +1,209 @@
+"""Benchmarks for the service, run by hand (not in CI). Prints markdown and, with --record,
+appends it to docs/benchmarks.md with the machine, the commit and the command.
+
+    python3 bench/bench_service.py --record
+
+Every comparison is a ratio measured in the same run, on the same machine:
+  1. one 2B-row forward vs two B-row forwards (cond and uncond apart), B = 1, 4, 16;
+  2. raw in-process sampling loop: images/s against rows per forward (where it peaks sets the
+     default CFG_MAX_BATCH_ROWS);
+  3. the HTTP service: images/s and p50/p95/p99 latency at 1, 4 and 16 concurrent clients,
+     against one request at a time;
+  4. the service at saturation against the raw loop at the same rows per forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.config import DEFAULT_MODEL_PATH  # noqa: E402
+from app.models import load_checkpoint, unet_denoiser  # noqa: E402
+from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
+    rows = ["| B | one 2B-row forward (ms) | two B-row forwards (ms) | speed-up |", "|---|---|---|---|"]
+    null = loaded.manifest.null_label
+    for b in sizes:
+        x = torch.randn(b, 1, 28, 28)
+        t = torch.full((b,), 500)
+        y, n = torch.randint(0, 10, (b,)), torch.full((b,), null)
+        joint = timed(lambda: denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, n])), repeat)
+        apart = timed(lambda: (denoiser(x, t, y), denoiser(x, t, n)), repeat)
+        rows.append(f"| {b} | {joint * 1e3:.1f} | {apart * 1e3:.1f} | {apart / joint:.2f}x |")
+    return rows
+
+
+def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int) -> float:
+    """The in-process loop: n single-image guided requests stepped together (2n rows per forward)."""
+    runs = [
+        SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, guidance=GuidanceParams(3.0)),
+                  loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)  # fmt: skip
+        for i in range(n_requests)
+    ]
+    t0 = time.perf_counter()
+    sample(denoiser, runs)
+    return n_requests / (time.perf_counter() - t0)
+
+
+def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
+    rows = ["| rows per forward | requests | images/s |", "|---|---|---|"]
+    best = (0.0, 0)
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        raw_images_per_s(loaded, denoiser, n, 2)  # warm this shape
+        ips = raw_images_per_s(loaded, denoiser, n, steps)
+        rows.append(f"| {2 * n} | {n} | {ips:.2f} |")
+        best = max(best, (ips, 2 * n))
+    return rows, best[1]
+
+
+class Server:
+    def __init__(self, port: int, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
+            cwd=REPO, env={**os.environ, **env},
+        )  # fmt: skip
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def load(server: Server, clients: int, per_client: int, steps: int) -> tuple[float, list[float]]:
+    """Closed loop: each client sends per_client single-image requests back to back."""
+
+    def client(c: int) -> list[float]:
+        lat = []
+        with httpx.Client(timeout=600) as http:
+            for i in range(per_client):
+                body = {"class_label": (c + i) % 10, "steps": steps, "seed": c * 1000 + i, "guidance_scale": 3}
+                t0 = time.perf_counter()
+                r = http.post(f"{server.url}/generate", json=body)
+                r.raise_for_status()
+                lat.append(time.perf_counter() - t0)
+        return lat
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        lats = [x for lat in pool.map(client, range(clients)) for x in lat]
+    return len(lats) / (time.perf_counter() - t0), lats
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    args = p.parse_args()
+
+    loaded = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
+    denoiser = unet_denoiser(loaded.unet)
+    out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}", "",
+           f"- machine: {machine()}", f"- command: `python3 {' '.join(sys.argv)}`",
+           f"- {args.steps} DDIM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
+
+    out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
+    out += bench_forward(loaded, denoiser, (1, 4, 16), repeat=20) + [""]
+
+    out += ["### 2. Raw in-process loop: images/s by rows per forward", ""]
+    rows_table, best_rows = bench_rows(loaded, denoiser, args.steps)
+    out += rows_table + ["", f"Peak at {best_rows} rows per forward.", ""]
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    max_rows = max(32, 2 * max(levels))
+    server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"})
+    try:
+        results = {}
+        for c in levels:
+            load(server, c, 1, 2)  # warm the batch shapes
+            per_client = max(1, args.requests // c)
+            results[c] = load(server, c, per_client, args.steps)
+    finally:
+        server.stop()
+
+    base = results[levels[0]][0]
+    out += ["### 3. The HTTP service at 1, 4 and 16 concurrent clients", "",
+            f"CFG_MAX_BATCH_ROWS={max_rows}; each client sends single-image requests back to back.", "",
+            "| clients | images/s | vs one at a time | p50 (s) | p95 (s) | p99 (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for c, (ips, lats) in results.items():
+        out.append(f"| {c} | {ips:.2f} | {ips / base:.2f}x | {pct(lats, 50):.2f} | {pct(lats, 95):.2f} | "
+                   f"{pct(lats, 99):.2f} |")  # fmt: skip
+
+    top = max(levels)
+    raw = statistics.median(raw_images_per_s(loaded, denoiser, top, args.steps) for _ in range(3))
+    svc = results[top][0]
+    out += ["", "### 4. Service at saturation vs the raw loop", "",
+            f"| | images/s |", "|---|---|",
+            f"| raw in-process loop, {top} requests together ({2 * top} rows per forward) | {raw:.2f} |",
+            f"| service, {top} concurrent clients | {svc:.2f} |",
+            f"| service / raw | {svc / raw:.0%} |", ""]  # fmt: skip
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.record:
+        path = REPO / "docs" / "benchmarks.md"
+        if not path.exists():
+            path.write_text("# Benchmarks\n\nRecorded by `bench/bench_service.py --record`; newest last.\n\n")
+        with open(path, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
