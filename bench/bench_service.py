@@ -71,8 +71,11 @@ def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
         x = torch.randn(b, 1, 28, 28)
         t = torch.full((b,), 500)
         y, n = torch.randint(0, 10, (b,)), torch.full((b,), null)
-        xx, tt, yn = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, n])
-        joint = timed(lambda xx=xx, tt=tt, yn=yn: denoiser(xx, tt, yn), repeat)
+
+        def joint_forward(x=x, t=t, y=y, n=n):  # the concatenation is part of the batched step's cost
+            return denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, n]))
+
+        joint = timed(joint_forward, repeat)
         apart = timed(lambda x=x, t=t, y=y, n=n: (denoiser(x, t, y), denoiser(x, t, n)), repeat)
         rows.append(f"| {b} | {joint * 1e3:.1f} | {apart * 1e3:.1f} | {apart / joint:.2f}x |")
     return rows
