@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -232,14 +234,23 @@ def build_router(limits: Limits) -> APIRouter:
     return router
 
 
+def _json_safe(value: Any) -> Any:
+    """Echoed inputs can hold NaN or infinity (pydantic reads them), which JSON cannot carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Count invalid /generate requests; keep FastAPI's 422 body, which names the field and its range."""
-    from fastapi.exception_handlers import request_validation_exception_handler
-    from fastapi.exceptions import RequestValidationError
+    """Count invalid /generate requests; answer 422 with FastAPI's body, which names the field and its range."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         service: Service | None = getattr(request.app.state, "service", None)
         if service is not None and request.url.path == "/generate":
             service.metrics.observe_request("invalid")
-        return await request_validation_exception_handler(request, exc)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)

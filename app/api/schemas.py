@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,7 +23,7 @@ class Limits:
 
 
 class _Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConstantSchedule(_Schedule):
@@ -92,7 +92,7 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
     class GenerateRequest(BaseModel):
         """One generation request. eps = eps_uncond + s * (eps_cond - eps_uncond) at every step."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
         class_label: int | str | None = Field(None, description=class_doc, examples=[7, "Sneaker"])
         num_images: int = Field(1, ge=1, le=limits.max_images, description="images to draw")
@@ -118,6 +118,13 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
             0.0, ge=0, le=1, description="phi of Lin et al. 2023: 0 off, 1 full std rescale to eps_cond"
         )
         seed: int | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted")
+
+        @field_validator("class_label", mode="before")
+        @classmethod
+        def _not_a_bool(cls, v: Any) -> Any:
+            if isinstance(v, bool):
+                raise ValueError(f"class_label must be an index 0..{len(names) - 1} or a class name, not a boolean")
+            return v
 
         @field_validator("class_label")
         @classmethod

@@ -196,3 +196,20 @@ def test_event_stream_reports_progress_then_the_result(client):
     assert steps == sorted(steps) and steps[-1] <= 12
     body = json.loads(chunks[-1].split("data: ", 1)[1])
     assert body["class_label"] == 2 and body["seeds"] == [4] and len(body["images"]) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('{"guidance_scale": NaN}', "guidance_scale"),
+        ('{"noise_level": Infinity}', "noise_level"),
+        ('{"schedule": {"kind": "cosine", "end": -Infinity}}', "end"),
+        ('{"class_label": true}', "class_label"),
+        ('{"steps": 2.5}', "steps"),
+        ("[1, 2]", "body"),
+    ],
+)
+def test_non_finite_and_mistyped_values_are_422_not_500(client, raw, field):
+    r = client.post("/generate", content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert any(field in map(str, e["loc"]) for e in r.json()["detail"])
