@@ -85,7 +85,7 @@ def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int) -> float:
     """The in-process loop: n single-image guided requests stepped together (2n rows per forward)."""
     runs = [
         SampleRun(
-            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, guidance=GuidanceParams(3.0)),
+            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="ddpm", guidance=GuidanceParams(3.0)),
             loaded.scheduler_config,
             (1, 28, 28),
             loaded.manifest.null_label,
@@ -145,7 +145,8 @@ def load(server: Server, clients: int, per_client: int, steps: int) -> tuple[flo
         lat = []
         with httpx.Client(timeout=600) as http:
             for i in range(per_client):
-                body = {"class_label": (c + i) % 10, "steps": steps, "seed": c * 1000 + i, "guidance_scale": 3}
+                body = {"class_label": (c + i) % 10, "steps": steps, "seed": c * 1000 + i, "guidance_scale": 3,
+                        "sampler": "ddpm"}  # fmt: skip
                 t0 = time.perf_counter()
                 r = http.post(f"{server.url}/generate", json=body)
                 r.raise_for_status()
@@ -175,7 +176,7 @@ def main() -> None:
     denoiser = unet_denoiser(loaded.unet)
     out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}", "",
            f"- machine: {machine()}", f"- command: `python3 {' '.join(sys.argv)}`",
-           f"- {args.steps} DDIM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
+           f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
 
     out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
     out += bench_forward(loaded, denoiser, (1, 4, 16), repeat=20) + [""]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
 Sampler = Literal["ddim", "ddpm", "dpmpp_2m", "euler_a"]
+DEFAULT_SAMPLER = "ddpm"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,11 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
         class_label: int | str | None = Field(None, description=class_doc, examples=[7, "Sneaker"])
         num_images: int = Field(1, ge=1, le=limits.max_images, description="images to draw")
         steps: int = Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")
-        sampler: Sampler = Field("ddim", description="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M) or euler_a")
+        sampler: Sampler = Field(
+            DEFAULT_SAMPLER,
+            description="ddpm (ancestral; the default: the shipped model's best, see docs/quality.md), ddim, "
+            "dpmpp_2m (DPM-Solver++ 2M) or euler_a (Euler ancestral)",
+        )
         guidance_scale: float = Field(
             3.0,
             ge=0,

@@ -38,7 +38,7 @@ def test_generate_json(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["class_label"] == 7 and body["class_name"] == "Sneaker"
-    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "ddim"
+    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "ddpm"
     assert body["model"] == "fashion-mnist-cfg"
     assert set(body["timings"]) == {"queue_wait_s", "compute_s", "total_s"}
     images = [decode(b) for b in body["images"]]

@@ -32,7 +32,7 @@ def test_concurrent_requests_get_their_own_class_and_seed(start_server, loaded, 
     server = start_server(max_batch_rows=32)
 
     def post(c):
-        body = {"class_label": c, "seed": 100 + c, "steps": 6, "guidance_scale": 3}
+        body = {"class_label": c, "seed": 100 + c, "steps": 6, "guidance_scale": 3, "sampler": "ddpm"}
         return httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
 
     with ThreadPoolExecutor(8) as pool:
@@ -40,7 +40,7 @@ def test_concurrent_requests_get_their_own_class_and_seed(start_server, loaded, 
     for c, res in enumerate(results):
         assert res["class_label"] == c and res["seeds"] == [100 + c]
         # Batch invariance: the image equals the same request sampled alone, in-process.
-        alone = SampleRun(SampleSpec(class_label=c, seeds=(100 + c,), steps=6), loaded.scheduler_config,
+        alone = SampleRun(SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm"), loaded.scheduler_config,
                           (1, 28, 28), loaded.manifest.null_label)  # fmt: skip
         sample(denoiser, [alone])
         diff = np.abs(decode(res["images"][0]).astype(int) - alone.images()[0, :, :, 0].astype(int))
