@@ -51,7 +51,7 @@ from app.models import CheckpointError, LoadedModel, load_checkpoint
 from app.sampling import SAMPLERS
 
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
-DEFAULT_PER_CLASS = 50
+DEFAULT_PER_CLASS = 64
 MAX_PER_CLASS = 500
 CLASSIFIER_ARCH = "cnn-32-64-64-fc128-v1"
 
@@ -206,6 +206,7 @@ def load_classifier(path: Path, expect: dict[str, str]) -> FashionClassifier | N
 class Scored:
     features: np.ndarray  # (N, D) float64
     predictions: np.ndarray  # (N,) int
+    mean_pixel: float = float("nan")  # mean grey level of the images, 0..255
 
 
 @torch.inference_mode()
@@ -218,7 +219,8 @@ def score(model: FashionClassifier, images: torch.Tensor, batch_size: int = 1000
         f = (model.features(x) + model.features(x.flip(-1))) / 2
         features.append(f)
         logits.append(model.head(f))  # the head is linear in eval mode: the mean of the two images' logits
-    return Scored(torch.cat(features).double().numpy(), torch.cat(logits).argmax(1).numpy())
+    mean_pixel = float(images.mean().add(1).mul(127.5))
+    return Scored(torch.cat(features).double().numpy(), torch.cat(logits).argmax(1).numpy(), mean_pixel)
 
 
 def uint8_to_model_images(images: np.ndarray) -> torch.Tensor:
@@ -235,6 +237,7 @@ class ScaleResult:
     accuracy: float
     fid: float
     diversity: float
+    mean_pixel: float  # mean grey level, 0..255: shows samples that run bright or dark
     accuracy_per_class: list[float]
 
 
@@ -244,6 +247,13 @@ class RealBaseline:
     accuracy: float
     fid: float
     diversity: float
+    mean_pixel: float
+
+
+@dataclass
+class SamplerResults:
+    sampler: str
+    results: list[ScaleResult]
 
 
 @dataclass
@@ -265,6 +275,7 @@ class Evaluation:
     reference_size: int
     real: RealBaseline
     results: list[ScaleResult]
+    sampler_comparison: list[SamplerResults] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -275,9 +286,7 @@ def split_real_baseline(labels: np.ndarray, per_class: int, seed: int) -> tuple[
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if per_class > members.size // 2:
-            raise ValueError(
-                f"--per-class {per_class} leaves too few test images of class {c} for the reference"
-            )
+            raise ValueError(f"--per-class {per_class} leaves too few test images of class {c} for the reference")
         subset.append(rng.choice(members, size=per_class, replace=False))
     subset = np.sort(np.concatenate(subset))
     return subset, np.setdiff1d(np.arange(labels.size), subset)
@@ -297,6 +306,7 @@ def score_scales(
                 accuracy=accuracy(sc.predictions, requested),
                 fid=frechet_distance(gaussian_stats(sc.features), reference),
                 diversity=within_class_diversity(sc.features, requested),
+                mean_pixel=sc.mean_pixel,
                 accuracy_per_class=per_class,
             )
         )
@@ -338,9 +348,7 @@ def check_targets(ev: Evaluation) -> list[TargetCheck]:
         checks.insert(1, TargetCheck("accuracy >= 0.95 at s=3", acc >= 0.95, f"{acc:.3f}"))
     if 1.0 in by_scale:
         acc = by_scale[1.0].accuracy
-        checks.append(
-            TargetCheck("s=1 recognizable: accuracy >= 0.7 (and see the sweep)", acc >= 0.7, f"{acc:.3f}")
-        )
+        checks.append(TargetCheck("s=1 recognizable: accuracy >= 0.7 (and see the sweep)", acc >= 0.7, f"{acc:.3f}"))
     return checks
 
 
@@ -362,25 +370,16 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
         + (f", {ev.checkpoint_steps} training steps" if ev.checkpoint_steps is not None else ""),
         f"- sampling: {ev.sampler}, {ev.steps} steps, {ev.per_class} images per class (n = {n} per scale), "
         f"seeds {ev.seed}.., the same seeds at every scale",
-        f"- scoring classifier: small CNN trained on the train split, test accuracy "
-        f"{ev.classifier_test_accuracy:.4f}",
+        f"- scoring classifier: small CNN trained on the train split, test accuracy {ev.classifier_test_accuracy:.4f}",
         "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in ev.timings_s.items()),
         "",
         "Guidance scale s: eps = eps_uncond + s (eps_cond - eps_uncond); s = 0 is the unconditional model, "
         "s = 1 the conditional model without guidance.",
         "",
-        "| scale s | accuracy | FID | FID / real | diversity | diversity / real |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in ev.results:
-        lines.append(
-            f"| {r.guidance_scale:g} | {r.accuracy:.3f} | {r.fid:.2f} | {r.fid / ev.real.fid:.2f} | "
-            f"{r.diversity:.2f} | {r.diversity / ev.real.diversity:.2f} |"
-        )
-    lines.append(
+        *metric_table(ev.results, ev.real),
         f"| real test images (n = {ev.real.n}) | {ev.real.accuracy:.3f} | {ev.real.fid:.2f} | 1.00 | "
-        f"{ev.real.diversity:.2f} | 1.00 |"
-    )
+        f"{ev.real.diversity:.2f} | 1.00 | {ev.real.mean_pixel:.1f} |",
+    ]
     lines += [
         "",
         "- **accuracy**: the classifier's accuracy on the requested class (at s = 0 the model is "
@@ -393,6 +392,7 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
         "- **diversity**: mean pairwise distance between feature vectors of images of the same requested "
         "class, averaged over the classes. At s = 0 the samples are unconditional: the groups are seed "
         "groups, not classes, so that value measures diversity across classes.",
+        "- **mean pixel**: the mean grey level (0..255) of the n images; a sampler that runs bright shows here.",
         "",
         "## Targets",
         "",
@@ -401,6 +401,18 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
     ]
     for check in check_targets(ev):
         lines.append(f"| {check.name} | {'yes' if check.passed else '**no**'} | {check.detail} |")
+    if ev.sampler_comparison:
+        lines += [
+            "",
+            "## Samplers",
+            "",
+            f"The same seeds and n = {n} per scale, {ev.steps} steps each; the first row is the sampler above.",
+            "",
+            "| sampler | " + metric_table([], ev.real)[0].removeprefix("| "),
+            "|---|" + metric_table([], ev.real)[1].removeprefix("|"),
+        ]
+        for entry in ev.sampler_comparison:
+            lines += [f"| {entry.sampler} " + row for row in metric_table(entry.results, ev.real)[2:]]
     lines += [
         "",
         "## Accuracy per class",
@@ -426,6 +438,20 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
     return "\n".join(lines)
 
 
+def metric_table(results: Sequence[ScaleResult], real: RealBaseline) -> list[str]:
+    """Header, separator and one row per scale of the metrics table, in markdown."""
+    lines = [
+        "| scale s | accuracy | FID | FID / real | diversity | diversity / real | mean pixel |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.guidance_scale:g} | {r.accuracy:.3f} | {r.fid:.2f} | {r.fid / real.fid:.2f} | "
+            f"{r.diversity:.2f} | {r.diversity / real.diversity:.2f} | {r.mean_pixel:.1f} |"
+        )
+    return lines
+
+
 def plot_tradeoff(ev: Evaluation, path: Path) -> None:
     import matplotlib
 
@@ -434,9 +460,7 @@ def plot_tradeoff(ev: Evaluation, path: Path) -> None:
 
     scales = [r.guidance_scale for r in ev.results]
     fig, ax_acc = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax_acc.plot(
-        scales, [r.accuracy for r in ev.results], "o-", color="tab:blue", label="accuracy (generated)"
-    )
+    ax_acc.plot(scales, [r.accuracy for r in ev.results], "o-", color="tab:blue", label="accuracy (generated)")
     ax_acc.axhline(ev.real.accuracy, color="tab:blue", ls=":", label="accuracy (real test images)")
     ax_acc.set_xlabel("guidance scale s")
     ax_acc.set_ylabel("classifier accuracy on requested class", color="tab:blue")
@@ -458,21 +482,32 @@ def plot_tradeoff(ev: Evaluation, path: Path) -> None:
 # ---- command line ----------------------------------------------------------------------------------------
 
 
+def sampler_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown}; choose from {', '.join(sorted(SAMPLERS))}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cfg-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)"
-    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--scales", type=scale_list, default=DEFAULT_SCALES, help="default 0,1,2,3,5,7.5")
-    p.add_argument(
-        "--per-class", type=positive_int, default=DEFAULT_PER_CLASS, help="images per class and scale"
-    )
+    p.add_argument("--per-class", type=positive_int, default=DEFAULT_PER_CLASS, help="images per class and scale")
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
     p.add_argument("--seed", type=int, default=0, help="first sampling seed; also picks the real subset")
+    p.add_argument(
+        "--compare-samplers",
+        type=sampler_list,
+        default=(),
+        help="also score these samplers at --compare-scales, e.g. ddim,dpmpp_2m,euler_a",
+    )
+    p.add_argument("--compare-scales", type=scale_list, default=(1.0, 3.0), help="default 1,3")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
     p.add_argument("--classifier-cache", type=Path, default=DEFAULT_CLASSIFIER_CACHE)
     p.add_argument("--classifier-epochs", type=positive_int, default=3)
@@ -523,15 +558,48 @@ def machine_description() -> str:
 
 def git_commit() -> str:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" (working tree had uncommitted changes)" if dirty else "")
+
+
+def real_baseline(
+    classifier: FashionClassifier, test_images: torch.Tensor, test_labels: np.ndarray, per_class: int, seed: int
+) -> tuple[GaussianStats, RealBaseline, Scored, int]:
+    """Reference statistics of the test split less a class-balanced subset, and the metrics of that subset."""
+    test = score(classifier, test_images)
+    subset, rest = split_real_baseline(test_labels, per_class, seed)
+    reference = gaussian_stats(test.features[rest])
+    real = RealBaseline(
+        n=subset.size,
+        accuracy=accuracy(test.predictions[subset], test_labels[subset]),
+        fid=frechet_distance(gaussian_stats(test.features[subset]), reference),
+        diversity=within_class_diversity(test.features[subset], test_labels[subset]),
+        mean_pixel=float(test_images[subset].mean().add(1).mul(127.5)),
+    )
+    return reference, real, test, int(rest.size)
+
+
+def sample_and_score(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    classifier: FashionClassifier,
+    reference: GaussianStats,
+    sampler: str,
+    guidance_scales: Sequence[float],
+) -> tuple[list[ScaleResult], list[np.ndarray]]:
+    """Draw per_class images of every class at each scale with one sampler, and score them."""
+    num_classes = model.manifest.num_classes
+    specs = sweep_specs(range(num_classes), guidance_scales, args.seed, args.per_class, args.steps, sampler)
+    total = total_steps(specs, args.max_rows)
+    with tqdm(total=total, desc=f"sampling ({sampler})", unit="step", dynamic_ncols=True) as bar:
+        images = generate(model, specs, args.max_rows, on_step=bar.update)
+    # images are class-major: images[c * len(scales) + k] is class c at scale k.
+    ns = len(guidance_scales)
+    scored = [score(classifier, uint8_to_model_images(np.concatenate(images[k::ns]))) for k in range(ns)]
+    return score_scales(scored, guidance_scales, reference, num_classes), images
 
 
 def run_evaluation(args: argparse.Namespace, model: LoadedModel, command: str) -> tuple[Evaluation, list]:
@@ -542,34 +610,25 @@ def run_evaluation(args: argparse.Namespace, model: LoadedModel, command: str) -
     classifier = get_classifier(args, train_data)
     timings["classifier"] = time.monotonic() - started
 
-    test = score(classifier, test_images)
-    test_labels = test_labels.numpy()
-    test_accuracy = accuracy(test.predictions, test_labels)
-    print(f"classifier test accuracy: {test_accuracy:.4f}")
-    subset, rest = split_real_baseline(test_labels, args.per_class, args.seed)
-    reference = gaussian_stats(test.features[rest])
-    real = RealBaseline(
-        n=subset.size,
-        accuracy=accuracy(test.predictions[subset], test_labels[subset]),
-        fid=frechet_distance(gaussian_stats(test.features[subset]), reference),
-        diversity=within_class_diversity(test.features[subset], test_labels[subset]),
+    reference, real, test, reference_size = real_baseline(
+        classifier, test_images, test_labels.numpy(), args.per_class, args.seed
     )
+    test_accuracy = accuracy(test.predictions, test_labels.numpy())
+    print(f"classifier test accuracy: {test_accuracy:.4f}")
 
-    num_classes = model.manifest.num_classes
-    specs = sweep_specs(range(num_classes), args.scales, args.seed, args.per_class, args.steps, args.sampler)
     t0 = time.monotonic()
-    with tqdm(
-        total=total_steps(specs, args.max_rows), desc="sampling", unit="step", dynamic_ncols=True
-    ) as bar:
-        images = generate(model, specs, args.max_rows, on_step=bar.update)
+    results, images = sample_and_score(args, model, classifier, reference, args.sampler, args.scales)
     timings["sampling"] = time.monotonic() - t0
-    # images are class-major: images[c * len(scales) + k] is class c at scale k.
-    ns = len(args.scales)
-    scored = [
-        score(classifier, uint8_to_model_images(np.concatenate(images[k::ns])))
-        for k in range(len(args.scales))
-    ]
-    results = score_scales(scored, args.scales, reference, num_classes)
+    comparison = []
+    if args.compare_samplers:
+        t0 = time.monotonic()
+        by_scale = {r.guidance_scale: r for r in results}
+        comparison.append(SamplerResults(args.sampler, [by_scale[s] for s in args.compare_scales]))
+        for sampler in args.compare_samplers:
+            if sampler != args.sampler:
+                other, _ = sample_and_score(args, model, classifier, reference, sampler, args.compare_scales)
+                comparison.append(SamplerResults(sampler, other))
+        timings["sampler comparison"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
     m = model.manifest
     ev = Evaluation(
@@ -587,9 +646,10 @@ def run_evaluation(args: argparse.Namespace, model: LoadedModel, command: str) -
         seed=args.seed,
         classifier_test_accuracy=test_accuracy,
         feature_dim=int(test.features.shape[1]),
-        reference_size=int(rest.size),
+        reference_size=reference_size,
         real=real,
         results=results,
+        sampler_comparison=comparison,
         timings_s=timings,
     )
     return ev, images
@@ -611,11 +671,18 @@ def write_outputs(args: argparse.Namespace, ev: Evaluation, images: list[np.ndar
 
 
 def print_summary(ev: Evaluation) -> None:
-    print(f"{'scale':>6} {'accuracy':>9} {'FID':>8} {'diversity':>10}")
-    for r in ev.results:
-        print(f"{r.guidance_scale:>6g} {r.accuracy:>9.3f} {r.fid:>8.2f} {r.diversity:>10.2f}")
+    print(f"{'sampler':>9} {'scale':>6} {'accuracy':>9} {'FID':>8} {'diversity':>10} {'pixel':>6}")
+    for entry in [SamplerResults(ev.sampler, ev.results), *ev.sampler_comparison[1:]]:
+        for r in entry.results:
+            print(
+                f"{entry.sampler:>9} {r.guidance_scale:>6g} {r.accuracy:>9.3f} {r.fid:>8.2f} {r.diversity:>10.2f} "
+                f"{r.mean_pixel:>6.1f}"
+            )
     real = ev.real
-    print(f"{'real':>6} {real.accuracy:>9.3f} {real.fid:>8.2f} {real.diversity:>10.2f}  (n = {real.n})")
+    print(
+        f"{'real':>9} {'':>6} {real.accuracy:>9.3f} {real.fid:>8.2f} {real.diversity:>10.2f} {real.mean_pixel:>6.1f}"
+        f"  (n = {real.n})"
+    )
     for check in check_targets(ev):
         print(f"[{'ok' if check.passed else 'MISSED'}] {check.name}: {check.detail}")
 
@@ -624,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = "python -m app.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.compare_samplers and not set(args.compare_scales) <= set(args.scales):
+        parser.error("argument --compare-scales: every scale must also be in --scales")
     if not 2 <= args.per_class <= MAX_PER_CLASS:
         # The real baseline takes per_class test images of each class (1000 each) from the reference.
         parser.error(f"argument --per-class: must be between 2 and {MAX_PER_CLASS}, got {args.per_class}")

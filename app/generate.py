@@ -30,7 +30,7 @@ from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, denois
 
 DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
-DEFAULT_MAX_ROWS = 256
+DEFAULT_MAX_ROWS = 128
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "interval")
 
 
@@ -88,9 +88,7 @@ def generate(
     image_shape = (m.in_channels, m.image_size, m.image_size)
     parts: list[list[np.ndarray]] = [[] for _ in specs]
     for batch in plan_batches(specs, max_rows):
-        runs = [
-            SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device) for c in batch
-        ]
+        runs = [SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device) for c in batch]
         active = runs
         while active:
             denoise_step(denoiser, active)
@@ -217,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cfg-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)"
-    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)")
     p.add_argument(
         "--class", dest="class_name", default=None, help="class name or index; omit for unconditional samples"
     )
@@ -231,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scale", type=non_negative_float, default=3.0, help="guidance scale s (1: no guidance)")
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="constant", help="guidance weight schedule")
     p.add_argument(
@@ -247,20 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom", type=positive_int, default=None, help="pixel enlargement (default 1, sweep 3)")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default samples.png, sweep.png)")
     p.add_argument("--sweep", action="store_true", help="one grid: rows are classes, columns guidance scales")
-    p.add_argument(
-        "--scales", type=scale_list, default=DEFAULT_SCALES, help="sweep scales (default 0,1,2,3,5,7.5)"
-    )
+    p.add_argument("--scales", type=scale_list, default=DEFAULT_SCALES, help="sweep scales (default 0,1,2,3,5,7.5)")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
-    start = (
-        args.schedule_start
-        if args.schedule_start is not None
-        else (0.0 if args.schedule == "interval" else 1.0)
-    )
+    start = args.schedule_start if args.schedule_start is not None else (0.0 if args.schedule == "interval" else 1.0)
     end = args.schedule_end if args.schedule_end is not None else 1.0
     return GuidanceParams(
         guidance_scale=args.scale,

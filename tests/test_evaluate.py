@@ -124,10 +124,11 @@ def test_score_scales_reads_images_as_class_major():
     features = rng.normal(size=(6, 4))
     reference = gaussian_stats(rng.normal(size=(50, 4)))
     # Two classes, three images each: classes [0 0 0 1 1 1].
-    right = Scored(features, np.array([0, 0, 0, 1, 1, 1]))
+    right = Scored(features, np.array([0, 0, 0, 1, 1, 1]), mean_pixel=40.0)
     half = Scored(features, np.array([0, 1, 1, 1, 1, 0]))
     results = score_scales([right, half], [1.0, 3.0], reference, num_classes=2)
     assert [r.accuracy for r in results] == [1.0, 0.5]
+    assert results[0].mean_pixel == 40.0
     assert results[1].accuracy_per_class == pytest.approx([1 / 3, 2 / 3])
     assert results[0].fid == pytest.approx(frechet_distance(gaussian_stats(features), reference))
 
@@ -155,7 +156,7 @@ def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
             "--classifier-epochs", "1", "--classifier-train-images", "1000",
             "--classifier-cache", str(tmp_path / "cache" / "clf.safetensors"),
             "--report", str(tmp_path / "quality.md"), "--json", str(tmp_path / "quality.json"),
-            "--img-dir", str(tmp_path / "img")]  # fmt: skip
+            "--img-dir", str(tmp_path / "img"), "--compare-samplers", "ddim", "--compare-scales", "3"]  # fmt: skip
     main(argv)
     out = capsys.readouterr().out
     assert "trained and cached" in out and "classifier test accuracy" in out
@@ -167,6 +168,11 @@ def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
     assert results["checkpoint_sha256"] in (tmp_path / "quality.md").read_text()
     report = (tmp_path / "quality.md").read_text()
     assert "| 3 |" in report and "real test images (n = 20)" in report and "img/tradeoff.png" in report
+    assert [(c["sampler"], [r["guidance_scale"] for r in c["results"]]) for c in results["sampler_comparison"]] == [
+        ("ddpm", [3.0]),
+        ("ddim", [3.0]),
+    ]
+    assert "| ddim | 3 |" in report
     for name in ("tradeoff.png", "sweep.png"):
         with Image.open(tmp_path / "img" / name) as image:
             assert image.format == "PNG"
@@ -175,8 +181,18 @@ def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
     assert "classifier: cached" in capsys.readouterr().out
 
 
-def test_evaluate_rejects_a_per_class_the_test_split_cannot_match(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--per-class", "501"], "--per-class: must be between 2 and 500"),
+        (["--per-class", "1"], "--per-class: must be between 2 and 500"),
+        (["--compare-samplers", "ddim,plms"], "unknown sampler(s) ['plms']"),
+        (["--compare-samplers", "ddim", "--compare-scales", "4"], "--compare-scales: every scale must also be in"),
+        (["--scales", "1,-2"], "must be 0 or more"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--per-class", "501"])
+        main(argv)
     assert exc.value.code == 2
-    assert "--per-class" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

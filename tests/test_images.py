@@ -20,9 +20,7 @@ def test_png_bytes_round_trip(shape, mode):
     decoded = Image.open(io.BytesIO(data))
     assert decoded.mode == mode
     assert decoded.size == (shape[1], shape[0])
-    np.testing.assert_array_equal(
-        np.asarray(decoded), array.reshape(decoded.size[1], decoded.size[0], -1).squeeze()
-    )
+    np.testing.assert_array_equal(np.asarray(decoded), array.reshape(decoded.size[1], decoded.size[0], -1).squeeze())
 
 
 @pytest.mark.parametrize("bad", [np.zeros((28, 28), np.float32), np.zeros((2, 28, 28, 1), np.uint8)])
@@ -66,9 +64,7 @@ def test_upscale_is_nearest_neighbour():
 def test_labelled_grid_puts_the_grid_bottom_right():
     stack = images(6)
     zoom = 2
-    picture = labelled_grid(
-        stack, 3, row_labels=["Sneaker", "Bag"], col_labels=["s=0", "s=1", "s=3"], zoom=zoom
-    )
+    picture = labelled_grid(stack, 3, row_labels=["Sneaker", "Bag"], col_labels=["s=0", "s=1", "s=3"], zoom=zoom)
     expected = upscale(make_grid(stack, 3), zoom)[:, :, 0]
     pixels = np.asarray(picture)
     h, w = expected.shape
