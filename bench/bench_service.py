@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,28 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.config import DEFAULT_MODEL_PATH  # noqa: E402
+from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def timed(fn, repeat: int) -> float:
@@ -174,8 +154,8 @@ def main() -> None:
 
     loaded = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
     denoiser = unet_denoiser(loaded.unet)
-    out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}", "",
-           f"- machine: {machine()}", f"- command: `python3 {' '.join(sys.argv)}`",
+    out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}", "",
+           f"- machine: {machine_description()}", f"- command: `python3 {' '.join(sys.argv)}`",
            f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
 
     out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
