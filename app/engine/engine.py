@@ -57,6 +57,11 @@ class EngineStats:
     images_finished: int
 
 
+def max_rows(spec: SampleSpec) -> int:
+    """Rows a request may need in one forward: two per image when it has a class to guide."""
+    return spec.num_images * (1 if spec.class_label is None else 2)
+
+
 @dataclass(eq=False)
 class Job:
     spec: SampleSpec
@@ -68,8 +73,7 @@ class Job:
 
     @property
     def max_rows(self) -> int:
-        """Rows this job may need in one forward: two per image when guided."""
-        return self.spec.num_images * (1 if self.spec.class_label is None else 2)
+        return max_rows(self.spec)
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -185,8 +189,7 @@ class Engine:
 
     def _has_room_now(self, spec: SampleSpec) -> bool:
         used = sum(j.max_rows for j in self._active)
-        rows = spec.num_images * (1 if spec.class_label is None else 2)
-        return not self._waiting and used + rows <= self.max_batch_rows
+        return not self._waiting and used + max_rows(spec) <= self.max_batch_rows
 
     def _admit(self) -> None:
         used = sum(j.max_rows for j in self._active)
