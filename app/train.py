@@ -1,7 +1,9 @@
 """Train the class-conditional CFG model on Fashion-MNIST: python -m app.train --out model_store/NAME.
 
 Label dropout to the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1),
-epsilon prediction, an EMA of the weights, AdamW with warmup and cosine decay.
+epsilon prediction, an EMA of the weights, AdamW with warmup and cosine decay, Min-SNR-gamma loss
+weights (Hang et al. 2023), and bfloat16 autocast where the device computes it natively (AMX or
+AVX512-BF16 CPUs, CUDA): about 1.6x faster per step on this project's CPU machine.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
 from app.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
@@ -39,6 +42,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
         help="noise schedule (diffusers' beta_schedule); see docs/quality.md for why linear",
     )
+    p.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=5.0,
+        help="Min-SNR-gamma loss weighting, min(SNR, gamma) / SNR for epsilon prediction; 0 turns it off",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="autocast dtype of the forward and backward; auto picks bf16 where the device has it natively",
+    )
     p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -47,11 +62,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0, as a factor of the base lr."""
+def lr_at(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup then cosine decay to 0, as a factor of the base lr.
+
+    The decay follows whichever budget runs out first: the steps, or the wall time when
+    --max-minutes is set (time_fraction is the part of it spent), so a run stopped by the clock
+    still ends at a low learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR(t), gamma) / SNR(t) for epsilon prediction (Hang et al. 2023).
+
+    Low-noise timesteps (SNR above gamma) are weighted down, so that training time goes to the
+    high-noise steps that decide the image's shape; gamma <= 0 gives weight 1 everywhere.
+    """
+    if gamma <= 0:
+        return torch.ones(t.shape, device=t.device)
+    snr = compute_snr(SimpleNamespace(alphas_cumprod=alphas_cumprod), t)
+    return snr.clamp(max=gamma) / snr
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bfloat16 where asked, or with "auto" where the device computes it natively; None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else None
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -63,8 +108,11 @@ def train(args: argparse.Namespace) -> Path:
     channels = tuple(int(c) for c in args.channels.split(","))
 
     unet = build_unet(image_size=28, num_classes=len(CLASS_NAMES), block_out_channels=channels)
+    previous_training = None
     if args.init_from:
-        unet.load_state_dict(load_checkpoint(args.init_from).unet.state_dict())
+        init = load_checkpoint(args.init_from)
+        unet.load_state_dict(init.unet.state_dict())
+        previous_training = init.manifest.training
     unet.to(device)
     # The cosine schedule's last step has alpha_bar ~ 2e-9 (sigma ~ 2e4): the sigma-space samplers
     # (Euler, DPM-Solver) then amplify any eps error 2e4-fold at the first step. The linear
@@ -74,10 +122,14 @@ def train(args: argparse.Namespace) -> Path:
     )
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args.steps, args.warmup))
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    amp_dtype = autocast_dtype(device, args.precision)
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["autocast"] = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
+    if previous_training is not None:
+        # The run this one continued, with its own settings: the manifest keeps the whole history.
+        settings["init_from_training"] = previous_training
     start = time.monotonic()
     steps_done = 0
 
@@ -122,16 +174,22 @@ def train(args: argparse.Namespace) -> Path:
         noise = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            pred = unet(x_t, t, class_labels=y).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(alphas_cumprod, t, args.snr_gamma)).mean()
+        time_fraction = (time.monotonic() - start) / (args.max_minutes * 60) if args.max_minutes else 0.0
+        lr = args.lr * lr_at(step, args.steps, args.warmup, time_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         ema.step(unet.parameters())
         steps_done = step + 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
         if args.save_every and steps_done % args.save_every == 0:
             save(steps_done)
         if args.max_minutes and time.monotonic() - start > args.max_minutes * 60:

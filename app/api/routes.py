@@ -162,7 +162,7 @@ async def progress_stream(
             step, steps = job.progress
             if step != last:
                 last = step
-                yield sse("progress", {"step": step, "steps": steps, "queued": job.run is None})
+                yield sse("progress", {"step": step, "steps": steps, "queued": job.queued})
             await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
         try:
             yield sse("result", result_body(service, spec, waiter.result(), arrived))

@@ -67,7 +67,7 @@ class Job:
     spec: SampleSpec
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
+    started_at: float | None = None  # admitted into the batch
     run: SampleRun | None = None
     cancelled: bool = False
 
@@ -78,6 +78,10 @@ class Job:
     @property
     def progress(self) -> tuple[int, int]:
         return (self.run.step_index if self.run else 0, self.spec.steps)
+
+    @property
+    def queued(self) -> bool:
+        return self.started_at is None
 
 
 StatsHook = Callable[[EngineStats], None]
@@ -125,6 +129,9 @@ class Engine:
         if len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
         job = Job(spec=spec, future=asyncio.get_running_loop().create_future())
+        # The sampler state is built here, while the current forward runs in the worker thread,
+        # not at admission, where it would add to the time between forwards.
+        job.run = self._make_run(spec)
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -176,11 +183,24 @@ class Engine:
         self._executor.shutdown(wait=True)
 
     async def warmup(self, spec: SampleSpec) -> None:
-        """Run one job's forwards outside the loop, before the service reports ready."""
+        """Before the service reports ready: run one job, then one forward at every row count.
+
+        The batch's row count changes from tick to tick, and the CPU backend (oneDNN) builds its
+        kernels per input shape the first time it sees one, at up to twice a warm forward's cost.
+        Paying that here keeps it out of the first requests' latency and the batching throughput.
+        """
         run = self._make_run(spec)
         loop = asyncio.get_running_loop()
         while not run.done:
             await loop.run_in_executor(self._executor, denoise_step, self._denoiser, [run])
+        await loop.run_in_executor(self._executor, self._warm_row_counts)
+
+    def _warm_row_counts(self) -> None:
+        for rows in range(1, self.max_batch_rows + 1):
+            x = torch.zeros((rows, *self._image_shape), device=self._device)
+            t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
+            labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
+            self._denoiser(x, t, labels)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -195,7 +215,6 @@ class Engine:
         used = sum(j.max_rows for j in self._active)
         while self._waiting and used + self._waiting[0].max_rows <= self.max_batch_rows:
             job = self._waiting.popleft()
-            job.run = self._make_run(job.spec)
             job.started_at = time.monotonic()
             used += job.max_rows
             self._active.append(job)

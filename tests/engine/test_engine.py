@@ -38,7 +38,7 @@ def test_requests_join_at_the_next_tick_and_share_forwards(loaded, denoiser):
         engine = make_engine(loaded, denoiser, stats)
         await engine.start()
         long = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=30))
-        await until(lambda: long.run is not None and long.run.step_index >= 3)
+        await until(lambda: not long.queued and long.run.step_index >= 3)
         short = engine.submit(SampleSpec(class_label=None, seeds=(2, 3), steps=4, sampler="euler_a"))
         short_result = await short.future
         assert not long.future.done(), "the short request did not wait for the long one"
@@ -102,7 +102,7 @@ def test_cancel_removes_rows_at_the_next_tick(loaded, denoiser):
         await engine.start()
         keep = engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=12))
         drop = engine.submit(SampleSpec(class_label=4, seeds=(1, 2, 3), steps=200))
-        await until(lambda: drop.run is not None and drop.run.step_index >= 2)
+        await until(lambda: not drop.queued and drop.run.step_index >= 2)
         engine.cancel(drop)
         n_before = len(stats)
         await keep.future
@@ -120,7 +120,7 @@ def test_queue_limit_rejects_and_drain_finishes_in_flight(loaded, denoiser):
         engine = make_engine(loaded, denoiser, max_batch_rows=2, max_queue=1)
         await engine.start()
         running = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=15))
-        await until(lambda: running.run is not None)
+        await until(lambda: not running.queued)
         waiting = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=3))
         with pytest.raises(QueueFullError):
             engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=3))
@@ -145,3 +145,35 @@ def test_rows_per_forward_never_exceed_the_limit(loaded, denoiser):
 
     asyncio.run(main())
     assert max(s.rows for s in stats) == 8
+
+
+def test_warmup_runs_a_forward_at_every_row_count_the_batch_can_have(loaded, denoiser):
+    seen: list[int] = []
+
+    def recording(x, t, labels):
+        seen.append(x.shape[0])
+        return denoiser(x, t, labels)
+
+    async def main():
+        engine = make_engine(loaded, recording, max_batch_rows=6)
+        await engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+        await engine.stop()
+
+    asyncio.run(main())
+    assert seen[:2] == [2, 2]  # the sampler warmup: one guided image, two steps
+    assert sorted(set(seen)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_waiting_job_is_queued_until_admitted(loaded, denoiser):
+    async def main():
+        engine = make_engine(loaded, denoiser, max_batch_rows=2)
+        await engine.start()
+        first = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=6))
+        second = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=2))
+        await until(lambda: not first.queued)
+        assert second.queued and second.progress == (0, 2)
+        await asyncio.gather(first.future, second.future)
+        assert not second.queued
+        await engine.stop()
+
+    asyncio.run(main())
