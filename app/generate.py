@@ -26,7 +26,7 @@ from tqdm import tqdm
 from app.guidance import GuidanceSchedule
 from app.images import labelled_grid, make_grid, to_pil, upscale
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
-from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, denoise_step
+from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
 
 DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
@@ -89,12 +89,7 @@ def generate(
     parts: list[list[np.ndarray]] = [[] for _ in specs]
     for batch in plan_batches(specs, max_rows):
         runs = [SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device) for c in batch]
-        active = runs
-        while active:
-            denoise_step(denoiser, active)
-            active = [r for r in active if not r.done]
-            if on_step is not None:
-                on_step()
+        sample(denoiser, runs, on_step)
         for chunk, run in zip(batch, runs, strict=True):
             parts[chunk.spec_index].append(run.images())
     return [np.concatenate(p) for p in parts]

@@ -104,14 +104,14 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("server did not become ready")
 
-    def rows_stats(self) -> tuple[float, float]:
-        """(sum, count) of the cfg_engine_batch_rows histogram."""
+    def histogram(self, name: str) -> tuple[float, float]:
+        """(sum, count) of one of the server's histograms, read from /metrics."""
         values = {}
         for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(("cfg_engine_batch_rows_sum ", "cfg_engine_batch_rows_count ")):
-                name, value = line.split()
-                values[name] = float(value)
-        return values["cfg_engine_batch_rows_sum"], values["cfg_engine_batch_rows_count"]
+            if line.startswith((f"{name}_sum ", f"{name}_count ")):
+                key, value = line.split()
+                values[key] = float(value)
+        return values[f"{name}_sum"], values[f"{name}_count"]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -169,14 +169,20 @@ def main() -> None:
     max_rows = max(32, 2 * max(levels))
     server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"})
     try:
-        results, mean_rows = {}, {}
+        results, mean_rows, tick = {}, {}, {}
         for c in levels:
-            load(server, c, 1, 2)  # warm the batch shapes
+            load(server, c, 1, 2)  # warm the clients' connections
             per_client = max(1, args.requests // c)
-            s0, n0 = server.rows_stats()
+            s0, n0 = server.histogram("cfg_engine_batch_rows")
+            d0, _ = server.histogram("cfg_engine_step_duration_seconds")
+            t0 = time.perf_counter()
             results[c] = load(server, c, per_client, args.steps)
-            s1, n1 = server.rows_stats()
+            wall = time.perf_counter() - t0
+            s1, n1 = server.histogram("cfg_engine_batch_rows")
+            d1, _ = server.histogram("cfg_engine_step_duration_seconds")
             mean_rows[c] = (s1 - s0) / (n1 - n0)
+            # per tick: the engine step (forward + sampler steps, in the worker) and the wall time
+            tick[c] = ((d1 - d0) / (n1 - n0), wall / (n1 - n0))
     finally:
         server.stop()
 
@@ -193,12 +199,18 @@ def main() -> None:
     top = max(levels)
     n_raw = max(1, round(mean_rows[top] / 2))
     raw = statistics.median(raw_images_per_s(loaded, denoiser, n_raw, args.steps) for _ in range(3))
+    raw_tick = n_raw / raw / args.steps  # every tick of the raw loop advances all n_raw requests
     svc = results[top][0]
+    step_s, wall_s = tick[top]
     out += ["", "### 4. Service at saturation vs the raw loop", "",
-            "| | images/s |", "|---|---|",
-            f"| raw in-process loop, {n_raw} requests together ({2 * n_raw} rows per forward) | {raw:.2f} |",
-            f"| service, {top} concurrent clients ({mean_rows[top]:.1f} rows per forward on average) | {svc:.2f} |",
-            f"| service / raw | {svc / raw:.0%} |", ""]  # fmt: skip
+            "| | images/s | engine step per tick (ms) | wall time per tick (ms) |", "|---|---|---|---|",
+            f"| raw in-process loop, {n_raw} requests together ({2 * n_raw} rows per forward) | {raw:.2f} | "
+            f"| {raw_tick * 1e3:.1f} |",
+            f"| service, {top} concurrent clients ({mean_rows[top]:.1f} rows per forward on average) | {svc:.2f} | "
+            f"{step_s * 1e3:.1f} | {wall_s * 1e3:.1f} |",
+            f"| service / raw | {svc / raw:.0%} | | |", "",
+            "Engine step: `cfg_engine_step_duration_seconds` (one forward and the sampler steps, in the worker "
+            "thread); the wall time per tick adds the event loop's work between forwards.", ""]  # fmt: skip
     text = "\n".join(out) + "\n"
     print(text)
     if args.record:

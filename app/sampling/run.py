@@ -143,9 +143,13 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
     return offset
 
 
-def sample(denoiser: Denoiser, runs: Sequence[SampleRun]) -> None:
-    """Step all runs together until each is done; runs drop out as they finish."""
+def sample(denoiser: Denoiser, runs: Sequence[SampleRun], on_step: Callable[[], None] | None = None) -> None:
+    """Step all runs together until each is done; runs drop out as they finish.
+
+    on_step, if given, is called after each forward (a progress bar's update, say)."""
     active = [r for r in runs if not r.done]
     while active:
         denoise_step(denoiser, active)
         active = [r for r in active if not r.done]
+        if on_step is not None:
+            on_step()
