@@ -133,3 +133,15 @@ def test_sweep_specs_keep_the_class_where_s0_is_not_the_unconditional_model():
     for guidance in (window, rescaled):
         (spec,) = sweep_specs([4], [0.0], seed=0, guidance=guidance)
         assert spec.class_label == 4 and spec.guidance.guidance_scale == 0.0
+
+
+def test_generate_calls_on_step_once_per_forward_and_matches_total_steps(checkpoint):
+    from app.generate import generate, total_steps
+    from app.models import load_checkpoint
+
+    specs = [SampleSpec(class_label=c, seeds=tuple(range(5)), steps=s) for c, s in ((0, 3), (1, 2))]
+    calls = []
+    images = generate(load_checkpoint(checkpoint), specs, max_rows=8, on_step=lambda: calls.append(1))
+    # 8 rows hold 4 guided images: batches [0: 4 images], [0: 1], [1: 4], [1: 1], of 3, 3, 2 and 2 steps
+    assert len(calls) == total_steps(specs, max_rows=8) == 3 + 3 + 2 + 2
+    assert [im.shape for im in images] == [(5, 28, 28, 1), (5, 28, 28, 1)]
