@@ -48,7 +48,7 @@ from app.generate import (
     total_steps,
 )
 from app.models import CheckpointError, LoadedModel, load_checkpoint
-from app.sampling import SAMPLERS
+from app.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
 DEFAULT_PER_CLASS = 64
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=scale_list, default=DEFAULT_SCALES, help="default 0,1,2,3,5,7.5")
     p.add_argument("--per-class", type=positive_int, default=DEFAULT_PER_CLASS, help="images per class and scale")
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER)
     p.add_argument("--seed", type=int, default=0, help="first sampling seed; also picks the real subset")
     p.add_argument(
         "--compare-samplers",

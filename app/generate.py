@@ -26,7 +26,7 @@ from tqdm import tqdm
 from app.guidance import GuidanceSchedule
 from app.images import labelled_grid, make_grid, to_pil, upscale
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
-from app.sampling import SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
 
 DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scale", type=non_negative_float, default=3.0, help="guidance scale s (1: no guidance)")
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="constant", help="guidance weight schedule")
     p.add_argument(

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.sampling import DEFAULT_SAMPLER
+
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
 Sampler = Literal["ddim", "ddpm", "dpmpp_2m", "euler_a"]
-DEFAULT_SAMPLER = "ddpm"
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
         steps: int = Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")
         sampler: Sampler = Field(
             DEFAULT_SAMPLER,
-            description="ddpm (ancestral; the default: the shipped model's best, see docs/quality.md), ddim, "
-            "dpmpp_2m (DPM-Solver++ 2M) or euler_a (Euler ancestral)",
+            description="dpmpp_2m (DPM-Solver++ 2M; the default: the shipped model's best FID, see "
+            "docs/quality.md), ddpm (ancestral), ddim or euler_a (Euler ancestral)",
         )
         guidance_scale: float = Field(
             3.0,

@@ -9,9 +9,10 @@ from app.sampling.run import (
     denoise_step,
     sample,
 )
-from app.sampling.schedulers import SAMPLERS, make_scheduler, set_timesteps
+from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps
 
 __all__ = [
+    "DEFAULT_SAMPLER",
     "SAMPLERS",
     "Denoiser",
     "GuidanceParams",

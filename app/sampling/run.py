@@ -17,7 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from app.guidance import GuidanceSchedule, add_condition_noise, cfg_combine, rescale_guidance
-from app.sampling.schedulers import make_scheduler, set_timesteps
+from app.sampling.schedulers import DEFAULT_SAMPLER, make_scheduler, set_timesteps
 
 # (x, timesteps, class_labels) -> eps, all with the same leading row dimension.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,7 +38,7 @@ class SampleSpec:
     class_label: int | None  # None: unconditional
     seeds: tuple[int, ...]  # one per image
     steps: int = 20
-    sampler: str = "ddim"
+    sampler: str = DEFAULT_SAMPLER
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
 
     @property
