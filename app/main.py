@@ -3,6 +3,7 @@ engine, and on shutdown stops admitting, finishes the requests in flight and sto
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ from fastapi import FastAPI
 from app.api.routes import Service, build_router, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
-from app.engine import Engine, EngineStats, Job
+from app.engine import Engine, EngineStats, Job, worker
 from app.metrics import Metrics, create_metrics
 from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
 from app.sampling import SampleSpec
@@ -58,7 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         device = resolve_device(settings.device)
-        loaded = load_checkpoint(settings.model_path, device)
+        # Loaded in the engine's own thread: no torch compute may run in the event loop's thread
+        # (see app/engine/engine.py on OpenMP teams).
+        executor = worker()
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(executor, load_checkpoint, settings.model_path, device)
         metrics = create_metrics()
         on_step, on_admit = _engine_hooks(metrics, device)
         image_shape = (loaded.manifest.in_channels, loaded.manifest.image_size, loaded.manifest.image_size)
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue=settings.max_queue,
             on_step=on_step,
             on_admit=on_admit,
+            executor=executor,
         )
         metrics.in_flight.set_function(lambda: engine.active_jobs)
         metrics.queue_depth.set_function(lambda: engine.queue_depth)

@@ -8,6 +8,7 @@ from app.engine.engine import (
     JobResult,
     NonFiniteError,
     QueueFullError,
+    worker,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "JobResult",
     "NonFiniteError",
     "QueueFullError",
+    "worker",
 ]

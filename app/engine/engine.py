@@ -7,6 +7,14 @@ One asyncio task owns the model. Each tick it:
      rows, per-row timesteps) in a worker thread, so the event loop stays responsive;
   4. advances each job's own sampler, fails jobs whose latents went non-finite, resolves finished ones.
 A job therefore joins at the next tick and never waits for the current batch to finish.
+
+All of the model's compute runs in that one worker thread, the model load included (`worker()`):
+torch's CPU build uses GNU OpenMP, which gives each thread that starts a parallel region its own
+team of threads, and once the process holds more OpenMP threads than CPUs it stops spinning
+between parallel regions and puts its threads to sleep instead. Measured on 2 cores
+(docs/benchmarks.md): one large op in the event loop's thread took the forward from ~140 to
+~11,500 context switches per 20 forwards and made it slower; the engine's forward then lost
+about a fifth of its speed against the same loop run alone.
 """
 
 from __future__ import annotations
@@ -84,6 +92,11 @@ class Job:
         return self.started_at is None
 
 
+def worker() -> ThreadPoolExecutor:
+    """The one thread for the model's compute: load the model in it, then hand it to the Engine."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-forward")
+
+
 StatsHook = Callable[[EngineStats], None]
 AdmitHook = Callable[[Job], None]
 
@@ -101,6 +114,7 @@ class Engine:
         max_queue: int,
         on_step: StatsHook | None = None,
         on_admit: AdmitHook | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._denoiser = denoiser
         self._scheduler_config = scheduler_config
@@ -114,7 +128,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-forward")
+        self._executor = executor or worker()  # the engine owns it from here and shuts it down
         self._task: asyncio.Task | None = None
         self._accepting = False
         self._error: BaseException | None = None

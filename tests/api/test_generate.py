@@ -38,7 +38,7 @@ def test_generate_json(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["class_label"] == 7 and body["class_name"] == "Sneaker"
-    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "ddpm"
+    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "dpmpp_2m"
     assert body["model"] == "fashion-mnist-cfg"
     assert set(body["timings"]) == {"queue_wait_s", "compute_s", "total_s"}
     images = [decode(b) for b in body["images"]]
@@ -213,3 +213,23 @@ def test_non_finite_and_mistyped_values_are_422_not_500(client, raw, field):
     r = client.post("/generate", content=raw.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert any(field in map(str, e["loc"]) for e in r.json()["detail"])
+
+
+def test_the_model_is_loaded_in_the_engine_thread_not_the_event_loop(monkeypatch):
+    # Any torch compute in the event loop's thread gives OpenMP a second team of threads, which
+    # makes it sleep between parallel regions and slows every forward (app/engine/engine.py).
+    import threading
+
+    import app.main
+
+    threads = []
+    real_load = app.main.load_checkpoint
+
+    def recording_load(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(app.main, "load_checkpoint", recording_load)
+    with TestClient(create_app(Settings(warmup=False))) as c:
+        assert c.get("/readyz").status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("engine-forward")
