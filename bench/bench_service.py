@@ -148,6 +148,27 @@ def load(server: Server, clients: int, per_client: int, steps: int) -> tuple[flo
     return len(lats) / (time.perf_counter() - t0), lats
 
 
+@dataclass(frozen=True)
+class Level:
+    images_per_s: float
+    latencies: list[float]
+    mean_rows: float  # rows per forward, from the server's cfg_engine_batch_rows
+    step_s: float  # mean engine step (forward + sampler steps), from cfg_engine_step_duration_seconds
+    wall_per_tick_s: float
+
+
+def measure_level(server: Server, clients: int, per_client: int, steps: int) -> Level:
+    s0, n0 = server.histogram("cfg_engine_batch_rows")
+    d0, _ = server.histogram("cfg_engine_step_duration_seconds")
+    t0 = time.perf_counter()
+    ips, lats = load(server, clients, per_client, steps)
+    wall = time.perf_counter() - t0
+    s1, n1 = server.histogram("cfg_engine_batch_rows")
+    d1, _ = server.histogram("cfg_engine_step_duration_seconds")
+    ticks = n1 - n0
+    return Level(ips, lats, (s1 - s0) / ticks, (d1 - d0) / ticks, wall / ticks)
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
