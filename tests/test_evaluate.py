@@ -169,7 +169,7 @@ def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
     report = (tmp_path / "quality.md").read_text()
     assert "| 3 |" in report and "real test images (n = 20)" in report and "img/tradeoff.png" in report
     assert [(c["sampler"], [r["guidance_scale"] for r in c["results"]]) for c in results["sampler_comparison"]] == [
-        ("ddpm", [3.0]),
+        ("dpmpp_2m", [3.0]),  # the default sampler first
         ("ddim", [3.0]),
     ]
     assert "| ddim | 3 |" in report

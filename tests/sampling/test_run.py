@@ -71,7 +71,7 @@ def test_batched_loop_matches_plain_diffusers_loop(loaded, denoiser, sampler):
 
 
 def test_scale_one_is_the_conditional_model_alone(loaded, denoiser):
-    spec = SampleSpec(class_label=7, seeds=(3,), steps=6, guidance=GuidanceParams(guidance_scale=1.0))
+    spec = SampleSpec(class_label=7, seeds=(3,), steps=6, sampler="ddim", guidance=GuidanceParams(guidance_scale=1.0))
     run = make_run(loaded, spec)
     assert run.rows_needed() == 1  # the unconditional rows are skipped
     sample(denoiser, [run])
