@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     default_steps: int = Field(20, ge=1)
     max_guidance_scale: float = Field(30.0, gt=0)
     max_noise_level: float = Field(5.0, ge=0)
-    warmup: bool = Field(True, description="run one forward at startup before reporting ready")
+    warmup: bool = Field(
+        True,
+        description="before reporting ready, run a short request and a forward at every row count to max_batch_rows",
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
 
     @model_validator(mode="after")
