@@ -170,3 +170,16 @@ def test_every_sampler_ends_in_the_data_range(loaded, denoiser, sampler, steps):
     if sampler == "dpmpp_2m" or (sampler == "euler_a" and steps <= 3):
         return
     assert (run.latents.abs() > 1.1).float().mean() < 0.01, run.latents.abs().max()
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_make_scheduler_gives_each_request_its_own_instance_equal_to_from_config(loaded, sampler):
+    from app.sampling import make_scheduler, set_timesteps
+
+    a, b = make_scheduler(sampler, loaded.scheduler_config), make_scheduler(sampler, loaded.scheduler_config)
+    cls, overrides = SAMPLERS[sampler]
+    assert a is not b and dict(a.config) == dict(cls.from_config(loaded.scheduler_config, **overrides).config)
+    set_timesteps(a, 5)
+    set_timesteps(b, 9)
+    assert len(a.timesteps) == 5 and len(b.timesteps) == 9  # no state shared through the prototype
+    assert len(make_scheduler(sampler, loaded.scheduler_config).timesteps) == 1000  # a fresh one is untouched
