@@ -219,8 +219,12 @@ def score(model: FashionClassifier, images: torch.Tensor, batch_size: int = 1000
         f = (model.features(x) + model.features(x.flip(-1))) / 2
         features.append(f)
         logits.append(model.head(f))  # the head is linear in eval mode: the mean of the two images' logits
-    mean_pixel = float(images.mean().add(1).mul(127.5))
-    return Scored(torch.cat(features).double().numpy(), torch.cat(logits).argmax(1).numpy(), mean_pixel)
+    return Scored(torch.cat(features).double().numpy(), torch.cat(logits).argmax(1).numpy(), mean_grey(images))
+
+
+def mean_grey(images: torch.Tensor) -> float:
+    """The mean grey level, 0..255, of model-range images (-1..1)."""
+    return float(images.mean().add(1).mul(127.5))
 
 
 def uint8_to_model_images(images: np.ndarray) -> torch.Tensor:
@@ -408,8 +412,7 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
             "",
             f"The same seeds and n = {n} per scale, {ev.steps} steps each; the first row is the sampler above.",
             "",
-            "| sampler | " + metric_table([], ev.real)[0].removeprefix("| "),
-            "|---|" + metric_table([], ev.real)[1].removeprefix("|"),
+            *metric_table([], ev.real, sampler_column=True),
         ]
         for entry in ev.sampler_comparison:
             lines += [f"| {entry.sampler} " + row for row in metric_table(entry.results, ev.real)[2:]]
@@ -438,11 +441,14 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
     return "\n".join(lines)
 
 
-def metric_table(results: Sequence[ScaleResult], real: RealBaseline) -> list[str]:
-    """Header, separator and one row per scale of the metrics table, in markdown."""
+def metric_table(results: Sequence[ScaleResult], real: RealBaseline, sampler_column: bool = False) -> list[str]:
+    """Header, separator and one row per scale of the metrics table, in markdown.
+
+    sampler_column puts a sampler column first in the header; its rows' cells are the caller's."""
+    lead, lead_rule = ("| sampler ", "|---") if sampler_column else ("", "")
     lines = [
-        "| scale s | accuracy | FID | FID / real | diversity | diversity / real | mean pixel |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        lead + "| scale s | accuracy | FID | FID / real | diversity | diversity / real | mean pixel |",
+        lead_rule + "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -577,7 +583,7 @@ def real_baseline(
         accuracy=accuracy(test.predictions[subset], test_labels[subset]),
         fid=frechet_distance(gaussian_stats(test.features[subset]), reference),
         diversity=within_class_diversity(test.features[subset], test_labels[subset]),
-        mean_pixel=float(test_images[subset].mean().add(1).mul(127.5)),
+        mean_pixel=mean_grey(test_images[subset]),
     )
     return reference, real, test, int(rest.size)
 

@@ -3,7 +3,8 @@
 Label dropout to the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1),
 epsilon prediction, an EMA of the weights, AdamW with warmup and cosine decay, Min-SNR-gamma loss
 weights (Hang et al. 2023), and bfloat16 autocast where the device computes it natively (AMX or
-AVX512-BF16 CPUs, CUDA): about 1.6x faster per step on this project's CPU machine.
+AVX512-BF16 CPUs, CUDA): a batch-128 step took 0.79 s against 1.26 s in fp32 in a microbenchmark on
+this project's CPU machine.
 """
 
 from __future__ import annotations

@@ -126,9 +126,9 @@ class Server:
 def load(server: Server, clients: int, per_client: int, steps: int) -> tuple[float, list[float]]:
     """Closed loop: each client sends per_client single-image requests back to back.
 
-    The clients are the server's long-lived httpx.Client objects: the load generator shares the
-    server's 2 cores, and a new httpx.Client per run (an SSL context each, even for plain HTTP)
-    cost about 7% of the machine at 16 clients."""
+    The clients are the server's long-lived httpx.Client objects, not new ones per run (each builds
+    an SSL context, even for plain HTTP): the load generator shares the server's 2 cores, and with a
+    Client per run its process used about 7% of them at 16 clients."""
 
     def client(c: int) -> list[float]:
         lat = []

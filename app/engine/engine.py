@@ -12,9 +12,8 @@ All of the model's compute runs in that one worker thread, the model load includ
 torch's CPU build uses GNU OpenMP, which gives each thread that starts a parallel region its own
 team of threads, and once the process holds more OpenMP threads than CPUs it stops spinning
 between parallel regions and puts its threads to sleep instead. Measured on 2 cores
-(docs/benchmarks.md): one large op in the event loop's thread took the forward from ~140 to
-~11,500 context switches per 20 forwards and made it slower; the engine's forward then lost
-about a fifth of its speed against the same loop run alone.
+(docs/benchmarks.md): 23 forwards in a worker thread cost the process ~140 voluntary context
+switches, and ~11,500 once its main thread had run one large op.
 """
 
 from __future__ import annotations
@@ -74,9 +73,9 @@ def max_rows(spec: SampleSpec) -> int:
 class Job:
     spec: SampleSpec
     future: asyncio.Future
+    run: SampleRun  # built at submit, while the current forward runs, not between forwards
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # admitted into the batch
-    run: SampleRun | None = None
     cancelled: bool = False
 
     @property
@@ -85,7 +84,7 @@ class Job:
 
     @property
     def progress(self) -> tuple[int, int]:
-        return (self.run.step_index if self.run else 0, self.spec.steps)
+        return (self.run.step_index, self.spec.steps)
 
     @property
     def queued(self) -> bool:
@@ -142,10 +141,7 @@ class Engine:
             raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
         if len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
-        job = Job(spec=spec, future=asyncio.get_running_loop().create_future())
-        # The sampler state is built here, while the current forward runs in the worker thread,
-        # not at admission, where it would add to the time between forwards.
-        job.run = self._make_run(spec)
+        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=self._make_run(spec))
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -200,7 +196,7 @@ class Engine:
         """Before the service reports ready: run one job, then one forward at every row count.
 
         The batch's row count changes from tick to tick, and the CPU backend (oneDNN) builds its
-        kernels per input shape the first time it sees one, at up to twice a warm forward's cost.
+        kernels per input shape the first time it sees one, at up to about twice a warm forward's cost.
         Paying that here keeps it out of the first requests' latency and the batching throughput.
         """
         run = self._make_run(spec)
