@@ -9,19 +9,20 @@ Every comparison is a ratio measured in the same run, on the same machine:
      default CFG_MAX_BATCH_ROWS);
   3. the HTTP service: images/s and p50/p95/p99 latency at 1, 4 and 16 concurrent clients,
      against one request at a time;
-  4. the service at saturation against the raw loop at the same rows per forward, in alternating
-     rounds (the median of the per-round ratios).
+  4. the service at saturation (steady state, read from its own counters) against the raw loop at
+     the same rows per forward, in alternating rounds (the median of the per-round ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,20 +64,27 @@ def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
     return rows
 
 
-def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int) -> float:
-    """The in-process loop: n single-image guided requests stepped together (2n rows per forward)."""
-    runs = [
-        SampleRun(
-            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="ddpm", guidance=GuidanceParams(3.0)),
-            loaded.scheduler_config,
-            (1, 28, 28),
-            loaded.manifest.null_label,
-        )  # fmt: skip
-        for i in range(n_requests)
-    ]
+def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int, waves: int = 1) -> float:
+    """The in-process loop: waves of n single-image guided requests stepped together (2n rows per forward)."""
     t0 = time.perf_counter()
-    sample(denoiser, runs)
-    return n_requests / (time.perf_counter() - t0)
+    for w in range(waves):
+        runs = [
+            SampleRun(
+                SampleSpec(
+                    class_label=i % 10,
+                    seeds=(w * n_requests + i,),
+                    steps=steps,
+                    sampler="ddpm",
+                    guidance=GuidanceParams(3.0),
+                ),
+                loaded.scheduler_config,
+                (1, 28, 28),
+                loaded.manifest.null_label,
+            )  # fmt: skip
+            for i in range(n_requests)
+        ]
+        sample(denoiser, runs)
+    return waves * n_requests / (time.perf_counter() - t0)
 
 
 def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
@@ -91,9 +99,8 @@ def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
 
 
 class Server:
-    def __init__(self, port: int, env: dict[str, str], clients: int) -> None:
+    def __init__(self, port: int, env: dict[str, str]) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.clients = [httpx.Client(timeout=600) for _ in range(clients)]  # created once, reused
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
             cwd=REPO, env={**os.environ, **env},
@@ -107,81 +114,98 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("server did not become ready")
 
-    def histogram(self, name: str) -> tuple[float, float]:
-        """(sum, count) of one of the server's histograms, read from /metrics."""
+    def metrics(self, *names: str) -> dict[str, float]:
+        """Unlabelled samples of the server's /metrics, by full sample name (`..._sum`, `..._count`)."""
         values = {}
         for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith((f"{name}_sum ", f"{name}_count ")):
-                key, value = line.split()
+            key, _, value = line.partition(" ")
+            if key in names:
                 values[key] = float(value)
-        return values[f"{name}_sum"], values[f"{name}_count"]
+        return values
+
+    def wait_idle(self) -> None:
+        """Until the requests a finished load left behind (cancelled when it hung up) have left the engine."""
+        while any(self.metrics("cfg_requests_in_flight", "cfg_queue_depth").values()):
+            time.sleep(0.1)
 
     def stop(self) -> None:
-        for http in self.clients:
-            http.close()
         self.proc.terminate()
         self.proc.wait(60)
 
 
-def load(server: Server, clients: int, per_client: int, steps: int) -> tuple[float, list[float]]:
-    """Closed loop: each client sends per_client single-image requests back to back.
-
-    The clients are the server's long-lived httpx.Client objects, not new ones per run (each builds
-    an SSL context, even for plain HTTP): the load generator shares the server's 2 cores, and with a
-    Client per run its process used about 7% of them at 16 clients."""
-
-    def client(c: int) -> list[float]:
-        lat = []
-        http = server.clients[c]
-        for i in range(per_client):
-            body = {"class_label": (c + i) % 10, "steps": steps, "seed": c * 1000 + i, "guidance_scale": 3,
-                    "sampler": "ddpm"}  # fmt: skip
-            t0 = time.perf_counter()
-            r = http.post(f"{server.url}/generate", json=body)
-            r.raise_for_status()
-            lat.append(time.perf_counter() - t0)
-        return lat
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        lats = [x for lat in pool.map(client, range(clients)) for x in lat]
-    return len(lats) / (time.perf_counter() - t0), lats
+# wrk's Lua hooks: every request a new seed and class; at the end one line with the counts and the
+# latency percentiles (microseconds).
+WRK_SCRIPT = """
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format('{"class_label": %d, "steps": STEPS, "seed": %d, "guidance_scale": 3, "sampler": "ddpm"}',
+                             n % 10, n)
+  return wrk.format("POST", "/generate", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %.0f %.0f %.0f\\n", summary.requests, e.connect + e.read + e.write + e.timeout,
+                         e.status, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
 
 
 @dataclass(frozen=True)
 class Level:
-    images_per_s: float
-    latencies: list[float]
+    images_per_s: float  # rows computed in the window / (2 rows per image-step x steps) / window
     mean_rows: float  # rows per forward, from the server's cfg_engine_batch_rows
     step_s: float  # mean engine step (forward + sampler steps), from cfg_engine_step_duration_seconds
     wall_per_tick_s: float
+    responses_per_s: float = 0.0  # wrk's count of responses over its whole run, start-up included
+    p50_s: float = 0.0
+    p95_s: float = 0.0
+    p99_s: float = 0.0
 
 
-def measure_level(server: Server, clients: int, per_client: int, steps: int) -> Level:
-    s0, n0 = server.histogram("cfg_engine_batch_rows")
-    d0, _ = server.histogram("cfg_engine_step_duration_seconds")
-    t0 = time.perf_counter()
-    ips, lats = load(server, clients, per_client, steps)
-    wall = time.perf_counter() - t0
-    s1, n1 = server.histogram("cfg_engine_batch_rows")
-    d1, _ = server.histogram("cfg_engine_step_duration_seconds")
-    ticks = n1 - n0
-    return Level(ips, lats, (s1 - s0) / ticks, (d1 - d0) / ticks, wall / ticks)
+def measure(server: Server, clients: int, steps: int, window: float, warm: float) -> Level:
+    """`clients` closed-loop connections from wrk, measured over `window` seconds after `warm` seconds.
 
-
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+    wrk is one C process with one epoll thread, so the load generator takes little of the 2 cores
+    it shares with the server (a Python client with a thread per connection took about 2% of one).
+    The throughput is read from the server's own counters inside the window, so neither the first
+    wave's start nor the requests cut off when wrk stops count: images/s is the rows the engine
+    computed over the rows an image needs, which in steady state is the rate of finished images."""
+    names = ("cfg_engine_batch_rows_sum", "cfg_engine_batch_rows_count", "cfg_engine_step_duration_seconds_sum")
+    script = Path(tempfile.mkdtemp()) / "generate.lua"
+    script.write_text(WRK_SCRIPT.replace("STEPS", str(steps)))
+    duration = warm + window + 1
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{duration:g}s", "--timeout", "600s", "-s", str(script), server.url]
+    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    time.sleep(warm)
+    m0, t0 = server.metrics(*names), time.perf_counter()
+    time.sleep(window)
+    m1, wall = server.metrics(*names), time.perf_counter() - t0
+    out, _ = wrk.communicate()
+    server.wait_idle()
+    line = next(x for x in out.splitlines() if x.startswith("WRK "))
+    responses, errors, non2xx, p50, p95, p99 = (float(v) for v in line.split()[1:])
+    if errors or non2xx or wrk.returncode:
+        raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
+    rows, ticks = (m1[n] - m0[n] for n in names[:2])
+    step = m1[names[2]] - m0[names[2]]
+    return Level(rows / (2 * steps) / wall, rows / ticks, step / ticks, wall / ticks, responses / duration,
+                 p50 / 1e6, p95 / 1e6, p99 / 1e6)  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--rounds", type=int, default=5, help="alternating raw/service rounds for the saturation ratio")
+    p.add_argument("--window", type=float, default=12.0, help="seconds measured per concurrency level")
+    p.add_argument("--warm", type=float, default=4.0, help="seconds of load before a window (longer than a request)")
+    p.add_argument("--rounds", type=int, default=8, help="alternating raw/service rounds for the saturation ratio")
+    p.add_argument("--round-window", type=float, default=6.0, help="seconds of service load measured per round")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     args = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("error: the load generator is wrk: apt-get install wrk")
 
     loaded = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
     denoiser = unet_denoiser(loaded.unet)
@@ -199,41 +223,54 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
     max_rows = max(32, 2 * top)
-    server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"}, clients=top)
+    server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"})
     try:
-        results = {}
-        for c in levels:
-            load(server, c, 1, 2)  # warm the clients' connections
-            results[c] = measure_level(server, c, max(1, args.requests // c), args.steps)
+        results = {c: measure(server, c, args.steps, args.window, args.warm) for c in levels}
         # Service at saturation vs the raw loop at the rows per forward the service ran at, in
-        # alternating rounds: this machine's speed drifts by +-20% over minutes, so each round's
-        # ratio compares two runs a few seconds apart, and the median ratio is the result.
+        # alternating rounds (raw first in odd rounds, the service first in even ones): this machine's
+        # speed drifts by +-20% over minutes, so each round compares two runs a few seconds apart,
+        # and the median of the per-round ratios is the result.
         n_raw = max(1, round(results[top].mean_rows / 2))
         raw_images_per_s(loaded, denoiser, n_raw, 2)  # warm this shape
+
+        def raw_round() -> float:
+            return raw_images_per_s(loaded, denoiser, n_raw, args.steps, waves=2)
+
+        def service_round() -> Level:
+            return measure(server, top, args.steps, args.round_window, args.warm)
+
         rounds = []
-        for _ in range(args.rounds):
-            raw = raw_images_per_s(loaded, denoiser, n_raw, args.steps)
-            svc = measure_level(server, top, max(1, args.requests // top), args.steps)
+        for k in range(args.rounds):
+            if k % 2 == 0:
+                raw = raw_round()
+                svc = service_round()
+            else:
+                svc = service_round()
+                raw = raw_round()
             rounds.append((raw, svc))
     finally:
         server.stop()
 
     base = results[levels[0]].images_per_s
     out += ["### 3. The HTTP service at 1, 4 and 16 concurrent clients", "",
-            f"CFG_MAX_BATCH_ROWS={max_rows}; each client sends single-image requests back to back.", "",
-            "| clients | images/s | vs one at a time | mean rows per forward | p50 (s) | p95 (s) | p99 (s) |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+            f"CFG_MAX_BATCH_ROWS={max_rows}. Load: `wrk -t1 -c<clients>`, each connection posting single-image "
+            f"requests back to back; measured over {args.window:g} s after {args.warm:g} s of load. Images/s: rows "
+            "the engine computed in the window (server counters) / 2 rows per image-step; responses/s: wrk's "
+            "count over its whole run (start-up and the cut-off end included); latency: wrk, per response.", "",
+            "| clients | images/s | vs one at a time | responses/s | mean rows per forward | p50 (s) | p95 (s) "
+            "| p99 (s) |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c, r in results.items():
-        lat = r.latencies
-        out.append(f"| {c} | {r.images_per_s:.2f} | {r.images_per_s / base:.2f}x | {r.mean_rows:.1f} | "
-                   f"{pct(lat, 50):.2f} | {pct(lat, 95):.2f} | {pct(lat, 99):.2f} |")  # fmt: skip
+        out.append(f"| {c} | {r.images_per_s:.2f} | {r.images_per_s / base:.2f}x | {r.responses_per_s:.2f} | "
+                   f"{r.mean_rows:.1f} | {r.p50_s:.2f} | {r.p95_s:.2f} | {r.p99_s:.2f} |")  # fmt: skip
 
     out += ["", "### 4. Service at saturation vs the raw loop", "",
-            f"{args.rounds} alternating rounds: the raw in-process loop with {n_raw} requests together "
-            f"({2 * n_raw} rows per forward), then the service with {top} concurrent clients. Per tick: the raw "
-            "loop's wall time; the service's engine step (`cfg_engine_step_duration_seconds`: one forward and "
-            "the sampler steps, in the worker thread) and its wall time, which adds the event loop's work "
-            "between forwards.", "",
+            f"{args.rounds} alternating rounds (raw first in odd rounds, the service first in even ones). Raw: the "
+            f"in-process loop, two waves of {n_raw} requests stepped together ({2 * n_raw} rows per forward). "
+            f"Service: {top} wrk connections, measured as in section 3 over {args.round_window:g} s. "
+            "Per tick: the raw loop's wall time; the service's engine step "
+            "(`cfg_engine_step_duration_seconds`: one forward and the sampler steps, in the worker thread) and "
+            "its wall time, which adds the event loop's work between forwards.", "",
             "| round | raw images/s | service images/s | service / raw | raw tick (ms) | service rows per forward "
             "| service engine step (ms) | service wall per tick (ms) |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
