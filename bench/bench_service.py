@@ -10,7 +10,9 @@ Every comparison is a ratio measured in the same run, on the same machine:
   3. the HTTP service: images/s and p50/p95/p99 latency at 1, 4 and 16 concurrent clients,
      against one request at a time;
   4. the service at saturation (steady state, read from its own counters) against the raw loop at
-     the same rows per forward, in alternating rounds (the median of the per-round ratios).
+     the same rows per forward, in short alternating rounds (the median of the per-round ratios).
+
+The load generator is wrk (apt-get install wrk).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,27 +68,20 @@ def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
     return rows
 
 
-def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int, waves: int = 1) -> float:
-    """The in-process loop: waves of n single-image guided requests stepped together (2n rows per forward)."""
+def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int) -> float:
+    """The in-process loop: n single-image guided requests stepped together (2n rows per forward)."""
+    runs = [
+        SampleRun(
+            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="ddpm", guidance=GuidanceParams(3.0)),
+            loaded.scheduler_config,
+            (1, 28, 28),
+            loaded.manifest.null_label,
+        )  # fmt: skip
+        for i in range(n_requests)
+    ]
     t0 = time.perf_counter()
-    for w in range(waves):
-        runs = [
-            SampleRun(
-                SampleSpec(
-                    class_label=i % 10,
-                    seeds=(w * n_requests + i,),
-                    steps=steps,
-                    sampler="ddpm",
-                    guidance=GuidanceParams(3.0),
-                ),
-                loaded.scheduler_config,
-                (1, 28, 28),
-                loaded.manifest.null_label,
-            )  # fmt: skip
-            for i in range(n_requests)
-        ]
-        sample(denoiser, runs)
-    return waves * n_requests / (time.perf_counter() - t0)
+    sample(denoiser, runs)
+    return n_requests / (time.perf_counter() - t0)
 
 
 def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
@@ -157,40 +154,65 @@ class Level:
     mean_rows: float  # rows per forward, from the server's cfg_engine_batch_rows
     step_s: float  # mean engine step (forward + sampler steps), from cfg_engine_step_duration_seconds
     wall_per_tick_s: float
-    responses_per_s: float = 0.0  # wrk's count of responses over its whole run, start-up included
-    p50_s: float = 0.0
-    p95_s: float = 0.0
-    p99_s: float = 0.0
 
 
-def measure(server: Server, clients: int, steps: int, window: float, warm: float) -> Level:
-    """`clients` closed-loop connections from wrk, measured over `window` seconds after `warm` seconds.
+@dataclass(frozen=True)
+class WrkStats:
+    responses_per_s: float  # over wrk's whole run, start-up and the cut-off end included
+    p50_s: float
+    p95_s: float
+    p99_s: float
+
+
+class WrkLoad:
+    """`clients` closed-loop connections from wrk, each posting single-image requests back to back.
 
     wrk is one C process with one epoll thread, so the load generator takes little of the 2 cores
     it shares with the server (a Python client with a thread per connection took about 2% of one).
-    The throughput is read from the server's own counters inside the window, so neither the first
-    wave's start nor the requests cut off when wrk stops count: images/s is the rows the engine
-    computed over the rows an image needs, which in steady state is the rate of finished images."""
-    names = ("cfg_engine_batch_rows_sum", "cfg_engine_batch_rows_count", "cfg_engine_step_duration_seconds_sum")
-    script = Path(tempfile.mkdtemp()) / "generate.lua"
-    script.write_text(WRK_SCRIPT.replace("STEPS", str(steps)))
-    duration = warm + window + 1
-    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{duration:g}s", "--timeout", "600s", "-s", str(script), server.url]
-    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    time.sleep(warm)
-    m0, t0 = server.metrics(*names), time.perf_counter()
-    time.sleep(window)
-    m1, wall = server.metrics(*names), time.perf_counter() - t0
-    out, _ = wrk.communicate()
-    server.wait_idle()
-    line = next(x for x in out.splitlines() if x.startswith("WRK "))
-    responses, errors, non2xx, p50, p95, p99 = (float(v) for v in line.split()[1:])
-    if errors or non2xx or wrk.returncode:
-        raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
-    rows, ticks = (m1[n] - m0[n] for n in names[:2])
-    step = m1[names[2]] - m0[names[2]]
-    return Level(rows / (2 * steps) / wall, rows / ticks, step / ticks, wall / ticks, responses / duration,
-                 p50 / 1e6, p95 / 1e6, p99 / 1e6)  # fmt: skip
+    Throughput is read from the server's own counters inside a window, so neither the first wave's
+    start nor the requests cut off when wrk stops count: images/s is the rows the engine computed
+    over the rows an image needs (2 per step), which in steady state is the rate of finished images."""
+
+    NAMES = ("cfg_engine_batch_rows_sum", "cfg_engine_batch_rows_count", "cfg_engine_step_duration_seconds_sum")
+
+    def __init__(self, server: Server, clients: int, steps: int, seconds: float) -> None:
+        self.server, self.steps, self.seconds = server, steps, seconds
+        script = Path(tempfile.mkdtemp()) / "generate.lua"
+        script.write_text(WRK_SCRIPT.replace("STEPS", str(steps)))
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "600s", "-s", str(script), server.url]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def window(self, seconds: float) -> Level:
+        m0, t0 = self.server.metrics(*self.NAMES), time.perf_counter()
+        time.sleep(seconds)
+        m1, wall = self.server.metrics(*self.NAMES), time.perf_counter() - t0
+        rows, ticks, step = (m1[n] - m0[n] for n in self.NAMES)
+        return Level(rows / (2 * self.steps) / wall, rows / ticks, step / ticks, wall / ticks)
+
+    @contextmanager
+    def server_paused(self, settle: float = 0.5):
+        """SIGSTOP the server (wrk's requests wait), then SIGCONT and let the interrupted tick finish.
+
+        The batch keeps its steady state across the pause, so a window can follow without a new
+        start-up; wrk's latencies include the pauses and are not reported from such a run."""
+        self.server.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.server.proc.send_signal(signal.SIGCONT)
+            time.sleep(settle)
+
+    def finish(self, stop: bool = False) -> WrkStats:
+        """Wait for the end of wrk's run (stop: end it now), and check that every response was a 2xx."""
+        if stop:
+            self.proc.send_signal(signal.SIGINT)  # wrk stops and prints its summary
+        out, _ = self.proc.communicate()
+        self.server.wait_idle()
+        line = next(x for x in out.splitlines() if x.startswith("WRK "))
+        responses, errors, non2xx, p50, p95, p99 = (float(v) for v in line.split()[1:])
+        if errors or non2xx:
+            raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
+        return WrkStats(responses / self.seconds, p50 / 1e6, p95 / 1e6, p99 / 1e6)
 
 
 def main() -> None:
@@ -199,8 +221,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--window", type=float, default=12.0, help="seconds measured per concurrency level")
     p.add_argument("--warm", type=float, default=4.0, help="seconds of load before a window (longer than a request)")
-    p.add_argument("--rounds", type=int, default=8, help="alternating raw/service rounds for the saturation ratio")
-    p.add_argument("--round-window", type=float, default=6.0, help="seconds of service load measured per round")
+    p.add_argument("--rounds", type=int, default=20, help="alternating service/raw rounds for the saturation ratio")
+    p.add_argument("--round-window", type=float, default=3.0, help="seconds of service load measured per round")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     args = p.parse_args()
@@ -225,33 +247,32 @@ def main() -> None:
     max_rows = max(32, 2 * top)
     server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"})
     try:
-        results = {c: measure(server, c, args.steps, args.window, args.warm) for c in levels}
-        # Service at saturation vs the raw loop at the rows per forward the service ran at, in
-        # alternating rounds (raw first in odd rounds, the service first in even ones): this machine's
-        # speed drifts by +-20% over minutes, so each round compares two runs a few seconds apart,
-        # and the median of the per-round ratios is the result.
-        n_raw = max(1, round(results[top].mean_rows / 2))
+        results = {}
+        for c in levels:
+            load = WrkLoad(server, c, args.steps, args.warm + args.window + 1)
+            time.sleep(args.warm)
+            level = load.window(args.window)
+            results[c] = (level, load.finish())
+
+        # Service at saturation vs the raw loop at the rows per forward the service ran at. This
+        # machine's speed drifts by +-20% within seconds, so the two alternate in short rounds: a
+        # window of the loaded service, then the raw loop while the server process is paused, and
+        # the median of the per-round ratios is the result.
+        n_raw = max(1, round(results[top][0].mean_rows / 2))
         raw_images_per_s(loaded, denoiser, n_raw, 2)  # warm this shape
-
-        def raw_round() -> float:
-            return raw_images_per_s(loaded, denoiser, n_raw, args.steps, waves=2)
-
-        def service_round() -> Level:
-            return measure(server, top, args.steps, args.round_window, args.warm)
-
+        load = WrkLoad(server, top, args.steps, 3600)
+        time.sleep(args.warm)
         rounds = []
-        for k in range(args.rounds):
-            if k % 2 == 0:
-                raw = raw_round()
-                svc = service_round()
-            else:
-                svc = service_round()
-                raw = raw_round()
+        for _ in range(args.rounds):
+            svc = load.window(args.round_window)
+            with load.server_paused():
+                raw = raw_images_per_s(loaded, denoiser, n_raw, args.steps)
             rounds.append((raw, svc))
+        load.finish(stop=True)
     finally:
         server.stop()
 
-    base = results[levels[0]].images_per_s
+    base = results[levels[0]][0].images_per_s
     out += ["### 3. The HTTP service at 1, 4 and 16 concurrent clients", "",
             f"CFG_MAX_BATCH_ROWS={max_rows}. Load: `wrk -t1 -c<clients>`, each connection posting single-image "
             f"requests back to back; measured over {args.window:g} s after {args.warm:g} s of load. Images/s: rows "
@@ -260,17 +281,18 @@ def main() -> None:
             "| clients | images/s | vs one at a time | responses/s | mean rows per forward | p50 (s) | p95 (s) "
             "| p99 (s) |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for c, r in results.items():
-        out.append(f"| {c} | {r.images_per_s:.2f} | {r.images_per_s / base:.2f}x | {r.responses_per_s:.2f} | "
-                   f"{r.mean_rows:.1f} | {r.p50_s:.2f} | {r.p95_s:.2f} | {r.p99_s:.2f} |")  # fmt: skip
+    for c, (r, w) in results.items():
+        out.append(f"| {c} | {r.images_per_s:.2f} | {r.images_per_s / base:.2f}x | {w.responses_per_s:.2f} | "
+                   f"{r.mean_rows:.1f} | {w.p50_s:.2f} | {w.p95_s:.2f} | {w.p99_s:.2f} |")  # fmt: skip
 
     out += ["", "### 4. Service at saturation vs the raw loop", "",
-            f"{args.rounds} alternating rounds (raw first in odd rounds, the service first in even ones). Raw: the "
-            f"in-process loop, two waves of {n_raw} requests stepped together ({2 * n_raw} rows per forward). "
-            f"Service: {top} wrk connections, measured as in section 3 over {args.round_window:g} s. "
-            "Per tick: the raw loop's wall time; the service's engine step "
-            "(`cfg_engine_step_duration_seconds`: one forward and the sampler steps, in the worker thread) and "
-            "its wall time, which adds the event loop's work between forwards.", "",
+            f"{args.rounds} rounds, each a {args.round_window:g} s window of the service under {top} wrk connections "
+            "(measured as in section 3), then the raw in-process loop with "
+            f"{n_raw} requests stepped together ({2 * n_raw} rows per forward) while the server process is paused "
+            "(SIGSTOP; the batch resumes in steady state after SIGCONT, and 0.5 s pass before the next window). "
+            "Per tick: the raw loop's wall time; the service's engine step (`cfg_engine_step_duration_seconds`: one "
+            "forward and the sampler steps, in the worker thread) and its wall time, which adds the event loop's "
+            "work between forwards.", "",
             "| round | raw images/s | service images/s | service / raw | raw tick (ms) | service rows per forward "
             "| service engine step (ms) | service wall per tick (ms) |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -282,7 +304,13 @@ def main() -> None:
                    f"{svc.mean_rows:.1f} | {svc.step_s * 1e3:.1f} | {svc.wall_per_tick_s * 1e3:.1f} |")  # fmt: skip
     raw_med = statistics.median(raw for raw, _ in rounds)
     svc_med = statistics.median(svc.images_per_s for _, svc in rounds)
-    out += [f"| median | {raw_med:.2f} | {svc_med:.2f} | {statistics.median(ratios):.0%} | | | | |", ""]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    out += [
+        f"| median | {raw_med:.2f} | {svc_med:.2f} | {statistics.median(ratios):.0%} | | | | |",
+        "",
+        f"Per-round ratios: quartiles {q1:.0%} and {q3:.0%}, range {min(ratios):.0%} to {max(ratios):.0%}.",
+        "",
+    ]
     text = "\n".join(out) + "\n"
     print(text)
     if args.record:
