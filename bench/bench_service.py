@@ -18,27 +18,28 @@ The load generator is wrk (apt-get install wrk).
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from asyncio.subprocess import PIPE
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import torch
+import uvicorn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.config import DEFAULT_MODEL_PATH  # noqa: E402
+from app.api.routes import Service  # noqa: E402
+from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
 from app.evaluate import git_commit, machine_description  # noqa: E402
+from app.main import create_app  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
 
@@ -95,41 +96,6 @@ def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
     return rows, best[1]
 
 
-class Server:
-    def __init__(self, port: int, env: dict[str, str]) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env={**os.environ, **env},
-        )  # fmt: skip
-        for _ in range(600):
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
-
-    def metrics(self, *names: str) -> dict[str, float]:
-        """Unlabelled samples of the server's /metrics, by full sample name (`..._sum`, `..._count`)."""
-        values = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            key, _, value = line.partition(" ")
-            if key in names:
-                values[key] = float(value)
-        return values
-
-    def wait_idle(self) -> None:
-        """Until the requests a finished load left behind (cancelled when it hung up) have left the engine."""
-        while any(self.metrics("cfg_requests_in_flight", "cfg_queue_depth").values()):
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
 # wrk's Lua hooks: every request a new seed and class; at the end one line with the counts and the
 # latency percentiles (microseconds).
 WRK_SCRIPT = """
@@ -175,39 +141,35 @@ class WrkLoad:
 
     NAMES = ("cfg_engine_batch_rows_sum", "cfg_engine_batch_rows_count", "cfg_engine_step_duration_seconds_sum")
 
-    def __init__(self, server: Server, clients: int, steps: int, seconds: float) -> None:
-        self.server, self.steps, self.seconds = server, steps, seconds
+    def __init__(self, service: Service, proc: asyncio.subprocess.Process, steps: int, seconds: float) -> None:
+        self.service, self.proc, self.steps, self.seconds = service, proc, steps, seconds
+
+    @classmethod
+    async def start(cls, service: Service, url: str, clients: int, steps: int, seconds: float) -> WrkLoad:
         script = Path(tempfile.mkdtemp()) / "generate.lua"
         script.write_text(WRK_SCRIPT.replace("STEPS", str(steps)))
-        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "600s", "-s", str(script), server.url]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "600s", "-s", str(script), url]
+        return cls(service, await asyncio.create_subprocess_exec(*cmd, stdout=PIPE), steps, seconds)
 
-    def window(self, seconds: float) -> Level:
-        m0, t0 = self.server.metrics(*self.NAMES), time.perf_counter()
-        time.sleep(seconds)
-        m1, wall = self.server.metrics(*self.NAMES), time.perf_counter() - t0
-        rows, ticks, step = (m1[n] - m0[n] for n in self.NAMES)
+    def _sample(self) -> list[float]:
+        registry = self.service.metrics.registry
+        return [registry.get_sample_value(n) for n in self.NAMES]
+
+    async def window(self, seconds: float) -> Level:
+        m0, t0 = self._sample(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        m1, wall = self._sample(), time.perf_counter() - t0
+        rows, ticks, step = (b - a for a, b in zip(m0, m1, strict=True))
         return Level(rows / (2 * self.steps) / wall, rows / ticks, step / ticks, wall / ticks)
 
-    @contextmanager
-    def server_paused(self, settle: float = 0.5):
-        """SIGSTOP the server (wrk's requests wait), then SIGCONT and let the interrupted tick finish.
-
-        The batch keeps its steady state across the pause, so a window can follow without a new
-        start-up; wrk's latencies include the pauses and are not reported from such a run."""
-        self.server.proc.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.server.proc.send_signal(signal.SIGCONT)
-            time.sleep(settle)
-
-    def finish(self, stop: bool = False) -> WrkStats:
+    async def finish(self, stop: bool = False) -> WrkStats:
         """Wait for the end of wrk's run (stop: end it now), and check that every response was a 2xx."""
         if stop:
             self.proc.send_signal(signal.SIGINT)  # wrk stops and prints its summary
-        out, _ = self.proc.communicate()
-        self.server.wait_idle()
+        out = (await self.proc.communicate())[0].decode()
+        engine = self.service.engine
+        while engine.active_jobs or engine.queue_depth:  # requests cut off by wrk's end leave the batch
+            await asyncio.sleep(0.1)
         line = next(x for x in out.splitlines() if x.startswith("WRK "))
         responses, errors, non2xx, p50, p95, p99 = (float(v) for v in line.split()[1:])
         if errors or non2xx:
@@ -215,62 +177,67 @@ class WrkLoad:
         return WrkStats(responses / self.seconds, p50 / 1e6, p95 / 1e6, p99 / 1e6)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--window", type=float, default=12.0, help="seconds measured per concurrency level")
-    p.add_argument("--warm", type=float, default=4.0, help="seconds of load before a window (longer than a request)")
-    p.add_argument("--rounds", type=int, default=20, help="alternating service/raw rounds for the saturation ratio")
-    p.add_argument("--round-window", type=float, default=3.0, help="seconds of service load measured per round")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
-    args = p.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("error: the load generator is wrk: apt-get install wrk")
+async def serve(settings: Settings, port: int) -> tuple[uvicorn.Server, asyncio.Task, Service]:
+    """The app in this process, as `python -m app.serve` runs it: uvicorn's event loop in the main thread,
+    the model in the engine's thread. This process's main thread runs no torch op (see app/engine)."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not getattr(getattr(app.state, "service", None), "ready", False):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.2)
+    return server, task, app.state.service
 
-    loaded = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
+
+async def run(args: argparse.Namespace) -> str:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    top = max(levels)
+    max_rows = max(32, 2 * top)
+    url = f"http://127.0.0.1:{args.port}"
+    server, serving, service = await serve(Settings(max_batch_rows=max_rows, max_queue=256), args.port)
+    engine = service.engine
+    # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
+    # and OpenMP team as the service's own forwards.
+    loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, "cpu")
     denoiser = unet_denoiser(loaded.unet)
     out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}", "",
            f"- machine: {machine_description()}", f"- command: `python3 {' '.join(sys.argv)}`",
            f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
 
     out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
-    out += bench_forward(loaded, denoiser, (1, 4, 16), repeat=20) + [""]
+    out += await engine.run_in_worker(bench_forward, loaded, denoiser, (1, 4, 16), 20) + [""]
 
     out += ["### 2. Raw in-process loop: images/s by rows per forward", ""]
-    rows_table, best_rows = bench_rows(loaded, denoiser, args.steps)
+    rows_table, best_rows = await engine.run_in_worker(bench_rows, loaded, denoiser, args.steps)
     out += rows_table + ["", f"Peak at {best_rows} rows per forward.", ""]
 
-    levels = [int(c) for c in args.concurrency.split(",")]
-    top = max(levels)
-    max_rows = max(32, 2 * top)
-    server = Server(args.port, {"CFG_MAX_BATCH_ROWS": str(max_rows), "CFG_MAX_QUEUE": "256"})
     try:
         results = {}
         for c in levels:
-            load = WrkLoad(server, c, args.steps, args.warm + args.window + 1)
-            time.sleep(args.warm)
-            level = load.window(args.window)
-            results[c] = (level, load.finish())
+            load = await WrkLoad.start(service, url, c, args.steps, args.warm + args.window + 1)
+            await asyncio.sleep(args.warm)
+            level = await load.window(args.window)
+            results[c] = (level, await load.finish())
 
         # Service at saturation vs the raw loop at the rows per forward the service ran at. This
         # machine's speed drifts by +-20% within seconds, so the two alternate in short rounds: a
-        # window of the loaded service, then the raw loop while the server process is paused, and
-        # the median of the per-round ratios is the result.
+        # window of the loaded service, then the raw loop in the engine's thread, which pauses the
+        # batch between two ticks; the median of the per-round ratios is the result.
         n_raw = max(1, round(results[top][0].mean_rows / 2))
-        raw_images_per_s(loaded, denoiser, n_raw, 2)  # warm this shape
-        load = WrkLoad(server, top, args.steps, 3600)
-        time.sleep(args.warm)
+        await engine.run_in_worker(raw_images_per_s, loaded, denoiser, n_raw, 2)  # warm this shape
+        load = await WrkLoad.start(service, url, top, args.steps, 3600)
+        await asyncio.sleep(args.warm)
         rounds = []
         for _ in range(args.rounds):
-            svc = load.window(args.round_window)
-            with load.server_paused():
-                raw = raw_images_per_s(loaded, denoiser, n_raw, args.steps)
+            svc = await load.window(args.round_window)
+            raw = await engine.run_in_worker(raw_images_per_s, loaded, denoiser, n_raw, args.steps)
+            await asyncio.sleep(0.5)  # the tick that waited for the raw loop lands outside the next window
             rounds.append((raw, svc))
-        load.finish(stop=True)
+        await load.finish(stop=True)
     finally:
-        server.stop()
+        server.should_exit = True
+        await serving
 
     base = results[levels[0]][0].images_per_s
     out += ["### 3. The HTTP service at 1, 4 and 16 concurrent clients", "",
@@ -287,9 +254,9 @@ def main() -> None:
 
     out += ["", "### 4. Service at saturation vs the raw loop", "",
             f"{args.rounds} rounds, each a {args.round_window:g} s window of the service under {top} wrk connections "
-            "(measured as in section 3), then the raw in-process loop with "
-            f"{n_raw} requests stepped together ({2 * n_raw} rows per forward) while the server process is paused "
-            "(SIGSTOP; the batch resumes in steady state after SIGCONT, and 0.5 s pass before the next window). "
+            f"(measured as in section 3), then the raw loop with {n_raw} requests stepped together ({2 * n_raw} rows "
+            "per forward) in the engine's thread between two of the service's ticks (the batch waits, then resumes "
+            "as it was; 0.5 s pass before the next window). "
             "Per tick: the raw loop's wall time; the service's engine step (`cfg_engine_step_duration_seconds`: one "
             "forward and the sampler steps, in the worker thread) and its wall time, which adds the event loop's "
             "work between forwards.", "",
@@ -311,7 +278,23 @@ def main() -> None:
         f"Per-round ratios: quartiles {q1:.0%} and {q3:.0%}, range {min(ratios):.0%} to {max(ratios):.0%}.",
         "",
     ]
-    text = "\n".join(out) + "\n"
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--window", type=float, default=12.0, help="seconds measured per concurrency level")
+    p.add_argument("--warm", type=float, default=4.0, help="seconds of load before a window (longer than a request)")
+    p.add_argument("--rounds", type=int, default=20, help="alternating service/raw rounds for the saturation ratio")
+    p.add_argument("--round-window", type=float, default=3.0, help="seconds of service load measured per round")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("error: the load generator is wrk: apt-get install wrk")
+    text = asyncio.run(run(args))
     print(text)
     if args.record:
         path = REPO / "docs" / "benchmarks.md"

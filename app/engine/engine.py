@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 from app.sampling import Denoiser, SampleRun, SampleSpec, denoise_step
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -192,6 +194,14 @@ class Engine:
                 pass
         self._executor.shutdown(wait=True)
 
+    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in the model's thread, where every tick runs.
+
+        Called while the loop awaits a tick, fn runs right after that tick and the next one waits for
+        it: the batch pauses, and resumes as it was. The warmup uses it, and the benchmark times the raw
+        sampling loop with it in the service's own thread, between the service's ticks under load."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def warmup(self, spec: SampleSpec) -> None:
         """Before the service reports ready: run one job, then one forward at every row count.
 
@@ -200,10 +210,9 @@ class Engine:
         Paying that here keeps it out of the first requests' latency and the batching throughput.
         """
         run = self._make_run(spec)
-        loop = asyncio.get_running_loop()
         while not run.done:
-            await loop.run_in_executor(self._executor, denoise_step, self._denoiser, [run])
-        await loop.run_in_executor(self._executor, self._warm_row_counts)
+            await self.run_in_worker(denoise_step, self._denoiser, [run])
+        await self.run_in_worker(self._warm_row_counts)
 
     def _warm_row_counts(self) -> None:
         for rows in range(1, self.max_batch_rows + 1):
@@ -238,7 +247,6 @@ class Engine:
         return rows, finite
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._active = [j for j in self._active if not j.cancelled]
@@ -249,7 +257,7 @@ class Engine:
                     continue
                 jobs = list(self._active)
                 t0 = time.perf_counter()
-                rows, finite = await loop.run_in_executor(self._executor, self._tick, [j.run for j in jobs])
+                rows, finite = await self.run_in_worker(self._tick, [j.run for j in jobs])
                 step_seconds = time.perf_counter() - t0
                 images_finished = self._settle(jobs, finite)
                 if self._on_step:

@@ -1,6 +1,7 @@
 """The batching engine on the real checkpoint's denoiser, driven directly through asyncio."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -177,3 +178,31 @@ def test_waiting_job_is_queued_until_admitted(loaded, denoiser):
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded, denoiser):
+    """What the benchmark relies on: fn runs in the engine's thread, no tick runs meanwhile, and the
+    batch resumes as it was (the result equals the request sampled alone)."""
+    spec = SampleSpec(class_label=4, seeds=(5,), steps=8, sampler="ddpm")
+
+    async def main():
+        engine = make_engine(loaded, denoiser)
+        await engine.start()
+        job = engine.submit(spec)
+        await until(lambda: job.run.step_index >= 2)
+
+        def probe():
+            step = job.run.step_index
+            threading.Event().wait(0.3)  # a tick (which advances the job) would land here if the batch ran on
+            return threading.current_thread().name, job.run.step_index - step
+
+        name, steps_during = await engine.run_in_worker(probe)
+        result = await job.future
+        await engine.stop()
+        return name, steps_during, result
+
+    name, steps_during, result = asyncio.run(main())
+    assert name.startswith("engine-forward") and steps_during == 0
+    alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
+    sample(denoiser, [alone])
+    assert (result.images == alone.images()).all()
