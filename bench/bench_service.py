@@ -44,12 +44,17 @@ from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm
-    t0 = time.perf_counter()
+def timed_pair(a, b, repeat: int) -> tuple[float, float]:
+    """Mean seconds per call of a and of b, called in alternation so that the machine's drift hits both."""
+    a(), b()  # warm
+    ta = tb = 0.0
     for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        ta, tb = ta + t1 - t0, tb + time.perf_counter() - t1
+    return ta / repeat, tb / repeat
 
 
 def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
@@ -63,8 +68,10 @@ def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
         def joint_forward(x=x, t=t, y=y, n=n):  # the concatenation is part of the batched step's cost
             return denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, n]))
 
-        joint = timed(joint_forward, repeat)
-        apart = timed(lambda x=x, t=t, y=y, n=n: (denoiser(x, t, y), denoiser(x, t, n)), repeat)
+        def two_forwards(x=x, t=t, y=y, n=n):
+            return denoiser(x, t, y), denoiser(x, t, n)
+
+        joint, apart = timed_pair(joint_forward, two_forwards, repeat)
         rows.append(f"| {b} | {joint * 1e3:.1f} | {apart * 1e3:.1f} | {apart / joint:.2f}x |")
     return rows
 
