@@ -12,7 +12,9 @@ Every comparison is a ratio measured in the same run, on the same machine:
   4. the service at saturation (steady state, read from its own counters) against the raw loop at
      the same rows per forward, in short alternating rounds (the median of the per-round ratios).
 
-The load generator is wrk (apt-get install wrk).
+The app runs in this process as `python -m app.serve` runs it (uvicorn's event loop in the main
+thread), and every model timing, the raw loop's included, runs in the engine's own thread
+(`Engine.run_in_worker`). The load generator is wrk (apt-get install wrk), over real HTTP.
 """
 
 from __future__ import annotations
@@ -204,22 +206,22 @@ async def run(args: argparse.Namespace) -> str:
     url = f"http://127.0.0.1:{args.port}"
     server, serving, service = await serve(Settings(max_batch_rows=max_rows, max_queue=256), args.port)
     engine = service.engine
-    # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
-    # and OpenMP team as the service's own forwards.
-    loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, "cpu")
-    denoiser = unet_denoiser(loaded.unet)
-    out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}", "",
-           f"- machine: {machine_description()}", f"- command: `python3 {' '.join(sys.argv)}`",
-           f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
-
-    out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
-    out += await engine.run_in_worker(bench_forward, loaded, denoiser, (1, 4, 16), 20) + [""]
-
-    out += ["### 2. Raw in-process loop: images/s by rows per forward", ""]
-    rows_table, best_rows = await engine.run_in_worker(bench_rows, loaded, denoiser, args.steps)
-    out += rows_table + ["", f"Peak at {best_rows} rows per forward.", ""]
-
     try:
+        # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
+        # and OpenMP team as the service's own forwards.
+        loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, "cpu")
+        denoiser = unet_denoiser(loaded.unet)
+        out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}", "",
+               f"- machine: {machine_description()}", f"- command: `python3 {' '.join(sys.argv)}`",
+               f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
+
+        out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
+        out += await engine.run_in_worker(bench_forward, loaded, denoiser, (1, 4, 16), 20) + [""]
+
+        out += ["### 2. Raw in-process loop: images/s by rows per forward", ""]
+        rows_table, best_rows = await engine.run_in_worker(bench_rows, loaded, denoiser, args.steps)
+        out += rows_table + ["", f"Peak at {best_rows} rows per forward.", ""]
+
         results = {}
         for c in levels:
             load = await WrkLoad.start(service, url, c, args.steps, args.warm + args.window + 1)
