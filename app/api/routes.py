@@ -23,8 +23,6 @@ from app.images import make_grid, to_png_bytes
 from app.metrics import Metrics
 from app.sampling import GuidanceParams, SampleSpec
 
-PROGRESS_POLL_S = 0.25  # how often a text/event-stream request looks for a new step
-
 
 @dataclass
 class Service:
@@ -173,7 +171,7 @@ async def progress_stream(
             if step != last:
                 last = step
                 yield sse("progress", {"step": step, "steps": steps, "queued": job.queued})
-            await asyncio.wait({waiter}, timeout=PROGRESS_POLL_S)
+            await asyncio.wait({waiter, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
         try:
             yield sse("result", result_body(service, spec, waiter.result(), arrived))
         except ApiError as exc:

@@ -79,6 +79,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # admitted into the batch
     cancelled: bool = False
+    _stepped: asyncio.Future | None = field(default=None, repr=False)
 
     @property
     def max_rows(self) -> int:
@@ -91,6 +92,16 @@ class Job:
     @property
     def queued(self) -> bool:
         return self.started_at is None
+
+    def next_step(self) -> asyncio.Future:
+        """A future resolved once the job has taken its next step (a progress bar's wake-up)."""
+        if self._stepped is None or self._stepped.done():
+            self._stepped = asyncio.get_running_loop().create_future()
+        return self._stepped
+
+    def _notify_step(self) -> None:
+        if self._stepped is not None and not self._stepped.done():
+            self._stepped.set_result(None)
 
 
 def worker() -> ThreadPoolExecutor:
@@ -277,6 +288,7 @@ class Engine:
         now = time.monotonic()
         finished = 0
         for job, ok in zip(jobs, finite, strict=True):
+            job._notify_step()
             if job.cancelled:
                 continue
             if not ok:

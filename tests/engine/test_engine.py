@@ -206,3 +206,20 @@ def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded
     alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
     sample(denoiser, [alone])
     assert (result.images == alone.images()).all()
+
+
+def test_next_step_wakes_a_waiter_after_every_step(loaded, denoiser):
+    """The event-stream progress bar waits on job.next_step() instead of polling: one wake-up per step."""
+
+    async def main():
+        engine = make_engine(loaded, denoiser)
+        await engine.start()
+        job = engine.submit(SampleSpec(class_label=3, seeds=(1,), steps=6, sampler="euler_a"))
+        seen = []
+        while not job.future.done():
+            await asyncio.wait({job.future, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
+            seen.append(job.progress[0])
+        await engine.stop()
+        return seen
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
