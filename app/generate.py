@@ -88,7 +88,10 @@ def generate(
     image_shape = (m.in_channels, m.image_size, m.image_size)
     parts: list[list[np.ndarray]] = [[] for _ in specs]
     for batch in plan_batches(specs, max_rows):
-        runs = [SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device) for c in batch]
+        runs = [
+            SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device, denoiser.class_embedding)
+            for c in batch
+        ]
         sample(denoiser, runs, on_step)
         for chunk, run in zip(batch, runs, strict=True):
             parts[chunk.spec_index].append(run.images())

@@ -67,8 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = create_metrics()
         on_step, on_admit = _engine_hooks(metrics, device)
         image_shape = (loaded.manifest.in_channels, loaded.manifest.image_size, loaded.manifest.image_size)
+        denoiser = unet_denoiser(loaded.unet)
         engine = Engine(
-            unet_denoiser(loaded.unet),
+            denoiser,
             scheduler_config=loaded.scheduler_config,
             image_shape=image_shape,
             null_label=loaded.manifest.null_label,
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_step=on_step,
             on_admit=on_admit,
             executor=executor,
+            class_embedding=denoiser.class_embedding,
         )
         metrics.in_flight.set_function(lambda: engine.active_jobs)
         metrics.queue_depth.set_function(lambda: engine.queue_depth)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from app.sampling import Denoiser, SampleRun, SampleSpec, denoise_step
+from app.sampling import ClassEmbedding, Denoiser, SampleRun, SampleSpec, denoise_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,8 +127,10 @@ class Engine:
         on_step: StatsHook | None = None,
         on_admit: AdmitHook | None = None,
         executor: ThreadPoolExecutor | None = None,
+        class_embedding: ClassEmbedding | None = None,
     ) -> None:
         self._denoiser = denoiser
+        self._class_embedding = class_embedding
         self._scheduler_config = scheduler_config
         self._image_shape = image_shape
         self._null_label = null_label
@@ -235,7 +237,9 @@ class Engine:
     # --- the loop -----------------------------------------------------------------------------
 
     def _make_run(self, spec: SampleSpec) -> SampleRun:
-        return SampleRun(spec, self._scheduler_config, self._image_shape, self._null_label, self._device)
+        return SampleRun(
+            spec, self._scheduler_config, self._image_shape, self._null_label, self._device, self._class_embedding
+        )
 
     def _has_room_now(self, spec: SampleSpec) -> bool:
         used = sum(j.max_rows for j in self._active)

@@ -159,11 +159,37 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Loa
     )
 
 
-def unet_denoiser(unet: UNet2DModel):
-    """Adapt the UNet to the sampler's Denoiser signature: (x, timesteps, class_labels) -> eps."""
+class UNetDenoiser:
+    """Adapt the UNet to the sampler's Denoiser signature: (x, timesteps, class_labels[, embed_delta]) -> eps.
+
+    embed_delta (rows, D) is added to the rows' class embeddings (CADS) by a forward hook on the UNet's
+    class_embedding, held only for that call: all of a model's forwards run in one thread."""
+
+    def __init__(self, unet: UNet2DModel) -> None:
+        self.unet = unet
 
     @torch.inference_mode()
-    def denoise(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return unet(x, timesteps, class_labels=class_labels).sample
+    def __call__(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        embed_delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if embed_delta is None:
+            return self.unet(x, timesteps, class_labels=class_labels).sample
+        hook = self.unet.class_embedding.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype))
+        try:
+            return self.unet(x, timesteps, class_labels=class_labels).sample
+        finally:
+            hook.remove()
 
-    return denoise
+    @torch.inference_mode()
+    def class_embedding(self, label: int) -> torch.Tensor:
+        """The model's embedding of one class label, shape (D,)."""
+        table = self.unet.class_embedding
+        return table(torch.tensor([label], device=table.weight.device))[0].float().clone()
+
+
+def unet_denoiser(unet: UNet2DModel) -> UNetDenoiser:
+    return UNetDenoiser(unet)

@@ -1,26 +1,31 @@
 """Sampler runs over a denoiser callable, built on diffusers' schedulers, one instance per request."""
 
 from app.sampling.run import (
+    ClassEmbedding,
     Denoiser,
     GuidanceParams,
     ModelInput,
     SampleRun,
     SampleSpec,
+    StepTrace,
     denoise_step,
     sample,
 )
-from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps
+from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
 
 __all__ = [
     "DEFAULT_SAMPLER",
     "SAMPLERS",
+    "ClassEmbedding",
     "Denoiser",
     "GuidanceParams",
     "ModelInput",
     "SampleRun",
     "SampleSpec",
+    "StepTrace",
     "denoise_step",
     "make_scheduler",
     "sample",
     "set_timesteps",
+    "step_kwargs",
 ]

@@ -10,17 +10,47 @@ StackedRandomGenerator).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from app.guidance import GuidanceSchedule, add_condition_noise, cfg_combine, rescale_guidance
-from app.sampling.schedulers import DEFAULT_SAMPLER, make_scheduler, set_timesteps
+from app.guidance import (
+    Cads,
+    GuidanceMethod,
+    GuidanceSchedule,
+    NoiseScheduleKind,
+    add_condition_noise,
+    apg_combine,
+    cads_condition,
+    cfg_combine,
+    cfg_zero_star_combine,
+    eps_to_x0,
+    noise_factors,
+    per_row_noise,
+    rescale_guidance,
+    row_norm,
+    sigma_of,
+    x0_to_eps,
+)
+from app.sampling.schedulers import DEFAULT_SAMPLER, make_scheduler, set_timesteps, step_kwargs
 
-# (x, timesteps, class_labels) -> eps, all with the same leading row dimension.
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class Denoiser(Protocol):
+    """(x, timesteps, class_labels[, embed_delta]) -> eps, all with the same leading row dimension.
+
+    embed_delta, where given, is added to the class embedding of each row (CADS's condition noise);
+    it is passed only when a request in the batch uses it, so a three-argument callable also serves."""
+
+    def __call__(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, /, *args: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+# label -> the model's class embedding of that label, shape (D,).
+ClassEmbedding = Callable[[int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -28,7 +58,10 @@ class GuidanceParams:
     guidance_scale: float = 3.0
     schedule: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     noise_level: float = 0.0
+    noise_schedule: NoiseScheduleKind = "constant"
     guidance_rescale: float = 0.0
+    method: GuidanceMethod = field(default_factory=GuidanceMethod)
+    cads: Cads | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +73,7 @@ class SampleSpec:
     steps: int = 20
     sampler: str = DEFAULT_SAMPLER
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    return_trace: bool = False
 
     @property
     def num_images(self) -> int:
@@ -51,14 +85,40 @@ class ModelInput:
     x: torch.Tensor
     timesteps: torch.Tensor
     class_labels: torch.Tensor
+    embed_delta: torch.Tensor | None = None  # (rows, D), CADS only
 
     @property
     def rows(self) -> int:
         return self.x.shape[0]
 
 
+@dataclass(frozen=True)
+class StepTrace:
+    """What guidance did at one step, per image. The norms are None where the step skipped the
+    unconditional rows (scale 1), the APG parts None for other methods. Tensors until read."""
+
+    step: int
+    scale: float
+    diff_norm: torch.Tensor | None = None  # |eps_c - eps_u|
+    parallel_norm: torch.Tensor | None = None  # APG: |dD_par|, in the x0 space it works in
+    orthogonal_norm: torch.Tensor | None = None  # APG: |dD_orth|
+
+    def to_dict(self) -> dict:
+        def values(t: torch.Tensor | None) -> list[float] | None:
+            return None if t is None else [round(v, 5) for v in t.tolist()]
+
+        return {
+            "step": self.step,
+            "scale": self.scale,
+            "diff_norm": values(self.diff_norm),
+            "parallel_norm": values(self.parallel_norm),
+            "orthogonal_norm": values(self.orthogonal_norm),
+        }
+
+
 class SampleRun:
-    """A request's sampler state: scheduler instance, latents, generators and step index."""
+    """A request's sampler state: scheduler instance, latents, generators, step index, and the guidance
+    state that belongs to this request alone (APG's momentum buffer, the trace)."""
 
     def __init__(
         self,
@@ -67,21 +127,38 @@ class SampleRun:
         image_shape: tuple[int, int, int],
         null_label: int,
         device: torch.device | str = "cpu",
+        class_embedding: ClassEmbedding | None = None,
     ) -> None:
         device = torch.device(device)
+        g = spec.guidance
         self.spec = spec
         self.null_label = null_label
         self.scheduler = make_scheduler(spec.sampler, scheduler_config)
+        self._step_kwargs = step_kwargs(spec.sampler)
         set_timesteps(self.scheduler, spec.steps, device)
         self.timesteps = self.scheduler.timesteps
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in spec.seeds]
         n = spec.num_images
         latents = randn_tensor((n, *image_shape), generator=self.generators, device=device)
         self.latents = latents * self.scheduler.init_noise_sigma
-        self.scales = spec.guidance.schedule.scales(spec.guidance.guidance_scale, spec.steps)
+        # alpha_bar and sigma of each step, on the host once: the x0 mapping and the schedules use them.
+        alphas_cumprod = self.scheduler.alphas_cumprod.cpu()
+        self.alpha_bars = [float(alphas_cumprod[int(t)]) for t in self.timesteps]
+        self.sigmas = [sigma_of(a) for a in self.alpha_bars]
+        self.scales = g.schedule.scales(g.guidance_scale, spec.steps, self.sigmas)
+        self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
+        self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         label = null_label if spec.class_label is None else spec.class_label
         self._cond_labels = torch.full((n,), label, dtype=torch.long, device=device)
         self._null_labels = torch.full((n,), null_label, dtype=torch.long, device=device)
+        self._class_embedding = None
+        if g.cads is not None and spec.class_label is not None:
+            if class_embedding is None:
+                raise ValueError("CADS needs the model's class embedding; this model does not expose one")
+            self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
+        self._x_in: torch.Tensor | None = None
+        self._apg_running: torch.Tensor | None = None
+        self.trace: list[StepTrace] = []
         self.step_index = 0
 
     @property
@@ -98,27 +175,75 @@ class SampleRun:
     def model_input(self) -> ModelInput:
         t = self.timesteps[self.step_index]
         x = self.scheduler.scale_model_input(self.latents, t)
+        self._x_in = x
         labels = self._cond_labels
+        delta = self._cads_delta(float(t))
         if self.needs_uncond():
             x = torch.cat([x, x])
             labels = torch.cat([self._cond_labels, self._null_labels])
+            if delta is not None:
+                delta = torch.cat([delta, torch.zeros_like(delta)])
         timesteps = t.expand(x.shape[0]).to(x.device)
-        return ModelInput(x=x, timesteps=timesteps, class_labels=labels)
+        return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta)
+
+    def _cads_delta(self, timestep: float) -> torch.Tensor | None:
+        """CADS's change to the conditional rows' class embedding at this step, or None where it adds none."""
+        cads = self.spec.guidance.cads
+        if cads is None or self._class_embedding is None:
+            return None
+        gamma = cads.gamma(timestep / self._num_train_timesteps)
+        if gamma >= 1.0:
+            return None
+        y = self._class_embedding
+        noise = per_row_noise(y.shape, self.generators, y)
+        return cads_condition(y, gamma, noise, cads.noise_scale, cads.psi) - y
 
     def guided_eps(self, eps: torch.Tensor) -> torch.Tensor:
-        """Apply the condition noise, the combine and the rescale to this request's model output."""
+        """Apply the condition noise, the guidance method and the rescale to this request's model output."""
         g = self.spec.guidance
         n = self.spec.num_images
-        eps_cond = add_condition_noise(eps[:n], g.noise_level, self.generators)
+        i = self.step_index
+        scale = self.scales[i]
+        eps_cond = add_condition_noise(eps[:n], g.noise_level * self.noise_factors[i], self.generators)
         if eps.shape[0] == n:
+            self._record(StepTrace(i, scale))
             return eps_cond
-        eps_cfg = cfg_combine(eps_cond, eps[n:], self.scales[self.step_index])
-        return rescale_guidance(eps_cfg, eps_cond, g.guidance_rescale)
+        eps_uncond = eps[n:]
+        trace = StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond)) if self.spec.return_trace else None
+        method = g.method
+        if method.kind == "apg":
+            x, alpha_bar = self._x_in, self.alpha_bars[i]
+            out = apg_combine(
+                eps_to_x0(x, eps_cond, alpha_bar),
+                eps_to_x0(x, eps_uncond, alpha_bar),
+                scale,
+                eta=method.eta,
+                momentum=method.momentum,
+                norm_threshold=method.norm_threshold,
+                running_diff=self._apg_running,
+            )
+            self._apg_running = out.running_diff
+            eps_guided = x0_to_eps(x, out.pred, alpha_bar)
+            if trace is not None:
+                trace = replace(trace, parallel_norm=out.parallel_norm, orthogonal_norm=out.orthogonal_norm)
+        elif method.kind == "cfg_zero_star":
+            eps_guided = cfg_zero_star_combine(eps_cond, eps_uncond, scale)
+        else:
+            eps_guided = cfg_combine(eps_cond, eps_uncond, scale)
+        if trace is not None:
+            self._record(trace)
+        return rescale_guidance(eps_guided, eps_cond, g.guidance_rescale)
+
+    def _record(self, trace: StepTrace) -> None:
+        if self.spec.return_trace:
+            self.trace.append(trace)
 
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
         t = self.timesteps[self.step_index]
-        out = self.scheduler.step(self.guided_eps(eps), t, self.latents, generator=self.generators)
+        out = self.scheduler.step(
+            self.guided_eps(eps), t, self.latents, generator=self.generators, **self._step_kwargs
+        )
         self.latents = out.prev_sample
         self.step_index += 1
 
@@ -131,11 +256,14 @@ class SampleRun:
 def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
     """ONE forward over the rows of all runs, then each run advances its own sampler. Returns rows."""
     inputs = [r.model_input() for r in runs]
-    eps = denoiser(
-        torch.cat([i.x for i in inputs]),
-        torch.cat([i.timesteps for i in inputs]),
-        torch.cat([i.class_labels for i in inputs]),
-    )
+    args = [torch.cat([i.x for i in inputs]), torch.cat([i.timesteps for i in inputs])]
+    args.append(torch.cat([i.class_labels for i in inputs]))
+    deltas = [i.embed_delta for i in inputs]
+    if any(d is not None for d in deltas):
+        width = next(d for d in deltas if d is not None).shape[1]
+        zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
+        args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
+    eps = denoiser(*args)
     offset = 0
     for run, inp in zip(runs, inputs, strict=True):
         run.advance(eps[offset : offset + inp.rows])

@@ -29,6 +29,16 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
+# Keyword arguments of each sampler's step(). DDIM clips its x0 prediction to the data range
+# (clip_sample in the training config); without use_clipped_model_output it then pairs that clipped
+# x0 with the unclipped eps, and at high guidance scales the mismatch drifts every image to grey.
+STEP_KWARGS: dict[str, dict[str, Any]] = {"ddim": {"use_clipped_model_output": True}}
+
+
+def step_kwargs(sampler: str) -> dict[str, Any]:
+    return STEP_KWARGS.get(sampler, {})
+
+
 # The default everywhere (API, generate, evaluate): the best FID of the four on the shipped model
 # at 20 steps, about half that of the ancestral samplers (docs/quality.md).
 DEFAULT_SAMPLER = "dpmpp_2m"

@@ -45,7 +45,9 @@ def plain_diffusers_loop(loaded, sampler, steps, label, seeds, scale, with_uncon
                 eps = eps_u + scale * (eps_c - eps_u)
             else:
                 eps = unet(xin, t, class_labels=cond).sample
-            x = scheduler.step(eps, t, x, generator=gens).prev_sample
+            # DDIMPipeline's use_clipped_model_output: eps consistent with the clipped x0.
+            kwargs = {"use_clipped_model_output": True} if sampler == "ddim" else {}
+            x = scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
     return x
 
 
