@@ -120,9 +120,7 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, guidance_res
 # ---- condition noise -----------------------------------------------------------------------------
 
 
-def per_row_noise(
-    shape: Sequence[int], generators: list[torch.Generator] | None, like: torch.Tensor
-) -> torch.Tensor:
+def per_row_noise(shape: Sequence[int], generators: list[torch.Generator] | None, like: torch.Tensor) -> torch.Tensor:
     """N(0, I) of shape (N, ...), row i drawn from generators[i] (so a row never depends on its batch)."""
     if generators is None:
         return torch.randn(tuple(shape), device=like.device, dtype=like.dtype)
@@ -177,9 +175,7 @@ class Cads:
         return (self.tau2 - t) / (self.tau2 - self.tau1)
 
 
-def cads_condition(
-    y: torch.Tensor, gamma: float, noise: torch.Tensor, noise_scale: float, psi: float
-) -> torch.Tensor:
+def cads_condition(y: torch.Tensor, gamma: float, noise: torch.Tensor, noise_scale: float, psi: float) -> torch.Tensor:
     """CADS (Sadat et al. 2024, eqs. 2-4): y_hat = sqrt(gamma) y + s sqrt(1 - gamma) n, rescaled per row to
     y's mean and std and mixed back by psi. gamma = 1 returns y."""
     if gamma >= 1.0:
@@ -243,8 +239,7 @@ class GuidanceSchedule:
         """The guidance scale of every step. Without sigmas, a sigma interval counts every step as guided
         (an upper bound on the rows a request needs)."""
         return [
-            self.scale_at(guidance_scale, i, num_steps, None if sigmas is None else sigmas[i])
-            for i in range(num_steps)
+            self.scale_at(guidance_scale, i, num_steps, None if sigmas is None else sigmas[i]) for i in range(num_steps)
         ]
 
 

@@ -241,9 +241,7 @@ class SampleRun:
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
         t = self.timesteps[self.step_index]
-        out = self.scheduler.step(
-            self.guided_eps(eps), t, self.latents, generator=self.generators, **self._step_kwargs
-        )
+        out = self.scheduler.step(self.guided_eps(eps), t, self.latents, generator=self.generators, **self._step_kwargs)
         self.latents = out.prev_sample
         self.step_index += 1
 
