@@ -1,198 +1,25 @@
-import json
-import os
+"""app.evaluate is the command's module; its code lives in app.evaluation (tests in tests/evaluation/)."""
+
+import importlib
+import re
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import app.evaluate
+import app.evaluation.cli
+import app.evaluation.provenance
 
-from app.evaluate import (
-    FashionClassifier,
-    GaussianStats,
-    Scored,
-    fid,
-    frechet_distance,
-    gaussian_stats,
-    load_classifier,
-    main,
-    mean_pairwise_distance,
-    save_classifier,
-    score_scales,
-    split_real_baseline,
-    sqrtm_psd,
-    within_class_diversity,
-)
-
-# The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
-CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
+REPO = Path(__file__).resolve().parent.parent
 
 
-def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return q
+def test_cfg_evaluate_entry_point_is_the_evaluation_cli():
+    (target,) = re.findall(r'^cfg-evaluate = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is app.evaluation.cli.main
 
 
-# ---- metric functions on synthetic data --------------------------------------------------------------
-
-
-def test_sqrtm_psd_squares_back_also_when_singular():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(6, 3))
-    m = a @ a.T  # rank 3 of 6
-    root = sqrtm_psd(m)
-    np.testing.assert_allclose(root @ root, m, atol=1e-10)
-    np.testing.assert_allclose(root, root.T, atol=1e-12)
-
-
-def test_fid_of_a_set_with_itself_is_zero():
-    x = np.random.default_rng(1).normal(size=(500, 16))
-    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_fid_of_a_mean_shift_is_the_squared_shift():
-    x = np.random.default_rng(2).normal(size=(400, 8))
-    shifts = [0.5, 1.0, 2.0]
-    values = [fid(x, x + d) for d in shifts]
-    # Same covariance, so only ||mu_a - mu_b||^2 = 8 d^2 remains.
-    np.testing.assert_allclose(values, [8 * d**2 for d in shifts], rtol=1e-6)
-    assert values == sorted(values)
-
-
-def test_frechet_distance_of_known_gaussians():
-    rng = np.random.default_rng(3)
-    d = 5
-    mu_a, mu_b = rng.normal(size=d), rng.normal(size=d)
-    var_a, var_b = rng.uniform(0.5, 3, size=d), rng.uniform(0.5, 3, size=d)
-    # Closed form for commuting covariances: ||mu_a - mu_b||^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
-    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
-    q = random_orthogonal(d, rng)  # a shared rotation changes neither distance nor trace
-    a = GaussianStats(q @ mu_a, q @ np.diag(var_a) @ q.T)
-    b = GaussianStats(q @ mu_b, q @ np.diag(var_b) @ q.T)
-    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
-    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)
-
-
-def test_frechet_distance_of_non_commuting_gaussians_in_2d():
-    # 2x2 closed form: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S_a S_b.
-    s_a = np.array([[2.0, 0.3], [0.3, 1.0]])
-    s_b = np.array([[1.0, -0.5], [-0.5, 3.0]])
-    m = s_a @ s_b
-    trace_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
-    expected = 1.0 + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt
-    value = frechet_distance(GaussianStats(np.zeros(2), s_a), GaussianStats(np.array([1.0, 0.0]), s_b))
-    assert value == pytest.approx(expected, rel=1e-9)
-
-
-def test_fid_from_samples_approaches_the_gaussians_value():
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(20000, 3))
-    y = rng.normal(size=(20000, 3)) * 2 + 1
-    # mean term 3, trace term 3 * (2 - 1)^2
-    assert fid(x, y) == pytest.approx(6.0, rel=0.05)
-
-
-def test_gaussian_stats_needs_two_rows():
-    with pytest.raises(ValueError):
-        gaussian_stats(np.zeros((1, 4)))
-
-
-def test_mean_pairwise_distance():
-    points = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0]])  # distances 5, 4, 3
-    assert mean_pairwise_distance(points) == pytest.approx(4.0)
-    assert mean_pairwise_distance(np.ones((5, 3))) == 0.0
-
-
-def test_within_class_diversity_weighs_classes_equally():
-    features = np.array([[0.0], [2.0], [10.0], [10.0], [10.0]])
-    labels = np.array([0, 0, 1, 1, 1])
-    assert within_class_diversity(features, labels) == pytest.approx((2.0 + 0.0) / 2)
-
-
-def test_split_real_baseline_is_balanced_and_disjoint():
-    labels = np.repeat(np.arange(10), 100)
-    subset, rest = split_real_baseline(labels, per_class=7, seed=0)
-    assert np.bincount(labels[subset], minlength=10).tolist() == [7] * 10
-    assert np.intersect1d(subset, rest).size == 0
-    assert subset.size + rest.size == labels.size
-    with pytest.raises(ValueError):
-        split_real_baseline(labels, per_class=60, seed=0)
-
-
-def test_score_scales_reads_images_as_class_major():
-    rng = np.random.default_rng(5)
-    features = rng.normal(size=(6, 4))
-    reference = gaussian_stats(rng.normal(size=(50, 4)))
-    # Two classes, three images each: classes [0 0 0 1 1 1].
-    right = Scored(features, np.array([0, 0, 0, 1, 1, 1]), mean_pixel=40.0)
-    half = Scored(features, np.array([0, 1, 1, 1, 1, 0]))
-    results = score_scales([right, half], [1.0, 3.0], reference, num_classes=2)
-    assert [r.accuracy for r in results] == [1.0, 0.5]
-    assert results[0].mean_pixel == 40.0
-    assert results[1].accuracy_per_class == pytest.approx([1 / 3, 2 / 3])
-    assert results[0].fid == pytest.approx(frechet_distance(gaussian_stats(features), reference))
-
-
-def test_classifier_cache_is_safetensors_and_checks_how_it_was_trained(tmp_path):
-    path = tmp_path / "clf.safetensors"
-    model = FashionClassifier().eval()
-    save_classifier(model, path, {"epochs": "1", "num_classes": "10"})
-    assert path.read_bytes()[8:9] == b"{"  # a safetensors JSON header, not a pickle
-    loaded = load_classifier(path, {"epochs": "1"})
-    x = torch.randn(3, 1, 28, 28)
-    torch.testing.assert_close(loaded(x), model(x))
-    assert load_classifier(path, {"epochs": "2"}) is None
-    path.write_bytes(b"garbage")
-    assert load_classifier(path, {"epochs": "1"}) is None
-
-
-# ---- the command on a tiny configuration ----------------------------------------------------------------
-
-
-def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
-    if not (CHECKPOINT / "manifest.json").is_file():
-        pytest.fail(f"shipped checkpoint missing at {CHECKPOINT}; copy it there (or set CFG_TEST_CHECKPOINT)")
-    argv = ["--model", str(CHECKPOINT), "--per-class", "2", "--scales", "0,3", "--steps", "2",
-            "--classifier-epochs", "1", "--classifier-train-images", "1000",
-            "--classifier-cache", str(tmp_path / "cache" / "clf.safetensors"),
-            "--report", str(tmp_path / "quality.md"), "--json", str(tmp_path / "quality.json"),
-            "--img-dir", str(tmp_path / "img"), "--compare-samplers", "ddim", "--compare-scales", "3"]  # fmt: skip
-    main(argv)
-    out = capsys.readouterr().out
-    assert "trained and cached" in out and "classifier test accuracy" in out
-    assert (tmp_path / "cache" / "clf.safetensors").is_file()
-
-    results = json.loads((tmp_path / "quality.json").read_text())
-    assert [r["guidance_scale"] for r in results["results"]] == [0.0, 3.0]
-    assert results["real"]["n"] == 20
-    assert results["checkpoint_sha256"] in (tmp_path / "quality.md").read_text()
-    report = (tmp_path / "quality.md").read_text()
-    assert "| 3 |" in report and "real test images (n = 20)" in report and "img/tradeoff.png" in report
-    assert [(c["sampler"], [r["guidance_scale"] for r in c["results"]]) for c in results["sampler_comparison"]] == [
-        ("dpmpp_2m", [3.0]),  # the default sampler first
-        ("ddim", [3.0]),
-    ]
-    assert "| ddim | 3 |" in report
-    for name in ("tradeoff.png", "sweep.png"):
-        with Image.open(tmp_path / "img" / name) as image:
-            assert image.format == "PNG"
-
-    main(argv)  # the second run reuses the cached classifier
-    assert "classifier: cached" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--per-class", "501"], "--per-class: must be between 2 and 500"),
-        (["--per-class", "1"], "--per-class: must be between 2 and 500"),
-        (["--compare-samplers", "ddim,plms"], "unknown sampler(s) ['plms']"),
-        (["--compare-samplers", "ddim", "--compare-scales", "4"], "--compare-scales: every scale must also be in"),
-        (["--scales", "1,-2"], "must be 0 or more"),
-    ],
-)
-def test_bad_arguments_are_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_names_imported_from_app_evaluate_still_resolve():
+    # bench/bench_service.py reads these two from app.evaluate.
+    assert app.evaluate.git_commit is app.evaluation.provenance.git_commit
+    assert app.evaluate.machine_description is app.evaluation.provenance.machine_description
+    for name in app.evaluate.__all__:
+        assert hasattr(app.evaluate, name), name

@@ -1,0 +1,9 @@
+"""Measure a checkpoint's samples with a Fashion-MNIST classifier.
+
+metrics.py     FID, Gaussian statistics, diversity, accuracy, mean grey: pure functions
+classifier.py  the scoring CNN: train, cache (safetensors), load, score
+run.py         the scale-sweep evaluation (python -m app.evaluate)
+report.py      its markdown, plot, JSON and console summary
+cli.py         its command line
+provenance.py  machine, commit and date for the reports
+"""
