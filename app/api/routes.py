@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.schemas import Limits, build_generate_request
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
-from app.guidance import GuidanceSchedule
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import make_grid, to_png_bytes
 from app.metrics import Metrics
 from app.sampling import GuidanceParams, SampleSpec
@@ -65,7 +65,6 @@ class ApiError(Exception):
 
 def to_spec(body: Any) -> SampleSpec:
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - body.num_images)
-    schedule = body.schedule
     return SampleSpec(
         class_label=body.class_label,
         seeds=tuple(seed + i for i in range(body.num_images)),
@@ -73,13 +72,35 @@ def to_spec(body: Any) -> SampleSpec:
         sampler=body.sampler,
         guidance=GuidanceParams(
             guidance_scale=body.guidance_scale,
-            schedule=GuidanceSchedule(
-                kind=schedule.kind, start=getattr(schedule, "start", 1.0), end=getattr(schedule, "end", 1.0)
-            ),
+            schedule=GuidanceSchedule(**body.schedule.model_dump()),
             noise_level=body.noise_level,
+            noise_schedule=body.noise_schedule,
             guidance_rescale=body.guidance_rescale,
+            method=GuidanceMethod(**body.method.model_dump()),
+            cads=None if body.cads is None else Cads(**body.cads.model_dump()),
         ),
+        return_trace=body.return_trace,
     )
+
+
+def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
+    """The guidance settings a response echoes, with only the fields that apply to each kind."""
+    method = asdict(guidance.method)
+    if guidance.method.kind != "apg":
+        method = {"kind": guidance.method.kind}
+    schedule = {k: v for k, v in asdict(guidance.schedule).items() if v is not None}
+    if guidance.schedule.kind == "constant":
+        schedule = {"kind": "constant"}
+    elif guidance.schedule.kind != "interval":
+        schedule = {k: schedule[k] for k in ("kind", "start", "end")}
+    return {
+        "method": method,
+        "schedule": schedule,
+        "noise_level": guidance.noise_level,
+        "noise_schedule": guidance.noise_schedule,
+        "guidance_rescale": guidance.guidance_rescale,
+        "cads": None if guidance.cads is None else asdict(guidance.cads),
+    }
 
 
 def submit(service: Service, spec: SampleSpec, arrived: float) -> Job:
@@ -145,6 +166,8 @@ def result_body(service: Service, spec: SampleSpec, result: JobResult, arrived: 
         "steps": spec.steps,
         "sampler": spec.sampler,
         "guidance_scale": spec.guidance.guidance_scale,
+        "guidance": guidance_body(spec.guidance),
+        "trace": result.trace,
         "images": [base64.b64encode(to_png_bytes(img)).decode() for img in result.images],
         "seeds": list(spec.seeds),
         "timings": {
@@ -166,11 +189,17 @@ async def progress_stream(
     waiter = asyncio.ensure_future(await_result(service, job, request, arrived))
     try:
         last = None
+        traced = 0  # trace entries sent so far: each event carries the steps taken since the last
         while not waiter.done():
             step, steps = job.progress
             if step != last:
                 last = step
-                yield sse("progress", {"step": step, "steps": steps, "queued": job.queued})
+                event = {"step": step, "steps": steps, "queued": job.queued}
+                if spec.return_trace:
+                    new = job.run.trace[traced:step]
+                    traced += len(new)
+                    event["trace"] = [t.to_dict() for t in new]
+                yield sse("progress", event)
             await asyncio.wait({waiter, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
         try:
             yield sse("result", result_body(service, spec, waiter.result(), arrived))
@@ -221,13 +250,13 @@ def build_router(limits: Limits) -> APIRouter:
     @router.get("/healthz", summary="Liveness: the process and its engine loop are running")
     async def healthz(service: ServiceDep) -> Response:
         if not service.engine.check_health():
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return JSONResponse({"status": "engine stopped", "error": service.engine.error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @router.get("/readyz", summary="Readiness: 503 until the model is warm, and while draining")
     async def readyz(service: ServiceDep) -> Response:
         if not (service.ready and service.engine.accepting and service.engine.check_health()):
-            return JSONResponse({"status": "not ready"}, status_code=503)
+            return JSONResponse({"status": "not ready", "error": service.engine.error}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @router.get("/v1/models", summary="The loaded model: classes, image size, samplers, limits")

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from app.sampling import DEFAULT_SAMPLER
+from app.guidance import Cads, GuidanceMethod
+from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
 Sampler = Literal["ddim", "ddpm", "dpmpp_2m", "euler_a"]
@@ -24,17 +25,17 @@ class Limits:
     max_noise_level: float
 
 
-class _Schedule(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ConstantSchedule(_Schedule):
+class ConstantSchedule(_Strict):
     """s_i = guidance_scale at every step."""
 
     kind: Literal["constant"] = "constant"
 
 
-class LinearSchedule(_Schedule):
+class LinearSchedule(_Strict):
     """s_i = guidance_scale * (start + (end - start) * i / (N - 1)), i = 0 .. N-1 over N steps."""
 
     kind: Literal["linear"]
@@ -42,7 +43,7 @@ class LinearSchedule(_Schedule):
     end: float = Field(0.0, ge=0, le=10, description="factor of guidance_scale at the last step")
 
 
-class CosineSchedule(_Schedule):
+class CosineSchedule(_Strict):
     """s_i = guidance_scale * (end + (start - end) * 0.5 * (1 + cos(pi * i / N))).
     start=1, end=min/max is cosine annealing from max (= guidance_scale) towards min;
     start < end is the increasing variant."""
@@ -52,16 +53,84 @@ class CosineSchedule(_Schedule):
     end: float = Field(0.0, ge=0, le=10, description="factor the cosine decays towards at step N")
 
 
-class IntervalSchedule(_Schedule):
-    """s_i = guidance_scale where start <= i / N < end, else 1 (no guidance); i / N = 0 is pure noise.
-    Kynkäänniemi et al. 2024, guidance in a limited interval."""
+class IntervalSchedule(_Strict):
+    """s_i = guidance_scale where start <= i / N < end and sigma_min < sigma_i <= sigma_max, else 1 (no
+    guidance); i / N = 0 is pure noise. Kynkäänniemi et al. 2024, guidance in a limited interval of
+    noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), read from the request's own scheduler."""
 
     kind: Literal["interval"]
-    start: float = Field(..., ge=0, le=1, description="fraction of the trajectory where guidance starts")
-    end: float = Field(..., ge=0, le=1, description="fraction of the trajectory where guidance stops")
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the trajectory where guidance starts")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the trajectory where guidance stops")
+    sigma_min: float | None = Field(None, ge=0, le=1000, description="no guidance at sigma <= sigma_min")
+    sigma_max: float | None = Field(None, ge=0, le=1000, description="no guidance at sigma > sigma_max")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntervalSchedule:
+        if self.start > self.end:
+            raise ValueError(f"schedule.start ({self.start:g}) must not exceed schedule.end ({self.end:g})")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"schedule.sigma_min ({self.sigma_min:g}) must be below sigma_max ({self.sigma_max:g})")
+        return self
 
 
 Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | IntervalSchedule, Field(discriminator="kind")]
+
+_APG = GuidanceMethod(kind="apg")
+
+
+class CfgMethod(_Strict):
+    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)."""
+
+    kind: Literal["cfg"] = "cfg"
+
+
+class ApgMethod(_Strict):
+    """Adaptive projected guidance (Sadat et al. 2024) on the x0 prediction D:
+    D_c + (s - 1) (dD_orth + eta dD_par), dD = D_c - D_u with momentum and a norm clamp."""
+
+    kind: Literal["apg"]
+    eta: float = Field(_APG.eta, ge=0, le=1, description="weight of the part of dD parallel to D_c (1: CFG's)")
+    momentum: float = Field(_APG.momentum, ge=-1, le=1, description="dD + momentum * previous dD (0: off)")
+    norm_threshold: float = Field(
+        _APG.norm_threshold, ge=0, le=1000, description="clamp |dD| per image to this (0: off); x0 in [-1, 1]"
+    )
+
+
+class CfgZeroStarMethod(_Strict):
+    """CFG-Zero* (Fan et al. 2025): eps_u scaled by <eps_c, eps_u> / |eps_u|^2 per image before the combine."""
+
+    kind: Literal["cfg_zero_star"]
+
+
+Method = Annotated[CfgMethod | ApgMethod | CfgZeroStarMethod, Field(discriminator="kind")]
+
+_CADS = Cads()
+
+
+class CadsOptions(_Strict):
+    """Condition-annealed sampling (Sadat et al., ICLR 2024): noise on the class embedding of the
+    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise)."""
+
+    tau1: float = Field(_CADS.tau1, ge=0, le=1, description="no condition noise at t <= tau1")
+    tau2: float = Field(_CADS.tau2, ge=0, le=1, description="full condition noise at t >= tau2")
+    noise_scale: float = Field(_CADS.noise_scale, ge=0, le=10, description="s: std of the embedding noise")
+    psi: float = Field(_CADS.psi, ge=0, le=1, description="mix of the rescaled embedding (1: fully rescaled)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CadsOptions:
+        if self.tau1 > self.tau2:
+            raise ValueError(f"cads.tau1 ({self.tau1:g}) must not exceed cads.tau2 ({self.tau2:g})")
+        return self
+
+
+def _schema_default(annotation: Any, value: Any) -> Any:
+    """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE)."""
+    fields = {k: v for k, v in asdict(value).items() if v is not None}
+    if fields.get("kind") in ("constant", "cfg", "cfg_zero_star"):
+        fields = {"kind": fields["kind"]}
+    elif fields.get("kind") in ("linear", "cosine"):
+        fields = {k: fields[k] for k in ("kind", "start", "end")}
+    return TypeAdapter(annotation).validate_python(fields)
 
 
 class Timings(BaseModel):
@@ -78,6 +147,10 @@ class GenerateResponse(BaseModel):
     steps: int
     sampler: str
     guidance_scale: float
+    guidance: dict[str, Any] = Field(description="the guidance settings used: method, schedule, noise, rescale, cads")
+    trace: list[dict[str, Any]] | None = Field(
+        None, description="with return_trace: per step the scale used and |eps_c - eps_u| per image (APG: its parts)"
+    )
     images: list[str] = Field(description="base64-encoded PNGs")
     seeds: list[int] = Field(description="per-image seeds: seed=seeds[i], num_images=1 redraws image i")
     timings: Timings
@@ -105,23 +178,42 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
             "docs/quality.md), ddpm (ancestral), ddim or euler_a (Euler ancestral)",
         )
         guidance_scale: float = Field(
-            3.0,
+            DEFAULT_GUIDANCE.guidance_scale,
             ge=0,
             le=limits.max_guidance_scale,
             description="s: 0 unconditional, 1 conditional only, >1 guided (Ho & Salimans' w = s - 1)",
         )
         noise_level: float = Field(
-            0.0,
+            DEFAULT_GUIDANCE.noise_level,
             ge=0,
             le=limits.max_noise_level,
             description="std of Gaussian noise added to the conditional prediction before the combine",
         )
+        noise_schedule: Literal["constant", "sigma", "guidance"] = Field(
+            DEFAULT_GUIDANCE.noise_schedule,
+            description="how noise_level varies over the steps: constant (every step), sigma (with the "
+            "sampler's noise level, to ~0 at the end) or guidance (with the guidance schedule, s_i / s)",
+        )
         schedule: Schedule = Field(
-            default_factory=ConstantSchedule,
+            default_factory=lambda: _schema_default(Schedule, DEFAULT_GUIDANCE.schedule),
             description="how the scale varies over the steps: constant, linear, cosine or interval",
         )
+        method: Method = Field(
+            default_factory=lambda: _schema_default(Method, DEFAULT_GUIDANCE.method),
+            description="how eps_c and eps_u combine: cfg, apg (adaptive projected guidance) or cfg_zero_star",
+        )
+        cads: CadsOptions | None = Field(
+            None if DEFAULT_GUIDANCE.cads is None else CadsOptions(**asdict(DEFAULT_GUIDANCE.cads)),
+            description="condition-annealed sampling: noise on the class embedding early in sampling; null: off",
+        )
         guidance_rescale: float = Field(
-            0.0, ge=0, le=1, description="phi of Lin et al. 2023: 0 off, 1 full std rescale to eps_cond"
+            DEFAULT_GUIDANCE.guidance_rescale,
+            ge=0,
+            le=1,
+            description="phi of Lin et al. 2023: 0 off, 1 full std rescale to eps_cond",
+        )
+        return_trace: bool = Field(
+            False, description="return per step the scale used and |eps_c - eps_u| per image (APG: its parts)"
         )
         seed: int | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted")
 

@@ -53,6 +53,7 @@ class JobResult:
     images: np.ndarray  # uint8 (N, H, W, C)
     queue_wait_s: float
     compute_s: float
+    trace: list[dict] | None = None  # with spec.return_trace: the guidance trace, one dict per step
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ class Engine:
     # --- the interface the HTTP front end uses -------------------------------------------------
 
     def submit(self, spec: SampleSpec) -> Job:
+        if self._error is not None:
+            raise EngineClosedError(f"the engine failed: {self.error}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
         if 2 * spec.num_images > self.max_batch_rows:
@@ -172,6 +175,11 @@ class Engine:
 
     def check_health(self) -> bool:
         return self._task is not None and not self._task.done() and self._error is None
+
+    @property
+    def error(self) -> str | None:
+        """What stopped the engine's loop, for the health endpoints; None while it has not failed."""
+        return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
 
     @property
     def accepting(self) -> bool:
@@ -205,6 +213,8 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # the loop failed earlier: logged, and its jobs failed, when it did
+                pass
         self._executor.shutdown(wait=True)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -213,7 +223,7 @@ class Engine:
         Called while the loop awaits a tick, fn runs right after that tick and the next one waits for
         it: the batch pauses, and resumes as it was. The warmup uses it, and the benchmark times the raw
         sampling loop with it in the service's own thread, between the service's ticks under load."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def warmup(self, spec: SampleSpec) -> None:
         """Before the service reports ready: run one job, then one forward at every row count.
@@ -308,6 +318,7 @@ class Engine:
                         images=job.run.images(),
                         queue_wait_s=job.started_at - job.enqueued_at,
                         compute_s=now - job.started_at,
+                        trace=[t.to_dict() for t in job.run.trace] if job.spec.return_trace else None,
                     )
                 )
         return finished

@@ -1,6 +1,7 @@
 """Sampler runs over a denoiser callable, built on diffusers' schedulers, one instance per request."""
 
 from app.sampling.run import (
+    DEFAULT_GUIDANCE,
     ClassEmbedding,
     Denoiser,
     GuidanceParams,
@@ -14,6 +15,7 @@ from app.sampling.run import (
 from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
 
 __all__ = [
+    "DEFAULT_GUIDANCE",
     "DEFAULT_SAMPLER",
     "SAMPLERS",
     "ClassEmbedding",

@@ -64,6 +64,10 @@ class GuidanceParams:
     cads: Cads | None = None
 
 
+# The guidance of a request that sets none: the API's defaults, app.generate's and app.evaluate's.
+DEFAULT_GUIDANCE = GuidanceParams()
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What to draw: the engine's own request type, free of HTTP schemas."""
@@ -72,7 +76,7 @@ class SampleSpec:
     seeds: tuple[int, ...]  # one per image
     steps: int = 20
     sampler: str = DEFAULT_SAMPLER
-    guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    guidance: GuidanceParams = DEFAULT_GUIDANCE
     return_trace: bool = False
 
     @property
