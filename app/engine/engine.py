@@ -223,7 +223,7 @@ class Engine:
         Called while the loop awaits a tick, fn runs right after that tick and the next one waits for
         it: the batch pauses, and resumes as it was. The warmup uses it, and the benchmark times the raw
         sampling loop with it in the service's own thread, between the service's ticks under load."""
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def warmup(self, spec: SampleSpec) -> None:
         """Before the service reports ready: run one job, then one forward at every row count.
