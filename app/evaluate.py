@@ -1,4 +1,5 @@
 """Measure the guidance trade-off of a checkpoint: python -m app.evaluate (see app/evaluation/cli.py).
+The guidance-methods table is python -m app.evaluation.methods.
 
 The code lives in the app.evaluation package; this module keeps the command, the cfg-evaluate entry
 point and the names other code imports from here.
