@@ -2,6 +2,8 @@
 
 import asyncio
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -180,29 +182,53 @@ def test_waiting_job_is_queued_until_admitted(loaded, denoiser):
     asyncio.run(main())
 
 
+class SignallingExecutor(ThreadPoolExecutor):
+    """The engine's one model thread, as worker() makes it, that also says when work is queued on it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="engine-forward")
+        self.queued_after: Callable | None = None  # set queued once something other than this is queued
+        self.queued = threading.Event()
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = super().submit(fn, *args, **kwargs)
+        if self.queued_after is not None and fn is not self.queued_after:
+            self.queued.set()
+        return future
+
+
 def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded, denoiser):
     """What the benchmark relies on: fn runs in the engine's thread, no tick runs meanwhile, and the
     batch resumes as it was (the result equals the request sampled alone)."""
     spec = SampleSpec(class_label=4, seeds=(5,), steps=8, sampler="ddpm")
+    forward_threads = set()
+
+    def recording(x, t, labels):
+        forward_threads.add(threading.get_ident())
+        return denoiser(x, t, labels)
 
     async def main():
-        engine = make_engine(loaded, denoiser)
+        executor = SignallingExecutor()
+        engine = make_engine(loaded, recording, executor=executor)
         await engine.start()
         job = engine.submit(spec)
         await until(lambda: job.run.step_index >= 2)
 
         def probe():
             step = job.run.step_index
-            threading.Event().wait(0.3)  # a tick (which advances the job) would land here if the batch ran on
-            return threading.current_thread().name, job.run.step_index - step
+            # The engine has asked for its next tick by the time this is set: a tick that could run
+            # beside fn would have advanced the job. No clock: on a loaded machine a tick may take seconds.
+            assert executor.queued.wait(timeout=120), "the engine never asked for its next tick"
+            return threading.get_ident(), job.run.step_index - step
 
-        name, steps_during = await engine.run_in_worker(probe)
+        executor.queued_after = probe
+        thread, steps_during = await engine.run_in_worker(probe)
         result = await job.future
         await engine.stop()
-        return name, steps_during, result
+        return thread, steps_during, result
 
-    name, steps_during, result = asyncio.run(main())
-    assert name.startswith("engine-forward") and steps_during == 0
+    thread, steps_during, result = asyncio.run(main())
+    assert forward_threads == {thread} and steps_during == 0
     alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
     sample(denoiser, [alone])
     assert (result.images == alone.images()).all()
@@ -223,3 +249,34 @@ def test_next_step_wakes_a_waiter_after_every_step(loaded, denoiser):
         return seen
 
     assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_failing_model_fails_running_and_waiting_jobs_and_the_engine_says_why(loaded, denoiser):
+    """Stand-in fault: the real model, whose forward raises once the test says so (a real network
+    does not fail on demand), while one job runs and another waits for its rows."""
+    fail = threading.Event()
+
+    def failing(x, t, y):
+        if fail.is_set():
+            raise RuntimeError("injected fault: device lost")
+        return denoiser(x, t, y)
+
+    async def main():
+        engine = make_engine(loaded, failing, max_batch_rows=2)
+        await engine.start()
+        running = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=200))
+        await until(lambda: not running.queued)
+        waiting = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=3))
+        assert waiting.queued and engine.check_health() and engine.error is None
+        fail.set()
+        for job in (running, waiting):
+            # A bound, not a timing window: without the engine's error handling these never resolve.
+            with pytest.raises(RuntimeError, match="engine failure: injected fault: device lost"):
+                await asyncio.wait_for(job.future, timeout=120)
+        assert not engine.check_health()
+        assert engine.error == "RuntimeError: injected fault: device lost"
+        with pytest.raises(EngineClosedError, match="failed: RuntimeError: injected fault"):
+            engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=3))
+        await engine.stop()  # after a failed loop too: no exception, the worker thread is shut down
+
+    asyncio.run(main())
