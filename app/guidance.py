@@ -81,7 +81,7 @@ def apg_combine(
     running = diff
     dims = _row_dims(diff)
     if norm_threshold > 0:
-        diff = diff * torch.clamp(norm_threshold / diff.norm(dim=dims, keepdim=True), max=1.0)
+        diff = diff * torch.clamp(norm_threshold / torch.linalg.vector_norm(diff, dim=dims, keepdim=True), max=1.0)
     unit = F.normalize(pred_cond.double(), dim=dims)
     parallel = (diff.double() * unit).sum(dim=dims, keepdim=True) * unit
     orthogonal = diff.double() - parallel
