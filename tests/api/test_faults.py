@@ -158,6 +158,7 @@ def test_a_non_finite_result_is_a_500_with_a_message_and_the_service_stays_up(fa
     assert "non-finite values in the latents at step 1" in detail and "no image was produced" in detail
     assert "images" not in r.json() and r.json()["outcome"] == "error"
     assert metric(client, 'cfg_requests_total{outcome="error"}') == 1
+    assert metric(client, 'cfg_request_duration_seconds_count{outcome="error"}') == 1
     assert metric(client, "cfg_images_generated_total") == images
     # Only that request failed: the engine runs on, and the next request gets its images.
     assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").status_code == 200

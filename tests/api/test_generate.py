@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -149,6 +150,24 @@ def test_metrics_count_requests(client):
     assert 'cfg_model_info{device="cpu"' in text and "cfg_device_memory_bytes" in text
 
 
+def test_request_latency_is_recorded(client):
+    """One observation per request in the latency histograms, of the request's own duration."""
+    key = 'cfg_request_duration_seconds_{}{{outcome="ok"}}'
+    count0, sum0 = metric(client, key.format("count")), metric(client, key.format("sum"))
+    waits0 = metric(client, "cfg_queue_wait_seconds_count")
+    started = time.monotonic()
+    r = client.post("/generate", json={"class_label": 5, "steps": 3, "seed": 2})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    timings = r.json()["timings"]
+    assert metric(client, key.format("count")) == count0 + 1
+    recorded = metric(client, key.format("sum")) - sum0
+    # Arrival to response: at least the compute, at most what the client waited (timings are rounded).
+    assert timings["compute_s"] - 1e-3 <= recorded <= min(timings["total_s"] + 1e-3, elapsed)
+    assert recorded > 0
+    assert metric(client, "cfg_queue_wait_seconds_count") == waits0 + 1
+
+
 def test_openapi_documents_fields_ranges_and_formulas(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     req = schemas["GenerateRequest"]["properties"]
@@ -161,11 +180,20 @@ def test_openapi_documents_fields_ranges_and_formulas(client):
     assert "Kynk" in schemas["IntervalSchedule"]["description"]
 
 
-def test_timeout_gives_504():
+def test_timeout_gives_504_and_the_job_leaves_the_batch():
     with TestClient(create_app(Settings(request_timeout_s=0.3, warmup=False))) as c:
         r = c.post("/generate", json={"class_label": 1, "num_images": 16, "steps": 200})
         assert r.status_code == 504 and "timeout" in r.json()["detail"]
         assert metric(c, 'cfg_requests_total{outcome="timeout"}') == 1
+        assert metric(c, 'cfg_request_duration_seconds_count{outcome="timeout"}') == 1
+        assert metric(c, 'cfg_request_duration_seconds_sum{outcome="timeout"}') >= 0.29
+        # Its rows leave at the next tick: the engine goes idle long before the job's 200 steps.
+        deadline = time.monotonic() + 120  # a bound on a state, not a timing window
+        while metric(c, "cfg_requests_in_flight") + metric(c, "cfg_queue_depth") > 0:
+            assert time.monotonic() < deadline, "the timed-out job is still in the batch"
+            time.sleep(0.05)
+        assert metric(c, "cfg_engine_step_duration_seconds_count") < 200
+        assert metric(c, "cfg_images_generated_total") == 0
 
 
 def test_missing_or_corrupt_checkpoint_stops_startup_naming_the_file(tmp_path, checkpoint_path):
@@ -204,8 +232,9 @@ def test_event_stream_reports_progress_then_the_result(client):
     chunks = [c for c in text.split("\n\n") if c.strip()]
     kinds = [c.split("\n")[0].removeprefix("event: ") for c in chunks]
     assert kinds[-1] == "result" and kinds.count("result") == 1 and "progress" in kinds
-    steps = [json.loads(c.split("data: ", 1)[1])["step"] for c in chunks if c.startswith("event: progress")]
-    assert steps == sorted(steps) and steps[-1] <= 12
+    progress = [json.loads(c.split("data: ", 1)[1]) for c in chunks if c.startswith("event: progress")]
+    # One event per step: the job's state before its first step (queued or not), then after each one.
+    assert [p["step"] for p in progress] == list(range(13)) and {p["steps"] for p in progress} == {12}
     body = json.loads(chunks[-1].split("data: ", 1)[1])
     assert body["class_label"] == 2 and body["seeds"] == [4] and len(body["images"]) == 1
 
