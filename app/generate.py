@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from app.guidance import GuidanceSchedule
+from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule
 from app.images import labelled_grid, make_grid, to_pil, upscale
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
-from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
 
 DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
@@ -223,20 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images (default 16), or per class with --sweep (default 1)",
     )
-    p.add_argument("--scale", type=non_negative_float, default=3.0, help="guidance scale s (1: no guidance)")
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
-    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="constant", help="guidance weight schedule")
-    p.add_argument(
+    g = p.add_argument_group(
+        "guidance (each left out takes the service's default request, app.sampling.DEFAULT_GUIDANCE)"
+    )
+    g.add_argument("--scale", type=non_negative_float, default=None, help="guidance scale s (1: no guidance)")
+    g.add_argument("--method", choices=METHOD_KINDS, default=None, help="how eps_cond and eps_uncond combine")
+    g.add_argument("--apg-eta", type=unit_float, default=None, help="APG: weight of the parallel part")
+    g.add_argument("--apg-momentum", type=finite_float, default=None, help="APG: momentum (-1..1)")
+    g.add_argument("--apg-norm-threshold", type=non_negative_float, default=None, help="APG: |dD| clamp (0: off)")
+    g.add_argument("--schedule", choices=SCHEDULE_KINDS, default=None, help="guidance weight schedule")
+    g.add_argument(
         "--schedule-start",
         type=finite_float,
         default=None,
         help="schedule start (default 0 for interval, else 1); see app/guidance.py",
     )
-    p.add_argument("--schedule-end", type=finite_float, default=None, help="schedule end (default 1)")
-    p.add_argument("--noise-level", type=non_negative_float, default=0.0, help="noise added to eps_cond")
-    p.add_argument("--rescale", type=unit_float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    g.add_argument("--schedule-end", type=finite_float, default=None, help="schedule end (default 1)")
+    g.add_argument("--sigma-min", type=non_negative_float, default=None, help="interval: no guidance at sigma <= this")
+    g.add_argument("--sigma-max", type=non_negative_float, default=None, help="interval: no guidance at sigma > this")
+    g.add_argument("--noise-level", type=non_negative_float, default=None, help="noise added to eps_cond")
+    g.add_argument("--noise-schedule", choices=NOISE_SCHEDULE_KINDS, default=None, help="noise_level per step")
+    g.add_argument("--rescale", type=unit_float, default=None, help="guidance rescale phi (Lin et al. 2023)")
+    g.add_argument("--cads", action=argparse.BooleanOptionalAction, default=None, help="CADS with its defaults")
     p.add_argument("--ncols", type=positive_int, default=None, help="grid columns (default: about sqrt(N))")
     p.add_argument("--zoom", type=positive_int, default=None, help="pixel enlargement (default 1, sweep 3)")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default samples.png, sweep.png)")
@@ -248,13 +259,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
-    start = args.schedule_start if args.schedule_start is not None else (0.0 if args.schedule == "interval" else 1.0)
-    end = args.schedule_end if args.schedule_end is not None else 1.0
+    """The service's default guidance with what the flags set."""
+    base = DEFAULT_GUIDANCE
+    schedule = base.schedule
+    schedule_flags = (args.schedule_start, args.schedule_end, args.sigma_min, args.sigma_max)
+    if args.schedule is not None or any(v is not None for v in schedule_flags):
+        kind = args.schedule or schedule.kind
+        start = args.schedule_start if args.schedule_start is not None else (0.0 if kind == "interval" else 1.0)
+        end = args.schedule_end if args.schedule_end is not None else 1.0
+        schedule = GuidanceSchedule(kind=kind, start=start, end=end, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+    method = base.method
+    if args.method is not None and args.method != method.kind:
+        method = GuidanceMethod(kind=args.method)
+    apg = {"eta": args.apg_eta, "momentum": args.apg_momentum, "norm_threshold": args.apg_norm_threshold}
+    method = replace(method, **{k: v for k, v in apg.items() if v is not None})
+    cads = base.cads if args.cads is None else (Cads() if args.cads else None)
+
+    def pick(value, default):
+        return default if value is None else value
+
     return GuidanceParams(
-        guidance_scale=args.scale,
-        schedule=GuidanceSchedule(kind=args.schedule, start=start, end=end),
-        noise_level=args.noise_level,
-        guidance_rescale=args.rescale,
+        guidance_scale=pick(args.scale, base.guidance_scale),
+        schedule=schedule,
+        noise_level=pick(args.noise_level, base.noise_level),
+        noise_schedule=pick(args.noise_schedule, base.noise_schedule),
+        guidance_rescale=pick(args.rescale, base.guidance_rescale),
+        method=method,
+        cads=cads,
     )
 
 

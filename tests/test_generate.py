@@ -6,10 +6,18 @@ import pytest
 from PIL import Image
 
 from app.data import CLASS_NAMES
-from app.generate import main, plan_batches, resolve_class, rows_per_image, sweep_specs
-from app.guidance import GuidanceSchedule
+from app.generate import (
+    build_parser,
+    guidance_from_args,
+    main,
+    plan_batches,
+    resolve_class,
+    rows_per_image,
+    sweep_specs,
+)
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import GRID_PADDING
-from app.sampling import GuidanceParams, SampleSpec
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
@@ -78,6 +86,9 @@ def test_sweep_grid_has_a_cell_per_class_and_scale(checkpoint, tmp_path):
         (["--rescale", "2"], "between 0 and 1"),
         (["--sampler", "plms"], "invalid choice"),
         (["--sweep", "--scales", "1,,x"], "expected a number"),
+        (["--method", "pag"], "invalid choice"),
+        (["--noise-schedule", "cosine"], "invalid choice"),
+        (["--apg-norm-threshold", "-1"], "must be 0 or more"),
     ],
 )
 def test_bad_arguments_are_usage_errors(checkpoint, argv, message, capsys):
@@ -145,3 +156,24 @@ def test_generate_calls_on_step_once_per_forward_and_matches_total_steps(checkpo
     # 8 rows hold 4 guided images: batches [0: 4 images], [0: 1], [1: 4], [1: 1], of 3, 3, 2 and 2 steps
     assert len(calls) == total_steps(specs, max_rows=8) == 3 + 3 + 2 + 2
     assert [im.shape for im in images] == [(5, 28, 28, 1), (5, 28, 28, 1)]
+
+
+def test_guidance_flags_default_to_the_services_default_request():
+    assert guidance_from_args(build_parser().parse_args([])) == DEFAULT_GUIDANCE
+
+
+def test_guidance_flags_set_every_option():
+    argv = ["--scale", "4", "--method", "apg", "--apg-norm-threshold", "2", "--apg-momentum", "0", "--schedule",
+            "interval", "--sigma-min", "0.3", "--sigma-max", "5", "--noise-level", "0.2", "--noise-schedule", "sigma",
+            "--rescale", "0.5", "--cads"]  # fmt: skip
+    assert guidance_from_args(build_parser().parse_args(argv)) == GuidanceParams(
+        guidance_scale=4.0,
+        schedule=GuidanceSchedule("interval", 0.0, 1.0, sigma_min=0.3, sigma_max=5.0),
+        noise_level=0.2,
+        noise_schedule="sigma",
+        guidance_rescale=0.5,
+        method=GuidanceMethod("apg", eta=GuidanceMethod().eta, momentum=0.0, norm_threshold=2.0),
+        cads=Cads(),
+    )
+    plain = guidance_from_args(build_parser().parse_args(["--method", "cfg", "--no-cads", "--schedule", "constant"]))
+    assert plain.method == GuidanceMethod("cfg") and plain.cads is None and plain.schedule.kind == "constant"

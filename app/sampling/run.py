@@ -64,7 +64,8 @@ class GuidanceParams:
     cads: Cads | None = None
 
 
-# The guidance of a request that sets none: the API's defaults, app.generate's and app.evaluate's.
+# The guidance of a request that sets none: the API's defaults and app.generate's. GuidanceParams()
+# itself stays plain CFG at s = 3 (app.evaluate's scale sweep and SampleSpec's default).
 DEFAULT_GUIDANCE = GuidanceParams()
 
 
@@ -76,7 +77,7 @@ class SampleSpec:
     seeds: tuple[int, ...]  # one per image
     steps: int = 20
     sampler: str = DEFAULT_SAMPLER
-    guidance: GuidanceParams = DEFAULT_GUIDANCE
+    guidance: GuidanceParams = field(default_factory=GuidanceParams)
     return_trace: bool = False
 
     @property
