@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -158,8 +159,27 @@ class Replica:
             if sample.name == "cfg_requests_total"
         }
 
+    def gauge(self, name: str) -> float:
+        """An unlabelled gauge of this replica's, such as cfg_requests_in_flight."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def start_replica(log_path: Path, **env: str) -> Replica:
+    """One more `python -m app.serve` on a free port, on the CPU; the caller waits for /readyz and stops it."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "CFG_DEVICE": "cpu", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Replica(f"http://127.0.0.1:{port}", proc, log_path)
 
 
 @dataclass

@@ -7,7 +7,6 @@ steps. Whether a request reached a replica is read from that replica's own /metr
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -122,17 +121,24 @@ def test_rate_limit_answers_429(replicas: list[Replica], start_gateway) -> None:
     assert refused.headers["Retry-After"] == "1"
 
 
-def test_a_failed_post_is_not_retried_on_another_replica(replicas: list[Replica], start_gateway) -> None:
+def test_a_post_that_cannot_connect_goes_to_the_other_replica_once(replicas: list[Replica], start_gateway) -> None:
+    """A replica that refuses the connection (dead, or restarting) never saw the request: the gateway
+    passes it to the next one. A POST that was sent is never passed on: test_gateway_faults.py."""
     # Round robin starts with the first server: a port nobody listens on.
     live = replicas[0]
-    gateway = start_gateway([f"127.0.0.1:{free_port()}", hostport(live)])
-    before = live.counters()["ok"]
-    first = httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=60)
-    assert first.status_code == 502
-    assert first.json() == {"detail": "no replica could be reached"}
-    assert live.counters()["ok"] == before
-    # nginx then takes the dead server out for a while: the next request goes to the live one.
-    assert httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=120).status_code == 200
+    dead = f"127.0.0.1:{free_port()}"
+    gateway = start_gateway([dead, hostport(live)])
+    before = live.counters()
+    first = httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=120)
+    assert first.status_code == 200, first.text
+    after = live.counters()
+    assert after["ok"] == before["ok"] + 1 and sum(after.values()) == sum(before.values()) + 1
+    assert f"upstream={dead}, {hostport(live)} " in gateway.access_log()
+    # With every replica down, the client gets the gateway's 502 at once.
+    nobody = start_gateway([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+    response = httpx.post(f"{nobody.url}/generate", json=GENERATE, timeout=60)
+    assert response.status_code == 502
+    assert response.json() == {"detail": "no replica could be reached"}
 
 
 def test_replicas_found_through_the_resolver(replicas: list[Replica], start_gateway) -> None:
@@ -154,16 +160,16 @@ def test_replicas_found_through_the_resolver(replicas: list[Replica], start_gate
 
 def test_progress_events_stream_through_unbuffered(replicas: list[Replica], start_gateway) -> None:
     gateway = start_gateway([hostport(r) for r in replicas])
-    started = time.monotonic()
-    arrivals: list[tuple[str, float]] = []
+    events: list[str] = []
+    running_at_first_event: float | None = None
     headers = {"Accept": "text/event-stream"}
-    with httpx.stream("POST", f"{gateway.url}/generate", json={**GENERATE, "steps": 200}, headers=headers) as r:
+    with httpx.stream("POST", f"{gateway.url}/generate", json={**GENERATE, "steps": 30}, headers=headers) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("event:"):
-                arrivals.append((line.removeprefix("event:").strip(), time.monotonic() - started))
-    events = [name for name, _ in arrivals]
+                events.append(line.removeprefix("event:").strip())
+                if running_at_first_event is None:
+                    # Held back by the gateway, the first event would only come once the request is done.
+                    running_at_first_event = sum(replica.gauge("cfg_requests_in_flight") for replica in replicas)
     assert events[0] == "progress" and events[-1] == "result", events
-    # Held back by the gateway, the events would all arrive together at the end.
-    first_progress, result = arrivals[0][1], arrivals[-1][1]
-    assert first_progress < result / 2, f"first progress at {first_progress:.2f} s, result at {result:.2f} s"
+    assert running_at_first_event == 1, "the first progress event arrived after the request had finished"
