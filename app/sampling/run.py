@@ -211,7 +211,8 @@ class SampleRun:
         scale = self.scales[i]
         eps_cond = add_condition_noise(eps[:n], g.noise_level * self.noise_factors[i], self.generators)
         if eps.shape[0] == n:
-            self._record(StepTrace(i, scale))
+            if self.spec.return_trace:
+                self.trace.append(StepTrace(i, scale))
             return eps_cond
         eps_uncond = eps[n:]
         trace = StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond)) if self.spec.return_trace else None
@@ -236,12 +237,8 @@ class SampleRun:
         else:
             eps_guided = cfg_combine(eps_cond, eps_uncond, scale)
         if trace is not None:
-            self._record(trace)
-        return rescale_guidance(eps_guided, eps_cond, g.guidance_rescale)
-
-    def _record(self, trace: StepTrace) -> None:
-        if self.spec.return_trace:
             self.trace.append(trace)
+        return rescale_guidance(eps_guided, eps_cond, g.guidance_rescale)
 
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
