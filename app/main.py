@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from app.api.routes import Service, build_router, install_error_handlers
+from app.api.routes import Service, build_router, guidance_body, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, EngineStats, Job, worker
+from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
 from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
-from app.sampling import SampleSpec
+from app.sampling import DEFAULT_GUIDANCE, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
 log = logging.getLogger("uvicorn.error")
@@ -104,6 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "device": str(device),
                         "samplers": list(SAMPLER_NAMES),
                         "schedules": ["constant", "linear", "cosine", "interval"],
+                        "guidance_methods": list(METHOD_KINDS),
+                        "noise_schedules": list(NOISE_SCHEDULE_KINDS),
+                        "default_guidance": {
+                            "guidance_scale": DEFAULT_GUIDANCE.guidance_scale,
+                            **guidance_body(DEFAULT_GUIDANCE),
+                        },
                         "limits": {
                             "max_images": settings.max_images,
                             "max_steps": settings.max_steps,

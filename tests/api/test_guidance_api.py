@@ -139,3 +139,12 @@ def test_progress_events_carry_the_trace(client):
     assert streamed == result["trace"][: len(streamed)]
     assert all(len(e["trace"]) == e["step"] - prev["step"] for prev, e in zip(progress, progress[1:], strict=False))
     assert [t["scale"] for t in result["trace"]] == [4.0] * 8
+
+
+def test_models_lists_the_guidance_options_and_the_default(client):
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star"]
+    assert model["noise_schedules"] == ["constant", "sigma", "guidance"]
+    default = model["default_guidance"]
+    assert default["guidance_scale"] == DEFAULT_GUIDANCE.guidance_scale
+    assert default["method"]["kind"] == DEFAULT_GUIDANCE.method.kind
