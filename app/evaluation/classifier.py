@@ -3,6 +3,7 @@ cached as safetensors, whose penultimate features feed FID and diversity."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from app.evaluation.metrics import mean_grey
+from app.generate import positive_int
 
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
 DEFAULT_CLASSIFIER_EPOCHS = 3
@@ -150,3 +152,12 @@ def get_classifier(
     save_classifier(model, path, {**setup, "num_classes": str(int(labels.max()) + 1)})
     print(f"classifier: trained and cached at {path}")
     return model
+
+
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scoring classifier's flags, the same for every evaluation command."""
+    parser.add_argument("--classifier-cache", type=Path, default=DEFAULT_CLASSIFIER_CACHE)
+    parser.add_argument("--classifier-epochs", type=positive_int, default=DEFAULT_CLASSIFIER_EPOCHS)
+    parser.add_argument(
+        "--classifier-train-images", type=positive_int, default=None, help="train on the first N only (tests)"
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from app.data import DEFAULT_DATA_DIR, DatasetMissingError
-from app.evaluation.classifier import DEFAULT_CLASSIFIER_CACHE, DEFAULT_CLASSIFIER_EPOCHS
+from app.evaluation.classifier import add_classifier_arguments
 from app.evaluation.report import print_summary, write_outputs
 from app.evaluation.run import DEFAULT_PER_CLASS, MAX_PER_CLASS, run_evaluation
 from app.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, DEFAULT_SCALES, positive_int, scale_list
@@ -57,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare-scales", type=scale_list, default=(1.0, 3.0), help="default 1,3")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
-    p.add_argument("--classifier-cache", type=Path, default=DEFAULT_CLASSIFIER_CACHE)
-    p.add_argument("--classifier-epochs", type=positive_int, default=DEFAULT_CLASSIFIER_EPOCHS)
-    p.add_argument(
-        "--classifier-train-images", type=positive_int, default=None, help="train on the first N only (tests)"
-    )
+    add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/quality.md"))
     p.add_argument("--json", type=Path, default=Path("docs/quality.json"))
     p.add_argument("--img-dir", type=Path, default=Path("docs/img"))

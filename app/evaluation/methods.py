@@ -36,15 +36,14 @@ from tqdm import tqdm
 
 from app.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from app.evaluation.classifier import (
-    DEFAULT_CLASSIFIER_CACHE,
-    DEFAULT_CLASSIFIER_EPOCHS,
     FashionClassifier,
+    add_classifier_arguments,
     get_classifier,
     score,
     uint8_to_model_images,
 )
 from app.evaluation.metrics import GaussianStats, accuracy
-from app.evaluation.provenance import date_utc, git_commit, machine_description
+from app.evaluation.provenance import run_provenance
 from app.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
 from app.evaluation.settings import (
     REFERENCE_NAME,
@@ -173,16 +172,8 @@ def run_methods(
     results = score_rows(rows, images, classifier, reference, model.manifest.num_classes)
     timings["scoring"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
-    m = model.manifest
     table = MethodsTable(
-        command=command,
-        date_utc=date_utc(),
-        machine=machine_description(),
-        git_commit=git_commit(),
-        checkpoint=str(args.model),
-        checkpoint_sha256=m.weights_sha256,
-        checkpoint_steps=m.training.get("steps_done"),
-        class_names=list(m.class_names),
+        **run_provenance(command, args.model, model.manifest),
         steps=args.steps,
         per_class=args.per_class,
         seed=args.seed,
@@ -338,11 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", type=extra_setting, action="append", default=[], help="a setting as JSON; repeatable")
     p.add_argument("--list", action="store_true", help="print the settings that would be drawn, and exit")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
-    p.add_argument("--classifier-cache", type=Path, default=DEFAULT_CLASSIFIER_CACHE)
-    p.add_argument("--classifier-epochs", type=positive_int, default=DEFAULT_CLASSIFIER_EPOCHS)
-    p.add_argument(
-        "--classifier-train-images", type=positive_int, default=None, help="train on the first N only (tests)"
-    )
+    add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/guidance.md"))
     p.add_argument("--json", type=Path, default=Path("docs/guidance.json"))
     p.add_argument("--grid", type=Path, default=Path("docs/img/guidance-grid.png"))

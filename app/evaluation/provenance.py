@@ -7,8 +7,11 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from app.models import Manifest
 
 
 def machine_description() -> str:
@@ -38,3 +41,17 @@ def git_commit() -> str:
 
 def date_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_provenance(command: str, model_path: Path, manifest: Manifest) -> dict[str, Any]:
+    """The fields every report records: the command, when, where, at which commit, with which weights."""
+    return {
+        "command": command,
+        "date_utc": date_utc(),
+        "machine": machine_description(),
+        "git_commit": git_commit(),
+        "checkpoint": str(model_path),
+        "checkpoint_sha256": manifest.weights_sha256,
+        "checkpoint_steps": manifest.training.get("steps_done"),
+        "class_names": list(manifest.class_names),
+    }

@@ -23,7 +23,7 @@ from app.evaluation.metrics import (
     split_real_baseline,
     within_class_diversity,
 )
-from app.evaluation.provenance import date_utc, git_commit, machine_description
+from app.evaluation.provenance import run_provenance
 from app.generate import generate, sweep_specs, total_steps
 from app.models import LoadedModel
 
@@ -204,16 +204,8 @@ def run_evaluation(args: argparse.Namespace, model: LoadedModel, command: str) -
                 comparison.append(SamplerResults(sampler, other))
         timings["sampler comparison"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
-    m = model.manifest
     ev = Evaluation(
-        command=command,
-        date_utc=date_utc(),
-        machine=machine_description(),
-        git_commit=git_commit(),
-        checkpoint=str(args.model),
-        checkpoint_sha256=m.weights_sha256,
-        checkpoint_steps=m.training.get("steps_done"),
-        class_names=list(m.class_names),
+        **run_provenance(command, args.model, model.manifest),
         sampler=args.sampler,
         steps=args.steps,
         per_class=args.per_class,
