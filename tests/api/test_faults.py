@@ -76,6 +76,8 @@ def faulty_app(monkeypatch) -> Iterator[Callable[..., tuple[TestClient, FaultyDe
         return client, made[-1]
 
     yield start
+    for model in made:
+        model.release()  # a test that failed before releasing must not hold the shutdown
     for client in clients:
         client.__exit__(None, None, None)  # the lifespan's shutdown must pass after a failed engine too
 
