@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.sampling import SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
 
 
 def decode(b64: str) -> np.ndarray:
@@ -53,8 +53,8 @@ def test_concurrent_requests_get_their_own_class_and_seed(start_server, loaded, 
     for c, res in enumerate(results):
         assert res["class_label"] == c and res["seeds"] == [100 + c]
         # Batch invariance: the image equals the same request sampled alone, in-process.
-        alone = SampleRun(SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm"), loaded.scheduler_config,
-                          (1, 28, 28), loaded.manifest.null_label)  # fmt: skip
+        spec = SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm", guidance=DEFAULT_GUIDANCE)
+        alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
         sample(denoiser, [alone])
         diff = np.abs(decode(res["images"][0]).astype(int) - alone.images()[0, :, :, 0].astype(int))
         assert diff.max() <= 1, f"class {c}: max pixel difference {diff.max()}"
@@ -85,7 +85,7 @@ def test_full_queue_gives_503_and_disconnects_cancel(start_server):
     wait_until(lambda: server.metric("cfg_requests_in_flight") == 0 and server.metric("cfg_queue_depth") == 0)
     # Every forward from here on holds only the next request's rows: none of the cancelled ones.
     steps, rows = server.metric("cfg_engine_step_duration_seconds_count"), server.metric("cfg_engine_batch_rows_sum")
-    small = {"class_label": 3, "steps": 2, "guidance_scale": 3}  # two guided rows per step
+    small = {"class_label": 3, "steps": 2, "guidance_scale": 3, "schedule": {"kind": "constant"}}  # two rows a step
     assert httpx.post(f"{server.url}/generate", json=small, timeout=60).status_code == 200
     assert server.metric("cfg_engine_step_duration_seconds_count") == steps + 2, "compute continued after cancel"
     assert server.metric("cfg_engine_batch_rows_sum") == rows + 4
