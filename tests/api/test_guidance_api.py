@@ -129,7 +129,8 @@ def test_trace_per_step_with_apg_parts(client):
 
 
 def test_progress_events_carry_the_trace(client):
-    fields = {"class_label": 1, "seed": 2, "steps": 8, "guidance_scale": 4, "return_trace": True}
+    fields = {"class_label": 1, "seed": 2, "steps": 8, "guidance_scale": 4, "schedule": {"kind": "constant"}}
+    fields["return_trace"] = True
     with client.stream("POST", "/generate", json=fields, headers={"Accept": "text/event-stream"}) as r:
         text = "".join(r.iter_text())
     chunks = [c for c in text.split("\n\n") if c.strip()]
