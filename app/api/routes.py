@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.schemas import Limits, build_generate_request
+from app.api.schemas import Limits, build_generate_request, request_fields
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import make_grid, to_png_bytes
@@ -84,18 +84,10 @@ def to_spec(body: Any) -> SampleSpec:
 
 
 def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
-    """The guidance settings a response echoes, with only the fields that apply to each kind."""
-    method = asdict(guidance.method)
-    if guidance.method.kind != "apg":
-        method = {"kind": guidance.method.kind}
-    schedule = {k: v for k, v in asdict(guidance.schedule).items() if v is not None}
-    if guidance.schedule.kind == "constant":
-        schedule = {"kind": "constant"}
-    elif guidance.schedule.kind != "interval":
-        schedule = {k: schedule[k] for k in ("kind", "start", "end")}
+    """The guidance settings a response echoes, method and schedule as a request would send them."""
     return {
-        "method": method,
-        "schedule": schedule,
+        "method": request_fields(guidance.method),
+        "schedule": request_fields(guidance.schedule),
         "noise_level": guidance.noise_level,
         "noise_schedule": guidance.noise_schedule,
         "guidance_rescale": guidance.guidance_rescale,

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.guidance import Cads, GuidanceMethod
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
@@ -123,14 +123,26 @@ class CadsOptions(_Strict):
         return self
 
 
-def _schema_default(annotation: Any, value: Any) -> Any:
+def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    return {get_args(m.model_fields["kind"].annotation)[0]: m for m in models}
+
+
+SCHEDULE_MODELS = _by_kind(ConstantSchedule, LinearSchedule, CosineSchedule, IntervalSchedule)
+METHOD_MODELS = _by_kind(CfgMethod, ApgMethod, CfgZeroStarMethod)
+
+
+def request_fields(value: GuidanceSchedule | GuidanceMethod) -> dict[str, Any]:
+    """The fields of an engine schedule or method that its kind's request schema has (None left out): what a
+    request would send for it."""
+    models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
+    schema_fields = models[value.kind].model_fields
+    return {k: v for k, v in asdict(value).items() if k in schema_fields and v is not None}
+
+
+def _schema_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
     """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE)."""
-    fields = {k: v for k, v in asdict(value).items() if v is not None}
-    if fields.get("kind") in ("constant", "cfg", "cfg_zero_star"):
-        fields = {"kind": fields["kind"]}
-    elif fields.get("kind") in ("linear", "cosine"):
-        fields = {k: fields[k] for k in ("kind", "start", "end")}
-    return TypeAdapter(annotation).validate_python(fields)
+    models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
+    return models[value.kind].model_validate(request_fields(value))
 
 
 class Timings(BaseModel):
@@ -195,11 +207,11 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
             "sampler's noise level, to ~0 at the end) or guidance (with the guidance schedule, s_i / s)",
         )
         schedule: Schedule = Field(
-            default_factory=lambda: _schema_default(Schedule, DEFAULT_GUIDANCE.schedule),
+            default_factory=lambda: _schema_default(DEFAULT_GUIDANCE.schedule),
             description="how the scale varies over the steps: constant, linear, cosine or interval",
         )
         method: Method = Field(
-            default_factory=lambda: _schema_default(Method, DEFAULT_GUIDANCE.method),
+            default_factory=lambda: _schema_default(DEFAULT_GUIDANCE.method),
             description="how eps_c and eps_u combine: cfg, apg (adaptive projected guidance) or cfg_zero_star",
         )
         cads: CadsOptions | None = Field(

@@ -180,3 +180,29 @@ def test_no_trace_unless_asked(loaded, denoiser):
     run = make_run(loaded, denoiser, spec_for("apg", steps=3))
     sample(denoiser, [run])
     assert run.trace == []
+
+
+@pytest.mark.parametrize("noise_schedule", ["constant", "sigma"])
+def test_noise_schedule_sets_the_noise_added_at_each_step(loaded, denoiser, noise_schedule):
+    """The std of the noise on eps_cond is noise_level * the schedule's factor: 1 at every step (constant), or
+    sigma_i / sigma_0 (~0.001 at the last of 10 steps with sigma)."""
+    guidance = GuidanceParams(3.0, noise_level=1.0, noise_schedule=noise_schedule)
+    run = make_run(loaded, denoiser, SampleSpec(None, (5,), 10, "ddim", guidance))
+    for step in (0, 9):
+        run.step_index = step
+        added = run.guided_eps(torch.zeros(1, *SHAPE))  # unconditional: eps_cond plus the noise alone
+        want = 1.0 if noise_schedule == "constant" else run.sigmas[step] / run.sigmas[0]
+        assert added.std().item() == pytest.approx(want, rel=0.1), step
+
+
+def test_embed_delta_reaches_the_class_embedding(loaded, denoiser):
+    """CADS's path into the model: adding e(null) - e(c) to class c's embedding is the null class's forward,
+    row by row; a zero delta leaves the forward as it was."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, *SHAPE, generator=g), torch.tensor([700, 300])
+    labels, null = torch.tensor([3, 8]), loaded.manifest.null_label
+    e_null = denoiser.class_embedding(null)
+    delta = torch.stack([e_null - denoiser.class_embedding(3), torch.zeros_like(e_null)])
+    got = denoiser(x, t, labels, delta)
+    assert torch.allclose(got[:1], denoiser(x[:1], t[:1], torch.tensor([null])), atol=1e-4)
+    assert torch.allclose(got[1:], denoiser(x[1:], t[1:], labels[1:]), atol=1e-5)
