@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One install script for the README, CI and the Dockerfile.
 #   scripts/install.sh            Python deps (CPU torch unless a GPU is present) + the project
-#   scripts/install.sh --system   also the Debian packages: dataset, nginx, prometheus, docker-compose
+#   scripts/install.sh --system   also the Debian packages: dataset, nginx, prometheus, docker-compose,
+#                                 chromium (the playground's browser tests drive it through Playwright)
 #   scripts/install.sh --deps     only torch and the project's runtime dependencies (the Dockerfile's
 #                                 cached layer: it needs nothing but pyproject.toml and this script)
 #   TORCH_FLAVOR=cuda|cpu overrides the GPU detection (the Dockerfile sets it).
@@ -24,7 +25,7 @@ if [[ $system == 1 ]]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-      dataset-fashion-mnist nginx-light prometheus docker-compose >/dev/null
+      dataset-fashion-mnist nginx-light prometheus docker-compose chromium >/dev/null
   fi
 fi
 

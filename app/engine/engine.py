@@ -159,7 +159,7 @@ class Engine:
             raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
         if len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
-        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=self._make_run(spec))
+        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=self.make_run(spec))
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -232,7 +232,7 @@ class Engine:
         kernels per input shape the first time it sees one, at up to about twice a warm forward's cost.
         Paying that here keeps it out of the first requests' latency and the batching throughput.
         """
-        run = self._make_run(spec)
+        run = self.make_run(spec)
         while not run.done:
             await self.run_in_worker(denoise_step, self._denoiser, [run])
         await self.run_in_worker(self._warm_row_counts)
@@ -246,7 +246,7 @@ class Engine:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def _make_run(self, spec: SampleSpec) -> SampleRun:
+    def make_run(self, spec: SampleSpec) -> SampleRun:
         return SampleRun(
             spec, self._scheduler_config, self._image_shape, self._null_label, self._device, self._class_embedding
         )
