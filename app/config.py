@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         True,
         description="before reporting ready, run a short request and a forward at every row count to max_batch_rows",
     )
+    max_jobs: int = Field(
+        1000,
+        ge=1,
+        description="most jobs held in memory; the first finished go first, and when all are unfinished "
+        "POST /v1/jobs gets 503",
+    )
+    job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
     retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
 
     @model_validator(mode="after")

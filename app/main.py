@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from app.api.job_store import JobStore
+from app.api.jobs import build_jobs_router
 from app.api.routes import Service, build_router, guidance_body, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
@@ -125,8 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
+            jobs=JobStore(settings.max_jobs, settings.job_ttl_s),
             on_scrape=lambda: metrics.update_device_memory(device),
         )
+        metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.unfinished)
+        metrics.jobs_stored.labels(state="finished").set_function(lambda: len(service.jobs) - service.jobs.unfinished)
         app.state.service = service
         if settings.warmup:
             await engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
@@ -138,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             service.ready = False
             await engine.stop(drain=True)
+            # The drained jobs' results are stored (a client following /v1/jobs/{id}/events gets its result).
+            await asyncio.gather(*service.job_tasks)
             log.info("engine stopped")
 
     app = FastAPI(
@@ -148,5 +155,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(build_router(limits))
+    app.include_router(build_jobs_router(limits))
     install_error_handlers(app)
     return app

@@ -14,6 +14,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 60
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
+JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Metrics:
     queue_depth: Gauge
     model_info: Info
     device_memory: Gauge
+    jobs: Counter
+    jobs_stored: Gauge
 
     def observe_request(self, outcome: str, seconds: float | None = None) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -56,9 +59,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         buckets=LATENCY_BUCKETS,
         registry=registry,
     )
+    jobs = Counter("cfg_jobs", "Asynchronous jobs (POST /v1/jobs) by outcome", ["outcome"], registry=registry)
     for outcome in OUTCOMES:  # export every series from the start, so rates read 0 rather than nothing
         requests.labels(outcome=outcome)
         request_duration.labels(outcome=outcome)
+    for outcome in JOB_OUTCOMES:
+        jobs.labels(outcome=outcome)
     return Metrics(
         registry=registry,
         request_duration=request_duration,
@@ -88,4 +94,6 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["device", "kind"],
             registry=registry,
         ),
+        jobs=jobs,
+        jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in memory, by state", ["state"], registry=registry),
     )

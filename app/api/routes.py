@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -16,12 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.job_store import JobStore
 from app.api.schemas import Limits, build_generate_request, request_fields
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import make_grid, to_png_bytes
 from app.metrics import Metrics
-from app.sampling import GuidanceParams, SampleSpec
+from app.sampling import GuidanceParams, Preview, SampleSpec
 
 
 @dataclass
@@ -35,8 +36,10 @@ class Service:
     models_info: dict[str, Any]
     request_timeout_s: float
     retry_after_s: int
+    jobs: JobStore
     on_scrape: Callable[[], None] = lambda: None  # refreshes gauges read at scrape time
     ready: bool = False
+    job_tasks: set[asyncio.Task] = field(default_factory=set)  # one per unfinished job (app/api/jobs.py)
 
 
 async def get_service(request: Request) -> Service:  # async: no thread-pool hop per request
@@ -62,6 +65,10 @@ class ApiError(Exception):
             {"detail": self.message, "outcome": self.outcome}, status_code=self.status, headers=self.headers
         )
 
+    def event(self) -> dict[str, Any]:
+        """The body of a stream's `error` event."""
+        return {"status": self.status, "detail": self.message, "outcome": self.outcome}
+
 
 def to_spec(body: Any) -> SampleSpec:
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - body.num_images)
@@ -80,6 +87,7 @@ def to_spec(body: Any) -> SampleSpec:
             cads=None if body.cads is None else Cads(**body.cads.model_dump()),
         ),
         return_trace=body.return_trace,
+        preview_every=(body.preview_every or max(1, body.steps // 10)) if body.preview else None,
     )
 
 
@@ -137,15 +145,19 @@ async def await_result(service: Service, job: Job, request: Request, arrived: fl
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(499, "client disconnected", "cancelled") from None
-    except NonFiniteError as exc:
-        observe("error", time.monotonic() - arrived)
-        raise ApiError(500, f"sampling failed: {exc}; no image was produced", "error") from None
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # NonFiniteError included
         service.engine.cancel(job)
         observe("error", time.monotonic() - arrived)
-        raise ApiError(500, f"generation failed: {exc}", "error") from None
+        raise failure(exc) from None
     finally:
         gone.cancel()
+
+
+def failure(exc: RuntimeError) -> ApiError:
+    """The error of a job that the engine failed: non-finite latents, or the engine loop itself."""
+    if isinstance(exc, NonFiniteError):
+        return ApiError(500, f"sampling failed: {exc}; no image was produced", "error")
+    return ApiError(500, f"generation failed: {exc}", "error")
 
 
 def result_body(service: Service, spec: SampleSpec, result: JobResult, arrived: float) -> dict[str, Any]:
@@ -174,31 +186,58 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+def preview_body(preview: Preview) -> dict[str, Any]:
+    return {"step": preview.step, "images": [base64.b64encode(to_png_bytes(img)).decode() for img in preview.images]}
+
+
+async def progress_events(engine: Engine, job: Job, until: asyncio.Future) -> AsyncIterator[str]:
+    """`progress` events as the job's steps advance, until `until` is done: the step, where the job waits,
+    the trace entries of the steps taken since the last event, and the newest preview."""
+    spec = job.spec
+    last = None
+    traced = 0  # trace entries sent so far
+    previewed = None  # step of the last preview sent
+    while not until.done():
+        step, steps = job.progress
+        if step != last:
+            last = step
+            event = {
+                "step": step,
+                "steps": steps,
+                "queued": job.queued,
+                "status": "queued" if job.queued else "running",
+                "queue_position": engine.queue_position(job),
+            }
+            if spec.return_trace:
+                new = job.run.trace[traced:step]
+                traced += len(new)
+                event["trace"] = [t.to_dict() for t in new]
+            preview = job.run.preview
+            if preview is not None and preview.step != previewed:
+                previewed = preview.step
+                event["preview"] = preview_body(preview)
+            yield sse("progress", event)
+        await asyncio.wait({until, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
+
+
 async def progress_stream(
     service: Service, job: Job, request: Request, spec: SampleSpec, arrived: float
 ) -> AsyncIterator[str]:
     """Server-sent events: `progress` as the steps advance, then one `result` or `error`."""
     waiter = asyncio.ensure_future(await_result(service, job, request, arrived))
     try:
-        last = None
-        traced = 0  # trace entries sent so far: each event carries the steps taken since the last
-        while not waiter.done():
-            step, steps = job.progress
-            if step != last:
-                last = step
-                event = {"step": step, "steps": steps, "queued": job.queued}
-                if spec.return_trace:
-                    new = job.run.trace[traced:step]
-                    traced += len(new)
-                    event["trace"] = [t.to_dict() for t in new]
-                yield sse("progress", event)
-            await asyncio.wait({waiter, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
+        async for event in progress_events(service.engine, job, waiter):
+            yield event
         try:
             yield sse("result", result_body(service, spec, waiter.result(), arrived))
         except ApiError as exc:
-            yield sse("error", {"status": exc.status, "detail": exc.message, "outcome": exc.outcome})
+            yield sse("error", exc.event())
     finally:
         waiter.cancel()
+
+
+# nginx passes each write of a response with this header on at once, whatever its location's buffering.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_router(limits: Limits) -> APIRouter:
@@ -229,7 +268,7 @@ def build_router(limits: Limits) -> APIRouter:
             job = submit(service, spec, arrived)
             if "text/event-stream" in accept:
                 stream = progress_stream(service, job, request, spec, arrived)
-                return StreamingResponse(stream, media_type="text/event-stream")
+                return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
             result = await await_result(service, job, request, arrived)
         except ApiError as exc:
             return exc.response()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, get_args
 
@@ -168,6 +169,7 @@ class GenerateResponse(BaseModel):
     timings: Timings
 
 
+@functools.cache  # one model per Limits: every route that takes this body shares it (and its OpenAPI schema)
 def build_generate_request(limits: Limits) -> type[BaseModel]:
     names = limits.class_names
     lookup = {n.lower(): i for i, n in enumerate(names)}
@@ -228,6 +230,18 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
             False, description="return per step the scale used and |eps_c - eps_u| per image (APG: its parts)"
         )
         seed: int | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted")
+        preview: bool = Field(
+            False, description="progress events carry the current x0 prediction as PNGs every preview_every steps"
+        )
+        preview_every: int | None = Field(
+            None, ge=1, le=limits.max_steps, description="steps between previews (with preview); default steps // 10"
+        )
+
+        @model_validator(mode="after")
+        def _preview_every_needs_preview(self) -> GenerateRequest:
+            if self.preview_every is not None and not self.preview:
+                raise ValueError("preview_every needs preview: true")
+            return self
 
         @field_validator("class_label", mode="before")
         @classmethod

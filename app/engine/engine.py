@@ -193,6 +193,13 @@ class Engine:
     def active_jobs(self) -> int:
         return len(self._active)
 
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to be admitted, 2 for the one after it; None once admitted or cancelled."""
+        try:
+            return self._waiting.index(job) + 1
+        except ValueError:
+            return None
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

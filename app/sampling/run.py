@@ -84,6 +84,7 @@ class SampleSpec:
     sampler: str = DEFAULT_SAMPLER
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     return_trace: bool = False
+    preview_every: int | None = None  # keep the x0 prediction as a preview every this many steps; None: no previews
 
     @property
     def num_images(self) -> int:
@@ -100,6 +101,14 @@ class ModelInput:
     @property
     def rows(self) -> int:
         return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The x0 prediction (the guided eps mapped to a clean image) after `step` of the run's steps."""
+
+    step: int
+    images: np.ndarray  # uint8 (N, H, W, C)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,7 @@ class SampleRun:
         self._x_in: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
         self.trace: list[StepTrace] = []
+        self.preview: Preview | None = None
         self.step_index = 0
 
     @property
@@ -247,15 +257,30 @@ class SampleRun:
 
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
-        t = self.timesteps[self.step_index]
-        out = self.scheduler.step(self.guided_eps(eps), t, self.latents, generator=self.generators, **self._step_kwargs)
+        i = self.step_index
+        eps_guided = self.guided_eps(eps)
+        out = self.scheduler.step(
+            eps_guided, self.timesteps[i], self.latents, generator=self.generators, **self._step_kwargs
+        )
         self.latents = out.prev_sample
         self.step_index += 1
+        if self._preview_due():
+            self.preview = Preview(self.step_index, to_uint8(eps_to_x0(self._x_in, eps_guided, self.alpha_bars[i])))
+
+    def _preview_due(self) -> bool:
+        """Every preview_every steps, except the last: the finished images follow it at once."""
+        every = self.spec.preview_every
+        return every is not None and self.step_index % every == 0 and not self.done
 
     def images(self) -> np.ndarray:
         """The finished images as uint8, shape (N, H, W, C)."""
-        x = (self.latents.clamp(-1, 1) + 1) * 127.5
-        return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(self.latents)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C) on the host."""
+    x = (x.clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:

@@ -1,0 +1,180 @@
+"""Asynchronous jobs: submit now, follow the progress, fetch or cancel later.
+
+POST /v1/jobs takes the /generate body and answers 202 with the job at once; the engine runs it as it
+runs /generate's. A task per job waits for the engine and stores the result (the /generate JSON) or
+the error in the job's record (app/api/job_store.py), where GET /v1/jobs/{id} finds it until it expires.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.api.job_store import JobRecord, StoreFullError
+from app.api.routes import (
+    STREAM_HEADERS,
+    ApiError,
+    Service,
+    ServiceDep,
+    failure,
+    preview_body,
+    progress_events,
+    result_body,
+    sse,
+    submit,
+    to_spec,
+)
+from app.api.schemas import Limits, build_generate_request
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=255, description="a retried POST with the same key and body returns the same job"),
+]
+
+
+CANCELLED = ApiError(499, "the job was cancelled", "cancelled")
+
+
+def job_body(service: Service, record: JobRecord) -> dict[str, Any]:
+    job = record.job
+    step, steps = job.progress
+    preview = job.run.preview
+    return {
+        "id": record.id,
+        "status": record.status,
+        "step": step,
+        "steps": steps,
+        "queue_position": None if record.finished else service.engine.queue_position(job),
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "preview": None if preview is None or record.finished else preview_body(preview),
+        "result": record.result,
+        "error": record.error,
+    }
+
+
+async def follow(service: Service, record: JobRecord) -> None:
+    """Wait for the engine's job; store its result, or why it has none."""
+    future = record.job.future
+    await asyncio.wait({future})
+    if future.cancelled():
+        record.finish("cancelled", error=CANCELLED.event())
+    elif future.exception() is not None:
+        record.finish("failed", error=failure(future.exception()).event())  # type: ignore[arg-type]
+    else:
+        record.finish("succeeded", result=result_body(service, record.spec, future.result(), record.arrived))
+    service.metrics.jobs.labels(outcome=record.outcome).inc()
+
+
+def not_found(job_id: str) -> JSONResponse:
+    return JSONResponse({"detail": f"no job {job_id!r}: unknown, or expired"}, status_code=404)
+
+
+def final_event(record: JobRecord) -> str:
+    if record.result is not None:
+        return sse("result", record.result)
+    return sse("error", record.error or {})
+
+
+async def job_events(service: Service, record: JobRecord) -> AsyncIterator[str]:
+    """`progress` events while the job runs, then one `result` or `error` (outcome `cancelled` if cancelled)."""
+    if not record.finished:
+        done = asyncio.get_running_loop().create_future()
+        record.on_finish(lambda: done.done() or done.set_result(None))
+        async for event in progress_events(service.engine, record.job, done):
+            yield event
+    yield final_event(record)
+
+
+def build_jobs_router(limits: Limits) -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    GenerateRequest = build_generate_request(limits)
+
+    @router.post(
+        "",
+        status_code=202,
+        responses={
+            202: {"description": "the job, queued; Location: /v1/jobs/{id}"},
+            422: {"description": "a body /generate would reject, or an Idempotency-Key reused with another body"},
+            503: {"description": "the job store is full of unfinished jobs, or the queue is full (with Retry-After)"},
+        },
+        summary="Submit a generation job (the /generate body); returns at once",
+    )
+    async def create_job(
+        body: GenerateRequest,  # type: ignore[valid-type]
+        service: ServiceDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        arrived = time.monotonic()
+        request_body = body.model_dump(mode="json")
+        if idempotency_key is not None and (known := service.jobs.by_key(idempotency_key)) is not None:
+            if known.body != request_body:
+                detail = "Idempotency-Key was already used with a different body"
+                return JSONResponse({"detail": detail}, status_code=422)
+            return created(service, known, replayed=True)
+        try:
+            service.jobs.reserve()
+            job = submit(service, to_spec(body), arrived)
+        except StoreFullError as exc:
+            service.metrics.jobs.labels(outcome="rejected").inc()
+            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
+        except ApiError as exc:
+            service.metrics.jobs.labels(outcome="rejected").inc()
+            return exc.response()
+        record = JobRecord(
+            id=service.jobs.new_id(),
+            spec=job.spec,
+            job=job,
+            body=request_body,
+            arrived=arrived,
+            created_at=time.time(),
+            idempotency_key=idempotency_key,
+        )
+        service.jobs.add(record)
+        service.job_tasks.add(task := asyncio.create_task(follow(service, record), name=f"job-{record.id}"))
+        task.add_done_callback(service.job_tasks.discard)
+        return created(service, record)
+
+    def created(service: Service, record: JobRecord, replayed: bool = False) -> JSONResponse:
+        headers = {"Location": f"/v1/jobs/{record.id}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(job_body(service, record), status_code=202, headers=headers)
+
+    @router.get("/{job_id}", summary="A job's status, progress, and its result once it has succeeded")
+    async def get_job(job_id: str, service: ServiceDep) -> Response:
+        record = service.jobs.get(job_id)
+        return not_found(job_id) if record is None else JSONResponse(job_body(service, record))
+
+    @router.get(
+        "/{job_id}/events",
+        responses={200: {"content": {"text/event-stream": {}}}},
+        summary="Server-sent `progress` events, then one `result` or `error`",
+    )
+    async def get_job_events(job_id: str, service: ServiceDep) -> Response:
+        record = service.jobs.get(job_id)
+        if record is None:
+            return not_found(job_id)
+        return StreamingResponse(job_events(service, record), media_type="text/event-stream", headers=STREAM_HEADERS)
+
+    @router.delete(
+        "/{job_id}",
+        responses={409: {"description": "the job has already finished: succeeded, failed or cancelled"}},
+        summary="Cancel a job: its rows leave the batch at the next tick",
+    )
+    async def cancel_job(job_id: str, service: ServiceDep) -> Response:
+        record = service.jobs.get(job_id)
+        if record is None:
+            return not_found(job_id)
+        if record.finished:
+            detail = f"job {job_id} has already finished: {record.status}"
+            return JSONResponse({"detail": detail, "status": record.status}, status_code=409)
+        service.engine.cancel(record.job)
+        record.finish("cancelled", error=CANCELLED.event())
+        return JSONResponse(job_body(service, record))
+
+    return router
