@@ -1,0 +1,74 @@
+"""The browser playground: one static page at `/`, its assets under `/static/`, and the guidance curve it
+draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather than redone in JavaScript."""
+
+from dataclasses import replace
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from app.api.routes import ServiceDep, to_spec
+from app.api.schemas import Limits, build_generate_request
+from app.sampling import SampleRun
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# The page is small and changes with the app: the browser revalidates (ETag) instead of caching blindly.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def static_file(name: str) -> FileResponse:
+    """A file of app/static by its relative name; 404 for anything outside it or missing."""
+    path = (STATIC_DIR / name).resolve()
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file():
+        raise HTTPException(404, "not found")
+    return FileResponse(path, headers=_NO_CACHE)
+
+
+class CurveStep(BaseModel):
+    step: int
+    timestep: int
+    sigma: float
+    scale: float  # s_i
+    noise_level: float  # noise_level times the noise schedule's factor at this step
+
+
+class GuidanceCurve(BaseModel):
+    steps: list[CurveStep]
+
+
+def curve_steps(run: SampleRun) -> list[CurveStep]:
+    """Per step of a run: its timestep, sigma, guidance scale s_i and noise level. In the model's thread, as
+    every run is built and read (its timesteps are a tensor on the model's device)."""
+    level = run.spec.guidance.noise_level
+    rows = zip(run.timesteps.tolist(), run.sigmas, run.scales, run.noise_factors, strict=True)
+    return [
+        CurveStep(step=i, timestep=int(t), sigma=sigma, scale=scale, noise_level=level * factor)
+        for i, (t, sigma, scale, factor) in enumerate(rows)
+    ]
+
+
+def build_playground_router(limits: Limits) -> APIRouter:
+    router = APIRouter()
+    GenerateRequest = build_generate_request(limits)
+
+    @router.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return static_file("index.html")
+
+    @router.get("/static/{name:path}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        return static_file(name)
+
+    @router.post(
+        "/v1/guidance/curve",
+        responses={422: {"description": "invalid request, as for /generate"}},
+        summary="The per-step guidance scale, sigma and noise level a /generate body would use",
+    )
+    async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve:  # type: ignore[valid-type]
+        # Seeds and image count do not change the curve: one image's run is enough.
+        spec = replace(to_spec(body), seeds=(0,))
+        engine = service.engine
+        return GuidanceCurve(steps=await engine.run_in_worker(lambda: curve_steps(engine.make_run(spec))))
+
+    return router
