@@ -24,10 +24,10 @@ from app.api.routes import (
     progress_events,
     result_body,
     sse,
-    submit,
     to_spec,
 )
 from app.api.schemas import Limits, build_generate_request
+from app.engine import EngineClosedError
 
 IdempotencyKey = Annotated[
     str | None,
@@ -118,13 +118,11 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             return created(service, known, replayed=True)
         try:
             service.jobs.reserve()
-            job = submit(service, to_spec(body), arrived)
-        except StoreFullError as exc:
+            # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
+            job = service.engine.submit(to_spec(body), limit_queue=False)
+        except (StoreFullError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected").inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
-        except ApiError as exc:
-            service.metrics.jobs.labels(outcome="rejected").inc()
-            return exc.response()
         record = JobRecord(
             id=service.jobs.new_id(),
             spec=job.spec,

@@ -190,23 +190,30 @@ def preview_body(preview: Preview) -> dict[str, Any]:
     return {"step": preview.step, "images": [base64.b64encode(to_png_bytes(img)).decode() for img in preview.images]}
 
 
+# A stream quiet this long gets an SSE comment, so that no proxy's read timeout closes it (a long queue).
+KEEPALIVE_S = 15.0
+
+
 async def progress_events(engine: Engine, job: Job, until: asyncio.Future) -> AsyncIterator[str]:
-    """`progress` events as the job's steps advance, until `until` is done: the step, where the job waits,
-    the trace entries of the steps taken since the last event, and the newest preview."""
+    """`progress` events as the job's steps advance or its place in the queue changes, until `until` is
+    done: the step, the queue position, the trace entries of the steps taken since the last event, and
+    the newest preview."""
     spec = job.spec
     last = None
     traced = 0  # trace entries sent so far
     previewed = None  # step of the last preview sent
+    sent = time.monotonic()
     while not until.done():
         step, steps = job.progress
-        if step != last:
-            last = step
+        position = engine.queue_position(job)
+        if (step, position) != last:
+            last = (step, position)
             event = {
                 "step": step,
                 "steps": steps,
                 "queued": job.queued,
                 "status": "queued" if job.queued else "running",
-                "queue_position": engine.queue_position(job),
+                "queue_position": position,
             }
             if spec.return_trace:
                 new = job.run.trace[traced:step]
@@ -217,7 +224,14 @@ async def progress_events(engine: Engine, job: Job, until: asyncio.Future) -> As
                 previewed = preview.step
                 event["preview"] = preview_body(preview)
             yield sse("progress", event)
-        await asyncio.wait({until, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
+            sent = time.monotonic()
+        elif time.monotonic() - sent >= KEEPALIVE_S:
+            yield ": keepalive\n\n"
+            sent = time.monotonic()
+        # A queued job takes no steps: look at its place in the queue every second.
+        await asyncio.wait(
+            {until, job.next_step()}, timeout=1.0 if job.queued else KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+        )
 
 
 async def progress_stream(

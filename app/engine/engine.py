@@ -150,14 +150,16 @@ class Engine:
 
     # --- the interface the HTTP front end uses -------------------------------------------------
 
-    def submit(self, spec: SampleSpec) -> Job:
+    def submit(self, spec: SampleSpec, *, limit_queue: bool = True) -> Job:
+        """Queue a job. limit_queue=False skips the max_queue check, for a caller that bounds its own
+        jobs (the jobs API's store)."""
         if self._error is not None:
             raise EngineClosedError(f"the engine failed: {self.error}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
         if 2 * spec.num_images > self.max_batch_rows:
             raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
-        if len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
+        if limit_queue and len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
         job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=self.make_run(spec))
         self._waiting.append(job)

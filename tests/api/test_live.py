@@ -114,3 +114,33 @@ def test_sigterm_finishes_in_flight_requests_then_exits(start_server):
     assert "engine stopped" in server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=5)
+
+
+def test_sigterm_drains_running_and_queued_jobs(start_server):
+    """A job's compute goes on through a graceful shutdown, as /generate's does: a client following a job's
+    events (an open connection, which the server waits for) gets its result before the process exits."""
+    server = start_server(max_batch_rows=32)
+    big = {"class_label": 4, "num_images": 16, "steps": 40, "seed": 1}  # fills the batch: the next job waits
+    running = httpx.post(f"{server.url}/v1/jobs", json=big, timeout=30).json()
+    queued = httpx.post(f"{server.url}/v1/jobs", json={**big, "num_images": 2}, timeout=30).json()
+    assert queued["status"] == "queued"
+    finals: dict[str, str] = {}
+    connected = threading.Semaphore(0)
+
+    def follow(job_id: str) -> None:
+        with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", timeout=120) as r:
+            connected.release()
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    finals[job_id] = line.removeprefix("event:").strip()
+
+    threads = [threading.Thread(target=follow, args=(job["id"],)) for job in (running, queued)]
+    for t in threads:
+        t.start()
+    assert connected.acquire(timeout=30) and connected.acquire(timeout=30)
+    assert httpx.get(f"{server.url}/v1/jobs/{running['id']}", timeout=10).json()["status"] == "running"
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=120)
+    assert finals == {running["id"]: "result", queued["id"]: "result"}
+    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -173,3 +173,34 @@ def test_progress_events_stream_through_unbuffered(replicas: list[Replica], star
                     running_at_first_event = sum(replica.gauge("cfg_requests_in_flight") for replica in replicas)
     assert events[0] == "progress" and events[-1] == "result", events
     assert running_at_first_event == 1, "the first progress event arrived after the request had finished"
+
+
+def test_jobs_through_the_gateway_reach_the_replica_that_holds_them(replicas: list[Replica], start_gateway) -> None:
+    """A job lives in one replica's memory; round robin sends each GET to either replica, and the one without
+    the job answers 404, which the gateway passes on to the next replica (proxy_next_upstream http_404)."""
+    gateway = start_gateway([hostport(r) for r in replicas], GATEWAY_API_KEY="test-key-0123")
+    key = {"X-API-Key": "test-key-0123"}
+    assert httpx.post(f"{gateway.url}/v1/jobs", json=GENERATE, timeout=30).status_code == 401
+    created = httpx.post(f"{gateway.url}/v1/jobs", json={**GENERATE, "steps": 30}, headers=key, timeout=30)
+    assert created.status_code == 202, created.text
+    job_url = f"{gateway.url}{created.headers['location']}"
+    assert httpx.get(job_url, timeout=10).status_code == 401
+    events: list[str] = []
+    running_at_first_event: float | None = None
+    with httpx.stream("GET", f"{job_url}/events", headers=key, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                events.append(line.removeprefix("event:").strip())
+                if running_at_first_event is None:
+                    running_at_first_event = sum(replica.gauge("cfg_requests_in_flight") for replica in replicas)
+    assert events[0] == "progress" and events[-1] == "result", events
+    assert running_at_first_event == 1, "the first progress event arrived after the job had finished"
+    for _ in range(4):  # whichever replica round robin picks first
+        job = httpx.get(job_url, headers=key, timeout=10)
+        assert job.status_code == 200 and job.json()["status"] == "succeeded"
+    assert httpx.delete(job_url, headers=key, timeout=10).status_code == 409
+    missing = httpx.get(f"{gateway.url}/v1/jobs/{'0' * 32}", headers=key, timeout=10)
+    assert missing.status_code == 404 and "no job" in missing.json()["detail"]
+    # Each replica was asked for the unknown job once: the gateway stops when every replica has said 404.
+    assert gateway.access_log().count(f"/v1/jobs/{'0' * 32}") == 1

@@ -64,8 +64,9 @@ def test_replicas_are_resolved_per_request_through_docker_dns(tmp_path: Path) ->
 def test_posts_are_never_retried_on_another_replica(tmp_path: Path) -> None:
     # Only failures to connect (nothing sent yet) go to the next replica: without non_idempotent, nginx
     # never passes a POST on once it has been sent. tests/deploy/test_gateway_faults.py runs both cases.
+    # /v1/jobs adds http_404 for a job another replica holds: a POST is never passed on for that either.
     conf = directives(rendered_compose_gateway(tmp_path))
-    assert re.findall(r"proxy_next_upstream\s+([^;]+);", conf) == ["error timeout"]
+    assert re.findall(r"proxy_next_upstream\s+([^;]+);", conf) == ["error timeout", "error timeout http_404"]
     assert "non_idempotent" not in conf
 
 
@@ -89,7 +90,7 @@ def test_rate_limit_answers_429(tmp_path: Path) -> None:
     conf = directives(rendered_compose_gateway(tmp_path))
     assert re.search(r"limit_req_zone\s+\$binary_remote_addr\s+zone=cfg_per_client:\w+\s+rate=5r/s;", conf)
     assert "limit_req_status 429;" in conf
-    assert len(re.findall(r"limit_req\s+zone=cfg_per_client\b", conf)) == 2  # /generate and /v1/
+    assert len(re.findall(r"limit_req\s+zone=cfg_per_client\b", conf)) == 3  # /generate, /v1/ and /v1/jobs
 
 
 def test_api_key_is_off_by_default() -> None:
