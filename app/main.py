@@ -12,6 +12,8 @@ from fastapi import FastAPI
 
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
+from app.api.openai_images import build_openai_router
+from app.api.playground import build_playground_router
 from app.api.routes import Service, build_router, guidance_body, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
@@ -155,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(build_router(limits))
+    app.include_router(build_openai_router(limits))
     app.include_router(build_jobs_router(limits))
+    app.include_router(build_playground_router(limits))
     install_error_handlers(app)
     return app
