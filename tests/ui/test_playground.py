@@ -1,0 +1,281 @@
+"""The playground page, operated as a user would in a real browser, against the real service and checkpoint."""
+
+import base64
+import json
+import re
+import shlex
+import subprocess
+
+import httpx
+from playwright.sync_api import Locator, Page, expect
+
+FAST = {"steps": 4, "num_images": 2}  # a few seconds a job on 2 CPU cores
+
+
+def open_page(page: Page) -> None:
+    page.goto("/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator("#c1-curve path.line.scale")).to_have_count(1)  # the first curve has come back
+
+
+def column(page: Page, letter: str) -> Locator:
+    return page.locator(f'.column[data-letter="{letter}"]')
+
+
+def control(col: Locator, data_id: str) -> Locator:
+    return col.locator(f'[data-id="{data_id}"]')
+
+
+def set_shared(page: Page, steps_col: Locator | None = None, *, num_images: int, steps: int) -> None:
+    page.fill("#num_images", str(num_images))
+    control(steps_col or column(page, "A"), "steps").fill(str(steps))
+
+
+def set_constant(col: Locator, scale: float) -> None:
+    """Constant schedule: every step guided (the default interval leaves most of 4 steps at s = 1)."""
+    control(col, "schedule").select_option("constant")
+    control(col, "guidance_scale").fill(str(scale))
+
+
+def wait_done(col: Locator, status: str = "succeeded") -> None:
+    expect(col).to_have_attribute("data-status", status)
+
+
+def image_sources(col: Locator) -> list[str]:
+    return col.locator(".images:not(.preview) img").evaluate_all("imgs => imgs.map(i => i.src)")
+
+
+def test_page_loads_from_the_app_alone(page: Page, server):
+    outside = []
+    page.on("request", lambda r: r.url.startswith((server.url, "data:")) or outside.append(r.url))
+    open_page(page)
+    expect(page).to_have_title("cfg-serve playground")
+    expect(page.locator("#class_label option")).to_have_count(11)  # 10 classes and unconditional
+    expect(page.locator("#model")).to_have_value("fashion-mnist-cfg")
+    # Defaults from /v1/models' default_guidance: s = 3 on the sigma interval (0.3, 2].
+    col = column(page, "A")
+    expect(control(col, "guidance_scale")).to_have_value("3")
+    expect(control(col, "schedule")).to_have_value("interval")
+    expect(control(col, "interval-sigma_min")).to_have_value("0.3")
+    expect(control(col, "interval-sigma_max")).to_have_value("2")
+    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"over 20 steps.*6 steps with s ≠ 1"))
+    assert outside == []
+
+
+def test_curve_follows_the_controls(page: Page, server):
+    open_page(page)
+    col = column(page, "A")
+    set_constant(col, 5)
+    control(col, "steps").fill("8")
+    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"over 8 steps: from 5 to 5"))
+    control(col, "schedule").select_option("linear")
+    expect(control(col, "linear-start")).to_be_visible()
+    expect(control(col, "interval-sigma_min")).to_be_hidden()
+    control(col, "linear-start").fill("0")
+    control(col, "linear-end").fill("1")
+    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"over 8 steps: from 0 to 5"))
+    # The table under the plot holds the server's numbers.
+    body = {"steps": 8, "guidance_scale": 5, "schedule": {"kind": "linear", "start": 0, "end": 1}}
+    expected = httpx.post(f"{server.url}/v1/guidance/curve", json=body).json()["steps"]
+    rows = control(col, "curve-table").locator("tbody tr")
+    expect(rows).to_have_count(8)
+    timesteps = rows.evaluate_all("rows => rows.map(r => Number(r.cells[1].textContent))")
+    assert timesteps == [s["timestep"] for s in expected]
+
+
+def test_generate_shows_progress_images_and_timings(page: Page):
+    open_page(page)
+    col = column(page, "A")
+    set_shared(page, num_images=3, steps=4)
+    page.click("#generate")
+    wait_done(col)
+    progress = control(col, "progress")
+    assert progress.evaluate("p => [p.value, p.max]") == [4, 4]
+    sources = image_sources(col)
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    expect(col.locator(".images img").first).to_have_css("image-rendering", "pixelated")
+    expect(control(col, "timings")).to_have_text(re.compile(r"queue .* compute .* total "))
+    expect(col.locator("a[download]")).to_have_count(3)
+    expect(page.locator("#status")).to_have_text("Done: 1 succeeded.")
+
+
+def test_download_link_holds_the_image(page: Page):
+    open_page(page)
+    col = column(page, "A")
+    set_shared(page, num_images=1, steps=2)
+    page.fill("#seed", "42")
+    page.click("#generate")
+    wait_done(col)
+    with page.expect_download() as download:
+        col.locator("a[download]").first.click()
+    assert download.value.suggested_filename == "t-shirt-top-seed42-setting-a.png"
+    src = image_sources(col)[0]
+    assert open(download.value.path(), "rb").read() == base64.b64decode(src.split(",", 1)[1])
+
+
+def test_compare_runs_settings_side_by_side_at_one_seed(page: Page):
+    open_page(page)
+    a = column(page, "A")
+    set_shared(page, num_images=2, steps=4)
+    set_constant(a, 1)
+    a.get_by_role("button", name="Duplicate setting A").click()
+    column(page, "B").get_by_role("button", name="Duplicate setting B").click()
+    c = column(page, "C")
+    control(c, "guidance_scale").fill("6")
+    page.click("#generate")
+    for letter in "ABC":
+        wait_done(column(page, letter))
+    seeds = {control(column(page, x), "run-status").inner_text().split("seeds ")[1] for x in "ABC"}
+    assert len(seeds) == 1  # the same seeds in every column
+    images = {x: image_sources(column(page, x)) for x in "ABC"}
+    assert images["A"] == images["B"]  # the same settings: the same images
+    assert all(ia != ic for ia, ic in zip(images["A"], images["C"], strict=True))  # s = 1 against s = 6
+    # Each column has its own job.
+    job_ids = {column(page, x).get_attribute("data-job-id") for x in "ABC"}
+    assert len(job_ids) == 3
+    # Remove renames the rest; the last column cannot be removed.
+    c.get_by_role("button", name="Remove setting C").click()
+    expect(page.locator(".column")).to_have_count(2)
+    column(page, "B").get_by_role("button", name="Remove setting B").click()
+    expect(column(page, "A").get_by_role("button", name="Remove setting A")).to_be_disabled()
+
+
+def test_cancel_stops_the_job(page: Page, server):
+    open_page(page)
+    col = column(page, "A")
+    set_shared(page, num_images=1, steps=200)
+    page.click("#generate")
+    expect(col).to_have_attribute("data-status", "running")
+    expect(col.locator(".images.preview img")).to_have_count(1)  # a live preview (every 20 steps)
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    wait_done(col, "cancelled")
+    expect(control(col, "run-status")).to_have_text(re.compile(r"^Cancelled at step \d+ of 200$"))
+    job = httpx.get(f"{server.url}/v1/jobs/{col.get_attribute('data-job-id')}").json()
+    assert job["status"] == "cancelled" and job["step"] < 200
+    expect(page.get_by_role("button", name="Cancel", exact=True)).to_be_disabled()
+
+
+def test_api_errors_show_next_to_their_fields(page: Page, console):
+    console.allow("status of 422")  # the browser logs each 422 the test provokes as a failed load
+    open_page(page)
+    col = column(page, "A")
+    sigma_min = control(col, "interval-sigma_min")
+    sigma_min.fill("3")  # sigma_max is 2: the server's 422 names schedule.interval, the message sigma_min
+    error = page.locator("#c1-interval-sigma_min-error")
+    expect(error).to_have_text("schedule.sigma_min (3) must be below sigma_max (2)")
+    expect(sigma_min).to_have_attribute("aria-invalid", "true")
+    expect(sigma_min).to_have_attribute("aria-describedby", re.compile(r"\bc1-interval-sigma_min-error\b"))
+    expect(control(col, "interval-sigma_max")).not_to_have_attribute("aria-invalid", "true")
+
+    scale = control(col, "guidance_scale")
+    scale.fill("99")
+    expect(page.locator("#c1-guidance_scale-error")).to_have_text("Input should be less than or equal to 30")
+    expect(scale).to_have_attribute("aria-invalid", "true")
+
+    control(col, "method").select_option("apg")
+    control(col, "apg-eta").fill("5")  # loc ["body", "method", "apg", "eta"]
+    expect(page.locator("#c1-apg-eta-error")).to_have_text("Input should be less than or equal to 1")
+
+    page.click("#generate")  # the job's own 422 says the same
+    wait_done(col, "invalid")
+    expect(error).to_be_visible()
+
+    sigma_min.fill("0.3")
+    scale.fill("3")
+    control(col, "apg-eta").fill("0")
+    expect(page.locator("[aria-invalid=true]")).to_have_count(0)
+    expect(error).to_be_hidden()
+    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"^Guidance scale over 20 steps"))
+
+
+def test_trace_plot(page: Page):
+    open_page(page)
+    col = column(page, "A")
+    set_shared(page, num_images=2, steps=5)
+    set_constant(col, 4)
+    page.check("#return_trace")
+    page.click("#generate")
+    wait_done(col)
+    expect(control(col, "trace-figure")).to_be_visible()
+    trace = control(col, "trace")
+    expect(trace.locator("path.line.diff")).to_have_count(2)  # one line per image
+    expect(trace.locator("path.line.scale")).to_have_count(1)
+    expect(trace).to_have_attribute("aria-label", re.compile(r"^Trace of 5 steps: 5 steps computed"))
+
+
+def test_copy_curl_gives_the_same_images(page: Page):
+    open_page(page)
+    col = column(page, "A")
+    set_shared(page, **FAST)
+    set_constant(col, 2.5)
+    page.click("#generate")
+    wait_done(col)
+    col.get_by_role("button", name="Copy the curl command of setting A").click()
+    expect(control(col, "run-status")).to_have_text("Copied the curl command.")
+    command = page.evaluate("navigator.clipboard.readText()")
+    assert command.startswith("curl -s 'http://127.0.0.1:") and "/generate'" in command
+    body = json.loads(shlex.split(command)[-1])
+    assert body["guidance_scale"] == 2.5 and body["schedule"] == {"kind": "constant"} and body["steps"] == 4
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, check=True)
+    response = json.loads(out.stdout)
+    page_images = [s.split(",", 1)[1] for s in image_sources(col)]
+    assert response["images"] == page_images
+
+
+def test_api_key_goes_with_every_api_request(page: Page):
+    sent = []
+    page.on("request", lambda r: "/v1/" in r.url and sent.append((r.url, r.headers.get("x-api-key"))))
+    open_page(page)
+    page.fill("#api_key", "k-123")
+    set_shared(page, **FAST)
+    sent.clear()
+    page.click("#generate")
+    wait_done(column(page, "A"))
+    urls = [u for u, _ in sent]
+    assert any(u.endswith("/v1/jobs") for u in urls) and any(u.endswith("/events") for u in urls)
+    assert {key for _, key in sent} == {"k-123"}
+    column(page, "A").get_by_role("button", name="Copy the curl command of setting A").click()
+    command = page.evaluate("navigator.clipboard.readText()")
+    assert '-H "X-API-Key: $CFG_API_KEY"' in command and "k-123" not in command
+
+
+def test_every_control_has_a_label(page: Page):
+    open_page(page)
+    column(page, "A").get_by_role("button", name="Duplicate setting A").click()
+    control(column(page, "B"), "method").select_option("apg")
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll("input, select, button, textarea")].filter((el) => {
+            const labelled = [...(el.labels ?? [])].some((l) => l.textContent.trim());
+            const aria = (el.getAttribute("aria-label") ?? "").trim();
+            const text = el.tagName === "BUTTON" ? el.textContent.trim() : "";
+            return !labelled && !aria && !text;
+        }).map((el) => el.outerHTML)"""
+    )
+    assert unlabelled == []
+    # The browser's own accessible-name computation agrees for every visible control.
+    controls = page.locator("input, select, button").filter(visible=True)
+    assert controls.count() > 25
+    for i in range(controls.count()):
+        expect(controls.nth(i)).to_have_accessible_name(re.compile(r"\S"))
+
+
+def test_keyboard_reaches_and_activates_generate(page: Page):
+    open_page(page)
+    set_shared(page, **FAST)
+    page.locator("body").focus()
+    page.evaluate("document.activeElement.blur()")
+    for _ in range(30):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "generate":
+            break
+    else:
+        raise AssertionError("Tab never reached Generate")
+    col = column(page, "A")
+    page.keyboard.press("Enter")
+    wait_done(col)
+    first = col.get_attribute("data-job-id")
+    expect(page.locator("#generate")).to_be_focused()
+    page.keyboard.press("Space")
+    expect(col).not_to_have_attribute("data-job-id", first)
+    wait_done(col)
+    assert col.get_attribute("data-job-id") not in (None, first)
