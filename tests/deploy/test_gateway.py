@@ -158,21 +158,29 @@ def test_replicas_found_through_the_resolver(replicas: list[Replica], start_gate
         dns.close()
 
 
-def test_progress_events_stream_through_unbuffered(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+def stream_events(replicas: list[Replica], method: str, url: str, **kwargs) -> tuple[list[str], float]:
+    """The event names of a server-sent event stream, and the requests running on the replicas when the
+    first event arrived: held back by the gateway, it would only come once the request is done."""
     events: list[str] = []
-    running_at_first_event: float | None = None
-    headers = {"Accept": "text/event-stream"}
-    with httpx.stream("POST", f"{gateway.url}/generate", json={**GENERATE, "steps": 30}, headers=headers) as r:
+    running_at_first_event = -1.0
+    with httpx.stream(method, url, timeout=120, **kwargs) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("event:"):
                 events.append(line.removeprefix("event:").strip())
-                if running_at_first_event is None:
-                    # Held back by the gateway, the first event would only come once the request is done.
+                if running_at_first_event < 0:
                     running_at_first_event = sum(replica.gauge("cfg_requests_in_flight") for replica in replicas)
+    return events, running_at_first_event
+
+
+def test_progress_events_stream_through_unbuffered(replicas: list[Replica], start_gateway) -> None:
+    gateway = start_gateway([hostport(r) for r in replicas])
+    headers = {"Accept": "text/event-stream"}
+    events, running = stream_events(
+        replicas, "POST", f"{gateway.url}/generate", json={**GENERATE, "steps": 30}, headers=headers
+    )
     assert events[0] == "progress" and events[-1] == "result", events
-    assert running_at_first_event == 1, "the first progress event arrived after the request had finished"
+    assert running == 1, "the first progress event arrived after the request had finished"
 
 
 def test_jobs_through_the_gateway_reach_the_replica_that_holds_them(replicas: list[Replica], start_gateway) -> None:
@@ -185,17 +193,9 @@ def test_jobs_through_the_gateway_reach_the_replica_that_holds_them(replicas: li
     assert created.status_code == 202, created.text
     job_url = f"{gateway.url}{created.headers['location']}"
     assert httpx.get(job_url, timeout=10).status_code == 401
-    events: list[str] = []
-    running_at_first_event: float | None = None
-    with httpx.stream("GET", f"{job_url}/events", headers=key, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                events.append(line.removeprefix("event:").strip())
-                if running_at_first_event is None:
-                    running_at_first_event = sum(replica.gauge("cfg_requests_in_flight") for replica in replicas)
+    events, running = stream_events(replicas, "GET", f"{job_url}/events", headers=key)
     assert events[0] == "progress" and events[-1] == "result", events
-    assert running_at_first_event == 1, "the first progress event arrived after the job had finished"
+    assert running == 1, "the first progress event arrived after the job had finished"
     for _ in range(4):  # whichever replica round robin picks first
         job = httpx.get(job_url, headers=key, timeout=10)
         assert job.status_code == 200 and job.json()["status"] == "succeeded"
