@@ -39,6 +39,9 @@ def _engine_hooks(metrics: Metrics, device: torch.device):
     def on_step(stats: EngineStats) -> None:
         metrics.step_duration.observe(stats.step_seconds)
         metrics.batch_rows.observe(stats.rows)
+        metrics.forward_rows.labels(kind="conditional").inc(stats.cond_rows)
+        metrics.forward_rows.labels(kind="unconditional").inc(stats.uncond_rows)
+        metrics.skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
             metrics.images.inc(stats.images_finished)
 

@@ -32,6 +32,8 @@ class Metrics:
     device_memory: Gauge
     jobs: Counter
     jobs_stored: Gauge
+    forward_rows: Counter
+    skipped_rows: Counter
 
     def observe_request(self, outcome: str, seconds: float | None = None) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -65,6 +67,14 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         request_duration.labels(outcome=outcome)
     for outcome in JOB_OUTCOMES:
         jobs.labels(outcome=outcome)
+    forward_rows = Counter(
+        "cfg_engine_forward_rows",
+        "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",
+        ["kind"],
+        registry=registry,
+    )
+    for kind in ("conditional", "unconditional"):
+        forward_rows.labels(kind=kind)
     return Metrics(
         registry=registry,
         request_duration=request_duration,
@@ -95,5 +105,11 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             registry=registry,
         ),
         jobs=jobs,
+        forward_rows=forward_rows,
+        skipped_rows=Counter(
+            "cfg_engine_skipped_uncond_rows",
+            "Unconditional rows not run because the step's guidance weight was exactly 1 (interval schedules)",
+            registry=registry,
+        ),
         jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in memory, by state", ["state"], registry=registry),
     )

@@ -1,12 +1,22 @@
 """Step-level batching (continuous batching, as in vLLM/Orca, at the granularity of sampler steps).
 
 One asyncio task owns the model. Each tick it:
-  1. admits waiting jobs, in arrival order, while their rows fit under max_batch_rows;
-  2. drops cancelled jobs, so no compute is spent on them;
+  1. drops cancelled jobs, so no compute is spent on them;
+  2. admits waiting jobs, in arrival order, while their rows fit under max_batch_rows at every tick to
+     come (below);
   3. runs ONE forward over the rows of all active jobs (each job's conditional and unconditional
      rows, per-row timesteps) in a worker thread, so the event loop stays responsive;
   4. advances each job's own sampler, fails jobs whose latents went non-finite, resolves finished ones.
 A job therefore joins at the next tick and never waits for the current batch to finish.
+
+Admission by rows per tick. A job's rows at each of its steps are known when it is submitted: two per
+image where its guidance weight is not exactly 1, one where it is (the unconditional pass is skipped),
+one for an unconditional request. Every admitted job takes one step per tick, so the rows of the ticks to
+come are the sum of the admitted jobs' remaining profiles, aligned at the current tick (`_load`). The job
+at the head of the queue is admitted when its profile, added to that sum, stays within max_batch_rows at
+every tick; the queue is first-in first-out, so a large job at its head is never overtaken. Rows that one
+job's guidance interval frees are thereby given to another job for exactly those ticks, and no forward
+ever holds more than max_batch_rows.
 
 All of the model's compute runs in that one worker thread, the model load included (`worker()`):
 torch's CPU build uses GNU OpenMP, which gives each thread that starts a parallel region its own
@@ -24,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -65,11 +75,9 @@ class EngineStats:
     queue_depth: int
     step_seconds: float
     images_finished: int
-
-
-def max_rows(spec: SampleSpec) -> int:
-    """Rows a request may need in one forward: two per image when it has a class to guide."""
-    return spec.num_images * (1 if spec.class_label is None else 2)
+    cond_rows: int = 0  # rows with a class label
+    uncond_rows: int = 0  # rows with the null label
+    skipped_uncond_rows: int = 0  # unconditional rows not run: the weight of that step was exactly 1
 
 
 @dataclass(eq=False)
@@ -81,10 +89,6 @@ class Job:
     started_at: float | None = None  # admitted into the batch
     cancelled: bool = False
     _stepped: asyncio.Future | None = field(default=None, repr=False)
-
-    @property
-    def max_rows(self) -> int:
-        return max_rows(self.spec)
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -142,6 +146,7 @@ class Engine:
         self._on_admit = on_admit
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
+        self._load = np.zeros(0, dtype=np.int64)  # rows at each tick to come, of the admitted jobs
         self._wake = asyncio.Event()
         self._executor = executor or worker()  # the engine owns it from here and shuts it down
         self._task: asyncio.Task | None = None
@@ -157,11 +162,13 @@ class Engine:
             raise EngineClosedError(f"the engine failed: {self.error}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
-        if 2 * spec.num_images > self.max_batch_rows:
+        run = self.make_run(spec)
+        if run.rows_profile().max(initial=0) > self.max_batch_rows:
             raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
-        if limit_queue and len(self._waiting) >= self.max_queue and not self._has_room_now(spec):
+        room_now = not self._waiting and self._fits(run)
+        if limit_queue and len(self._waiting) >= self.max_queue and not room_now:
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
-        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=self.make_run(spec))
+        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=run)
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -260,30 +267,49 @@ class Engine:
             spec, self._scheduler_config, self._image_shape, self._null_label, self._device, self._class_embedding
         )
 
-    def _has_room_now(self, spec: SampleSpec) -> bool:
-        used = sum(j.max_rows for j in self._active)
-        return not self._waiting and used + max_rows(spec) <= self.max_batch_rows
+    def _fits(self, run: SampleRun) -> bool:
+        """Whether the run's rows, added to the admitted jobs' at every tick to come, fit max_batch_rows."""
+        profile = run.rows_profile()
+        n = min(len(profile), len(self._load))
+        return bool((profile[:n] + self._load[:n]).max(initial=0) <= self.max_batch_rows) and bool(
+            profile[n:].max(initial=0) <= self.max_batch_rows
+        )
+
+    def _add_load(self, run: SampleRun, sign: int) -> None:
+        """Add (sign 1) or take back (sign -1) the run's remaining rows at the ticks to come."""
+        profile = run.rows_profile()
+        if len(profile) > len(self._load):
+            self._load = np.pad(self._load, (0, len(profile) - len(self._load)))
+        self._load[: len(profile)] += sign * profile
+
+    def _drop(self, job: Job) -> None:
+        """A job leaves the batch before its last step: its rows at the ticks to come are free."""
+        self._active.remove(job)
+        self._add_load(job.run, -1)
 
     def _admit(self) -> None:
-        used = sum(j.max_rows for j in self._active)
-        while self._waiting and used + self._waiting[0].max_rows <= self.max_batch_rows:
+        while self._waiting and self._fits(self._waiting[0].run):
             job = self._waiting.popleft()
             job.started_at = time.monotonic()
-            used += job.max_rows
+            self._add_load(job.run, 1)
             self._active.append(job)
             if self._on_admit:
                 self._on_admit(job)
 
-    def _tick(self, runs: list[SampleRun]) -> tuple[int, list[bool]]:
+    def _tick(self, runs: list[SampleRun]) -> tuple[EngineStats, list[bool]]:
         """In the worker thread: one shared forward, then one host sync for all the finiteness flags."""
+        cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
+        skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
         rows = denoise_step(self._denoiser, runs)
         finite = torch.stack([r.latents.isfinite().all() for r in runs]).tolist()
-        return rows, finite
+        stats = EngineStats(rows, len(runs), 0, 0.0, 0, cond, rows - cond, skipped)
+        return stats, finite
 
     async def _loop(self) -> None:
         try:
             while True:
-                self._active = [j for j in self._active if not j.cancelled]
+                for job in [j for j in self._active if j.cancelled]:
+                    self._drop(job)
                 self._admit()
                 if not self._active:
                     self._wake.clear()
@@ -291,11 +317,19 @@ class Engine:
                     continue
                 jobs = list(self._active)
                 t0 = time.perf_counter()
-                rows, finite = await self.run_in_worker(self._tick, [j.run for j in jobs])
+                stats, finite = await self.run_in_worker(self._tick, [j.run for j in jobs])
                 step_seconds = time.perf_counter() - t0
+                self._load = self._load[1:]  # every admitted job took its step
                 images_finished = self._settle(jobs, finite)
                 if self._on_step:
-                    self._on_step(EngineStats(rows, len(jobs), len(self._waiting), step_seconds, images_finished))
+                    self._on_step(
+                        replace(
+                            stats,
+                            queue_depth=len(self._waiting),
+                            step_seconds=step_seconds,
+                            images_finished=images_finished,
+                        )
+                    )
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a broken model must not leave requests hanging
@@ -315,7 +349,7 @@ class Engine:
             if job.cancelled:
                 continue
             if not ok:
-                self._active.remove(job)
+                self._drop(job)
                 job.future.set_exception(
                     NonFiniteError(f"non-finite values in the latents at step {job.run.step_index}")
                 )

@@ -185,12 +185,20 @@ class SampleRun:
     def done(self) -> bool:
         return self.step_index >= len(self.timesteps)
 
+    def _guided(self, i: int) -> bool:
+        """Step i runs the unconditional rows: not where the weight is exactly 1, nor without a class."""
+        return self.spec.class_label is not None and self.scales[i] != 1.0
+
     def needs_uncond(self) -> bool:
-        """The unconditional rows are skipped where the weight is exactly 1, or there is no class."""
-        return self.spec.class_label is not None and self.scales[self.step_index] != 1.0
+        return self._guided(self.step_index)
 
     def rows_needed(self) -> int:
         return self.spec.num_images * (2 if self.needs_uncond() else 1)
+
+    def rows_profile(self) -> np.ndarray:
+        """The rows of each step still to take, known in advance from the weight schedule."""
+        n = self.spec.num_images
+        return np.array([n * (2 if self._guided(i) else 1) for i in range(self.step_index, len(self.scales))])
 
     def model_input(self) -> ModelInput:
         t = self.timesteps[self.step_index]

@@ -277,3 +277,18 @@ def test_the_model_is_loaded_in_the_engine_thread_not_the_event_loop(monkeypatch
     with TestClient(create_app(Settings(warmup=False))) as c:
         assert c.get("/readyz").status_code == 200
     assert len(threads) == 1 and threads[0].startswith("engine-forward")
+
+
+def test_forward_rows_are_counted_by_kind_and_skipped_rows_show(client):
+    """The default request guides only where 0.3 < sigma <= 2: 6 of dpmpp_2m's 20 steps run the
+    unconditional rows; the other 14 skip them, and /metrics says so."""
+    names = (
+        'cfg_engine_forward_rows_total{kind="conditional"}',
+        'cfg_engine_forward_rows_total{kind="unconditional"}',
+        "cfg_engine_skipped_uncond_rows_total",
+    )
+    before = [metric(client, n) for n in names]
+    r = client.post("/generate", json={"class_label": 4, "num_images": 2, "steps": 20, "seed": 3})
+    assert r.status_code == 200
+    after = [metric(client, n) for n in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * 20, 2 * 6, 2 * 14]

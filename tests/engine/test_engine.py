@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.engine import Engine, EngineClosedError, EngineStats, NonFiniteError, QueueFullError
+from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
 
 
@@ -280,3 +281,83 @@ def test_a_failing_model_fails_running_and_waiting_jobs_and_the_engine_says_why(
         await engine.stop()  # after a failed loop too: no exception, the worker thread is shut down
 
     asyncio.run(main())
+
+
+def interval(start: float, end: float) -> GuidanceParams:
+    """CFG at s = 3 for the steps i with start <= i / N < end, and s = 1 (conditional rows only) elsewhere."""
+    return GuidanceParams(3.0, GuidanceSchedule("interval", start=start, end=end))
+
+
+def test_admission_by_rows_per_tick_fits_jobs_whose_guidance_intervals_differ(loaded, denoiser):
+    """With 12 rows, two 4-image jobs guided in opposite halves of their 8 steps need 12 rows at every tick
+    (8 + 4, then 4 + 8): they run together, where reserving 2 rows per image (16) would serialize them. A
+    third job, which would need 16 rows at some tick, waits until it fits at every tick to come."""
+    stats: list[EngineStats] = []
+    early, late = interval(0.0, 0.5), interval(0.5, 1.0)
+
+    async def main():
+        engine = make_engine(loaded, denoiser, stats, max_batch_rows=12)
+        await engine.start()
+        a = engine.submit(SampleSpec(class_label=1, seeds=(1, 2, 3, 4), steps=8, guidance=late))  # rows 4x4, 4x8
+        b = engine.submit(SampleSpec(class_label=2, seeds=(5, 6, 7, 8), steps=8, guidance=early))  # 4x8, 4x4
+        c = engine.submit(SampleSpec(class_label=3, seeds=(9, 10), steps=8, guidance=early))  # 4x4, 4x2
+        await asyncio.sleep(0)
+        await until(lambda: not a.queued and not b.queued)
+        admitted_together = b.started_at is not None and not a.future.done()
+        c_waited = c.queued
+        await asyncio.gather(a.future, b.future, c.future)
+        await engine.stop()
+        return a, b, c, admitted_together, c_waited
+
+    a, b, c, admitted_together, c_waited = asyncio.run(main())
+    assert admitted_together, "b waited for a, as with a reservation of two rows per image"
+    assert c_waited, "c was admitted though at a tick to come it would have made 16 rows"
+    rows = [s.rows for s in stats]
+    assert max(rows) <= 12 and rows[:8] == [12] * 8, rows
+    assert c.started_at >= a.started_at and a.run.done and b.run.done and c.run.done
+    # Forward rows by kind: every image has a conditional row at every step; unconditional rows only where
+    # guided; the skipped ones are the rest.
+    assert sum(s.cond_rows for s in stats) == (4 + 4 + 2) * 8
+    assert sum(s.uncond_rows for s in stats) == (4 + 4 + 2) * 4
+    assert sum(s.skipped_uncond_rows for s in stats) == (4 + 4 + 2) * 4
+    assert all(s.cond_rows + s.uncond_rows == s.rows for s in stats)
+
+
+def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded, denoiser):
+    """Jobs of 1-4 images with random intervals, submitted and cancelled at random: the engine's row
+    bookkeeping (`_load`) equals the rows of the next tick, and no forward exceeds max_batch_rows."""
+    import random
+
+    rng = random.Random(3)
+    stats: list[EngineStats] = []
+    checks: list[tuple[int, int]] = []
+
+    async def main():
+        engine = make_engine(loaded, denoiser, stats, max_batch_rows=10, max_queue=100)
+        original = engine._tick
+
+        def tick(runs):  # in the worker thread, before the forward: the bookkeeping against the truth
+            checks.append((int(engine._load[0]), sum(r.rows_needed() for r in runs)))
+            return original(runs)
+
+        engine._tick = tick
+        await engine.start()
+        jobs = []
+        for i in range(24):
+            start = rng.choice([0.0, 0.25, 0.5])
+            spec = SampleSpec(
+                class_label=rng.choice([None, 1, 2]),
+                seeds=tuple(range(rng.randint(1, 4))),
+                steps=rng.randint(2, 8),
+                guidance=interval(start, rng.choice([start + 0.25, 1.0])),
+            )
+            jobs.append(engine.submit(spec))
+            if i % 5 == 4:
+                engine.cancel(jobs[rng.randrange(len(jobs))])
+            await asyncio.sleep(rng.random() * 0.02)
+        await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        await engine.stop()
+
+    asyncio.run(main())
+    assert max(s.rows for s in stats) <= 10
+    assert checks and all(load == rows for load, rows in checks), checks
