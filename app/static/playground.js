@@ -405,6 +405,8 @@ async function updateCurve(col) {
   }
   if (!response.ok || !Array.isArray(body?.steps)) {
     drawMessage(svg, describeFailure(response, body));
+    // A gateway's rate limit (429) passes: ask again once it has.
+    if (response.status === 429) scheduleCurve(col, 1000 * (Number(response.headers.get("Retry-After")) || 1));
     return;
   }
   setErrors(col, []);
@@ -628,6 +630,7 @@ function applyJob(col, run, job) {
   onProgress(col, run, { ...job, preview: job.preview ?? undefined, trace: undefined });
 }
 
+// Submits the column's job; resolves once the job is submitted (or refused), then follows it to its end.
 async function startRun(col, seed) {
   await cancelRun(col);
   const body = requestBody(col, seed);
@@ -658,7 +661,7 @@ async function startRun(col, seed) {
   }
   if (run.cancelRequested) return deleteJob(col, run);
   applyJob(col, run, job);
-  if (!run.done) await follow(col, run);
+  if (!run.done) follow(col, run); // not awaited: the next column submits meanwhile
 }
 
 // Progress events, then the result or error; if the stream breaks off without its final event, the job's
@@ -727,7 +730,8 @@ async function generate() {
     return;
   }
   const seed = ensureSeed();
-  await Promise.all(columns.map((col) => startRun(col, seed)));
+  // One after the other, so the jobs queue in the columns' order.
+  for (const col of [...columns]) await startRun(col, seed);
 }
 
 // ---- curl ---------------------------------------------------------------------------------------------
@@ -788,7 +792,9 @@ function selectModel(name) {
   const classes = sharedField("class_label");
   const previous = classes.value;
   fillSelect(classes, [...pairs(model.class_names), ["", "unconditional"]], previous || model.class_names[0]);
-  sharedField("num_images").max = model.limits.max_images;
+  const images = sharedField("num_images");
+  images.max = model.limits.max_images;
+  if (Number(images.value) > model.limits.max_images) images.value = model.limits.max_images;
   document.documentElement.style.setProperty("--img", `${model.image_size * 4}px`);
   for (const col of columns) fillColumnOptions(col);
   if (!columns.length) createColumn();

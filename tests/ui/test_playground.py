@@ -279,3 +279,26 @@ def test_keyboard_reaches_and_activates_generate(page: Page):
     expect(col).not_to_have_attribute("data-job-id", first)
     wait_done(col)
     assert col.get_attribute("data-job-id") not in (None, first)
+
+
+def test_a_gateway_that_asks_for_a_key(page: Page, console):
+    # A stand-in for the nginx gateway's key check (the real one is tested in tests/deploy): /v1/ answers
+    # 401 without X-API-Key, as the gateway does, and passes requests with it on to the real service.
+    console.allow("status of 401")
+
+    def gateway(route):
+        if route.request.headers.get("x-api-key") != "k-123":
+            return route.fulfill(status=401, json={"detail": "missing API key"})
+        return route.continue_()
+
+    page.route("**/v1/**", gateway)
+    page.goto("/")
+    api_key = page.locator("#api_key")
+    expect(page.locator("#api_key-error")).to_have_text("The gateway asks for an API key (401).")
+    expect(api_key).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#status")).to_contain_text("401")
+    api_key.fill("k-123")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator("#api_key-error")).to_be_hidden()
+    expect(api_key).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#c1-curve path.line.scale")).to_have_count(1)
