@@ -1,5 +1,5 @@
 """The playground while a job waits: a server whose batch holds one guided image (CFG_MAX_BATCH_ROWS=2), so a
-second setting queues behind the first until the first is cancelled."""
+second setting queues behind the first."""
 
 import re
 from collections.abc import Iterator
@@ -28,6 +28,7 @@ def test_a_queued_setting_shows_its_place_and_can_be_cancelled(page: Page, serve
     expect(page.locator("#num_images")).to_have_value("1")  # the page's default of 4, held to the limit
     a = column(page, "A")
     control(a, "steps").fill("200")
+    control(a, "schedule").select_option("constant")  # two rows at every step: the batch is full throughout
     a.get_by_role("button", name="Duplicate setting A").click()
     b = column(page, "B")
     page.click("#generate")
