@@ -1,11 +1,14 @@
 """A checkpoint folder in model_store/, in diffusers' own layout plus a manifest:
 
-    <name>/unet/config.json
-    <name>/unet/diffusion_pytorch_model.safetensors
+    <name>/unet/config.json                 a UNet2DModel (app.train writes these), or
+    <name>/transformer/config.json          a DiT (DiTTransformer2DModel), with
+    <name>/vae/config.json                  the AutoencoderKL its latents decode with
+    <name>/<each of those>/diffusion_pytorch_model.safetensors   (or safetensors shards)
     <name>/scheduler/scheduler_config.json
-    <name>/manifest.json      class names, null label, image size, training settings, weights sha256
+    <name>/manifest.json      class names, null label, shapes, every weight file's sha256, training or import record
 
-Loading verifies the sha256 before reading the weights and never unpickles anything.
+`python -m app.models import` (app/models/importer.py) writes any of these from a diffusers folder.
+Loading verifies every weight file's sha256 before reading it and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -13,16 +16,28 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, pixels_to_uint8
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+KINDS = ("unet", "dit")  # the denoiser: UNet2DModel, or DiTTransformer2DModel
+LEARNED_SIGMA = ("none", "drop")
+# Each component folder and the class its config and weights build.
+MODEL_CLASSES: dict[str, type[ModelMixin]] = {
+    "unet": UNet2DModel,
+    "transformer": DiTTransformer2DModel,
+    "vae": AutoencoderKL,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -31,18 +46,63 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Manifest:
+    """What a checkpoint holds. The first eight fields are those app.train has always written; the others
+    default to what they mean for such a checkpoint (a pixel-space UNet), so older manifests load unchanged."""
+
     name: str
     class_names: list[str]
-    null_label: int
-    image_size: int
-    in_channels: int
+    null_label: int  # the label of the unconditional rows: the last class embedding
+    image_size: int  # the denoiser's sample_size: the latents' size for a latent model
+    in_channels: int  # the denoiser's input channels: the latent channels for a latent model
     prediction_type: str
-    weights_sha256: str
+    weights_sha256: str  # the denoiser's weights; for sharded weights, of their "sha256  path" lines
     training: dict[str, Any] = field(default_factory=dict)
+    kind: str = "unet"  # the denoiser: "unet" (UNet2DModel) or "dit" (DiTTransformer2DModel)
+    # Every weight file, path relative to the checkpoint -> sha256. Empty: {unet/WEIGHTS_NAME: weights_sha256}.
+    files: dict[str, str] = field(default_factory=dict)
+    image_shape: list[int] | None = None  # (C, H, W) of the images served; default: latent_shape
+    latent_shape: list[int] | None = None  # (C, h, w) the sampler works in; default (in_channels, image_size x2)
+    vae_scaling_factor: float | None = None  # a latent model's: images = vae.decode(latents / vae_scaling_factor)
+    # "drop": the model outputs 2C channels, eps then a learned variance, and the variance is dropped (as DiTPipeline).
+    learned_sigma: str = "none"
+    source: dict[str, Any] = field(default_factory=dict)  # an import's record: folder, classes, versions, notes
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.learned_sigma not in LEARNED_SIGMA:
+            raise ValueError(f"learned_sigma must be one of {LEARNED_SIGMA}, not {self.learned_sigma!r}")
+        # Frozen: the defaults that depend on other fields are filled here, once.
+        if self.latent_shape is None:
+            object.__setattr__(self, "latent_shape", [self.in_channels, self.image_size, self.image_size])
+        if self.image_shape is None:
+            object.__setattr__(self, "image_shape", list(self.latent_shape))
+        if not self.files:
+            object.__setattr__(self, "files", {f"{self.denoiser_folder}/{WEIGHTS_NAME}": self.weights_sha256})
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def latent(self) -> bool:
+        """True where the sampler works in a VAE's latent space and the images are decoded from it."""
+        return self.vae_scaling_factor is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one sample as the sampler and the denoiser see it: SampleRun's image_shape."""
+        c, h, w = self.latent_shape
+        return (c, h, w)
+
+    @property
+    def denoiser_folder(self) -> str:
+        return "transformer" if self.kind == "dit" else "unet"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The component folders, each with a config.json and weights."""
+        return (self.denoiser_folder, "vae") if self.latent else (self.denoiser_folder,)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,11 +110,16 @@ class Manifest:
 
 @dataclass
 class LoadedModel:
-    unet: UNet2DModel
+    """A loaded checkpoint. unet is set for a UNet checkpoint; transformer (and vae) for a DiT; vae for
+    every latent model. model_denoiser() and image_decoder() adapt any of them to the sampler and the engine."""
+
+    unet: UNet2DModel | None
     scheduler_config: dict[str, Any]
     manifest: Manifest
     path: Path
     device: torch.device
+    transformer: DiTTransformer2DModel | None = None
+    vae: AutoencoderKL | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -109,53 +174,103 @@ def _read_json(path: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class VerifiedCheckpoint:
     manifest: Manifest
-    unet_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]]  # component folder -> its config.json
     scheduler_config: dict[str, Any]
-    weights: Path
+    weight_files: dict[str, list[Path]]  # component folder -> its verified weight files
+
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return self.configs["unet"]
+
+    @property
+    def weights(self) -> Path:
+        """The denoiser's (first) weight file."""
+        return self.weight_files[self.manifest.denoiser_folder][0]
+
+
+def _read_manifest(path: Path) -> Manifest:
+    raw = _read_json(path)
+    try:
+        return Manifest(**raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint manifest has wrong fields: {path} ({exc})") from exc
+
+
+def _checkpoint_file(folder: Path, relpath: str, manifest: Manifest, manifest_path: Path) -> Path:
+    """A manifest's relative path, refused unless it lies in one of the checkpoint's component folders."""
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 2 or rel.parts[0] not in manifest.components:
+        raise CheckpointError(
+            f"checkpoint manifest names a weight file outside {', '.join(manifest.components)}/: "
+            f"{relpath!r} in {manifest_path}"
+        )
+    return folder / rel.parts[0] / rel.parts[1]
 
 
 def verify_checkpoint(path: Path | str) -> VerifiedCheckpoint:
-    """Check every file of a checkpoint folder and the weights' sha256, without loading them."""
+    """Check every file of a checkpoint folder and every weight file's sha256, without loading them."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder missing: {path}")
     manifest_path = path / "manifest.json"
-    raw = _read_json(manifest_path)
-    try:
-        manifest = Manifest(**raw)
-    except TypeError as exc:
-        raise CheckpointError(f"checkpoint manifest has wrong fields: {manifest_path} ({exc})") from exc
-    unet_config = _read_json(path / "unet" / "config.json")
+    manifest = _read_manifest(manifest_path)
+    configs = {c: _read_json(path / c / "config.json") for c in manifest.components}
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    weights = path / "unet" / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint file missing: {weights}")
-    actual = sha256_file(weights)
-    if actual != manifest.weights_sha256:
-        raise CheckpointError(
-            f"checkpoint weights fail verification: {weights} has sha256 {actual[:12]}..., "
-            f"{manifest_path.name} expects {manifest.weights_sha256[:12]}..."
-        )
-    return VerifiedCheckpoint(manifest, unet_config, scheduler_config, weights)
+    weight_files: dict[str, list[Path]] = {}
+    for relpath, expected in manifest.files.items():
+        weights = _checkpoint_file(path, relpath, manifest, manifest_path)
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint file missing: {weights}")
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise CheckpointError(
+                f"checkpoint weights fail verification: {weights} has sha256 {actual[:12]}..., "
+                f"{manifest_path.name} expects {expected[:12]}..."
+            )
+        weight_files.setdefault(PurePosixPath(relpath).parts[0], []).append(weights)
+    for component in manifest.components:
+        if component not in weight_files:
+            raise CheckpointError(f"checkpoint manifest lists no weights for {path / component}: {manifest_path}")
+    return VerifiedCheckpoint(manifest, configs, scheduler_config, weight_files)
+
+
+def _load_module(
+    component: str, config: dict[str, Any], weight_files: list[Path], folder: Path, device: torch.device
+) -> ModelMixin:
+    """Build a component from its config and load its (verified) safetensors into it, strictly."""
+    state: dict[str, torch.Tensor] = {}
+    for weights in weight_files:
+        try:
+            state.update(load_file(weights))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"checkpoint weights unreadable: {weights} ({exc})") from exc
+    model = MODEL_CLASSES[component].from_config(config)
+    # VAEs saved before diffusers 0.14 name their attention weights query/key/value/proj_attn; diffusers'
+    # own from_pretrained renames them with this method, so a strict load of such a VAE works too.
+    model._fix_state_dict_keys_on_load(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not match {folder / 'config.json'}: {exc}") from exc
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Verify and load a checkpoint folder onto `device`, in eval mode. Never unpickles."""
+    """Verify and load any checkpoint folder onto `device`, in eval mode, float32. Never unpickles."""
     path = Path(path)
     ckpt = verify_checkpoint(path)
-    try:
-        state = load_file(ckpt.weights)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"checkpoint weights unreadable: {ckpt.weights} ({exc})") from exc
-    unet = UNet2DModel.from_config(ckpt.unet_config)
-    try:
-        unet.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not match {path / 'unet' / 'config.json'}: {exc}") from exc
     device = torch.device(device)
-    unet.to(device).eval().requires_grad_(False)
+    modules = {
+        c: _load_module(c, ckpt.configs[c], ckpt.weight_files[c], path / c, device) for c in ckpt.manifest.components
+    }
     return LoadedModel(
-        unet=unet, scheduler_config=ckpt.scheduler_config, manifest=ckpt.manifest, path=path, device=device
+        unet=modules.get("unet"),
+        scheduler_config=ckpt.scheduler_config,
+        manifest=ckpt.manifest,
+        path=path,
+        device=device,
+        transformer=modules.get("transformer"),
+        vae=modules.get("vae"),
     )
 
 
@@ -163,10 +278,12 @@ class UNetDenoiser:
     """Adapt the UNet to the sampler's Denoiser signature: (x, timesteps, class_labels[, embed_delta]) -> eps.
 
     embed_delta (rows, D) is added to the rows' class embeddings (CADS) by a forward hook on the UNet's
-    class_embedding, held only for that call: all of a model's forwards run in one thread."""
+    class_embedding, held only for that call: all of a model's forwards run in one thread. eps_channels,
+    where given, keeps that many leading output channels (a UNet with a learned variance)."""
 
-    def __init__(self, unet: UNet2DModel) -> None:
+    def __init__(self, unet: UNet2DModel, eps_channels: int | None = None) -> None:
         self.unet = unet
+        self.eps_channels = eps_channels
 
     @torch.inference_mode()
     def __call__(
@@ -177,12 +294,16 @@ class UNetDenoiser:
         embed_delta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if embed_delta is None:
-            return self.unet(x, timesteps, class_labels=class_labels).sample
+            return self._forward(x, timesteps, class_labels)
         hook = self.unet.class_embedding.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype))
         try:
-            return self.unet(x, timesteps, class_labels=class_labels).sample
+            return self._forward(x, timesteps, class_labels)
         finally:
             hook.remove()
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        out = self.unet(x, timesteps, class_labels=class_labels).sample
+        return out if self.eps_channels is None else out[:, : self.eps_channels]
 
     @torch.inference_mode()
     def class_embedding(self, label: int) -> torch.Tensor:
@@ -193,3 +314,26 @@ class UNetDenoiser:
 
 def unet_denoiser(unet: UNet2DModel) -> UNetDenoiser:
     return UNetDenoiser(unet)
+
+
+def model_denoiser(model: LoadedModel) -> UNetDenoiser | DiTDenoiser:
+    """The Denoiser for any loaded checkpoint: eps of the sample_shape channels, learned variance dropped.
+    Both adapters have class_embedding(label) for CADS."""
+    m = model.manifest
+    eps_channels = m.sample_shape[0] if m.learned_sigma == "drop" else None
+    if m.kind == "dit":
+        return DiTDenoiser(model.transformer, eps_channels)
+    return UNetDenoiser(model.unet, eps_channels)
+
+
+def image_decoder(model: LoadedModel) -> ImageDecoder:
+    """finished samples (N, C, h, w) -> uint8 images (N, H, W, C'): the VAE's decode for a latent model,
+    else the samples themselves. Runs the VAE: call it in the model's thread."""
+    if model.manifest.latent:
+        vae, scaling_factor = model.vae, model.manifest.vae_scaling_factor
+
+        def decode(latents: torch.Tensor) -> np.ndarray:
+            return decode_latents(vae, latents, scaling_factor)
+
+        return decode
+    return pixels_to_uint8

@@ -1,0 +1,90 @@
+"""Latent models: the DiT adapted to the sampler's Denoiser signature, and the VAE decode of finished latents.
+
+DiT (Peebles & Xie 2023) as diffusers holds it (DiTTransformer2DModel): every block's adaLN-Zero has its own
+timestep-and-label embedder, and the final layer reuses block 0's. Checkpoints converted from the original DiT
+copy its one y_embedder table into every block, so they share one class embedding, which CADS can perturb.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+# finished samples (N, C, h, w) -> uint8 images (N, H, W, C')
+ImageDecoder = Callable[[torch.Tensor], np.ndarray]
+
+
+def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C) on the host."""
+    x = (x.float().clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float, batch_size: int = 8) -> torch.Tensor:
+    """Latents (N, C, h, w) -> images in [-1, 1] (N, 3, H, W), float32, decoded batch_size at a time to
+    bound the decoder's activation memory (a 256x256 decode holds ~1 GB per image at 512 channels)."""
+    # As in DiTPipeline and the Stable Diffusion pipelines: the diffusion model sees latents * scaling_factor.
+    chunks = [vae.decode(chunk.to(vae.dtype) / scaling_factor).sample for chunk in latents.split(batch_size)]
+    return torch.cat(chunks).float().clamp(-1, 1)
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float, batch_size: int = 8) -> np.ndarray:
+    """Latents (N, C, h, w) -> uint8 images (N, H, W, 3) on the host. Runs the VAE: call it in the model's thread."""
+    return pixels_to_uint8(vae_decode(vae, latents, scaling_factor, batch_size))
+
+
+class DiTDenoiser:
+    """Adapt a DiT to the sampler's Denoiser signature: (x, timesteps, class_labels[, embed_delta]) -> eps.
+
+    eps_channels, where given, keeps that many leading output channels: a DiT with a learned variance outputs
+    2C channels, eps then the variance, and the variance is dropped, as DiTPipeline does. embed_delta (rows, D)
+    is added to every block's class embedding by forward hooks held only for that call (CADS); all of a
+    model's forwards run in one thread."""
+
+    def __init__(self, transformer: DiTTransformer2DModel, eps_channels: int | None = None) -> None:
+        self.transformer = transformer
+        self.eps_channels = eps_channels
+        self._label_embedders = [block.norm1.emb.class_embedder for block in transformer.transformer_blocks]
+        first = self._label_embedders[0].embedding_table.weight
+        self.shared_class_embedding = all(
+            torch.equal(first, e.embedding_table.weight) for e in self._label_embedders[1:]
+        )
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        embed_delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if embed_delta is None:
+            return self._forward(x, timesteps, class_labels)
+        hooks = [
+            e.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype)) for e in self._label_embedders
+        ]
+        try:
+            return self._forward(x, timesteps, class_labels)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        out = self.transformer(x.to(dtype), timestep=timesteps, class_labels=class_labels).sample
+        if self.eps_channels is not None:
+            out = out[:, : self.eps_channels]
+        return out.to(x.dtype)
+
+    @torch.inference_mode()
+    def class_embedding(self, label: int) -> torch.Tensor:
+        """The model's embedding of one class label, shape (D,). ValueError where the blocks' tables differ
+        (a DiT not converted from one y_embedder): CADS's rescaling is defined for one embedding."""
+        if not self.shared_class_embedding:
+            raise ValueError("CADS needs one class embedding; this DiT has a different one in each block")
+        table = self._label_embedders[0].embedding_table
+        return table(torch.tensor([label], device=table.weight.device))[0].float().clone()
