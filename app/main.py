@@ -21,7 +21,7 @@ from app.engine import Engine, EngineStats, Job, worker
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
 from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
-from app.sampling import DEFAULT_GUIDANCE, SampleSpec
+from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
 log = logging.getLogger("uvicorn.error")
@@ -114,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "schedules": ["constant", "linear", "cosine", "interval"],
                         "guidance_methods": list(METHOD_KINDS),
                         "noise_schedules": list(NOISE_SCHEDULE_KINDS),
+                        "default_steps": settings.default_steps,
+                        "default_sampler": DEFAULT_SAMPLER,
                         "default_guidance": {
                             "guidance_scale": DEFAULT_GUIDANCE.guidance_scale,
                             **guidance_body(DEFAULT_GUIDANCE),

@@ -131,6 +131,9 @@ def test_health_ready_and_models(client):
     assert model["class_names"][7] == "Sneaker" and model["null_label"] == 10
     assert model["samplers"] == ["ddim", "ddpm", "dpmpp_2m", "euler_a"]
     assert model["limits"]["max_images"] == 16
+    # What a request that sets nothing gets: a client (the playground) shows these as the defaults.
+    assert model["default_steps"] == Settings().default_steps and model["default_sampler"] == "dpmpp_2m"
+    assert client.get("/openapi.json").status_code == 200  # every router's schema renders
 
 
 def test_metrics_count_requests(client):
