@@ -77,12 +77,12 @@ def imagenet_like_names(count: int) -> dict[int, str]:
     return {i: IMAGENET_HEAD[i] if i < len(IMAGENET_HEAD) else f"class {i}, synonym {i}" for i in range(count)}
 
 
-def tiny_unet(num_class_embeds: int | None, seed: int = 2) -> UNet2DModel:
+def tiny_unet(num_class_embeds: int | None, seed: int = 2, channels: int = 3) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         down_block_types=("DownBlock2D",) * 2,

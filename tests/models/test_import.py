@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 
 from app.models import (
     CheckpointError,
@@ -25,7 +25,14 @@ from app.models import (
 )
 from app.models.__main__ import main
 from app.models.checkpoint import WEIGHTS_NAME
-from tests.models.conftest import IMAGENET_HEAD, save_dit_pipeline, save_unet_pipeline, tiny_dit, tiny_unet
+from tests.models.conftest import (
+    IMAGENET_HEAD,
+    save_dit_pipeline,
+    save_unet_pipeline,
+    tiny_dit,
+    tiny_unet,
+    tiny_vae,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,6 +125,27 @@ def test_unet_pipeline_without_class_names_takes_the_last_embedding_as_null(tmp_
     assert "the last embedding (4) taken as the null label" in out
     m = verify_checkpoint(tmp_path / "store" / "m").manifest
     assert m.class_names == ["class 0", "class 1", "class 2", "class 3"] and m.source["pipeline"] == "DDPMPipeline"
+
+
+def test_unet_pipeline_in_a_vaes_latents(tmp_path, capsys):
+    """A class-conditional UNet that works in an AutoencoderKL's latents: decoded like a DiT's."""
+    src = tmp_path / "src"
+    tiny_unet(num_class_embeds=3, channels=4).save_pretrained(src / "unet")
+    tiny_vae().save_pretrained(src / "vae")
+    DDPMScheduler().save_pretrained(src / "scheduler")  # clip_sample on: right for pixels, not latents
+    index = {"_class_name": "MyPipeline", "unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    index["id2label"] = {"0": "cat", "1": "dog"}
+    (src / "model_index.json").write_text(json.dumps(index))
+    status, out, err = run_import(capsys, src, tmp_path / "store")
+    assert status == 0, err
+    assert "note: clip_sample turned off in the scheduler config" in out
+    loaded = load_checkpoint(tmp_path / "store" / "m")
+    m = loaded.manifest
+    assert m.kind == "unet" and m.latent and m.class_names == ["cat", "dog"] and m.null_label == 2
+    assert m.sample_shape == (4, 8, 8) and m.image_shape == [3, 16, 16] and loaded.vae is not None
+    assert loaded.scheduler_config["clip_sample"] is False
+    assert image_decoder(loaded)(torch.randn(2, 4, 8, 8)).shape == (2, 16, 16, 3)
 
 
 def text_conditional_pipeline(path: Path) -> Path:
