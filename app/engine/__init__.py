@@ -1,5 +1,6 @@
 """The batching engine: one loop owns the model and runs one forward per tick over all active rows."""
 
+from app.engine.compute import SharedCompute, worker
 from app.engine.engine import (
     Engine,
     EngineClosedError,
@@ -8,7 +9,6 @@ from app.engine.engine import (
     JobResult,
     NonFiniteError,
     QueueFullError,
-    worker,
 )
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "JobResult",
     "NonFiniteError",
     "QueueFullError",
+    "SharedCompute",
     "worker",
 ]

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from app.engine.compute import SharedCompute
 from app.sampling import ClassEmbedding, Denoiser, SampleRun, SampleSpec, denoise_step
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,6 @@ class Job:
             self._stepped.set_result(None)
 
 
-def worker() -> ThreadPoolExecutor:
-    """The one thread for the model's compute: load the model in it, then hand it to the Engine."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-forward")
-
-
 StatsHook = Callable[[EngineStats], None]
 AdmitHook = Callable[[Job], None]
 
@@ -133,7 +129,10 @@ class Engine:
         on_admit: AdmitHook | None = None,
         executor: ThreadPoolExecutor | None = None,
         class_embedding: ClassEmbedding | None = None,
+        compute: SharedCompute | None = None,
     ) -> None:
+        """compute: the thread shared with other models' engines (it outlives this engine); without it,
+        the engine runs its own on executor (or a new worker()) and shuts it down when it stops."""
         self._denoiser = denoiser
         self._class_embedding = class_embedding
         self._scheduler_config = scheduler_config
@@ -148,7 +147,8 @@ class Engine:
         self._active: list[Job] = []
         self._load = np.zeros(0, dtype=np.int64)  # rows at each tick to come, of the admitted jobs
         self._wake = asyncio.Event()
-        self._executor = executor or worker()  # the engine owns it from here and shuts it down
+        self._owns_compute = compute is None
+        self._compute = compute or SharedCompute(executor)
         self._task: asyncio.Task | None = None
         self._accepting = False
         self._error: BaseException | None = None
@@ -231,7 +231,8 @@ class Engine:
                 pass
             except Exception:  # the loop failed earlier: logged, and its jobs failed, when it did
                 pass
-        self._executor.shutdown(wait=True)
+        if self._owns_compute:
+            self._compute.shutdown()
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn in the model's thread, where every tick runs.
@@ -239,7 +240,7 @@ class Engine:
         Called while the loop awaits a tick, fn runs right after that tick and the next one waits for
         it: the batch pauses, and resumes as it was. The warmup uses it, and the benchmark times the raw
         sampling loop with it in the service's own thread, between the service's ticks under load."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._compute.executor, fn, *args)
 
     async def warmup(self, spec: SampleSpec) -> None:
         """Before the service reports ready: run one job, then one forward at every row count.
@@ -317,7 +318,7 @@ class Engine:
                     continue
                 jobs = list(self._active)
                 t0 = time.perf_counter()
-                stats, finite = await self.run_in_worker(self._tick, [j.run for j in jobs])
+                stats, finite = await self._compute.run(self, self._tick, [j.run for j in jobs])
                 step_seconds = time.perf_counter() - t0
                 self._load = self._load[1:]  # every admitted job took its step
                 images_finished = self._settle(jobs, finite)

@@ -1,0 +1,87 @@
+"""Several models' engines on one shared compute thread: equal shares of its time (app/engine/compute.py)."""
+
+import asyncio
+
+import torch
+
+from app.engine import Engine, EngineStats, SharedCompute
+from app.sampling import SampleSpec
+
+
+def engine_on(compute, loaded, denoiser, stats) -> Engine:
+    return Engine(
+        denoiser,
+        scheduler_config=loaded.scheduler_config,
+        image_shape=(1, 28, 28),
+        null_label=loaded.manifest.null_label,
+        device=torch.device("cpu"),
+        max_batch_rows=32,
+        max_queue=8,
+        on_step=stats.append,
+        compute=compute,
+    )
+
+
+async def until(predicate, timeout=120.0):
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError
+
+
+def test_a_slow_model_and_a_fast_one_get_equal_shares_of_the_thread(loaded, denoiser):
+    """A stand-in for a bigger model: the real UNet run 8 times per forward (real compute, 8x the cost).
+    While both have work, each model gets about half the thread's time, so the fast one takes many ticks
+    for each of the slow one's instead of waiting on its pace; and the fast one, busy alone before, is
+    not shut out when the slow one arrives (no credit banked while idle)."""
+
+    def slow_denoiser(x, t, labels, *rest):
+        for _ in range(7):
+            denoiser(x, t, labels)
+        return denoiser(x, t, labels)
+
+    fast_stats: list[EngineStats] = []
+    slow_stats: list[EngineStats] = []
+
+    async def main():
+        compute = SharedCompute()
+        fast = engine_on(compute, loaded, denoiser, fast_stats)
+        slow = engine_on(compute, loaded, slow_denoiser, slow_stats)
+        await fast.start()
+        await slow.start()
+        fast_job = fast.submit(SampleSpec(class_label=1, seeds=(1,), steps=200))
+        await until(lambda: len(fast_stats) >= 20)  # the fast model alone: it uses the whole thread
+        ticks0, used0 = len(fast_stats), (compute.used_seconds(fast), compute.used_seconds(slow))
+        slow_job = slow.submit(SampleSpec(class_label=2, seeds=(2,), steps=200))
+        await until(lambda: len(slow_stats) >= 8)
+        fast_ticks = len(fast_stats) - ticks0
+        fast_used = compute.used_seconds(fast) - used0[0]
+        slow_used = compute.used_seconds(slow) - used0[1]
+        for engine, job in ((fast, fast_job), (slow, slow_job)):
+            engine.cancel(job)
+            await engine.stop()
+        compute.shutdown()
+        return fast_ticks, fast_used, slow_used
+
+    fast_ticks, fast_used, slow_used = asyncio.run(main())
+    assert 0.5 < fast_used / slow_used < 2.0, (fast_used, slow_used)
+    # Turn by turn (first come, first served) the fast model would take one tick per slow tick: 8 here.
+    assert fast_ticks >= 3 * 8, fast_ticks
+
+
+def test_one_engine_alone_waits_for_nobody(loaded, denoiser):
+    stats: list[EngineStats] = []
+
+    async def main():
+        compute = SharedCompute()
+        engine = engine_on(compute, loaded, denoiser, stats)
+        await engine.start()
+        result = await engine.submit(SampleSpec(class_label=3, seeds=(3,), steps=5)).future
+        await engine.stop()
+        compute.shutdown()
+        return result, compute.used_seconds(engine)
+
+    result, used = asyncio.run(main())
+    assert result.images.shape == (1, 28, 28, 1) and len(stats) == 5
+    assert used >= sum(s.step_seconds for s in stats) * 0.5
