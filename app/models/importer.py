@@ -26,7 +26,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import diffusers
 from diffusers import DDPMScheduler
@@ -54,8 +54,10 @@ class ImportPlan:
     kind: str  # "unet" or "dit"
     denoiser_dir: Path
     denoiser_config: dict[str, Any]
+    denoiser_weights: list[Path]
     vae_dir: Path | None
     vae_config: dict[str, Any] | None
+    vae_weights: list[Path]
     scheduler_config: dict[str, Any]
     class_names: list[str]
     null_label: int
@@ -153,7 +155,9 @@ def _denoiser_kind(config: dict[str, Any], folder: Path) -> str:
 
 
 def _learned_sigma(config: dict[str, Any], folder: Path) -> str:
-    in_channels = config["in_channels"]
+    in_channels = config.get("in_channels")
+    if not isinstance(in_channels, int):
+        raise ImportRefused(f"{folder / 'config.json'} has no in_channels")
     out_channels = config.get("out_channels") or in_channels
     if out_channels == in_channels:
         return "none"
@@ -165,13 +169,13 @@ def _learned_sigma(config: dict[str, Any], folder: Path) -> str:
     )
 
 
-def _sample_hw(config: dict[str, Any]) -> tuple[int, int]:
+def _sample_hw(config: dict[str, Any], folder: Path) -> tuple[int, int]:
     size = config.get("sample_size")
     if isinstance(size, int):
         return size, size
     if isinstance(size, list | tuple) and len(size) == 2:
         return int(size[0]), int(size[1])
-    raise ImportRefused(f"the denoiser's config has no usable sample_size: {size!r}")
+    raise ImportRefused(f"{folder / 'config.json'} has sample_size {size!r}: set the size the model was trained at")
 
 
 def _id2label_names(id2label: dict[str, str], source: Path) -> list[str]:
@@ -248,6 +252,62 @@ def _pipeline_components(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return index, components
 
 
+@dataclass
+class _Folders:
+    """Where a source folder keeps its parts."""
+
+    denoiser_dir: Path
+    vae_dir: Path | None
+    scheduler_config: dict[str, Any]
+    scheduler_origin: str
+    class_names: list[str] | None
+    class_names_from: str | None
+
+
+def _pipeline_folders(src: Path, class_names: list[str] | None, source: dict[str, Any]) -> _Folders:
+    index, components = _pipeline_components(src)
+    source["pipeline"] = index.get("_class_name")
+    denoisers = [k for k in ("transformer", "unet") if k in components]
+    if len(denoisers) != 1:
+        raise ImportRefused(f"{NEEDS_CLASSES}: {src} ({source['pipeline']}) has no transformer or unet")
+    if "vqvae" in components:
+        raise ImportRefused(f"{src} decodes with a VQ-VAE (vqvae); only AutoencoderKL latents are served")
+    if "scheduler" not in components or not (src / "scheduler" / "scheduler_config.json").is_file():
+        raise ImportRefused(f"{src} has no scheduler/scheduler_config.json")
+    names_from = "--classes" if class_names is not None else None
+    if class_names is None and isinstance(index.get("id2label"), dict):
+        class_names = _id2label_names(index["id2label"], src / "model_index.json")
+        names_from = "id2label in model_index.json"
+    return _Folders(
+        denoiser_dir=src / denoisers[0],
+        vae_dir=src / "vae" if "vae" in components else None,
+        scheduler_config=_json(src / "scheduler" / "scheduler_config.json"),
+        scheduler_origin=str(src / "scheduler"),
+        class_names=class_names,
+        class_names_from=names_from,
+    )
+
+
+def _model_folders(src: Path, class_names: list[str] | None, scheduler_file: Path | str | None) -> _Folders:
+    """A bare model folder: its scheduler from --scheduler, else DDPMScheduler's defaults."""
+    if scheduler_file is not None:
+        scheduler_config, origin = _json(Path(scheduler_file)), str(scheduler_file)
+    else:
+        defaults = {k: v for k, v in DDPMScheduler().config.items() if not k.startswith("_")}
+        scheduler_config, origin = {"_class_name": "DDPMScheduler", **defaults}, "DDPMScheduler's defaults"
+    return _Folders(src, None, scheduler_config, origin, class_names, "--classes" if class_names else None)
+
+
+def _refuse_loose_files(src: Path) -> NoReturn:
+    loose = sorted(p.name for p in src.iterdir() if p.suffix in (*PICKLE_SUFFIXES, ".safetensors"))
+    if any(not name.endswith(".safetensors") for name in loose):
+        raise ImportRefused(
+            f"only safetensors weights are loaded, never pickle, and only from a diffusers folder: "
+            f"{src} has {', '.join(loose)}"
+        )
+    raise ImportRefused(f"{src} is not a diffusers folder: no model_index.json or config.json")
+
+
 def plan_import(
     src: Path | str, class_names: list[str] | None = None, scheduler_file: Path | str | None = None
 ) -> ImportPlan:
@@ -258,63 +318,34 @@ def plan_import(
     notes: list[str] = []
     source: dict[str, Any] = {"folder": str(src.resolve()), "imported_with_diffusers": diffusers.__version__}
     if (src / "model_index.json").is_file():
-        index, components = _pipeline_components(src)
-        source["pipeline"] = index.get("_class_name")
-        denoisers = [k for k in ("transformer", "unet") if k in components]
-        if len(denoisers) != 1:
-            raise ImportRefused(f"{NEEDS_CLASSES}: {src} ({source['pipeline']}) has no transformer or unet")
-        denoiser_dir = src / denoisers[0]
-        vae_dir = src / "vae" if "vae" in components else None
-        if "vqvae" in components:
-            raise ImportRefused(f"{src} decodes with a VQ-VAE (vqvae); only AutoencoderKL latents are served")
-        if "scheduler" not in components or not (src / "scheduler" / "scheduler_config.json").is_file():
-            raise ImportRefused(f"{src} has no scheduler/scheduler_config.json")
-        scheduler_config = _json(src / "scheduler" / "scheduler_config.json")
-        scheduler_origin = str(src / "scheduler")
-        if class_names is None and isinstance(index.get("id2label"), dict):
-            class_names = _id2label_names(index["id2label"], src / "model_index.json")
-            source["class_names_from"] = "id2label in model_index.json"
+        folders = _pipeline_folders(src, class_names, source)
     elif (src / "config.json").is_file():
-        denoiser_dir, vae_dir = src, None
-        if scheduler_file is not None:
-            scheduler_config = _json(Path(scheduler_file))
-            scheduler_origin = str(scheduler_file)
-        else:
-            scheduler_config = {**DDPMScheduler().config, "_class_name": "DDPMScheduler"}
-            scheduler_origin = "DDPMScheduler's defaults"
+        folders = _model_folders(src, class_names, scheduler_file)
+        if scheduler_file is None:
             notes.append("no --scheduler: DDPMScheduler's defaults, linear betas 1e-4..0.02 over 1000 steps")
     else:
-        loose = sorted(p.name for p in src.iterdir() if p.suffix in (*PICKLE_SUFFIXES, ".safetensors"))
-        if any(not name.endswith(".safetensors") for name in loose):
-            raise ImportRefused(
-                f"only safetensors weights are loaded, never pickle, and only from a diffusers folder: "
-                f"{src} has {', '.join(loose)}"
-            )
-        raise ImportRefused(f"{src} is not a diffusers folder: no model_index.json or config.json")
-    if class_names is not None and "class_names_from" not in source:
-        source["class_names_from"] = "--classes"
+        _refuse_loose_files(src)
+    source["class_names_from"] = folders.class_names_from
+    denoiser_dir, vae_dir = folders.denoiser_dir, folders.vae_dir
     denoiser_config = _json(denoiser_dir / "config.json")
     kind = _denoiser_kind(denoiser_config, denoiser_dir)
     source["denoiser"] = denoiser_config.get("_class_name")
     if kind == "dit" and vae_dir is None:
         raise ImportRefused(f"a DiT works in a VAE's latents: import its DiTPipeline folder, with vae/ (not {src})")
     learned_sigma = _learned_sigma(denoiser_config, denoiser_dir)
-    h, w = _sample_hw(denoiser_config)
-    latent_shape = [int(denoiser_config["in_channels"]), h, w]
-    image_shape = list(latent_shape)
-    vae_config = None
-    if vae_dir is not None:
-        vae_config = _json(vae_dir / "config.json")
-        image_shape = _vae_image_shape(vae_config, vae_dir, latent_shape)
-    names, null_label = _class_names_and_null(kind, denoiser_config, class_names, denoiser_dir, notes)
-    scheduler_config = _scheduler(scheduler_config, scheduler_origin, vae_dir is not None, notes)
+    latent_shape = [denoiser_config["in_channels"], *_sample_hw(denoiser_config, denoiser_dir)]
+    vae_config = _json(vae_dir / "config.json") if vae_dir is not None else None
+    image_shape = _vae_image_shape(vae_config, vae_dir, latent_shape) if vae_dir is not None else list(latent_shape)
+    names, null_label = _class_names_and_null(kind, denoiser_config, folders.class_names, denoiser_dir, notes)
     return ImportPlan(
         kind=kind,
         denoiser_dir=denoiser_dir,
         denoiser_config=denoiser_config,
+        denoiser_weights=weight_files(denoiser_dir),
         vae_dir=vae_dir,
         vae_config=vae_config,
-        scheduler_config=scheduler_config,
+        vae_weights=weight_files(vae_dir) if vae_dir is not None else [],
+        scheduler_config=_scheduler(folders.scheduler_config, folders.scheduler_origin, vae_dir is not None, notes),
         class_names=names,
         null_label=null_label,
         learned_sigma=learned_sigma,
@@ -347,11 +378,12 @@ def _copy_hashed(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
-def _copy_component(src_dir: Path, config: dict[str, Any], dst_dir: Path, folder: str) -> dict[str, str]:
+def _copy_component(
+    src_dir: Path, config: dict[str, Any], files: list[Path], dst_dir: Path, folder: str
+) -> dict[str, str]:
     """config.json and the weights of one component; returns {relative path: sha256} of the weights."""
     dst_dir.mkdir()
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    files = weight_files(src_dir)
     if len(files) == 1:  # a lone variant file (.fp16.safetensors) is stored under the canonical name
         return {f"{folder}/{WEIGHTS_NAME}": _copy_hashed(files[0], dst_dir / WEIGHTS_NAME)}
     shutil.copyfile(src_dir / INDEX_NAME, dst_dir / INDEX_NAME)
@@ -369,9 +401,10 @@ def _denoiser_sha256(files: dict[str, str], folder: str) -> str:
 def write_checkpoint(plan: ImportPlan, dst: Path, name: str) -> Manifest:
     """Copy the plan's configs and weights into dst (which must not exist yet) and write its manifest."""
     dst.mkdir()
-    files = _copy_component(plan.denoiser_dir, plan.denoiser_config, dst / plan.denoiser_folder, plan.denoiser_folder)
+    folder = plan.denoiser_folder
+    files = _copy_component(plan.denoiser_dir, plan.denoiser_config, plan.denoiser_weights, dst / folder, folder)
     if plan.vae_dir is not None:
-        files |= _copy_component(plan.vae_dir, plan.vae_config, dst / "vae", "vae")
+        files |= _copy_component(plan.vae_dir, plan.vae_config, plan.vae_weights, dst / "vae", "vae")
     (dst / "scheduler").mkdir()
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(plan.scheduler_config, indent=2) + "\n")
     manifest = Manifest(
