@@ -246,8 +246,10 @@ def _load_module(
             raise CheckpointError(f"checkpoint weights unreadable: {weights} ({exc})") from exc
     model = MODEL_CLASSES[component].from_config(config)
     # VAEs saved before diffusers 0.14 name their attention weights query/key/value/proj_attn; diffusers'
-    # own from_pretrained renames them with this method, so a strict load of such a VAE works too.
-    model._fix_state_dict_keys_on_load(state)
+    # own from_pretrained renames them with this (private, recent) method, so a strict load of such a VAE works too.
+    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        fix_keys(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
