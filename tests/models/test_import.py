@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from app.models import (
     CheckpointError,
@@ -272,3 +273,24 @@ def test_the_shipped_manifest_reads_as_a_pixel_space_unet(checkpoint_path):
     assert m.kind == "unet" and not m.latent and m.learned_sigma == "none" and m.vae_scaling_factor is None
     assert m.sample_shape == (1, 28, 28) and m.image_shape == [1, 28, 28]
     assert m.files == {f"unet/{WEIGHTS_NAME}": on_disk["weights_sha256"]}
+
+
+def test_a_vae_with_pre_0_14_attention_names_loads(dit_checkpoint, tmp_path):
+    """Older VAE files (the Hub's sd-vae-ft-* among them) name attention weights query/key/value/proj_attn."""
+    ckpt = Path(shutil.copytree(dit_checkpoint, tmp_path / "ckpt"))
+    weights = ckpt / "vae" / WEIGHTS_NAME
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = load_file(weights)
+    renamed = {}
+    for key, value in state.items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    save_file(renamed, weights)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][f"vae/{WEIGHTS_NAME}"] = sha256_file(weights)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_checkpoint(ckpt)
+    for key, value in load_file(dit_checkpoint / "vae" / WEIGHTS_NAME).items():
+        assert torch.equal(loaded.vae.state_dict()[key], value), key
