@@ -188,6 +188,15 @@ class VerifiedCheckpoint:
         return self.weight_files[self.manifest.denoiser_folder][0]
 
 
+def read_manifest(checkpoint: Path | str) -> Manifest:
+    """A checkpoint's manifest alone, weights unverified: for what must be known before loading (class
+    names, shapes) without hashing gigabytes twice; load_checkpoint verifies everything."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint folder missing: {checkpoint}")
+    return _read_manifest(checkpoint / "manifest.json")
+
+
 def _read_manifest(path: Path) -> Manifest:
     raw = _read_json(path)
     try:

@@ -21,6 +21,7 @@ from app.models import (
     image_decoder,
     load_checkpoint,
     model_denoiser,
+    read_manifest,
     sha256_file,
     verify_checkpoint,
 )
@@ -270,6 +271,7 @@ def test_the_shipped_manifest_reads_as_a_pixel_space_unet(checkpoint_path):
     on_disk = json.loads((checkpoint_path / "manifest.json").read_text())
     assert "kind" not in on_disk and "files" not in on_disk
     m = verify_checkpoint(checkpoint_path).manifest
+    assert read_manifest(checkpoint_path) == m
     assert m.kind == "unet" and not m.latent and m.learned_sigma == "none" and m.vae_scaling_factor is None
     assert m.sample_shape == (1, 28, 28) and m.image_shape == [1, 28, 28]
     assert m.files == {f"unet/{WEIGHTS_NAME}": on_disk["weights_sha256"]}
