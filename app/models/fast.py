@@ -1,0 +1,149 @@
+"""Faster forwards for any denoiser: reduced-precision autocast, channels_last inputs, and torch.compile
+over a few padded row buckets.
+
+fast_denoiser() wraps a Denoiser callable, (x, timesteps, class_labels[, embed_delta]) -> eps, and returns
+one with the same signature, so the sampler, the engine and the latents never see the difference:
+
+  precision      bf16 or fp16: the forward runs under torch.autocast and its output is cast back to fp32.
+                 Latents and every scheduler and guidance operation stay fp32.
+  channels_last  the input is made NHWC before the forward (convert the network's weights with
+                 to_channels_last(); the wrapper holds no module of its own).
+  compile        torch.compile with inductor's freezing (weights folded as constants, oneDNN's weights
+                 prepacked): the forward at each row count is a static graph. The batch's row count changes
+                 from tick to tick, so rows are padded up to the next bucket (1, 2, 4, ... max_rows) and the
+                 output sliced: at most log2(max_rows) + 2 graphs are compiled, all during the engine's
+                 warmup, which calls every row count 1..max_rows before the service is ready.
+                 A call with embed_delta (CADS) runs the eager forward: its hook would change the graph.
+
+All of a model's compute runs in the engine's one worker thread, compiling included.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "auto")
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (x, timesteps, class_labels[, embed_delta]) -> eps: app.sampling.Denoiser, or any callable of that signature.
+Denoiser = Callable[..., torch.Tensor]
+
+
+@cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware: AVX512-BF16 or AMX (Linux /proc/cpuinfo flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class PrecisionError(RuntimeError):
+    """A precision the device cannot run (fp16 on the CPU, bf16 on a GPU without it)."""
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    """A precision setting (CFG_PRECISION) for a device. auto: bf16 where the device computes it natively
+    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
+    if setting not in PRECISION_SETTINGS:
+        raise ValueError(f"unknown precision {setting!r}; choose from {', '.join(PRECISION_SETTINGS)}")
+    cuda = device.type == "cuda"
+    if setting == "auto":
+        native = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and cpu_computes_bf16()
+        return "bf16" if native else "fp32"
+    if setting == "fp16" and not cuda:
+        raise PrecisionError(f"precision fp16 needs a CUDA device, and the model runs on {device}: use bf16 or fp32")
+    if setting == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
+    return setting  # type: ignore[return-value]
+
+
+def row_buckets(max_rows: int) -> tuple[int, ...]:
+    """The row counts a compiled forward runs at: powers of two below max_rows, and max_rows."""
+    buckets = [1 << k for k in range(max_rows.bit_length()) if 1 << k < max_rows]
+    return (*buckets, max_rows)
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's 4-d weights in channels_last (NHWC) memory format, in place."""
+    return module.to(memory_format=torch.channels_last)
+
+
+class FastDenoiser:
+    """A Denoiser with the options of the module docstring applied; eps comes back fp32, one row per input row."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        device: torch.device,
+        precision: Precision = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+        max_rows: int = 32,
+    ) -> None:
+        self.denoiser = denoiser
+        self.precision = precision
+        self.channels_last = channels_last
+        self.buckets: tuple[int, ...] = row_buckets(max_rows) if compile else ()
+        self._device_type = torch.device(device).type
+        self._compiled = None
+        if compile:
+            # One static graph per bucket, each guarded apart: room for all of them (and an fp32 twin each).
+            limit = 2 * len(self.buckets) + 2
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+            self._compiled = torch.compile(self._forward, dynamic=False, options={"freezing": True})
+
+    def bucket(self, rows: int) -> int:
+        """The row count the compiled forward runs at for `rows` rows (rows itself beyond the last bucket)."""
+        i = bisect.bisect_left(self.buckets, rows)
+        return self.buckets[i] if i < len(self.buckets) else rows
+
+    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "fp32":
+            return self.denoiser(x, timesteps, class_labels, *extra)
+        with torch.autocast(self._device_type, dtype=DTYPES[self.precision]):
+            eps = self.denoiser(x, timesteps, class_labels, *extra)
+        return eps.float()
+
+    @torch.inference_mode()
+    def __call__(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
+        if self._compiled is None or extra:
+            return self._forward(x, timesteps, class_labels, *extra).contiguous()
+        rows = x.shape[0]
+        padded = pad_rows((x, timesteps, class_labels), self.bucket(rows))
+        return self._compiled(*padded)[:rows].contiguous()
+
+
+def pad_rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """Each tensor with its last row repeated up to `rows` rows: the padding rows are valid inputs whose
+    outputs are dropped (a row's output does not depend on the other rows)."""
+    have = tensors[0].shape[0]
+    if have == rows:
+        return list(tensors)
+    return [torch.cat([t, t[-1:].expand(rows - have, *t.shape[1:])]) for t in tensors]
+
+
+def fast_denoiser(
+    denoiser: Denoiser,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    max_rows: int = 32,
+) -> FastDenoiser:
+    """Wrap a denoiser; precision may be 'auto' (see resolve_precision)."""
+    resolved = resolve_precision(precision, torch.device(device))
+    return FastDenoiser(denoiser, device, resolved, channels_last, compile, max_rows)
