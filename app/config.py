@@ -14,7 +14,14 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model_store" / "f
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CFG_", protected_namespaces=())
 
-    model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint folder (model_store/<name>)")
+    model_store: Path = Field(DEFAULT_MODEL_PATH.parent, description="the folder of the checkpoints CFG_MODELS names")
+    models: str = Field(
+        DEFAULT_MODEL_PATH.name,
+        description="comma-separated checkpoint folders in CFG_MODEL_STORE to serve; the first is the default",
+    )
+    model_path: Path = Field(
+        DEFAULT_MODEL_PATH, description="one checkpoint folder to serve alone; when set, CFG_MODELS is not read"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     max_batch_rows: int = Field(32, ge=1, description="most rows (images x cond/uncond) in one forward")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the running ones; more get 503")
@@ -36,6 +43,19 @@ class Settings(BaseSettings):
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
     retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
+
+    def model_paths(self) -> list[Path]:
+        """The checkpoint folders to serve: CFG_MODEL_PATH alone where it is set, else CFG_MODELS in CFG_MODEL_STORE."""
+        if "model_path" in self.model_fields_set:
+            return [self.model_path]
+        return [self.model_store / name.strip() for name in self.models.split(",")]
+
+    @model_validator(mode="after")
+    def _models_named(self) -> Settings:
+        names = [name.strip() for name in self.models.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"CFG_MODELS must name distinct checkpoint folders, comma-separated; got {self.models!r}")
+        return self
 
     @model_validator(mode="after")
     def _rows_fit_a_request(self) -> Settings:

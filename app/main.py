@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -14,13 +16,13 @@ from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
-from app.api.routes import Service, build_router, guidance_body, install_error_handlers
+from app.api.routes import ServedModel, Service, build_router, guidance_body, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
-from app.engine import Engine, EngineStats, Job, worker
+from app.engine import Engine, EngineStats, Job, SharedCompute
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
-from app.models import load_checkpoint, unet_denoiser, verify_checkpoint
+from app.models import CheckpointError, Manifest, image_decoder, load_checkpoint, model_denoiser, verify_checkpoint
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
@@ -35,28 +37,96 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _engine_hooks(metrics: Metrics, device: torch.device):
+def _engine_hooks(metrics: Metrics, model: str):
+    step_duration, batch_rows = metrics.step_duration.labels(model=model), metrics.batch_rows.labels(model=model)
+    cond_rows = metrics.forward_rows.labels(kind="conditional", model=model)
+    uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
+    skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
+    queue_wait = metrics.queue_wait.labels(model=model)
+
     def on_step(stats: EngineStats) -> None:
-        metrics.step_duration.observe(stats.step_seconds)
-        metrics.batch_rows.observe(stats.rows)
-        metrics.forward_rows.labels(kind="conditional").inc(stats.cond_rows)
-        metrics.forward_rows.labels(kind="unconditional").inc(stats.uncond_rows)
-        metrics.skipped_rows.inc(stats.skipped_uncond_rows)
+        step_duration.observe(stats.step_seconds)
+        batch_rows.observe(stats.rows)
+        cond_rows.inc(stats.cond_rows)
+        uncond_rows.inc(stats.uncond_rows)
+        skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
-            metrics.images.inc(stats.images_finished)
+            images.inc(stats.images_finished)
 
     def on_admit(job: Job) -> None:
-        metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        queue_wait.observe(job.started_at - job.enqueued_at)
 
     return on_step, on_admit
+
+
+def model_info(settings: Settings, manifest: Manifest, device: torch.device) -> dict[str, Any]:
+    """A served model's entry in GET /v1/models."""
+    return {
+        **manifest.to_dict(),
+        "id": manifest.name,
+        "object": "model",
+        "device": str(device),
+        "samplers": list(SAMPLER_NAMES),
+        "schedules": ["constant", "linear", "cosine", "interval"],
+        "guidance_methods": list(METHOD_KINDS),
+        "noise_schedules": list(NOISE_SCHEDULE_KINDS),
+        "default_steps": settings.default_steps,
+        "default_sampler": DEFAULT_SAMPLER,
+        "default_guidance": {"guidance_scale": DEFAULT_GUIDANCE.guidance_scale, **guidance_body(DEFAULT_GUIDANCE)},
+        "limits": {
+            "max_images": settings.max_images,
+            "max_steps": settings.max_steps,
+            "max_guidance_scale": settings.max_guidance_scale,
+            "max_noise_level": settings.max_noise_level,
+            "max_batch_rows": settings.max_batch_rows,
+            "max_queue": settings.max_queue,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+    }
+
+
+async def serve_model(
+    settings: Settings, path: Path, device: torch.device, compute: SharedCompute, metrics: Metrics
+) -> ServedModel:
+    """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
+    app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
+    loaded = await asyncio.get_running_loop().run_in_executor(compute.executor, load_checkpoint, path, device)
+    m = loaded.manifest
+    denoiser = model_denoiser(loaded)
+    on_step, on_admit = _engine_hooks(metrics, m.name)
+    engine = Engine(
+        denoiser,
+        scheduler_config=loaded.scheduler_config,
+        image_shape=m.sample_shape,
+        null_label=m.null_label,
+        device=device,
+        max_batch_rows=settings.max_batch_rows,
+        max_queue=settings.max_queue,
+        on_step=on_step,
+        on_admit=on_admit,
+        class_embedding=denoiser.class_embedding,
+        compute=compute,
+        name=m.name,
+        decode=image_decoder(loaded),
+    )
+    metrics.add_model(m.name)
+    metrics.in_flight.labels(model=m.name).set_function(lambda: engine.active_jobs)
+    metrics.queue_depth.labels(model=m.name).set_function(lambda: engine.queue_depth)
+    metrics.model_info.labels(model=m.name).info(
+        {"device": str(device), "weights_sha256": m.weights_sha256[:16], "torch": torch.__version__}
+    )
+    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Fails fast, with one line naming the file, before the server starts listening.
-    manifest = verify_checkpoint(settings.model_path).manifest
+    paths = settings.model_paths()
+    manifests = [verify_checkpoint(path).manifest for path in paths]
+    if len({m.name for m in manifests}) != len(manifests):
+        raise CheckpointError(f"two served checkpoints have the same name: {[m.name for m in manifests]}")
     limits = Limits(
-        class_names=tuple(manifest.class_names),
+        models=tuple((m.name, tuple(m.class_names)) for m in manifests),
         max_images=settings.max_images,
         max_steps=settings.max_steps,
         default_steps=settings.default_steps,
@@ -67,71 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         device = resolve_device(settings.device)
-        # Loaded in the engine's own thread: no torch compute may run in the event loop's thread
-        # (see app/engine/engine.py on OpenMP teams).
-        executor = worker()
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(executor, load_checkpoint, settings.model_path, device)
+        compute = SharedCompute()
         metrics = create_metrics()
-        on_step, on_admit = _engine_hooks(metrics, device)
-        image_shape = (loaded.manifest.in_channels, loaded.manifest.image_size, loaded.manifest.image_size)
-        denoiser = unet_denoiser(loaded.unet)
-        engine = Engine(
-            denoiser,
-            scheduler_config=loaded.scheduler_config,
-            image_shape=image_shape,
-            null_label=loaded.manifest.null_label,
-            device=device,
-            max_batch_rows=settings.max_batch_rows,
-            max_queue=settings.max_queue,
-            on_step=on_step,
-            on_admit=on_admit,
-            executor=executor,
-            class_embedding=denoiser.class_embedding,
-        )
-        metrics.in_flight.set_function(lambda: engine.active_jobs)
-        metrics.queue_depth.set_function(lambda: engine.queue_depth)
-        m = loaded.manifest
-        metrics.model_info.info(
-            {
-                "name": m.name,
-                "device": str(device),
-                "weights_sha256": m.weights_sha256[:16],
-                "torch": torch.__version__,
-            }
-        )
+        models = [await serve_model(settings, path, device, compute, metrics) for path in paths]
         service = Service(
-            engine=engine,
+            models={m.name: m for m in models},
             metrics=metrics,
             limits=limits,
-            model_name=m.name,
-            models_info={
-                "data": [
-                    {
-                        **m.to_dict(),
-                        "device": str(device),
-                        "samplers": list(SAMPLER_NAMES),
-                        "schedules": ["constant", "linear", "cosine", "interval"],
-                        "guidance_methods": list(METHOD_KINDS),
-                        "noise_schedules": list(NOISE_SCHEDULE_KINDS),
-                        "default_steps": settings.default_steps,
-                        "default_sampler": DEFAULT_SAMPLER,
-                        "default_guidance": {
-                            "guidance_scale": DEFAULT_GUIDANCE.guidance_scale,
-                            **guidance_body(DEFAULT_GUIDANCE),
-                        },
-                        "limits": {
-                            "max_images": settings.max_images,
-                            "max_steps": settings.max_steps,
-                            "max_guidance_scale": settings.max_guidance_scale,
-                            "max_noise_level": settings.max_noise_level,
-                            "max_batch_rows": settings.max_batch_rows,
-                            "max_queue": settings.max_queue,
-                            "request_timeout_s": settings.request_timeout_s,
-                        },
-                    }
-                ]
-            },
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
             jobs=JobStore(settings.max_jobs, settings.job_ttl_s),
@@ -140,18 +152,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.unfinished)
         metrics.jobs_stored.labels(state="finished").set_function(lambda: len(service.jobs) - service.jobs.unfinished)
         app.state.service = service
-        if settings.warmup:
-            await engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
-        await engine.start()
+        for served in models:
+            if settings.warmup:
+                await served.engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+            await served.engine.start()
         service.ready = True
-        log.info("model %s ready on %s", m.name, device)
+        log.info("models %s ready on %s", ", ".join(m.name for m in models), device)
         try:
             yield
         finally:
             service.ready = False
-            await engine.stop(drain=True)
+            await asyncio.gather(*(served.engine.stop(drain=True) for served in models))
             # The drained jobs' results are stored (a client following /v1/jobs/{id}/events gets its result).
             await asyncio.gather(*service.job_tasks)
+            compute.shutdown()
             log.info("engine stopped")
 
     app = FastAPI(

@@ -17,8 +17,14 @@ OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 
 
+# The model label of a request refused before its model was known (an invalid body).
+NO_MODEL = "none"
+
+
 @dataclass
 class Metrics:
+    """Every series of a model's requests and engine carries a `model` label (the served model's name)."""
+
     registry: CollectorRegistry
     request_duration: Histogram
     queue_wait: Histogram
@@ -35,10 +41,22 @@ class Metrics:
     forward_rows: Counter
     skipped_rows: Counter
 
-    def observe_request(self, outcome: str, seconds: float | None = None) -> None:
-        self.requests.labels(outcome=outcome).inc()
+    def observe_request(self, outcome: str, seconds: float | None = None, model: str = NO_MODEL) -> None:
+        self.requests.labels(outcome=outcome, model=model).inc()
         if seconds is not None:
-            self.request_duration.labels(outcome=outcome).observe(seconds)
+            self.request_duration.labels(outcome=outcome, model=model).observe(seconds)
+
+    def add_model(self, model: str) -> None:
+        """Export every series of a served model from the start, so that rates read 0 rather than nothing."""
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome, model=model)
+            self.request_duration.labels(outcome=outcome, model=model)
+        for outcome in JOB_OUTCOMES:
+            self.jobs.labels(outcome=outcome, model=model)
+        for kind in ("conditional", "unconditional"):
+            self.forward_rows.labels(kind=kind, model=model)
+        for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
+            metric.labels(model=model)
 
     def update_device_memory(self, device: torch.device) -> None:
         if device.type == "cuda":
@@ -53,63 +71,59 @@ class Metrics:
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     registry = registry or CollectorRegistry()
-    requests = Counter("cfg_requests", "Generation requests by outcome", ["outcome"], registry=registry)
-    request_duration = Histogram(
-        "cfg_request_duration_seconds",
-        "Time from arrival to response of POST /generate, by outcome",
-        ["outcome"],
-        buckets=LATENCY_BUCKETS,
+    metrics = Metrics(
         registry=registry,
-    )
-    jobs = Counter("cfg_jobs", "Asynchronous jobs (POST /v1/jobs) by outcome", ["outcome"], registry=registry)
-    for outcome in OUTCOMES:  # export every series from the start, so rates read 0 rather than nothing
-        requests.labels(outcome=outcome)
-        request_duration.labels(outcome=outcome)
-    for outcome in JOB_OUTCOMES:
-        jobs.labels(outcome=outcome)
-    forward_rows = Counter(
-        "cfg_engine_forward_rows",
-        "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",
-        ["kind"],
-        registry=registry,
-    )
-    for kind in ("conditional", "unconditional"):
-        forward_rows.labels(kind=kind)
-    return Metrics(
-        registry=registry,
-        request_duration=request_duration,
+        requests=Counter("cfg_requests", "Generation requests by outcome", ["outcome", "model"], registry=registry),
+        request_duration=Histogram(
+            "cfg_request_duration_seconds",
+            "Time from arrival to response of a generation request (/generate, /v1/images/generations), by outcome",
+            ["outcome", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
         queue_wait=Histogram(
             "cfg_queue_wait_seconds",
             "Time a request waited before its first forward",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         ),
         step_duration=Histogram(
             "cfg_engine_step_duration_seconds",
             "Duration of one engine step (one model forward over all active rows)",
+            ["model"],
             buckets=STEP_BUCKETS,
             registry=registry,
         ),
         batch_rows=Histogram(
-            "cfg_engine_batch_rows", "Rows in one model forward", buckets=ROW_BUCKETS, registry=registry
+            "cfg_engine_batch_rows", "Rows in one model forward", ["model"], buckets=ROW_BUCKETS, registry=registry
         ),
-        images=Counter("cfg_images_generated", "Images generated", registry=registry),
-        requests=requests,
-        in_flight=Gauge("cfg_requests_in_flight", "Requests being sampled now", registry=registry),
-        queue_depth=Gauge("cfg_queue_depth", "Requests waiting for a place in the batch", registry=registry),
-        model_info=Info("cfg_model", "The loaded checkpoint", registry=registry),
+        images=Counter("cfg_images_generated", "Images generated", ["model"], registry=registry),
+        in_flight=Gauge("cfg_requests_in_flight", "Requests being sampled now", ["model"], registry=registry),
+        queue_depth=Gauge("cfg_queue_depth", "Requests waiting for a place in the batch", ["model"], registry=registry),
+        model_info=Info("cfg_model", "A served checkpoint", ["model"], registry=registry),
         device_memory=Gauge(
             "cfg_device_memory_bytes",
             "Device memory: CUDA allocated/reserved on a GPU, peak resident set on the CPU",
             ["device", "kind"],
             registry=registry,
         ),
-        jobs=jobs,
-        forward_rows=forward_rows,
+        jobs=Counter(
+            "cfg_jobs", "Asynchronous jobs (POST /v1/jobs) by outcome", ["outcome", "model"], registry=registry
+        ),
+        jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in memory, by state", ["state"], registry=registry),
+        forward_rows=Counter(
+            "cfg_engine_forward_rows",
+            "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",
+            ["kind", "model"],
+            registry=registry,
+        ),
         skipped_rows=Counter(
             "cfg_engine_skipped_uncond_rows",
             "Unconditional rows not run because the step's guidance weight was exactly 1 (interval schedules)",
+            ["model"],
             registry=registry,
         ),
-        jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in memory, by state", ["state"], registry=registry),
     )
+    metrics.requests.labels(outcome="invalid", model=NO_MODEL)  # an invalid body names no model yet
+    return metrics

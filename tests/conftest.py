@@ -16,6 +16,7 @@ import pytest
 
 from app.config import DEFAULT_MODEL_PATH
 from app.models import LoadedModel, load_checkpoint, unet_denoiser
+from tests.metrics import metric_value
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,11 +76,7 @@ class LiveServer:
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        raise KeyError(key)
+        return metric_value(text, f"{name}{{{labels}}}" if labels else name)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

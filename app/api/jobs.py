@@ -47,7 +47,7 @@ def job_body(service: Service, record: JobRecord) -> dict[str, Any]:
         "status": record.status,
         "step": step,
         "steps": steps,
-        "queue_position": None if record.finished else service.engine.queue_position(job),
+        "queue_position": None if record.finished else service.model(job.model).engine.queue_position(job),
         "created_at": record.created_at,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
@@ -66,8 +66,9 @@ async def follow(service: Service, record: JobRecord) -> None:
     elif future.exception() is not None:
         record.finish("failed", error=failure(future.exception()).event())  # type: ignore[arg-type]
     else:
-        record.finish("succeeded", result=result_body(service, record.spec, future.result(), record.arrived))
-    service.metrics.jobs.labels(outcome=record.outcome).inc()
+        result = result_body(service, record.job.model, record.spec, future.result(), record.arrived)
+        record.finish("succeeded", result=result)
+    service.metrics.jobs.labels(outcome=record.outcome, model=record.job.model).inc()
 
 
 def not_found(job_id: str) -> JSONResponse:
@@ -85,7 +86,7 @@ async def job_events(service: Service, record: JobRecord) -> AsyncIterator[str]:
     if not record.finished:
         done = asyncio.get_running_loop().create_future()
         record.on_finish(lambda: done.done() or done.set_result(None))
-        async for event in progress_events(service.engine, record.job, done):
+        async for event in progress_events(service.model(record.job.model).engine, record.job, done):
             yield event
     yield final_event(record)
 
@@ -119,9 +120,9 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         try:
             service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
-            job = service.engine.submit(to_spec(body), limit_queue=False)
+            job = service.model(body.model).engine.submit(to_spec(body), limit_queue=False)
         except (StoreFullError, EngineClosedError) as exc:
-            service.metrics.jobs.labels(outcome="rejected").inc()
+            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
         record = JobRecord(
             id=service.jobs.new_id(),
@@ -171,7 +172,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         if record.finished:
             detail = f"job {job_id} has already finished: {record.status}"
             return JSONResponse({"detail": detail, "status": record.status}, status_code=409)
-        service.engine.cancel(record.job)
+        service.model(record.job.model).engine.cancel(record.job)
         record.finish("cancelled", error=CANCELLED.event())
         return JSONResponse(job_body(service, record))
 

@@ -94,9 +94,9 @@ def check_openai_fields(body: dict[str, Any], service: Service, image_size: str)
         if field in IDENTIFIERS and not isinstance(value, str):
             raise InvalidRequest(f"{field} must be a string", field)
     model = body.get("model")
-    if model is not None and model != service.model_name:
+    if model is not None and model not in service.models:
         raise InvalidRequest(
-            f"model {model!r} is not served here; this service serves {service.model_name!r}",
+            f"model {model!r} is not served here; this service serves {', '.join(map(repr, service.models))}",
             "model",
             status=404,
             code="model_not_found",
@@ -124,7 +124,7 @@ def to_generate_fields(
     for field in body:
         if field in RENAMED:
             raise InvalidRequest(f"{field} is not a field of this endpoint; use {RENAMED[field]}", field)
-        if field in generate_fields and field not in GUIDANCE_FIELDS:
+        if field in generate_fields and field not in GUIDANCE_FIELDS and field not in OPENAI_FIELDS:
             raise InvalidRequest(f"{field} is not a field of this endpoint; POST /generate has it", field)
         if field not in OPENAI_FIELDS and field not in GUIDANCE_FIELDS:
             raise InvalidRequest(
@@ -139,7 +139,7 @@ def to_generate_fields(
     if isinstance(n, bool):  # pydantic would read true as 1
         raise InvalidRequest("n must be an integer", "n")
     index = CLASS_INDEX.fullmatch(prompt.strip())
-    fields = {k: v for k, v in body.items() if k in GUIDANCE_FIELDS}
+    fields = {k: v for k, v in body.items() if k in GUIDANCE_FIELDS or (k == "model" and v is not None)}
     return {**fields, "class_label": int(index[1]) if index else prompt, "num_images": 1 if n is None else n}
 
 
@@ -163,9 +163,9 @@ def error_text(error: Any) -> str:
     return f"{path}: {message}" if path else message
 
 
-def served_size(service: Service) -> str:
-    size = service.models_info["data"][0]["image_size"]  # the manifest's image_size (app/main.py)
-    return f"{size}x{size}"
+def served_size(service: Service, model: str | None) -> str:
+    height, width = service.model(model).image_hw
+    return f"{width}x{height}"
 
 
 def build_openai_router(limits: Limits) -> APIRouter:
@@ -177,9 +177,11 @@ def build_openai_router(limits: Limits) -> APIRouter:
 
     def read_request(raw: bytes, service: Service) -> BaseModel:
         body = parse_json_object(raw)
-        check_openai_fields(body, service, served_size(service))
-        fields = to_generate_fields(body, generate_fields, limits.class_names)
-        return validate(GenerateRequest, fields, limits.class_names)
+        model = body.get("model") if body.get("model") in service.models else None
+        check_openai_fields(body, service, served_size(service, model))
+        class_names = limits.class_names(model)
+        fields = to_generate_fields(body, generate_fields, class_names)
+        return validate(GenerateRequest, fields, class_names)
 
     @router.post(
         "/v1/images/generations",
@@ -202,10 +204,10 @@ def build_openai_router(limits: Limits) -> APIRouter:
             return openai_error(exc.status, exc.message, exc.param, exc.code)
         spec = to_spec(validated)
         try:
-            result = await await_result(service, submit(service, spec, arrived), request, arrived)
+            result = await await_result(service, submit(service, validated.model, spec, arrived), request, arrived)
         except ApiError as exc:
             return openai_error(exc.status, exc.message, code=exc.outcome, headers=exc.headers)
-        name = limits.class_names[spec.class_label]
+        name = limits.class_names(validated.model)[spec.class_label]
         return JSONResponse(
             {
                 "created": int(time.time()),
@@ -214,7 +216,7 @@ def build_openai_router(limits: Limits) -> APIRouter:
                     for image in result.images
                 ],
                 "output_format": "png",
-                "size": served_size(service),
+                "size": served_size(service, validated.model),
                 "seeds": list(spec.seeds),  # not OpenAI's: image i is redrawn with seed=seeds[i], n=1
             }
         )
@@ -224,11 +226,11 @@ def build_openai_router(limits: Limits) -> APIRouter:
 
 def request_body_doc(limits: Limits) -> dict[str, Any]:
     """The OpenAPI request body: the body is read by hand, so that every error is in OpenAI's shape."""
-    names = ", ".join(limits.class_names)
+    names = ", ".join(limits.class_names())
     properties = {
         "prompt": {"type": "string", "description": f"a class name ({names}; case-insensitive) or 'class N'"},
         "n": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
-        "model": {"type": "string", "description": "the served model's name; other names get 404"},
+        "model": {"type": "string", "description": "a served model's name (default: the first); others get 404"},
         "size": {"type": "string", "description": "the model's image size as 'WxH'; others get 400"},
         "response_format": {"enum": ["b64_json"], "default": "b64_json"},
         "output_format": {"enum": ["png"], "default": "png"},

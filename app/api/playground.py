@@ -68,7 +68,7 @@ def build_playground_router(limits: Limits) -> APIRouter:
     async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve:  # type: ignore[valid-type]
         # Seeds and image count do not change the curve: one image's run is enough.
         spec = replace(to_spec(body), seeds=(0,))
-        engine = service.engine
+        engine = service.model(body.model).engine
         return GuidanceCurve(steps=await engine.run_in_worker(lambda: curve_steps(engine.make_run(spec))))
 
     return router

@@ -26,20 +26,51 @@ from app.sampling import GuidanceParams, Preview, SampleSpec
 
 
 @dataclass
+class ServedModel:
+    """One served model: its engine (its own batch, on the compute thread all models share) and its
+    /v1/models entry."""
+
+    name: str
+    engine: Engine
+    info: dict[str, Any]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the images served: a latent model's decoded size."""
+        _, height, width = self.info["image_shape"]
+        return height, width
+
+
+@dataclass
 class Service:
     """What the routes need, built by the lifespan and kept on app.state.service."""
 
-    engine: Engine
+    models: dict[str, ServedModel]  # in CFG_MODELS order: the first is the default
     metrics: Metrics
     limits: Limits
-    model_name: str
-    models_info: dict[str, Any]
     request_timeout_s: float
     retry_after_s: int
     jobs: JobStore
     on_scrape: Callable[[], None] = lambda: None  # refreshes gauges read at scrape time
     ready: bool = False
     job_tasks: set[asyncio.Task] = field(default_factory=set)  # one per unfinished job (app/api/jobs.py)
+
+    def model(self, name: str | None = None) -> ServedModel:
+        """A served model by name (validated by the request schema); the default model without one."""
+        return self.models[name] if name is not None else next(iter(self.models.values()))
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine."""
+        return self.model().engine
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [m.engine for m in self.models.values()]
+
+    @property
+    def models_info(self) -> dict[str, Any]:
+        return {"object": "list", "data": [m.info for m in self.models.values()]}
 
 
 async def get_service(request: Request) -> Service:  # async: no thread-pool hop per request
@@ -103,11 +134,11 @@ def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
     }
 
 
-def submit(service: Service, spec: SampleSpec, arrived: float) -> Job:
+def submit(service: Service, model: str, spec: SampleSpec, arrived: float) -> Job:
     try:
-        return service.engine.submit(spec)
+        return service.model(model).engine.submit(spec)
     except (QueueFullError, EngineClosedError) as exc:
-        service.metrics.observe_request("rejected", time.monotonic() - arrived)
+        service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
         raise ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}) from exc
 
 
@@ -123,7 +154,11 @@ async def client_gone(request: Request) -> None:
 async def await_result(service: Service, job: Job, request: Request, arrived: float) -> JobResult:
     """Wait for the engine, watching the deadline and the client; map every ending to an outcome."""
     deadline = arrived + service.request_timeout_s
-    observe = service.metrics.observe_request
+    engine = service.model(job.model).engine
+
+    def observe(outcome: str, seconds: float) -> None:
+        service.metrics.observe_request(outcome, seconds, job.model)
+
     gone = asyncio.ensure_future(client_gone(request))
     try:
         done, _ = await asyncio.wait({job.future, gone}, timeout=deadline - time.monotonic(),
@@ -136,17 +171,17 @@ async def await_result(service: Service, job: Job, request: Request, arrived: fl
             raise ClientGoneError
         raise TimeoutError
     except TimeoutError:
-        service.engine.cancel(job)
+        engine.cancel(job)
         observe("timeout", time.monotonic() - arrived)
         raise ApiError(504, f"generation exceeded the {service.request_timeout_s:g} s timeout", "timeout") from None
     except (ClientGoneError, asyncio.CancelledError) as exc:
-        service.engine.cancel(job)
+        engine.cancel(job)
         observe("cancelled", time.monotonic() - arrived)
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(499, "client disconnected", "cancelled") from None
     except RuntimeError as exc:  # NonFiniteError included
-        service.engine.cancel(job)
+        engine.cancel(job)
         observe("error", time.monotonic() - arrived)
         raise failure(exc) from None
     finally:
@@ -160,10 +195,10 @@ def failure(exc: RuntimeError) -> ApiError:
     return ApiError(500, f"generation failed: {exc}", "error")
 
 
-def result_body(service: Service, spec: SampleSpec, result: JobResult, arrived: float) -> dict[str, Any]:
-    names = service.limits.class_names
+def result_body(service: Service, model: str, spec: SampleSpec, result: JobResult, arrived: float) -> dict[str, Any]:
+    names = service.limits.class_names(model)
     return {
-        "model": service.model_name,
+        "model": model,
         "class_label": spec.class_label,
         "class_name": None if spec.class_label is None else names[spec.class_label],
         "num_images": spec.num_images,
@@ -240,10 +275,10 @@ async def progress_stream(
     """Server-sent events: `progress` as the steps advance, then one `result` or `error`."""
     waiter = asyncio.ensure_future(await_result(service, job, request, arrived))
     try:
-        async for event in progress_events(service.engine, job, waiter):
+        async for event in progress_events(service.model(job.model).engine, job, waiter):
             yield event
         try:
-            yield sse("result", result_body(service, spec, waiter.result(), arrived))
+            yield sse("result", result_body(service, job.model, spec, waiter.result(), arrived))
         except ApiError as exc:
             yield sse("error", exc.event())
     finally:
@@ -279,7 +314,7 @@ def build_router(limits: Limits) -> APIRouter:
         spec = to_spec(body)
         accept = request.headers.get("accept", "")
         try:
-            job = submit(service, spec, arrived)
+            job = submit(service, body.model, spec, arrived)
             if "text/event-stream" in accept:
                 stream = progress_stream(service, job, request, spec, arrived)
                 return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
@@ -290,21 +325,24 @@ def build_router(limits: Limits) -> APIRouter:
             grid = make_grid(result.images, ncols=math.ceil(math.sqrt(len(result.images))))
             seeds = ",".join(str(s) for s in spec.seeds)
             return Response(to_png_bytes(grid), media_type="image/png", headers={"X-Seeds": seeds})
-        return JSONResponse(result_body(service, spec, result, arrived))
+        return JSONResponse(result_body(service, body.model, spec, result, arrived))
 
     @router.get("/healthz", summary="Liveness: the process and its engine loop are running")
     async def healthz(service: ServiceDep) -> Response:
-        if not service.engine.check_health():
-            return JSONResponse({"status": "engine stopped", "error": service.engine.error}, status_code=503)
+        if failed := [m for m in service.models.values() if not m.engine.check_health()]:
+            error = "; ".join(f"{m.name}: {m.engine.error}" for m in failed)
+            return JSONResponse({"status": "engine stopped", "error": error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @router.get("/readyz", summary="Readiness: 503 until the model is warm, and while draining")
     async def readyz(service: ServiceDep) -> Response:
-        if not (service.ready and service.engine.accepting and service.engine.check_health()):
-            return JSONResponse({"status": "not ready", "error": service.engine.error}, status_code=503)
+        engines = service.engines
+        if not (service.ready and all(e.accepting and e.check_health() for e in engines)):
+            error = "; ".join(f"{e.name}: {e.error}" for e in engines if e.error) or None
+            return JSONResponse({"status": "not ready", "error": error}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @router.get("/v1/models", summary="The loaded model: classes, image size, samplers, limits")
+    @router.get("/v1/models", summary="The served models: name, classes, image size, samplers, limits")
     async def models(service: ServiceDep) -> dict[str, Any]:
         return service.models_info
 

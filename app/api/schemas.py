@@ -7,9 +7,10 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.models.labels import resolve_label
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
@@ -18,12 +19,20 @@ Sampler = Literal["ddim", "ddpm", "dpmpp_2m", "euler_a"]
 
 @dataclass(frozen=True)
 class Limits:
-    class_names: tuple[str, ...]
+    models: tuple[tuple[str, tuple[str, ...]], ...]  # (name, class names) per served model; the first: default
     max_images: int
     max_steps: int
     default_steps: int
     max_guidance_scale: float
     max_noise_level: float
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.models)
+
+    def class_names(self, model: str | None = None) -> tuple[str, ...]:
+        """The class names of a served model (the default model's without one)."""
+        return dict(self.models)[model or self.models[0][0]]
 
 
 class _Strict(BaseModel):
@@ -171,18 +180,23 @@ class GenerateResponse(BaseModel):
 
 @functools.cache  # one model per Limits: every route that takes this body shares it (and its OpenAPI schema)
 def build_generate_request(limits: Limits) -> type[BaseModel]:
-    names = limits.class_names
-    lookup = {n.lower(): i for i, n in enumerate(names)}
+    models = limits.model_names
+    names = limits.class_names()
     class_doc = (
-        f"Class to draw: an index 0..{len(names) - 1} or a name ({', '.join(names)}; case-insensitive). "
-        "null or missing draws unconditionally."
+        "Class to draw: an index or a name of the model's classes (case-insensitive; each comma-separated "
+        f"synonym names its class). {models[0]}: 0..{len(names) - 1} or {', '.join(names[:10])}"
+        f"{', ...' if len(names) > 10 else ''}. null or missing draws unconditionally."
     )
 
     class GenerateRequest(BaseModel):
         """One generation request. eps = eps_uncond + s * (eps_cond - eps_uncond) at every step."""
 
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
+        # First, so that class_label is read against this model's classes.
+        model: Literal[models] = Field(  # type: ignore[valid-type]
+            models[0], description=f"the served model to draw from: {', '.join(models)} (GET /v1/models)"
+        )
         class_label: int | str | None = Field(None, description=class_doc, examples=[7, "Sneaker"])
         num_images: int = Field(1, ge=1, le=limits.max_images, description="images to draw")
         steps: int = Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")
@@ -247,22 +261,14 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
         @classmethod
         def _not_a_bool(cls, v: Any) -> Any:
             if isinstance(v, bool):
-                raise ValueError(f"class_label must be an index 0..{len(names) - 1} or a class name, not a boolean")
+                raise ValueError("class_label must be a class index or a class name, not a boolean")
             return v
 
         @field_validator("class_label")
         @classmethod
-        def _known_class(cls, v: int | str | None) -> int | None:
-            if v is None:
-                return None
-            if isinstance(v, int):
-                if not 0 <= v < len(names):
-                    raise ValueError(f"class index must be in 0..{len(names) - 1}")
+        def _known_class(cls, v: int | str | None, info: ValidationInfo) -> int | None:
+            if v is None or "model" not in info.data:  # no class, or an unknown model (its own error)
                 return v
-            if v.strip().lower() in lookup:
-                return lookup[v.strip().lower()]
-            if v.strip().isdigit():
-                return cls._known_class(int(v.strip()))
-            raise ValueError(f"unknown class {v!r}; known classes: {', '.join(names)}")
+            return resolve_label(v, limits.class_names(info.data["model"]))
 
     return GenerateRequest

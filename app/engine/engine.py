@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from app.engine.compute import SharedCompute
-from app.sampling import ClassEmbedding, Denoiser, SampleRun, SampleSpec, denoise_step
+from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +86,7 @@ class Job:
     spec: SampleSpec
     future: asyncio.Future
     run: SampleRun  # built at submit, while the current forward runs, not between forwards
+    model: str  # the name of the engine's model
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # admitted into the batch
     cancelled: bool = False
@@ -114,6 +115,15 @@ StatsHook = Callable[[EngineStats], None]
 AdmitHook = Callable[[Job], None]
 
 
+@dataclass(frozen=True)
+class Tick:
+    """What one tick's compute returns to the loop."""
+
+    stats: EngineStats
+    finite: list[bool]  # per run: its latents are finite
+    images: dict[int, np.ndarray]  # id(run) -> the uint8 images of each run that finished
+
+
 class Engine:
     def __init__(
         self,
@@ -130,10 +140,14 @@ class Engine:
         executor: ThreadPoolExecutor | None = None,
         class_embedding: ClassEmbedding | None = None,
         compute: SharedCompute | None = None,
+        name: str = "model",
+        decode: ImageDecoder | None = None,
     ) -> None:
         """compute: the thread shared with other models' engines (it outlives this engine); without it,
         the engine runs its own on executor (or a new worker()) and shuts it down when it stops."""
+        self.name = name
         self._denoiser = denoiser
+        self._decode = decode or to_uint8  # finished samples -> uint8 images, in the compute thread
         self._class_embedding = class_embedding
         self._scheduler_config = scheduler_config
         self._image_shape = image_shape
@@ -168,7 +182,7 @@ class Engine:
         room_now = not self._waiting and self._fits(run)
         if limit_queue and len(self._waiting) >= self.max_queue and not room_now:
             raise QueueFullError(f"queue full ({self.max_queue} waiting)")
-        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=run)
+        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=run, model=self.name)
         self._waiting.append(job)
         self._wake.set()
         return job
@@ -265,7 +279,13 @@ class Engine:
 
     def make_run(self, spec: SampleSpec) -> SampleRun:
         return SampleRun(
-            spec, self._scheduler_config, self._image_shape, self._null_label, self._device, self._class_embedding
+            spec,
+            self._scheduler_config,
+            self._image_shape,
+            self._null_label,
+            self._device,
+            self._class_embedding,
+            self._decode,
         )
 
     def _fits(self, run: SampleRun) -> bool:
@@ -297,14 +317,21 @@ class Engine:
             if self._on_admit:
                 self._on_admit(job)
 
-    def _tick(self, runs: list[SampleRun]) -> tuple[EngineStats, list[bool]]:
-        """In the worker thread: one shared forward, then one host sync for all the finiteness flags."""
+    def _tick(self, runs: list[SampleRun]) -> Tick:
+        """In the compute thread: one shared forward, one host sync for all the finiteness flags, and one
+        decode of the samples that are done (a latent model's VAE, batched over the requests)."""
         cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
         skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
         rows = denoise_step(self._denoiser, runs)
         finite = torch.stack([r.latents.isfinite().all() for r in runs]).tolist()
+        done = [r for r, ok in zip(runs, finite, strict=True) if ok and r.done]
+        images: dict[int, np.ndarray] = {}
+        if done:
+            decoded = self._decode(torch.cat([r.latents for r in done]))
+            offsets = np.cumsum([0] + [r.spec.num_images for r in done])
+            images = {id(r): decoded[a:b] for r, a, b in zip(done, offsets[:-1], offsets[1:], strict=True)}
         stats = EngineStats(rows, len(runs), 0, 0.0, 0, cond, rows - cond, skipped)
-        return stats, finite
+        return Tick(stats, finite, images)
 
     async def _loop(self) -> None:
         try:
@@ -318,14 +345,14 @@ class Engine:
                     continue
                 jobs = list(self._active)
                 t0 = time.perf_counter()
-                stats, finite = await self._compute.run(self, self._tick, [j.run for j in jobs])
+                tick = await self._compute.run(self, self._tick, [j.run for j in jobs])
                 step_seconds = time.perf_counter() - t0
                 self._load = self._load[1:]  # every admitted job took its step
-                images_finished = self._settle(jobs, finite)
+                images_finished = self._settle(jobs, tick)
                 if self._on_step:
                     self._on_step(
                         replace(
-                            stats,
+                            tick.stats,
                             queue_depth=len(self._waiting),
                             step_seconds=step_seconds,
                             images_finished=images_finished,
@@ -341,11 +368,11 @@ class Engine:
                     job.future.set_exception(RuntimeError(f"engine failure: {exc}"))
             raise
 
-    def _settle(self, jobs: list[Job], finite: list[bool]) -> int:
+    def _settle(self, jobs: list[Job], tick: Tick) -> int:
         """Fail non-finite jobs, resolve finished ones; returns the number of images finished."""
         now = time.monotonic()
         finished = 0
-        for job, ok in zip(jobs, finite, strict=True):
+        for job, ok in zip(jobs, tick.finite, strict=True):
             job._notify_step()
             if job.cancelled:
                 continue
@@ -359,7 +386,7 @@ class Engine:
                 finished += job.spec.num_images
                 job.future.set_result(
                     JobResult(
-                        images=job.run.images(),
+                        images=tick.images[id(job.run)],
                         queue_wait_s=job.started_at - job.enqueued_at,
                         compute_s=now - job.started_at,
                         trace=[t.to_dict() for t in job.run.trace] if job.spec.return_trace else None,

@@ -5,6 +5,7 @@ from app.sampling.run import (
     ClassEmbedding,
     Denoiser,
     GuidanceParams,
+    ImageDecoder,
     ModelInput,
     Preview,
     SampleRun,
@@ -12,6 +13,7 @@ from app.sampling.run import (
     StepTrace,
     denoise_step,
     sample,
+    to_uint8,
 )
 from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
 
@@ -22,6 +24,7 @@ __all__ = [
     "ClassEmbedding",
     "Denoiser",
     "GuidanceParams",
+    "ImageDecoder",
     "ModelInput",
     "Preview",
     "SampleRun",
@@ -32,4 +35,5 @@ __all__ = [
     "sample",
     "set_timesteps",
     "step_kwargs",
+    "to_uint8",
 ]

@@ -51,6 +51,8 @@ class Denoiser(Protocol):
 
 # label -> the model's class embedding of that label, shape (D,).
 ClassEmbedding = Callable[[int], torch.Tensor]
+# finished samples (N, C, h, w) -> uint8 images (N, H, W, C')
+ImageDecoder = Callable[[torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,12 @@ class SampleRun:
         null_label: int,
         device: torch.device | str = "cpu",
         class_embedding: ClassEmbedding | None = None,
+        decode: ImageDecoder | None = None,
     ) -> None:
+        """decode maps samples (N, C, h, w) to uint8 images (N, H, W, C'): a latent model's VAE; the default
+        reads the samples as pixels in [-1, 1]."""
         device = torch.device(device)
+        self.decode = decode or to_uint8
         g = spec.guidance
         self.spec = spec
         self.null_label = null_label
@@ -273,7 +279,7 @@ class SampleRun:
         self.latents = out.prev_sample
         self.step_index += 1
         if self._preview_due():
-            self.preview = Preview(self.step_index, to_uint8(eps_to_x0(self._x_in, eps_guided, self.alpha_bars[i])))
+            self.preview = Preview(self.step_index, self.decode(eps_to_x0(self._x_in, eps_guided, self.alpha_bars[i])))
 
     def _preview_due(self) -> bool:
         """Every preview_every steps, except the last: the finished images follow it at once."""
@@ -282,7 +288,7 @@ class SampleRun:
 
     def images(self) -> np.ndarray:
         """The finished images as uint8, shape (N, H, W, C)."""
-        return to_uint8(self.latents)
+        return self.decode(self.latents)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 import app.main
 from app.config import Settings
 from app.main import create_app
+from tests.metrics import metric_value
 
 FAULT = "injected fault: device lost"
 
@@ -58,14 +59,14 @@ class FaultyDenoiser:
 def faulty_app(monkeypatch) -> Iterator[Callable[..., tuple[TestClient, FaultyDenoiser]]]:
     """create_app with the faulty stand-in in place of the real denoiser; the client runs its lifespan."""
     made: list[FaultyDenoiser] = []
-    real_factory = app.main.unet_denoiser
+    real_factory = app.main.model_denoiser
 
-    def factory(unet):
-        made.append(FaultyDenoiser(real_factory(unet), **options))
+    def factory(loaded):
+        made.append(FaultyDenoiser(real_factory(loaded), **options))
         return made[-1]
 
     options: dict = {}
-    monkeypatch.setattr(app.main, "unet_denoiser", factory)
+    monkeypatch.setattr(app.main, "model_denoiser", factory)
     clients: list[TestClient] = []
 
     def start(kind: str, hold: bool = False, **settings) -> tuple[TestClient, FaultyDenoiser]:
@@ -83,10 +84,7 @@ def faulty_app(monkeypatch) -> Iterator[Callable[..., tuple[TestClient, FaultyDe
 
 
 def metric(client: TestClient, line_start: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise KeyError(line_start)
+    return metric_value(client.get("/metrics").text, line_start)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 120) -> None:
@@ -141,9 +139,9 @@ def test_an_engine_crash_fails_running_and_waiting_requests_and_health_says_why(
     # The health endpoints say what happened; a load balancer takes the replica out.
     health = client.get("/healthz")
     assert health.status_code == 503 and health.json()["status"] == "engine stopped"
-    assert health.json()["error"] == f"RuntimeError: {FAULT}"
+    assert health.json()["error"] == f"fashion-mnist-cfg: RuntimeError: {FAULT}"  # the model whose engine failed
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["error"] == f"RuntimeError: {FAULT}"
+    assert ready.status_code == 503 and ready.json()["error"] == f"fashion-mnist-cfg: RuntimeError: {FAULT}"
     # A new request is refused at once (503, as when draining), not queued behind a dead loop.
     late = client.post("/generate", json={"class_label": 3, "steps": 2})
     assert late.status_code == 503 and FAULT in late.json()["detail"] and "retry-after" in late.headers

@@ -15,6 +15,7 @@ from PIL import Image
 from app.config import Settings
 from app.main import create_app
 from app.models import CheckpointError
+from tests.metrics import metric_value
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,7 @@ def decode(b64: str) -> np.ndarray:
 
 
 def metric(client, line_start: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise KeyError(line_start)
+    return metric_value(client.get("/metrics").text, line_start)
 
 
 def test_generate_json(client):
@@ -148,9 +146,9 @@ def test_metrics_count_requests(client):
     assert metric(client, "cfg_images_generated_total") == img0 + 3
     assert metric(client, "cfg_engine_step_duration_seconds_count") == steps0 + 5
     text = client.get("/metrics").text
-    assert 'cfg_request_duration_seconds_bucket{le="120.0",outcome="ok"}' in text
+    assert 'cfg_request_duration_seconds_bucket{le="120.0",model="fashion-mnist-cfg",outcome="ok"}' in text
     assert "cfg_queue_wait_seconds_count" in text and "cfg_engine_batch_rows_bucket" in text
-    assert 'cfg_model_info{device="cpu"' in text and "cfg_device_memory_bytes" in text
+    assert 'cfg_model_info{device="cpu",model="fashion-mnist-cfg"' in text and "cfg_device_memory_bytes" in text
 
 
 def test_request_latency_is_recorded(client):

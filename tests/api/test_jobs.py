@@ -12,6 +12,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
+from tests.metrics import metric_value
 
 BODY = {"class_label": "sneaker", "num_images": 2, "steps": 6, "seed": 11}
 
@@ -45,10 +46,7 @@ def wait_for(client, job_id: str, pred, timeout: float = 60) -> dict:
 
 
 def metric(client, line_start: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise KeyError(line_start)
+    return metric_value(client.get("/metrics").text, line_start)
 
 
 def decode(b64: str) -> np.ndarray:

@@ -151,18 +151,17 @@ class Replica:
     def counters(self) -> dict[str, float]:
         """This replica's own cfg_requests_total, by outcome."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {
-            sample.labels["outcome"]: sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "cfg_requests"
-            for sample in family.samples
-            if sample.name == "cfg_requests_total"
-        }
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "cfg_requests_total":  # summed over the models
+                    counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0.0) + sample.value
+        return counts
 
     def gauge(self, name: str) -> float:
-        """An unlabelled gauge of this replica's, such as cfg_requests_in_flight."""
+        """A gauge of this replica's, such as cfg_requests_in_flight, summed over its labels (the models)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

@@ -27,7 +27,7 @@ from app.models import (
 )
 from app.models.__main__ import main
 from app.models.checkpoint import WEIGHTS_NAME
-from tests.models.conftest import (
+from tests.tiny_models import (
     IMAGENET_HEAD,
     save_dit_pipeline,
     save_unet_pipeline,

@@ -14,7 +14,7 @@ from app.guidance import Cads
 from app.models import DiTDenoiser, decode_latents, image_decoder, model_denoiser
 from app.models.latent import vae_decode
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, make_scheduler, sample
-from tests.models.conftest import tiny_dit
+from tests.tiny_models import tiny_dit
 
 # Both sides run the same float32 ops in the same order on the CPU; what differs is DDIM's eps, which the
 # service recomputes from the x0 prediction (use_clipped_model_output, a no-op with clip_sample off) and

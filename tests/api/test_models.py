@@ -1,0 +1,149 @@
+"""Several models in one process: the shipped Fashion-MNIST UNet and an imported latent DiT side by side,
+through the real app lifespan. The DiT is tiny and randomly initialised (tests/tiny_models.py: a real
+DiT-XL/2 is gigabytes and nothing may be downloaded here); its code path is the real one."""
+
+import base64
+import io
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.config import DEFAULT_MODEL_PATH, Settings
+from app.main import create_app
+from app.models import image_decoder, load_checkpoint, model_denoiser
+from app.models.importer import import_model
+from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
+from tests.metrics import metric_value
+from tests.tiny_models import imagenet_like_names, save_dit_pipeline
+
+MODELS = "fashion-mnist-cfg,tiny-dit"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    shutil.copytree(DEFAULT_MODEL_PATH, store / "fashion-mnist-cfg")
+    source = save_dit_pipeline(tmp_path_factory.mktemp("src") / "dit", 1000, imagenet_like_names(1000))
+    import_model(source, "tiny-dit", store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    with TestClient(create_app(Settings(model_store=store, models=MODELS, warmup=False))) as c:
+        yield c
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_the_models_are_listed_in_order_and_the_first_is_the_default(client):
+    data = client.get("/v1/models").json()["data"]
+    assert [m["name"] for m in data] == ["fashion-mnist-cfg", "tiny-dit"]
+    dit = data[1]
+    assert dit["kind"] == "dit" and dit["image_shape"] == [3, 16, 16] and dit["latent_shape"] == [4, 8, 8]
+    assert dit["null_label"] == 1000 and dit["class_names"][0] == "tench, Tinca tinca"
+    assert dit["samplers"] == data[0]["samplers"] and dit["limits"] == data[0]["limits"]
+    r = client.post("/generate", json={"class_label": "Sneaker", "steps": 2, "seed": 1})
+    assert r.json()["model"] == "fashion-mnist-cfg" and decode(r.json()["images"][0]).shape == (28, 28)
+
+
+def test_a_latent_model_draws_rgb_images_at_the_vae_size_by_any_synonym(client):
+    body = {"model": "tiny-dit", "class_label": "Tinca tinca", "num_images": 2, "steps": 4, "seed": 5}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "tiny-dit" and out["class_label"] == 0 and out["class_name"] == "tench, Tinca tinca"
+    assert [decode(b).shape for b in out["images"]] == [(16, 16, 3)] * 2
+    assert client.post("/generate", json={**body, "class_label": "TENCH"}).json()["images"] == out["images"]
+
+
+def test_an_unknown_model_or_a_class_of_another_model_is_a_422_naming_what_is_served(client):
+    r = client.post("/generate", json={"model": "sdxl", "class_label": 1})
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "model"] and "fashion-mnist-cfg" in error["msg"] and "tiny-dit" in error["msg"]
+    r = client.post("/generate", json={"model": "tiny-dit", "class_label": "Sneaker"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_label"]
+    assert "tench" in r.json()["detail"][0]["msg"]
+    assert client.post("/generate", json={"model": "tiny-dit", "class_label": 1000}).status_code == 422
+
+
+def test_concurrent_requests_to_both_models_match_each_sampled_alone(client, store):
+    """Each model batches its own rows on the shared thread; the latent path's images (decoded by the VAE,
+    batched over the requests that finish together) equal those of the request sampled alone."""
+    dit_bodies = [{"model": "tiny-dit", "class_label": c, "num_images": 2, "steps": 6, "seed": c} for c in (1, 2, 3)]
+    unet_body = {"class_label": 4, "num_images": 2, "steps": 6, "seed": 9}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: client.post("/generate", json=b).json(), [*dit_bodies, unet_body]))
+    loaded = load_checkpoint(store / "tiny-dit", "cpu")
+    m = loaded.manifest
+    for body, result in zip(dit_bodies, results, strict=False):
+        spec = SampleSpec(
+            body["class_label"], seeds=(body["seed"], body["seed"] + 1), steps=6, guidance=DEFAULT_GUIDANCE
+        )
+        run = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, decode=image_decoder(loaded))
+        sample(model_denoiser(loaded), [run])
+        got = np.stack([decode(b) for b in result["images"]]).astype(int)
+        assert np.abs(got - run.images().astype(int)).max() <= 1
+    assert results[-1]["model"] == "fashion-mnist-cfg" and decode(results[-1]["images"][0]).shape == (28, 28)
+
+
+@pytest.mark.parametrize(
+    "guidance",
+    [
+        {"method": {"kind": "apg"}, "guidance_scale": 5},
+        {"method": {"kind": "cfg_zero_star"}},
+        {"schedule": {"kind": "cosine", "start": 1, "end": 0}, "noise_level": 0.2, "noise_schedule": "sigma"},
+        {"cads": {}, "guidance_rescale": 0.7, "sampler": "euler_a"},
+        {"sampler": "ddpm", "return_trace": True, "preview": True, "preview_every": 2},
+    ],
+)
+def test_guidance_methods_schedules_noise_and_samplers_work_on_the_latent_model(client, guidance):
+    body = {"model": "tiny-dit", "class_label": 7, "num_images": 2, "steps": 4, "seed": 3, **guidance}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    images = [decode(b) for b in r.json()["images"]]
+    assert [i.shape for i in images] == [(16, 16, 3)] * 2 and not np.array_equal(images[0], images[1])
+
+
+def test_jobs_openai_and_metrics_carry_the_model(client):
+    job = client.post("/v1/jobs", json={"model": "tiny-dit", "class_label": 1, "steps": 4, "preview": True}).json()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+        text = "".join(r.iter_text())
+    assert '"preview"' in text and "event: result" in text
+    done = client.get(f"/v1/jobs/{job['id']}").json()
+    assert done["result"]["model"] == "tiny-dit" and decode(done["result"]["images"][0]).shape == (16, 16, 3)
+
+    r = client.post("/v1/images/generations", json={"model": "tiny-dit", "prompt": "goldfish", "steps": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == "16x16" and r.json()["data"][0]["revised_prompt"].startswith("goldfish")
+    wrong = client.post("/v1/images/generations", json={"model": "nope", "prompt": "goldfish"})
+    assert wrong.status_code == 404 and "tiny-dit" in wrong.json()["error"]["message"]
+
+    text = client.get("/metrics").text
+    for model in ("fashion-mnist-cfg", "tiny-dit"):
+        assert metric_value(text, f'cfg_requests_total{{outcome="ok",model="{model}"}}') >= 1
+        assert metric_value(text, f'cfg_engine_step_duration_seconds_count{{model="{model}"}}') >= 1
+        assert metric_value(text, f'cfg_model_info{{model="{model}"}}') == 1
+    assert metric_value(text, 'cfg_jobs_total{outcome="succeeded",model="tiny-dit"}') == 1
+
+
+def test_cfg_model_path_still_serves_one_checkpoint_alone(store):
+    settings = Settings(model_path=store / "tiny-dit", warmup=False)
+    assert settings.model_paths() == [store / "tiny-dit"]
+    with TestClient(create_app(settings)) as c:
+        assert [m["name"] for m in c.get("/v1/models").json()["data"]] == ["tiny-dit"]
+        assert c.post("/generate", json={"class_label": 0, "steps": 2}).json()["model"] == "tiny-dit"
+
+
+def test_two_checkpoints_of_one_name_or_a_bad_models_list_fail_at_startup(store):
+    with pytest.raises(ValueError, match="distinct"):
+        Settings(models="tiny-dit,tiny-dit")
+    with pytest.raises(ValueError, match="distinct"):
+        Settings(models="tiny-dit,")
