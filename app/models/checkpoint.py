@@ -27,7 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, pixels_to_uint8
+from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, to_uint8
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 KINDS = ("unet", "dit")  # the denoiser: UNet2DModel, or DiTTransformer2DModel
@@ -347,4 +347,4 @@ def image_decoder(model: LoadedModel) -> ImageDecoder:
             return decode_latents(vae, latents, scaling_factor)
 
         return decode
-    return pixels_to_uint8
+    return to_uint8

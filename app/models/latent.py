@@ -7,20 +7,11 @@ copy its one y_embedder table into every block, so they share one class embeddin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-# finished samples (N, C, h, w) -> uint8 images (N, H, W, C')
-ImageDecoder = Callable[[torch.Tensor], np.ndarray]
-
-
-def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C) on the host."""
-    x = (x.float().clamp(-1, 1) + 1) * 127.5
-    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+from app.sampling.run import ImageDecoder, to_uint8  # noqa: F401  (ImageDecoder: re-exported)
 
 
 @torch.inference_mode()
@@ -34,7 +25,7 @@ def vae_decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float,
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float, batch_size: int = 8) -> np.ndarray:
     """Latents (N, C, h, w) -> uint8 images (N, H, W, 3) on the host. Runs the VAE: call it in the model's thread."""
-    return pixels_to_uint8(vae_decode(vae, latents, scaling_factor, batch_size))
+    return to_uint8(vae_decode(vae, latents, scaling_factor, batch_size))
 
 
 class DiTDenoiser:

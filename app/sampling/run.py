@@ -293,7 +293,7 @@ class SampleRun:
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C) on the host."""
-    x = (x.clamp(-1, 1) + 1) * 127.5
+    x = (x.float().clamp(-1, 1) + 1) * 127.5
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -36,7 +36,8 @@ GENERATE = {
 }
 # Grafana's $__rate_interval is at least four scrape intervals; a wider window here keeps the test's
 # traffic inside it while the queries are evaluated.
-GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__interval": "15s", "$__range": "5m"}
+# The dashboard's own variable $model at "All" (its allValue), and Grafana's built-ins.
+GRAFANA_VARIABLES = {"$__rate_interval": "2m", "$__interval": "15s", "$__range": "5m", "$model": ".*"}
 
 
 def dashboard_panels() -> list[dict]:
@@ -84,6 +85,28 @@ def test_dashboard_panels_do_not_overlap() -> None:
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = panel["title"]
+
+
+def test_dashboard_filters_every_model_labelled_series_by_the_model_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and variable["includeAll"] and variable["allValue"] == ".*"
+    assert "label_values(cfg_model_info" in variable["query"]["query"]
+    labelled = _model_families()
+    for title, expr in dashboard_queries():
+        for name, labels in re.findall(r"\b(cfg_\w+)\{([^}]*)\}", expr):
+            family = re.sub(r"_(total|bucket|sum|count|info)$", "", name)
+            if family in labelled:
+                assert 'model=~"$model"' in labels, f"{title}: {name} is not filtered by $model"
+
+
+def _model_families() -> set[str]:
+    """The metric families with a model label (created empty: their label names say it)."""
+    return {
+        collector._name
+        for collector in create_metrics().registry._collector_to_names
+        if "model" in getattr(collector, "_labelnames", ())
+    }
 
 
 def test_dashboard_names_only_metrics_the_app_exports() -> None:
