@@ -6,7 +6,7 @@
 #   docker run --gpus 1 -p 8000:8000 cfg-serve:gpu
 #
 # One container serves one GPU with one server process; run more containers for more GPUs.
-# Mount another model_store over /srv/cfg/model_store (and set CFG_MODEL_PATH) to serve another checkpoint.
+# Mount another model_store over /srv/cfg/model_store and name its checkpoints in CFG_MODELS to serve them.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -41,7 +41,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    CFG_MODEL_PATH=/srv/cfg/model_store/fashion-mnist-cfg
+    CFG_MODEL_STORE=/srv/cfg/model_store \
+    CFG_MODELS=fashion-mnist-cfg
 WORKDIR /srv/cfg
 # The checkpoint changes less often than the code: its layer comes first.
 COPY model_store/fashion-mnist-cfg model_store/fashion-mnist-cfg

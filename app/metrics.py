@@ -57,6 +57,8 @@ class Metrics:
             self.forward_rows.labels(kind=kind, model=model)
         for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
             metric.labels(model=model)
+        for gauge in (self.in_flight, self.queue_depth):
+            gauge.labels(model=model)
 
     def update_device_memory(self, device: torch.device) -> None:
         if device.type == "cuda":

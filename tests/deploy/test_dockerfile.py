@@ -87,7 +87,8 @@ def test_embedded_checkpoint_is_the_default_model_path() -> None:
     copied = [shlex.split(args) for keyword, args in stage if keyword == "COPY" and "--from" not in args]
     assert ["model_store/fashion-mnist-cfg", "model_store/fashion-mnist-cfg"] in copied
     env = " ".join(args for keyword, args in stage if keyword == "ENV")
-    assert f"CFG_MODEL_PATH={workdir}/model_store/fashion-mnist-cfg" in env
+    assert f"CFG_MODEL_STORE={workdir}/model_store" in env and "CFG_MODELS=fashion-mnist-cfg" in env
+    assert "CFG_MODEL_PATH" not in env  # it would override CFG_MODELS
     assert (REPO / "model_store" / "fashion-mnist-cfg" / "manifest.json").is_file()
 
 

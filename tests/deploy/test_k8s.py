@@ -55,7 +55,9 @@ def test_service_and_autoscaler_point_at_the_deployment() -> None:
 
 
 def test_autoscaler_metric_is_one_the_app_exports() -> None:
-    exported = {sample.name for family in create_metrics().registry.collect() for sample in family.samples}
+    metrics = create_metrics()
+    metrics.add_model("a-model")  # the series of a served model
+    exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
     for metric in load("hpa.yaml")["spec"]["metrics"]:
         assert metric["pods"]["metric"]["name"] in exported
 
