@@ -27,6 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from app.models.denoiser import HookedDenoiser
 from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, to_uint8
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -285,7 +286,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Loa
     )
 
 
-class UNetDenoiser:
+class UNetDenoiser(HookedDenoiser):
     """Adapt the UNet to the sampler's Denoiser signature: (x, timesteps, class_labels[, embed_delta]) -> eps.
 
     embed_delta (rows, D) is added to the rows' class embeddings (CADS) by a forward hook on the UNet's
@@ -295,22 +296,7 @@ class UNetDenoiser:
     def __init__(self, unet: UNet2DModel, eps_channels: int | None = None) -> None:
         self.unet = unet
         self.eps_channels = eps_channels
-
-    @torch.inference_mode()
-    def __call__(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor,
-        embed_delta: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if embed_delta is None:
-            return self._forward(x, timesteps, class_labels)
-        hook = self.unet.class_embedding.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype))
-        try:
-            return self._forward(x, timesteps, class_labels)
-        finally:
-            hook.remove()
+        self.label_embedders = [unet.class_embedding]
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         out = self.unet(x, timesteps, class_labels=class_labels).sample

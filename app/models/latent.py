@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
+from app.models.denoiser import HookedDenoiser
 from app.sampling.run import ImageDecoder, to_uint8  # noqa: F401  (ImageDecoder: re-exported)
 
 
@@ -28,7 +29,7 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: fl
     return to_uint8(vae_decode(vae, latents, scaling_factor, batch_size))
 
 
-class DiTDenoiser:
+class DiTDenoiser(HookedDenoiser):
     """Adapt a DiT to the sampler's Denoiser signature: (x, timesteps, class_labels[, embed_delta]) -> eps.
 
     eps_channels, where given, keeps that many leading output channels: a DiT with a learned variance outputs
@@ -39,30 +40,11 @@ class DiTDenoiser:
     def __init__(self, transformer: DiTTransformer2DModel, eps_channels: int | None = None) -> None:
         self.transformer = transformer
         self.eps_channels = eps_channels
-        self._label_embedders = [block.norm1.emb.class_embedder for block in transformer.transformer_blocks]
-        first = self._label_embedders[0].embedding_table.weight
+        self.label_embedders = [block.norm1.emb.class_embedder for block in transformer.transformer_blocks]
+        first = self.label_embedders[0].embedding_table.weight
         self.shared_class_embedding = all(
-            torch.equal(first, e.embedding_table.weight) for e in self._label_embedders[1:]
+            torch.equal(first, e.embedding_table.weight) for e in self.label_embedders[1:]
         )
-
-    @torch.inference_mode()
-    def __call__(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor,
-        embed_delta: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if embed_delta is None:
-            return self._forward(x, timesteps, class_labels)
-        hooks = [
-            e.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype)) for e in self._label_embedders
-        ]
-        try:
-            return self._forward(x, timesteps, class_labels)
-        finally:
-            for hook in hooks:
-                hook.remove()
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         dtype = self.transformer.dtype
@@ -77,5 +59,5 @@ class DiTDenoiser:
         (a DiT not converted from one y_embedder): CADS's rescaling is defined for one embedding."""
         if not self.shared_class_embedding:
             raise ValueError("CADS needs one class embedding; this DiT has a different one in each block")
-        table = self._label_embedders[0].embedding_table
+        table = self.label_embedders[0].embedding_table
         return table(torch.tensor([label], device=table.weight.device))[0].float().clone()

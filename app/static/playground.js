@@ -221,6 +221,7 @@ function requestBody(col, seed) {
   const put = (name, value) => {
     if (value !== undefined) body[name] = value;
   };
+  body.model = model.name;
   const label = sharedField("class_label").value;
   body.class_label = label === "" ? null : label;
   put("num_images", numberOf(sharedField("num_images"), { optional: true }));
@@ -795,7 +796,9 @@ function selectModel(name) {
   const images = sharedField("num_images");
   images.max = model.limits.max_images;
   if (Number(images.value) > model.limits.max_images) images.value = model.limits.max_images;
-  document.documentElement.style.setProperty("--img", `${model.image_size * 4}px`);
+  // The served images' size (a latent model's decoded size), shown 4x up to 256 px.
+  const width = model.image_shape ? model.image_shape[2] : model.image_size;
+  document.documentElement.style.setProperty("--img", `${Math.min(width * 4, Math.max(width, 256))}px`);
   for (const col of columns) fillColumnOptions(col);
   if (!columns.length) createColumn();
   scheduleAllCurves(0);

@@ -101,14 +101,15 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
 
 
 def test_an_engine_crash_fails_running_and_waiting_requests_and_health_says_why(faulty_app):
-    # max_batch_rows=2: one guided image fills the batch, so the second request waits for rows.
+    # max_batch_rows=2: one image guided at every step (a constant schedule) fills the batch, so the second
+    # request waits for rows.
     client, model = faulty_app("raise", hold=True, max_images=1, max_batch_rows=2, request_timeout_s=60)
     assert client.get("/healthz").json() == {"status": "ok"}
     responses: dict[str, object] = {}
 
     def running() -> None:  # with progress events: the error reaches the stream as an `error` event
         headers = {"Accept": "text/event-stream"}
-        body = {"class_label": 1, "steps": 200, "seed": 1}
+        body = {"class_label": 1, "steps": 200, "seed": 1, "schedule": {"kind": "constant"}}
         with client.stream("POST", "/generate", json=body, headers=headers) as r:
             responses["running"] = (r.status_code, "".join(r.iter_text()))
 

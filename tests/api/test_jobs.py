@@ -127,8 +127,10 @@ def test_delete_cancels_a_running_job_and_its_rows_leave_the_batch(client):
 
 
 def test_a_queued_job_reports_its_place_and_can_be_cancelled_before_it_starts(client):
-    # 16 images x 2 rows fill the 32 rows a forward may hold, so the next job waits.
-    big = client.post("/v1/jobs", json={"class_label": 1, "num_images": 16, "steps": 200, "seed": 1}).json()
+    # 16 images x 2 rows at every step (a constant schedule) fill the 32 rows a forward may hold: the next waits.
+    constant = {"schedule": {"kind": "constant"}}
+    big = client.post("/v1/jobs", json={"class_label": 1, "num_images": 16, "steps": 200, "seed": 1, **constant})
+    big = big.json()
     wait_for(client, big["id"], lambda j: j["status"] == "running")
     small = client.post("/v1/jobs", json={"class_label": 2, "steps": 4, "seed": 1}).json()
     assert small["status"] == "queued" and small["queue_position"] == 1 and small["started_at"] is None

@@ -120,7 +120,8 @@ def test_sigterm_drains_running_and_queued_jobs(start_server):
     """A job's compute goes on through a graceful shutdown, as /generate's does: a client following a job's
     events (an open connection, which the server waits for) gets its result before the process exits."""
     server = start_server(max_batch_rows=32)
-    big = {"class_label": 4, "num_images": 16, "steps": 40, "seed": 1}  # fills the batch: the next job waits
+    # 32 rows at every step (a constant schedule) fill the batch: the next job waits.
+    big = {"class_label": 4, "num_images": 16, "steps": 40, "seed": 1, "schedule": {"kind": "constant"}}
     running = httpx.post(f"{server.url}/v1/jobs", json=big, timeout=30).json()
     queued = httpx.post(f"{server.url}/v1/jobs", json={**big, "num_images": 2}, timeout=30).json()
     assert queued["status"] == "queued"

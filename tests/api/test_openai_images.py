@@ -154,7 +154,8 @@ def open_request(url: str, body: dict) -> socket.socket:
 
 def test_full_queue_is_a_503_with_retry_after(start_server):
     server = start_server(warmup="false", max_queue=0, retry_after_s=7)
-    running = open_request(server.url, {"prompt": "Coat", "n": 16, "steps": 200})  # all 32 rows, for a while
+    # All 32 rows at every step (constant guidance: the default interval would leave rows free), for a while.
+    running = open_request(server.url, {"prompt": "Coat", "n": 16, "steps": 200, "schedule": {"kind": "constant"}})
     wait_until(lambda: server.metric("cfg_requests_in_flight") == 1)
     with pytest.raises(openai.InternalServerError) as caught:
         client_for(server).images.generate(prompt="Bag", extra_body={"steps": 2})

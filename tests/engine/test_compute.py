@@ -2,32 +2,9 @@
 
 import asyncio
 
-import torch
-
-from app.engine import Engine, EngineStats, SharedCompute
+from app.engine import EngineStats, SharedCompute
 from app.sampling import SampleSpec
-
-
-def engine_on(compute, loaded, denoiser, stats) -> Engine:
-    return Engine(
-        denoiser,
-        scheduler_config=loaded.scheduler_config,
-        image_shape=(1, 28, 28),
-        null_label=loaded.manifest.null_label,
-        device=torch.device("cpu"),
-        max_batch_rows=32,
-        max_queue=8,
-        on_step=stats.append,
-        compute=compute,
-    )
-
-
-async def until(predicate, timeout=120.0):
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise TimeoutError
+from tests.engine.test_engine import make_engine, until
 
 
 def test_a_slow_model_and_a_fast_one_get_equal_shares_of_the_thread(loaded, denoiser):
@@ -46,8 +23,8 @@ def test_a_slow_model_and_a_fast_one_get_equal_shares_of_the_thread(loaded, deno
 
     async def main():
         compute = SharedCompute()
-        fast = engine_on(compute, loaded, denoiser, fast_stats)
-        slow = engine_on(compute, loaded, slow_denoiser, slow_stats)
+        fast = make_engine(loaded, denoiser, fast_stats, compute=compute)
+        slow = make_engine(loaded, slow_denoiser, slow_stats, compute=compute)
         await fast.start()
         await slow.start()
         fast_job = fast.submit(SampleSpec(class_label=1, seeds=(1,), steps=200))
@@ -75,7 +52,7 @@ def test_one_engine_alone_waits_for_nobody(loaded, denoiser):
 
     async def main():
         compute = SharedCompute()
-        engine = engine_on(compute, loaded, denoiser, stats)
+        engine = make_engine(loaded, denoiser, stats, compute=compute)
         await engine.start()
         result = await engine.submit(SampleSpec(class_label=3, seeds=(3,), steps=5)).future
         await engine.stop()
