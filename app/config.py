@@ -35,6 +35,17 @@ class Settings(BaseSettings):
         True,
         description="before reporting ready, run a short request and a forward at every row count to max_batch_rows",
     )
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32",
+        description="the model's forward: fp32, or bf16 or fp16 (CUDA only) under autocast, the latents and the "
+        "sampler staying fp32; auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
+        "AVX512-BF16 or AMX), else fp32",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the forward, one graph per row bucket (1, 2, 4, ... max_batch_rows; rows padded "
+        "up to the next), all compiled by the warmup: faster forwards for minutes of compiling at startup",
+    )
     max_jobs: int = Field(
         1000,
         ge=1,

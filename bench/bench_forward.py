@@ -6,7 +6,8 @@ commit and the command.
     python3 bench/bench_forward.py --variants bf16,cl,compile,compile+bf16 --rounds 9
 
 A variant is a '+'-joined set of: fp32 or bf16 (autocast; fp32 is the default), cl (channels_last weights
-and inputs), compile (torch.compile with freezing over padded row buckets). For each variant:
+and inputs), compile (torch.compile with freezing over padded row buckets), dynamic (torch.compile with
+freezing, one graph with a symbolic row count, no padding). For each variant:
 
   1. warm-up: the time to run one forward at every row count 1..--max-rows, as the engine's warmup does
      before the service is ready (for a compiled variant, compiling every bucket). The inductor cache
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 BASELINE = "fp32"
-TOKENS = ("fp32", "bf16", "cl", "compile")
+TOKENS = ("fp32", "bf16", "cl", "compile", "dynamic")
 
 
 def variant_list(text: str) -> list[str]:
@@ -70,8 +71,9 @@ def build(name: str, loaded, max_rows: int):
         return unet_denoiser(loaded.unet)  # today's forward
     unet = to_channels_last(copy.deepcopy(loaded.unet)) if "cl" in parts else loaded.unet
     precision = "bf16" if "bf16" in parts else "fp32"
+    compile = "compile" in parts or "dynamic" in parts
     return FastDenoiser(
-        unet_denoiser(unet), torch.device("cpu"), precision, "cl" in parts, "compile" in parts, max_rows
+        unet_denoiser(unet), torch.device("cpu"), precision, "cl" in parts, compile, max_rows, "dynamic" in parts
     )
 
 
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace, cache_dir: str) -> str:
     restarts = {}
     if args.restart:
         for v in variants:
-            if "compile" in v.name:
+            if "compile" in v.name or "dynamic" in v.name:
                 restarts[v.name] = restart_seconds(args, v.name, cache_dir)
 
     times: dict[str, list[float]] = {v.name: [] for v in variants}

@@ -89,18 +89,22 @@ class FastDenoiser:
         channels_last: bool = False,
         compile: bool = False,
         max_rows: int = 32,
+        dynamic: bool = False,
     ) -> None:
+        """dynamic (with compile): one graph whose row count is symbolic instead of a graph per bucket, and
+        no padding; compiled at the first call (row counts 0 and 1 get a graph of their own)."""
         self.denoiser = denoiser
         self.precision = precision
         self.channels_last = channels_last
-        self.buckets: tuple[int, ...] = row_buckets(max_rows) if compile else ()
+        self.buckets: tuple[int, ...] = row_buckets(max_rows) if compile and not dynamic else ()
         self._device_type = torch.device(device).type
         self._compiled = None
         if compile:
-            # One static graph per bucket, each guarded apart: room for all of them (and an fp32 twin each).
-            limit = 2 * len(self.buckets) + 2
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-            self._compiled = torch.compile(self._forward, dynamic=False, options={"freezing": True})
+            # Every instance's graphs (one per bucket, or two when dynamic) are cached on the one code object
+            # of _forward, whose recompile limit (8) would otherwise send a second model, or a seventh
+            # bucket, back to eager: room for this instance's graphs on top of the others'.
+            torch._dynamo.config.recompile_limit += max(len(self.buckets), 2)
+            self._compiled = torch.compile(self._forward, dynamic=dynamic, options={"freezing": True})
 
     def bucket(self, rows: int) -> int:
         """The row count the compiled forward runs at for `rows` rows (rows itself beyond the last bucket)."""
@@ -123,6 +127,8 @@ class FastDenoiser:
         if self._compiled is None or extra:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
         rows = x.shape[0]
+        if not self.buckets:
+            return self._compiled(x, timesteps, class_labels).contiguous()
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows))
         return self._compiled(*padded)[:rows].contiguous()
 

@@ -1,0 +1,169 @@
+"""The faster forwards of app/models/fast.py, on the real shipped checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from app.models import fast as fast_module
+from app.models import unet_denoiser
+from app.models.fast import FastDenoiser, PrecisionError, fast_denoiser, pad_rows, resolve_precision, row_buckets
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+
+SHAPE = (1, 28, 28)
+CPU = torch.device("cpu")
+# bf16 keeps 8 bits of mantissa: eps differs from fp32's by up to ~0.03 on this model, and a 20-step run's
+# images by a few grey levels (measured: at most 3 of 255 with DDIM and DDPM).
+BF16_EPS_ATOL = 0.1
+BF16_IMAGE_LEVELS = 8
+# Under bf16 an image should still not depend on what it was batched with. oneDNN's bf16 convolutions on
+# this CPU round each row alike whatever the batch (measured: identical latents), but another CPU's kernels
+# (AMX) may block rows differently; this bounds what we accept: below one bf16 rounding step of the latents.
+BF16_BATCH_ATOL = 4e-3
+BF16_BATCH_RTOL = 4e-3
+
+
+def make_run(loaded, spec):
+    return SampleRun(spec, loaded.scheduler_config, SHAPE, loaded.manifest.null_label)
+
+
+def random_batch(loaded, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, *SHAPE, generator=g)
+    t = torch.randint(0, 1000, (rows,), generator=g)
+    labels = torch.randint(0, loaded.manifest.null_label + 1, (rows,), generator=g)
+    return x, t, labels
+
+
+# ---- precision settings ----------------------------------------------------------------------------------
+
+
+def test_fp32_is_fp32_everywhere():
+    assert resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_fp16_on_the_cpu_is_a_clear_error():
+    with pytest.raises(PrecisionError, match="fp16 needs a CUDA device.*use bf16 or fp32"):
+        resolve_precision("fp16", CPU)
+
+
+def test_unknown_precision_names_the_choices():
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
+        resolve_precision("int8", CPU)
+
+
+@pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])
+def test_auto_picks_bf16_where_the_cpu_computes_it(monkeypatch, native, want):
+    monkeypatch.setattr(fast_module, "cpu_computes_bf16", lambda: native)
+    assert resolve_precision("auto", CPU) == want
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read()
+    assert fast_module.cpu_computes_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+# ---- buckets and padding ---------------------------------------------------------------------------------
+
+
+def test_row_buckets_are_powers_of_two_up_to_max_rows():
+    assert row_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert row_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert row_buckets(1) == (1,)
+
+
+def test_each_row_count_runs_at_the_next_bucket(denoiser):
+    assert FastDenoiser(denoiser, CPU, max_rows=32).buckets == ()  # eager: every call at its own row count
+    fast = FastDenoiser(denoiser, CPU, compile=True, max_rows=32)  # compiles at the first call, not here
+    assert [fast.bucket(r) for r in (1, 2, 3, 5, 16, 17, 32, 40)] == [1, 2, 4, 8, 16, 32, 32, 40]
+
+
+def test_padding_repeats_the_last_row_and_keeps_the_rows():
+    x, t = torch.arange(6.0).reshape(3, 2), torch.tensor([5, 6, 7])
+    px, pt = pad_rows((x, t), 4)
+    assert px.shape == (4, 2) and torch.equal(px[:3], x) and torch.equal(px[3], x[2])
+    assert pt.tolist() == [5, 6, 7, 7]
+    assert pad_rows((x, t), 3)[0] is x
+
+
+# ---- the forward -----------------------------------------------------------------------------------------
+
+
+def test_fp32_wrapper_is_the_plain_forward(loaded, denoiser):
+    fast = fast_denoiser(denoiser, CPU, "fp32")
+    x, t, labels = random_batch(loaded, 6)
+    assert torch.equal(fast(x, t, labels), denoiser(x, t, labels))
+
+
+def test_channels_last_gives_the_same_eps(loaded):
+    import copy
+
+    from app.models.fast import to_channels_last
+
+    plain = unet_denoiser(loaded.unet)
+    nhwc = FastDenoiser(unet_denoiser(to_channels_last(copy.deepcopy(loaded.unet))), CPU, channels_last=True)
+    x, t, labels = random_batch(loaded, 5)
+    eps = nhwc(x, t, labels)
+    assert eps.is_contiguous() and torch.allclose(eps, plain(x, t, labels), atol=1e-4)
+
+
+def test_bf16_forward_returns_fp32_close_to_fp32(loaded, denoiser):
+    fast = fast_denoiser(denoiser, CPU, "bf16")
+    x, t, labels = random_batch(loaded, 8)
+    eps = fast(x, t, labels)
+    want = denoiser(x, t, labels)
+    assert eps.dtype == torch.float32 and eps.shape == want.shape
+    assert (eps - want).abs().max() < BF16_EPS_ATOL
+    assert not torch.equal(eps, want)  # autocast did run the forward in bf16
+
+
+def test_bf16_keeps_the_latents_fp32_and_the_images_close(loaded, denoiser):
+    spec = SampleSpec(class_label=7, seeds=(5, 6), steps=20, sampler="ddim", guidance=DEFAULT_GUIDANCE)
+    runs = {precision: make_run(loaded, spec) for precision in ("fp32", "bf16")}
+    for precision, run in runs.items():
+        sample(fast_denoiser(denoiser, CPU, precision), [run])
+    assert runs["bf16"].latents.dtype == torch.float32
+    diff = np.abs(runs["bf16"].images().astype(int) - runs["fp32"].images().astype(int))
+    assert diff.max() <= BF16_IMAGE_LEVELS, diff.max()
+
+
+def test_bf16_request_is_batch_invariant_to_a_tolerance(loaded, denoiser):
+    """The bf16 counterpart of tests/sampling/test_run.py's batch-invariance test, at BF16_BATCH_* tolerance."""
+    fast = fast_denoiser(denoiser, CPU, "bf16")
+    spec = SampleSpec(class_label=2, seeds=(42, 43), steps=8, sampler="dpmpp_2m", guidance=GuidanceParams(3.0))
+    alone = make_run(loaded, spec)
+    sample(fast, [alone])
+    crowd = [
+        make_run(loaded, SampleSpec(class_label=0, seeds=(1, 2, 3), steps=5, sampler="ddpm")),
+        make_run(loaded, spec),
+        make_run(loaded, SampleSpec(class_label=None, seeds=(9,), steps=12, sampler="euler_a")),
+    ]
+    sample(fast, crowd)
+    assert torch.allclose(crowd[1].latents, alone.latents, atol=BF16_BATCH_ATOL, rtol=BF16_BATCH_RTOL)
+    single = make_run(loaded, SampleSpec(class_label=2, seeds=(43,), steps=8, sampler="dpmpp_2m"))
+    sample(fast, [single])
+    assert torch.allclose(single.latents[0], alone.latents[1], atol=BF16_BATCH_ATOL, rtol=BF16_BATCH_RTOL)
+
+
+def test_embed_delta_reaches_the_model_under_autocast(loaded, denoiser):
+    fast = fast_denoiser(denoiser, CPU, "bf16")
+    x, t, labels = random_batch(loaded, 3)
+    width = loaded.unet.class_embedding.weight.shape[1]
+    assert (fast(x, t, labels, torch.ones(3, width)) - fast(x, t, labels)).abs().max() > 0.01
+
+
+@pytest.mark.slow
+def test_compiled_forward_reuses_its_buckets_and_matches_eager(loaded, denoiser):
+    """Compiled at max_rows 4 (buckets 1, 2, 4): the engine's warmup, one call at every row count, compiles
+    every graph; serving calls after it compile nothing, and every row count matches the eager forward.
+    About a minute on 2 CPU cores with an empty inductor cache."""
+    from torch._dynamo.utils import counters
+
+    fast = fast_denoiser(denoiser, CPU, "fp32", compile=True, max_rows=4)
+    for rows in range(1, 5):  # as Engine._warm_row_counts
+        fast(torch.zeros(rows, *SHAPE), torch.full((rows,), 500), torch.full((rows,), loaded.manifest.null_label))
+    compiled = counters["stats"]["unique_graphs"]
+    for rows in (3, 1, 4, 2):
+        x, t, labels = random_batch(loaded, rows, seed=rows)
+        eps = fast(x, t, labels)
+        assert eps.shape == x.shape and torch.allclose(eps, denoiser(x, t, labels), atol=1e-4), rows
+    assert counters["stats"]["unique_graphs"] == compiled
