@@ -111,8 +111,8 @@ WRK_SCRIPT = """
 local n = 0
 request = function()
   n = n + 1
-  local body = string.format('{"class_label": %d, "steps": STEPS, "seed": %d, "guidance_scale": 3, "sampler": "ddpm"}',
-                             n % 10, n)
+  local body = string.format('{"class_label": %d, "steps": STEPS, "seed": %d, "guidance_scale": 3, "sampler": "ddpm", '
+                             .. '"schedule": {"kind": "constant"}}', n % 10, n)
   return wrk.format("POST", "/generate", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
@@ -162,7 +162,8 @@ class WrkLoad:
 
     def _sample(self) -> list[float]:
         registry = self.service.metrics.registry
-        return [registry.get_sample_value(n) for n in self.NAMES]
+        labels = {"model": self.service.model().name}  # the engine's series carry the model's name
+        return [registry.get_sample_value(n, labels) for n in self.NAMES]
 
     async def window(self, seconds: float) -> Level:
         m0, t0 = self._sample(), time.perf_counter()

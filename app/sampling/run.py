@@ -204,7 +204,8 @@ class SampleRun:
     def rows_profile(self) -> np.ndarray:
         """The rows of each step still to take, known in advance from the weight schedule."""
         n = self.spec.num_images
-        return np.array([n * (2 if self._guided(i) else 1) for i in range(self.step_index, len(self.scales))])
+        steps = range(self.step_index, len(self.scales))
+        return np.array([n * (2 if self._guided(i) else 1) for i in steps], dtype=np.int64)
 
     def model_input(self) -> ModelInput:
         t = self.timesteps[self.step_index]

@@ -361,3 +361,29 @@ def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded
     asyncio.run(main())
     assert max(s.rows for s in stats) <= 10
     assert checks and all(load == rows for load, rows in checks), checks
+
+
+def test_a_job_cancelled_during_its_last_step_leaves_the_loop_serving(loaded, denoiser):
+    """Cancelled while its last forward runs, a job is done when the loop drops it: its rows to come are
+    none (an empty profile), and the loop goes on serving."""
+    started, gate = threading.Event(), threading.Event()
+
+    def held(x, t, labels, *rest):
+        started.set()
+        gate.wait(30)
+        return denoiser(x, t, labels, *rest)
+
+    async def main():
+        engine = make_engine(loaded, held)
+        await engine.start()
+        job = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=1))
+        await until(started.is_set)
+        engine.cancel(job)
+        gate.set()
+        result = await engine.submit(SampleSpec(class_label=2, seeds=(2,), steps=2)).future
+        healthy = engine.check_health()
+        await engine.stop()
+        return result, healthy
+
+    result, healthy = asyncio.run(main())
+    assert healthy and result.images.shape == (1, 28, 28, 1)
