@@ -220,8 +220,9 @@ def render_markdown(table: StepsTable) -> str:
     n = table.per_class * len(table.class_names)
     precisions = list(dict.fromkeys(r.precision for r in table.results))
     most = max(r.steps for r in table.results)
+    sweep = len({r.steps for r in table.results}) > 1  # else a precision comparison at one step count
     lines = [
-        "# Sampler steps against quality",
+        "# Sampler steps against quality" if sweep else f"# Forward precisions against quality at {most} steps",
         "",
         "Written by `python -m app.evaluation.steps`; rerun it to refresh this page.",
         "",
@@ -239,11 +240,12 @@ def render_markdown(table: StepsTable) -> str:
         "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table.timings_s.items()),
         "",
     ]
-    for precision in precisions:
+    for precision in precisions if sweep or len(precisions) == 1 else ():  # else the comparison says it all
         suffix = f" ({precision})" if len(precisions) > 1 else ""
         lines += [f"## FID{suffix}", "", *pivot(table, precision, lambda r: f"{r.fid:.2f}"), ""]
-        lines += [f"## FID / FID at {most} steps{suffix}", ""]
-        lines += [*pivot(table, precision, lambda r: f"{r.fid_vs_most:.2f}"), ""]
+        if sweep:
+            lines += [f"## FID / FID at {most} steps{suffix}", ""]
+            lines += [*pivot(table, precision, lambda r: f"{r.fid_vs_most:.2f}"), ""]
         lines += [f"## Accuracy{suffix}", "", *pivot(table, precision, lambda r: f"{r.accuracy:.3f}"), ""]
     if len(precisions) > 1:
         lines += ["## Precisions at the same seeds", "", *precision_comparison(table), ""]
@@ -252,6 +254,10 @@ def render_markdown(table: StepsTable) -> str:
         f"Real test images (n = {real.n}): accuracy {real.accuracy:.3f}, FID {real.fid:.2f} (the floor at this n), "
         f"diversity {real.diversity:.2f}, mean grey {real.mean_pixel:.1f}.",
         "",
+    ]
+    if not sweep:
+        return "\n".join(lines)[:-1] + "\n"
+    lines += [
         f"## Fewest steps within {table.fid_tolerance:.0%} of the FID at {most} steps",
         "",
         "| sampler | precision | fewest steps | FID there | FID at most steps |",
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     args.report.write_text(render_markdown(table))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(table), indent=2) + "\n")
-    for f in table.fewest:
+    for f in table.fewest if len(args.steps) > 1 else ():
         print(f"{f.sampler} ({f.precision}): fewest steps within {args.fid_tolerance:.0%} of {f.reference_steps} "
               f"steps' FID {f.reference_fid:.2f}: {f.steps}")  # fmt: skip
     print(f"wrote {args.report}, {args.json}")
