@@ -23,6 +23,7 @@ from app.engine import Engine, EngineStats, Job, SharedCompute
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
 from app.models import CheckpointError, Manifest, image_decoder, load_checkpoint, model_denoiser, verify_checkpoint
+from app.models.fast import fast_denoiser, resolve_precision
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
@@ -59,13 +60,15 @@ def _engine_hooks(metrics: Metrics, model: str):
     return on_step, on_admit
 
 
-def model_info(settings: Settings, manifest: Manifest, device: torch.device) -> dict[str, Any]:
+def model_info(settings: Settings, manifest: Manifest, device: torch.device, precision: str) -> dict[str, Any]:
     """A served model's entry in GET /v1/models."""
     return {
         **manifest.to_dict(),
         "id": manifest.name,
         "object": "model",
         "device": str(device),
+        "precision": precision,
+        "compile": settings.compile,
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
         "guidance_methods": list(METHOD_KINDS),
@@ -90,9 +93,12 @@ async def serve_model(
 ) -> ServedModel:
     """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
     app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
+    precision = resolve_precision(settings.precision, device)  # before loading: fp16 on the CPU fails here
     loaded = await asyncio.get_running_loop().run_in_executor(compute.executor, load_checkpoint, path, device)
     m = loaded.manifest
-    denoiser = model_denoiser(loaded)
+    model = model_denoiser(loaded)
+    # autocast and torch.compile over row buckets (app/models/fast.py); the warmup compiles every bucket.
+    denoiser = fast_denoiser(model, device, precision, compile=settings.compile, max_rows=settings.max_batch_rows)
     on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(
         denoiser,
@@ -104,7 +110,7 @@ async def serve_model(
         max_queue=settings.max_queue,
         on_step=on_step,
         on_admit=on_admit,
-        class_embedding=denoiser.class_embedding,
+        class_embedding=model.class_embedding,
         compute=compute,
         name=m.name,
         decode=image_decoder(loaded),
@@ -113,9 +119,14 @@ async def serve_model(
     metrics.in_flight.labels(model=m.name).set_function(lambda: engine.active_jobs)
     metrics.queue_depth.labels(model=m.name).set_function(lambda: engine.queue_depth)
     metrics.model_info.labels(model=m.name).info(
-        {"device": str(device), "weights_sha256": m.weights_sha256[:16], "torch": torch.__version__}
+        {
+            "device": str(device),
+            "precision": precision,
+            "weights_sha256": m.weights_sha256[:16],
+            "torch": torch.__version__,
+        }
     )
-    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device))
+    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device, precision))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
