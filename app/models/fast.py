@@ -103,7 +103,7 @@ class FastDenoiser:
             # Every instance's graphs (one per bucket, or two when dynamic) are cached on the one code object
             # of _forward, whose recompile limit (8) would otherwise send a second model, or a seventh
             # bucket, back to eager: room for this instance's graphs on top of the others'.
-            torch._dynamo.config.recompile_limit += max(len(self.buckets), 2)
+            torch._dynamo.config.recompile_limit += len(self.buckets) + 2
             self._compiled = torch.compile(self._forward, dynamic=dynamic, options={"freezing": True})
 
     def bucket(self, rows: int) -> int:
@@ -127,18 +127,18 @@ class FastDenoiser:
         if self._compiled is None or extra:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
         rows = x.shape[0]
-        if not self.buckets:
-            return self._compiled(x, timesteps, class_labels).contiguous()
-        padded = pad_rows((x, timesteps, class_labels), self.bucket(rows))
+        padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
         return self._compiled(*padded)[:rows].contiguous()
 
 
 def pad_rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
     """Each tensor with its last row repeated up to `rows` rows: the padding rows are valid inputs whose
-    outputs are dropped (a row's output does not depend on the other rows)."""
+    outputs are dropped (a row's output does not depend on the other rows).
+
+    Always new tensors, even with no row to add: made under inference_mode, they are inference tensors
+    whether the caller's were or not, and dynamo guards on that, so one kind of input keeps it to one graph
+    per bucket (mixed, the warmup compiled every bucket twice)."""
     have = tensors[0].shape[0]
-    if have == rows:
-        return list(tensors)
     return [torch.cat([t, t[-1:].expand(rows - have, *t.shape[1:])]) for t in tensors]
 
 
