@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch._inductor.config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "auto")
@@ -104,7 +105,7 @@ class FastDenoiser:
             # of _forward, whose recompile limit (8) would otherwise send a second model, or a seventh
             # bucket, back to eager: room for this instance's graphs on top of the others'.
             torch._dynamo.config.recompile_limit += len(self.buckets) + 2
-            self._compiled = torch.compile(self._forward, dynamic=dynamic, options={"freezing": True})
+            self._compiled = torch.compile(self._forward, dynamic=dynamic)
 
     def bucket(self, rows: int) -> int:
         """The row count the compiled forward runs at for `rows` rows (rows itself beyond the last bucket)."""
@@ -128,7 +129,10 @@ class FastDenoiser:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
         rows = x.shape[0]
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
-        return self._compiled(*padded)[:rows].contiguous()
+        # Freezing is read while a graph compiles, i.e. inside a call: set around every call (setting it in
+        # torch.compile's options did not reach the graph: its convolutions stayed unpacked).
+        with torch._inductor.config.patch(freezing=True):
+            return self._compiled(*padded)[:rows].contiguous()
 
 
 def pad_rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
