@@ -1,6 +1,5 @@
 """POST /generate and the other endpoints, through the real app lifespan and the shipped checkpoint."""
 
-import base64
 import io
 import json
 import subprocess
@@ -16,16 +15,13 @@ from app.config import Settings
 from app.main import create_app
 from app.models import CheckpointError
 from tests.metrics import metric_value
+from tests.pngs import decode
 
 
 @pytest.fixture(scope="module")
 def client():
     with TestClient(create_app(Settings(request_timeout_s=60))) as c:
         yield c
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def metric(client, line_start: str) -> float:

@@ -3,19 +3,17 @@
 The API's images must equal those of SampleRun driven directly with the same settings and seeds, through
 the real app lifespan and the shipped checkpoint."""
 
-import base64
-import io
 import json
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.config import Settings
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+from tests.pngs import decode
 
 LABEL, SEED, STEPS, N = 3, 5, 6, 2
 
@@ -59,10 +57,6 @@ CASES = {
 def client():
     with TestClient(create_app(Settings(request_timeout_s=120, warmup=False))) as c:
         yield c
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def api_images(client, fields: dict) -> tuple[np.ndarray, dict]:

@@ -1,18 +1,16 @@
 """The asynchronous jobs API (/v1/jobs), through the real app lifespan and the shipped checkpoint."""
 
-import base64
-import io
 import json
 import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
 from tests.metrics import metric_value
+from tests.pngs import decode
 
 BODY = {"class_label": "sneaker", "num_images": 2, "steps": 6, "seed": 11}
 
@@ -47,10 +45,6 @@ def wait_for(client, job_id: str, pred, timeout: float = 60) -> dict:
 
 def metric(client, line_start: str) -> float:
     return metric_value(client.get("/metrics").text, line_start)
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def test_a_job_runs_to_the_same_result_as_generate(client):

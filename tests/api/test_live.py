@@ -1,7 +1,5 @@
 """The real server process (python -m app.serve) under concurrent clients, disconnects and SIGTERM."""
 
-import base64
-import io
 import json
 import signal
 import socket
@@ -12,13 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+from tests.pngs import decode
 
 
 def wait_until(predicate, timeout=60.0):

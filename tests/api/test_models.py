@@ -2,15 +2,12 @@
 through the real app lifespan. The DiT is tiny and randomly initialised (tests/tiny_models.py: a real
 DiT-XL/2 is gigabytes and nothing may be downloaded here); its code path is the real one."""
 
-import base64
-import io
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.config import DEFAULT_MODEL_PATH, Settings
 from app.main import create_app
@@ -18,6 +15,7 @@ from app.models import image_decoder, load_checkpoint, model_denoiser
 from app.models.importer import import_model
 from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
 from tests.metrics import metric_value
+from tests.pngs import decode
 from tests.tiny_models import imagenet_like_names, save_dit_pipeline
 
 MODELS = "fashion-mnist-cfg,tiny-dit"
@@ -36,10 +34,6 @@ def store(tmp_path_factory):
 def client(store):
     with TestClient(create_app(Settings(model_store=store, models=MODELS, warmup=False))) as c:
         yield c
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def test_the_models_are_listed_in_order_and_the_first_is_the_default(client):

@@ -11,6 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.pngs import level_diff
+
 MODEL = "fashion-mnist-cfg"
 GUIDANCE = {"guidance_scale": 3.0, "steps": 4, "seed": 1}
 
@@ -59,7 +61,7 @@ def test_images_are_pngs_that_reproduce_and_match_generate(start_server):
     # the image with seed 2 is the second image of seed 1.
     assert b64s(client.images.generate(prompt="sneaker", n=2, extra_body=GUIDANCE)) == b64s(first)
     by_index = client.images.generate(prompt="class 7", extra_body={**GUIDANCE, "seed": 2})
-    assert by_index.data[0].revised_prompt == "Sneaker" and b64s(by_index) == b64s(first)[1:]
+    assert by_index.data[0].revised_prompt == "Sneaker" and level_diff(b64s(by_index)[0], b64s(first)[1]) <= 1
     other_seed = client.images.generate(prompt="Sneaker", n=2, extra_body={**GUIDANCE, "seed": 3})
     assert b64s(other_seed)[0] not in b64s(first)
 

@@ -9,6 +9,8 @@ import subprocess
 import httpx
 from playwright.sync_api import Locator, Page, expect
 
+from tests.pngs import level_diff
+
 FAST = {"steps": 4, "num_images": 2}  # a few seconds a job on 2 CPU cores
 
 
@@ -128,7 +130,8 @@ def test_compare_runs_settings_side_by_side_at_one_seed(page: Page):
     seeds = {control(column(page, x), "run-status").inner_text().split("seeds ")[1] for x in "ABC"}
     assert len(seeds) == 1  # the same seeds in every column
     images = {x: image_sources(column(page, x)) for x in "ABC"}
-    assert images["A"] == images["B"]  # the same settings: the same images
+    # The same settings: the same images, to one grey level (A and B may run at different rows; tests/pngs.py).
+    assert all(level_diff(ia, ib) <= 1 for ia, ib in zip(images["A"], images["B"], strict=True))
     assert all(ia != ic for ia, ic in zip(images["A"], images["C"], strict=True))  # s = 1 against s = 6
     # Each column has its own job.
     job_ids = {column(page, x).get_attribute("data-job-id") for x in "ABC"}
