@@ -1,5 +1,5 @@
 """A DiT-S/2-sized latent model at 256 px on this machine, run by hand (not in CI). Prints markdown and, with
---record, appends it to docs/benchmarks.md with the machine, the commit and the command.
+--record, appends it to docs/benchmarks/history.md with the machine, the commit and the command.
 
     python3 bench/bench_dit.py --record
 
@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.models.importer import import_model  # noqa: E402
+from bench.record import record  # noqa: E402
 
 
 def dit_s2_pipeline(path: Path) -> Path:
@@ -155,8 +156,7 @@ def main() -> None:
     )
     print(text)
     if args.record:
-        with open(REPO / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

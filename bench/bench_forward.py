@@ -1,5 +1,5 @@
 """The raw sampling loop with faster forwards (app/models/fast.py) against today's fp32 eager forward, run by
-hand (not in CI). Prints markdown and, with --record, appends it to docs/benchmarks.md with the machine, the
+hand (not in CI). Prints markdown and, with --record, appends it to docs/benchmarks/history.md with the machine, the
 commit and the command.
 
     python3 bench/bench_forward.py --record
@@ -38,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.record import record  # noqa: E402
 
 BASELINE = "fp32"
 TOKENS = ("fp32", "bf16", "cl", "compile", "dynamic")
@@ -227,7 +229,7 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=32, help="CFG_MAX_BATCH_ROWS: the warm-up's row counts")
     p.add_argument("--cache-dir", help="the inductor cache (TORCHINDUCTOR_CACHE_DIR); default a fresh folder")
     p.add_argument("--restart", action="store_true", help="also time a compiled variant's warm-up in a new process")
-    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     p.add_argument("--startup-only", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.startup_only:
@@ -238,8 +240,7 @@ def main() -> None:
     text = run(args, cache_dir)
     print(text)
     if args.record:
-        with open(REPO / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What previews cost the batch, run by hand (not in CI). Prints markdown and, with --record, appends it to
-docs/benchmarks.md with the machine, the commit and the command.
+docs/benchmarks/history.md with the machine, the commit and the command.
 
     python3 bench/bench_previews.py --record
 
@@ -30,6 +30,7 @@ from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.images import to_png_bytes  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import SampleRun, SampleSpec, sample  # noqa: E402
+from bench.record import record  # noqa: E402
 
 
 def batch_seconds(loaded, denoiser, preview_every: int | None, requests: int, steps: int) -> float:
@@ -112,8 +113,7 @@ def main() -> None:
     )
     print(text)
     if args.record:
-        with open(REPO / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Benchmarks for the service, run by hand (not in CI). Prints markdown and, with --record,
-appends it to docs/benchmarks.md with the machine, the commit and the command.
+appends it to docs/benchmarks/history.md with the machine, the commit and the command.
 
     python3 bench/bench_service.py --record
 
@@ -44,6 +44,7 @@ from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
+from bench.record import record  # noqa: E402
 
 
 def timed_pair(a, b, repeat: int) -> tuple[float, float]:
@@ -300,18 +301,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20, help="alternating service/raw rounds for the saturation ratio")
     p.add_argument("--round-window", type=float, default=3.0, help="seconds of service load measured per round")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: the load generator is wrk: apt-get install wrk")
     text = asyncio.run(run(args))
     print(text)
     if args.record:
-        path = REPO / "docs" / "benchmarks.md"
-        if not path.exists():
-            path.write_text("# Benchmarks\n\nRecorded by `bench/bench_service.py --record`; newest last.\n\n")
-        with open(path, "a") as f:
-            f.write(text + "\n")
+        record(text)
 
 
 if __name__ == "__main__":
