@@ -42,7 +42,7 @@ from app.api.routes import Service  # noqa: E402
 from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
 from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.models import load_checkpoint, unet_denoiser  # noqa: E402
+from app.models import load_checkpoint  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
 from bench.record import record  # noqa: E402
 
@@ -206,16 +206,20 @@ async def run(args: argparse.Namespace) -> str:
     top = max(levels)
     max_rows = max(32, 2 * top)
     url = f"http://127.0.0.1:{args.port}"
-    server, serving, service = await serve(Settings(max_batch_rows=max_rows, max_queue=256), args.port)
+    settings = Settings(max_batch_rows=max_rows, max_queue=256)  # CFG_PRECISION and CFG_COMPILE from the environment
+    server, serving, service = await serve(settings, args.port)
     engine = service.engine
     try:
         # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
         # and OpenMP team as the service's own forwards.
         loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, "cpu")
-        denoiser = unet_denoiser(loaded.unet)
+        denoiser = engine.denoiser  # the service's own forward: CFG_PRECISION and CFG_COMPILE apply to both sides
+        model_info = service.model().info
         out = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}", "",
                f"- machine: {machine_description()}", f"- command: `python3 {' '.join(sys.argv)}`",
-               f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request", ""]  # fmt: skip
+               f"- {args.steps} DDPM steps per request, guidance scale 3, one image per request",
+               f"- forward: precision {model_info['precision']}, compiled {settings.compile}",
+               ""]  # fmt: skip
 
         out += ["### 1. One 2B-row forward vs two B-row forwards", ""]
         out += await engine.run_in_worker(bench_forward, loaded, denoiser, (1, 4, 16), 20) + [""]

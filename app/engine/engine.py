@@ -169,6 +169,12 @@ class Engine:
 
     # --- the interface the HTTP front end uses -------------------------------------------------
 
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The forward every tick runs (the served model's, with its precision and compiled buckets)."""
+        return self._denoiser
+
     def submit(self, spec: SampleSpec, *, limit_queue: bool = True) -> Job:
         """Queue a job. limit_queue=False skips the max_queue check, for a caller that bounds its own
         jobs (the jobs API's store)."""
