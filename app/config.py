@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         "sampler staying fp32; auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), else fp32",
     )
+    channels_last: bool = Field(
+        True,
+        description="a convolutional (UNet) model's weights and inputs in channels_last (NHWC) memory format: 1.15x "
+        "the fp32 forward on this project's CPU, the same images to one grey level (docs/benchmarks.md)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the forward, one graph per row bucket (1, 2, 4, ... max_batch_rows; rows padded "

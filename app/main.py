@@ -22,8 +22,16 @@ from app.config import Settings
 from app.engine import Engine, EngineStats, Job, SharedCompute
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
-from app.models import CheckpointError, Manifest, image_decoder, load_checkpoint, model_denoiser, verify_checkpoint
-from app.models.fast import fast_denoiser, resolve_precision
+from app.models import (
+    CheckpointError,
+    LoadedModel,
+    Manifest,
+    image_decoder,
+    load_checkpoint,
+    model_denoiser,
+    verify_checkpoint,
+)
+from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
@@ -60,7 +68,9 @@ def _engine_hooks(metrics: Metrics, model: str):
     return on_step, on_admit
 
 
-def model_info(settings: Settings, manifest: Manifest, device: torch.device, precision: str) -> dict[str, Any]:
+def model_info(
+    settings: Settings, manifest: Manifest, device: torch.device, precision: str, channels_last: bool
+) -> dict[str, Any]:
     """A served model's entry in GET /v1/models."""
     return {
         **manifest.to_dict(),
@@ -68,6 +78,7 @@ def model_info(settings: Settings, manifest: Manifest, device: torch.device, pre
         "object": "model",
         "device": str(device),
         "precision": precision,
+        "channels_last": channels_last,
         "compile": settings.compile,
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
@@ -88,17 +99,32 @@ def model_info(settings: Settings, manifest: Manifest, device: torch.device, pre
     }
 
 
+def load_for_serving(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
+    """load_checkpoint, then a UNet's weights in channels_last where asked (a DiT's only convolution is its
+    patch embedding, so it stays as it is). Torch work: run it in the compute thread."""
+    loaded = load_checkpoint(path, device)
+    if channels_last and loaded.unet is not None:
+        to_channels_last(loaded.unet)
+    return loaded
+
+
 async def serve_model(
     settings: Settings, path: Path, device: torch.device, compute: SharedCompute, metrics: Metrics
 ) -> ServedModel:
     """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
     app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
     precision = resolve_precision(settings.precision, device)  # before loading: fp16 on the CPU fails here
-    loaded = await asyncio.get_running_loop().run_in_executor(compute.executor, load_checkpoint, path, device)
+    loaded = await asyncio.get_running_loop().run_in_executor(
+        compute.executor, load_for_serving, path, device, settings.channels_last
+    )
     m = loaded.manifest
+    channels_last = settings.channels_last and loaded.unet is not None
     model = model_denoiser(loaded)
-    # autocast and torch.compile over row buckets (app/models/fast.py); the warmup compiles every bucket.
-    denoiser = fast_denoiser(model, device, precision, compile=settings.compile, max_rows=settings.max_batch_rows)
+    # autocast, channels_last inputs and torch.compile over row buckets (app/models/fast.py); the warmup
+    # compiles every bucket.
+    denoiser = fast_denoiser(
+        model, device, precision, channels_last, compile=settings.compile, max_rows=settings.max_batch_rows
+    )
     on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(
         denoiser,
@@ -126,7 +152,7 @@ async def serve_model(
             "torch": torch.__version__,
         }
     )
-    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device, precision))
+    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device, precision, channels_last))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,11 +1,13 @@
-"""CFG_PRECISION and CFG_COMPILE through the real app lifespan and the shipped checkpoint."""
+"""CFG_PRECISION, CFG_CHANNELS_LAST and CFG_COMPILE through the real app lifespan and the shipped checkpoint."""
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
 from app.models.fast import PrecisionError
+from tests.pngs import level_diff
 
 
 def test_bf16_is_served_and_listed():
@@ -18,7 +20,24 @@ def test_bf16_is_served_and_listed():
 
 
 def test_default_precision_is_fp32():
-    assert Settings().precision == "fp32" and Settings().compile is False
+    assert Settings().precision == "fp32" and Settings().compile is False and Settings().channels_last is True
+
+
+def test_channels_last_puts_the_unet_in_nhwc_and_changes_no_image():
+    body = {"class_label": 4, "num_images": 2, "steps": 5, "seed": 8, "schedule": {"kind": "constant"}}
+    served = {}
+    for channels_last in (True, False):
+        with TestClient(create_app(Settings(device="cpu", channels_last=channels_last, max_batch_rows=32))) as client:
+            assert client.get("/v1/models").json()["data"][0]["channels_last"] is channels_last
+            denoiser = client.app.state.service.engine.denoiser
+            conv = denoiser.denoiser.unet.down_blocks[0].resnets[0].conv1.weight
+            assert denoiser.channels_last is channels_last
+            assert conv.is_contiguous(memory_format=torch.channels_last) is channels_last
+            r = client.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            served[channels_last] = r.json()["images"]
+    # NHWC sums in another order: the same images to one grey level.
+    assert all(level_diff(a, b) <= 1 for a, b in zip(served[True], served[False], strict=True))
 
 
 def test_fp16_on_the_cpu_fails_at_startup():
