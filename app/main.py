@@ -31,6 +31,7 @@ from app.models import (
     model_denoiser,
     verify_checkpoint,
 )
+from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
@@ -99,13 +100,14 @@ def model_info(
     }
 
 
-def load_for_serving(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
-    """load_checkpoint, then a UNet's weights in channels_last where asked (a DiT's only convolution is its
-    patch embedding, so it stays as it is). Torch work: run it in the compute thread."""
+def load_for_serving(path: Path, device: torch.device, channels_last: bool) -> tuple[LoadedModel, HookedDenoiser]:
+    """load_checkpoint, a UNet's weights in channels_last where asked (a DiT's only convolution is its patch
+    embedding, so it stays as it is), and the model's denoiser (a DiT's compares its blocks' class tables).
+    All of it is torch work: run it in the compute thread."""
     loaded = load_checkpoint(path, device)
     if channels_last and loaded.unet is not None:
         to_channels_last(loaded.unet)
-    return loaded
+    return loaded, model_denoiser(loaded)
 
 
 async def serve_model(
@@ -114,12 +116,11 @@ async def serve_model(
     """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
     app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
     precision = resolve_precision(settings.precision, device)  # before loading: fp16 on the CPU fails here
-    loaded = await asyncio.get_running_loop().run_in_executor(
+    loaded, model = await asyncio.get_running_loop().run_in_executor(
         compute.executor, load_for_serving, path, device, settings.channels_last
     )
     m = loaded.manifest
     channels_last = settings.channels_last and loaded.unet is not None
-    model = model_denoiser(loaded)
     # autocast, channels_last inputs and torch.compile over row buckets (app/models/fast.py); the warmup
     # compiles every bucket.
     denoiser = fast_denoiser(

@@ -169,7 +169,6 @@ class Engine:
 
     # --- the interface the HTTP front end uses -------------------------------------------------
 
-
     @property
     def denoiser(self) -> Denoiser:
         """The forward every tick runs (the served model's, with its precision and compiled buckets)."""

@@ -141,3 +141,28 @@ def test_two_checkpoints_of_one_name_or_a_bad_models_list_fail_at_startup(store)
         Settings(models="tiny-dit,tiny-dit")
     with pytest.raises(ValueError, match="distinct"):
         Settings(models="tiny-dit,")
+
+
+def test_each_model_is_loaded_and_adapted_in_the_compute_thread(store, monkeypatch):
+    """No torch op may run in the event loop's thread: it gives OpenMP a second team of threads, which then
+    sleep between parallel regions (app/engine/engine.py). A DiT's adapter compares its blocks' class tables;
+    built in the event loop, it made the imported DiT-S/2 serve 19% slower than DiTPipeline (docs/benchmarks.md)."""
+    import threading
+
+    import app.main
+
+    calls = []
+
+    def recording(name, real):
+        def call(*args, **kwargs):
+            calls.append((name, threading.current_thread().name))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("load_checkpoint", "model_denoiser"):
+        monkeypatch.setattr(app.main, name, recording(name, getattr(app.main, name)))
+    with TestClient(create_app(Settings(model_store=store, models=MODELS, warmup=False))) as c:
+        assert c.get("/readyz").status_code == 200
+    assert sorted(name for name, _ in calls) == ["load_checkpoint"] * 2 + ["model_denoiser"] * 2
+    assert all(thread.startswith("engine-forward") for _, thread in calls), calls
