@@ -162,7 +162,10 @@ class SampleRun:
         self._step_kwargs = step_kwargs(spec.sampler)
         set_timesteps(self.scheduler, spec.steps, device)
         self.timesteps = self.scheduler.timesteps
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in spec.seeds]
+        # The generators live on the host whatever the device: a seed then draws the same noise on a GPU as on
+        # the CPU (diffusers' randn_tensor draws on the host and moves it), so an image depends on its seed and
+        # settings, not on the card. The cost: ancestral samplers copy each step's noise to the device.
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in spec.seeds]
         n = spec.num_images
         latents = randn_tensor((n, *image_shape), generator=self.generators, device=device)
         self.latents = latents * self.scheduler.init_noise_sigma

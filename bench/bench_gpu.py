@@ -1,0 +1,524 @@
+"""Issue 16's whole check of the CUDA path, in one run of a few minutes on a lent GPU machine.
+
+    bash bench/gpu/prepare.sh                  # here, on the CPU machine: wheels and the dataset
+    device run: bash bench/gpu/run.sh          # there: this script, results under $OUT
+
+It writes gpu.md (markdown for docs/benchmarks.md, with the card's name) and gpu.json to --out as each
+section ends, so a run cut short still returns what it measured. Sections, each timed as ratios in the
+same run:
+  1. tests/test_cuda.py: the service on CUDA, CPU against GPU for the same seed, batch invariance;
+  2. the forward: fp32 eager, TF32, bf16 and fp16 autocast, compiled (app/models/fast.py) and CUDA graphs
+     replayed, at a few row counts; one 2B-row forward against two B-row ones;
+  3. the service (uvicorn in this process, httpx clients) at 1, 16 and 64 concurrent clients: images/s,
+     p50 and p99 latency; and at saturation against the raw loop in the engine's thread;
+  4. app.evaluate on the GPU at s = 1 and 3 against the CPU's docs/quality.json;
+  5. a DiT-XL/2-sized model (random weights, 256 px) with an SD-shaped VAE: forwards, and images/s of
+     DiTPipeline one at a time against this project's sampler at 1 and 16 requests together.
+`--device cpu --quick` runs every section small on the CPU, to check the script before spending device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
+from app.evaluation.provenance import git_commit, machine_description  # noqa: E402
+from app.models import load_checkpoint, model_denoiser  # noqa: E402
+from app.models.fast import FastDenoiser  # noqa: E402
+from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
+from bench.bench_service import serve  # noqa: E402
+
+
+class Report:
+    """Markdown and JSON, rewritten to --out after every section."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out, self.lines, self.data = out, [], {}
+        out.mkdir(parents=True, exist_ok=True)
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        self.lines += [
+            f"## The GPU path on {card} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_commit()})",
+            "",
+            f"- machine: {machine_description()}; CUDA {torch.version.cuda}; card: {card}",
+            f"- command: `python3 bench/bench_gpu.py {' '.join(sys.argv[1:])}`",
+            "",
+        ]
+        self.data["card"] = card
+
+    def section(self, title: str, fn: Callable[[], list[str]]) -> None:
+        t0 = time.perf_counter()
+        self.lines += [f"### {title}", ""]
+        try:
+            self.lines += fn()
+        except Exception:  # a broken section is reported and the next one still runs
+            self.lines += ["```", traceback.format_exc()[-3000:], "```"]
+        self.lines += ["", f"({time.perf_counter() - t0:.0f} s)", ""]
+        self.flush()
+
+    def flush(self) -> None:
+        (self.out / "gpu.md").write_text("\n".join(self.lines) + "\n")
+        (self.out / "gpu.json").write_text(json.dumps(self.data, indent=2, default=str))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Mean seconds per call after two warm calls, synchronized at both ends only."""
+    fn(), fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+class GraphForward:
+    """A forward captured as a CUDA graph per row count and replayed: static inputs copied in, the output
+    cloned out. CUDA only."""
+
+    def __init__(self, denoiser, device: torch.device) -> None:
+        self.denoiser, self.device, self.graphs = denoiser, device, {}
+
+    def __call__(self, x, t, y):
+        rows = x.shape[0]
+        if rows not in self.graphs:
+            static = [x.clone(), t.clone(), y.clone()]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):
+                    self.denoiser(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                out = self.denoiser(*static)
+            self.graphs[rows] = (graph, static, out)
+        graph, static, out = self.graphs[rows]
+        for s, v in zip(static, (x, t, y), strict=True):
+            s.copy_(v)
+        graph.replay()
+        return out.clone()
+
+
+def forward_inputs(rows: int, device: torch.device, shape=(1, 28, 28), classes: int = 10, null: int = 10):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn((rows, *shape), generator=g).to(device)
+    t = torch.randint(0, 1000, (rows,), generator=g).to(device)
+    y = torch.randint(0, classes, (rows,), generator=g).to(device)
+    y[rows // 2 :] = null
+    return x, t, y
+
+
+def section_tests(args) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "-rs"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    (args.out / "pytest.txt").write_text(proc.stdout + proc.stderr)
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-12:]
+    return ["`pytest -q tests/test_cuda.py` (full output in pytest.txt):", "", "```", *tail, "```"]
+
+
+def section_forward(args, report: Report) -> list[str]:
+    device = torch.device(args.device)
+    loaded = load_checkpoint(DEFAULT_MODEL_PATH, device)
+    base = model_denoiser(loaded)
+    variants: dict[str, Callable] = {"fp32 eager": base}
+    if device.type == "cuda":
+        variants["bf16 autocast"] = FastDenoiser(base, device, "bf16")
+        variants["fp16 autocast"] = FastDenoiser(base, device, "fp16")
+        variants["CUDA graphs (fp32)"] = GraphForward(base, device)
+        variants["CUDA graphs + bf16"] = GraphForward(FastDenoiser(base, device, "bf16"), device)
+    else:
+        variants["bf16 autocast"] = FastDenoiser(base, device, "bf16")
+    if not args.skip_compile:
+        variants["compiled (CFG_COMPILE)"] = FastDenoiser(base, device, "fp32", compile=True, max_rows=max(args.rows))
+    rows_list = args.rows
+    table = {name: {} for name in variants}
+    compile_s = {}
+    for name, fn in variants.items():
+        for rows in rows_list:
+            x, t, y = forward_inputs(rows, device)
+            if name.startswith("compiled"):
+                t0 = time.perf_counter()
+                fn(x, t, y)
+                sync(device)
+                compile_s[rows] = time.perf_counter() - t0
+            table[name][rows] = time_call(lambda fn=fn, x=x, t=t, y=y: fn(x, t, y), device, args.repeat)
+    # TF32 (cuDNN's default for convolutions) against strict fp32, at the same rows.
+    tf32 = {}
+    if device.type == "cuda":
+        before = torch.backends.cudnn.allow_tf32
+        for allow in (False, True):
+            torch.backends.cudnn.allow_tf32 = allow
+            tf32[allow] = {
+                r: time_call(lambda r=r: base(*forward_inputs(r, device)), device, args.repeat) for r in rows_list
+            }
+        torch.backends.cudnn.allow_tf32 = before
+    report.data["forward_ms"] = {k: {r: v * 1e3 for r, v in d.items()} for k, d in table.items()}
+    report.data["compile_s"] = compile_s
+    head = (
+        "| forward | "
+        + " | ".join(f"{r} rows (ms)" for r in rows_list)
+        + " | "
+        + " | ".join(f"vs eager at {r}" for r in rows_list)
+        + " |"
+    )
+    lines = [head, "|---" * (1 + 2 * len(rows_list)) + "|"]
+    eager = table["fp32 eager"]
+    for name, d in table.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{d[r] * 1e3:.2f}" for r in rows_list)
+            + " | "
+            + " | ".join(f"{eager[r] / d[r]:.2f}x" for r in rows_list)
+            + " |"
+        )
+    if compile_s:
+        lines += [
+            "",
+            "First call (compile) per row count: " + ", ".join(f"{r}: {s:.0f} s" for r, s in compile_s.items()),
+        ]
+    if tf32:
+        lines += [
+            "",
+            "cuDNN TF32 off / on, ms: "
+            + ", ".join(f"{r} rows {tf32[False][r] * 1e3:.2f} / {tf32[True][r] * 1e3:.2f}" for r in rows_list),
+        ]
+    # One 2B-row forward against two B-row ones (the cond and uncond halves apart).
+    lines += ["", "| B | one 2B-row forward (ms) | two B-row forwards (ms) | speed-up |", "|---|---:|---:|---:|"]
+    for b in args.pair_rows:
+        x, t, y = forward_inputs(2 * b, device)
+        joint = time_call(lambda x=x, t=t, y=y: base(x, t, y), device, args.repeat)
+        split = time_call(
+            lambda x=x, t=t, y=y, b=b: (base(x[:b], t[:b], y[:b]), base(x[b:], t[b:], y[b:])),
+            device,
+            args.repeat,
+        )
+        lines.append(f"| {b} | {joint * 1e3:.2f} | {split * 1e3:.2f} | {split / joint:.2f}x |")
+        report.data.setdefault("pair", {})[b] = [joint, split]
+    if device.type == "cuda":
+        lines += ["", *sync_report(loaded, base, device)]
+    return lines
+
+
+def sync_report(loaded, denoiser, device: torch.device) -> list[str]:
+    """Host-device synchronizations in the step loop: torch's sync debug mode warns at each one; a few
+    requests of each sampler, default guidance, are sampled under it and the distinct call sites counted."""
+    import warnings
+
+    sites: dict[str, int] = {}
+    for sampler in ("dpmpp_2m", "ddpm", "euler_a", "ddim"):
+        runs = [
+            SampleRun(
+                SampleSpec(class_label=i, seeds=(i,), steps=6, sampler=sampler),
+                loaded.scheduler_config,
+                loaded.manifest.sample_shape,
+                loaded.manifest.null_label,
+                device=device,
+            )
+            for i in range(3)
+        ]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sample(denoiser, runs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            frame = traceback.extract_stack()[-1]
+            key = f"{sampler}: {str(w.message)[:80]} ({Path(w.filename).name}:{w.lineno})"
+            sites[key] = sites.get(key, 0) + 1
+            del frame
+    if not sites:
+        return ["Host-device syncs over 6 steps of 3 requests, every sampler: none."]
+    return [
+        "Host-device syncs over 6 steps of 3 requests per sampler (torch.cuda.set_sync_debug_mode):",
+        "",
+        *(f"- {n} x {k}" for k, n in sorted(sites.items())),
+    ]
+
+
+def raw_loop(loaded, denoiser, device, n: int, steps: int) -> float:
+    runs = [
+        SampleRun(
+            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="dpmpp_2m", guidance=GuidanceParams(3.0)),
+            loaded.scheduler_config,
+            loaded.manifest.sample_shape,
+            loaded.manifest.null_label,
+            device=device,
+        )
+        for i in range(n)
+    ]
+    sync(device)
+    t0 = time.perf_counter()
+    sample(denoiser, runs)
+    for r in runs:
+        r.images()
+    return n / (time.perf_counter() - t0)
+
+
+async def closed_loop(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
+    import httpx
+
+    body = {"steps": steps, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "schedule": {"kind": "constant"}}
+    done: list[tuple[float, float]] = []  # (finish time, latency)
+    stop = time.perf_counter() + warm + window
+    start = stop - window
+
+    async def client(http, k: int) -> None:
+        i = 0
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/generate", json={**body, "class_label": (k + i) % 10, "seed": k * 100000 + i})
+            r.raise_for_status()
+            done.append((time.perf_counter(), time.perf_counter() - t0))
+            i += 1
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(http, k) for k in range(clients)))
+    inside = sorted(lat for end, lat in done if start <= end <= stop)
+    q = statistics.quantiles(inside, n=100) if len(inside) >= 2 else [float("nan")] * 99
+    return {"images_per_s": len(inside) / window, "p50": q[49], "p99": q[98], "responses": len(inside)}
+
+
+async def service_async(args, report: Report) -> list[str]:
+    device = torch.device(args.device)
+    top = max(args.clients)
+    settings = Settings(device=args.device, max_batch_rows=max(32, 2 * top), max_queue=4 * top, max_images=16)
+    server, task, service = await serve(settings, args.port)
+    url = f"http://127.0.0.1:{args.port}"
+    engine = service.engine
+    try:
+        levels = {}
+        for c in args.clients:
+            levels[c] = await closed_loop(url, c, args.steps, args.warm, args.window)
+        one = levels[args.clients[0]]["images_per_s"]
+        lines = [
+            f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`; closed-loop httpx clients in this process, each posting "
+            f"one-image requests ({args.steps} dpmpp_2m steps, constant CFG s = 3: 2 rows per image-step) back to "
+            f"back; responses finished inside a {args.window:g} s window after {args.warm:g} s of load.",
+            "",
+            "| clients | images/s | vs one at a time | p50 (s) | p99 (s) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for c, lv in levels.items():
+            ips = lv["images_per_s"]
+            lines.append(f"| {c} | {ips:.1f} | {ips / one:.2f}x | {lv['p50']:.3f} | {lv['p99']:.3f} |")
+        report.data["service"] = levels
+        # Saturation against the raw loop at the same forward, in the engine's thread, alternating.
+        loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, device)
+        denoiser = engine.denoiser
+        await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, 2)
+        rounds = []
+        for _ in range(args.rounds):
+            svc = (await closed_loop(url, top, args.steps, args.warm / 2, args.window / 2))["images_per_s"]
+            raw = await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, args.steps)
+            rounds.append((raw, svc))
+        ratios = sorted(s / r for r, s in rounds)
+        report.data["saturation"] = rounds
+        lines += [
+            "",
+            f"Service at {top} clients against the raw loop ({top} requests stepped together in the engine's thread), "
+            f"{args.rounds} alternating rounds: median {statistics.median(ratios):.0%} "
+            f"(range {ratios[0]:.0%}-{ratios[-1]:.0%}); raw {statistics.median(r for r, _ in rounds):.1f} images/s.",
+        ]
+        return lines
+    finally:
+        server.should_exit = True
+        await task
+
+
+def section_evaluate(args) -> list[str]:
+    out = args.out / "evaluate"
+    cmd = [
+        sys.executable,
+        "-m",
+        "app.evaluate",
+        "--device",
+        args.device,
+        "--scales",
+        "1,3",
+        "--per-class",
+        str(args.eval_per_class),
+        "--data-dir",
+        str(args.data_dir),
+        "--report",
+        str(args.out / "evaluate.md"),
+        "--json",
+        str(out / "evaluate.json"),
+        "--img-dir",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        return ["```", (proc.stdout + proc.stderr)[-3000:], "```"]
+    gpu = json.loads((out / "evaluate.json").read_text())
+    cpu = json.loads((REPO / "docs" / "quality.json").read_text())
+
+    def by_scale(d):
+        return {float(r["guidance_scale"]): r for r in d["results"]}
+
+    lines = [
+        "| s | accuracy GPU | accuracy CPU (docs/quality.json) | FID GPU | FID CPU |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    g, c = by_scale(gpu), by_scale(cpu)
+    for s in sorted(g):
+        cs = c.get(s, {})
+        lines.append(
+            f"| {s:g} | {g[s]['accuracy']:.3f} | {cs.get('accuracy', float('nan')):.3f} | "
+            f"{g[s]['fid']:.2f} | {cs.get('fid', float('nan')):.2f} |"
+        )
+    return [
+        f"`{' '.join(cmd[1:])}` (GPU n = {10 * args.eval_per_class} per scale; the CPU's n is in its file)",
+        "",
+        *lines,
+    ]
+
+
+def section_dit(args, report: Report) -> list[str]:
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    from app.models.latent import DiTDenoiser, decode_latents
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    size = (
+        dict(num_layers=28, attention_head_dim=72, num_attention_heads=16)
+        if not args.quick
+        else dict(num_layers=2, attention_head_dim=16, num_attention_heads=2)
+    )
+    dit = DiTTransformer2DModel(
+        in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000, **size
+    )
+    dit = dit.to(device).eval()
+    vae = (
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=256,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+        )
+        .to(device)
+        .eval()
+    )
+    params = sum(p.numel() for p in dit.parameters())
+    denoiser = DiTDenoiser(dit, eps_channels=4)
+    lines = [f"DiT: {params / 1e6:.0f}M parameters (DiT-XL/2: 675M), 32x32x4 latents, 1000 classes, learned sigma.", ""]
+    lines += [
+        "| forward | " + " | ".join(f"{r} rows (ms)" for r in args.dit_rows) + " |",
+        "|---" * (1 + len(args.dit_rows)) + "|",
+    ]
+    for name, fn in (("fp32", denoiser), ("bf16 autocast", FastDenoiser(denoiser, device, "bf16"))):
+        ms = []
+        for r in args.dit_rows:
+            x, t, y = forward_inputs(r, device, (4, 32, 32), 1000, 1000)
+            ms.append(time_call(lambda fn=fn, x=x, t=t, y=y: fn(x, t, y), device, max(2, args.repeat // 4)) * 1e3)
+        lines.append(f"| {name} | " + " | ".join(f"{m:.1f}" for m in ms) + " |")
+        report.data.setdefault("dit_forward_ms", {})[name] = ms
+    sched = DDIMScheduler(clip_sample=False).config
+
+    def ours(n: int) -> float:
+        runs = [
+            SampleRun(
+                SampleSpec(class_label=i, seeds=(i,), steps=10, sampler="ddim", guidance=GuidanceParams(4.0)),
+                dict(sched),
+                (4, 32, 32),
+                1000,
+                device=device,
+            )
+            for i in range(n)
+        ]
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            sample(denoiser, runs)
+            decode_latents(vae, torch.cat([r.latents for r in runs]), 0.18215)
+        return n / (time.perf_counter() - t0)
+
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline(dit, vae, DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+
+    def theirs(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            pipe([i], num_inference_steps=10, guidance_scale=4.0, output_type="np")
+        return n / (time.perf_counter() - t0)
+
+    ours(1), theirs(1)
+    one_pipe, one, many = theirs(args.dit_requests), ours(1), ours(args.dit_requests)
+    report.data["dit_images_per_s"] = {"pipeline": one_pipe, "ours_1": one, f"ours_{args.dit_requests}": many}
+    lines += [
+        "",
+        "| DDIM 10 steps, CFG s = 4, VAE decode included | images/s | vs DiTPipeline |",
+        "|---|---:|---:|",
+        f"| DiTPipeline, one request at a time | {one_pipe:.2f} | 1.00x |",
+        f"| this project's sampler, 1 request | {one:.2f} | {one / one_pipe:.2f}x |",
+        f"| this project's sampler, {args.dit_requests} requests together | {many:.2f} | {many / one_pipe:.2f}x |",
+    ]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", type=Path, default=REPO / "gpu-out")
+    p.add_argument("--data-dir", type=Path, default=REPO / ".data")
+    p.add_argument("--quick", action="store_true", help="everything small: a dry run of the script on the CPU")
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--only", default="tests,forward,service,evaluate,dit", help="sections to run")
+    p.add_argument("--port", type=int, default=8777)
+    args = p.parse_args()
+    q = args.quick
+    args.rows = [2, 8] if q else [2, 8, 32, 128]
+    args.pair_rows = [1, 4] if q else [1, 8, 64]
+    args.repeat = 3 if q else 20
+    args.clients = [1, 4] if q else [1, 16, 64]
+    args.steps = 4 if q else 20
+    args.warm, args.window, args.rounds = (1.0, 3.0, 2) if q else (3.0, 8.0, 5)
+    args.eval_per_class = 4 if q else 64
+    args.dit_rows = [2, 4] if q else [2, 32]
+    args.dit_requests = 2 if q else 16
+    report = Report(args.out, args)
+    only = set(args.only.split(","))
+    if "tests" in only:
+        report.section("1. tests/test_cuda.py", lambda: section_tests(args))
+    if "forward" in only:
+        report.section("2. The forward", lambda: section_forward(args, report))
+    if "service" in only:
+        report.section("3. The service at 1, 16 and 64 clients", lambda: asyncio.run(service_async(args, report)))
+    if "evaluate" in only:
+        report.section("4. app.evaluate on the GPU", lambda: section_evaluate(args))
+    if "dit" in only:
+        report.section("5. A DiT-XL/2-sized latent model at 256 px", lambda: section_dit(args, report))
+    print((args.out / "gpu.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepare, on this CPU machine, what a lent GPU machine lacks for bench/bench_gpu.py (issue 16):
+#   .whl/   the Python packages its image lacks (it has torch, numpy, pillow, httpx, safetensors,
+#           prometheus-client, huggingface-hub; Python 3.12), as wheels for CPython 3.12 on x86-64 Linux;
+#   .data/  the Fashion-MNIST files from Debian's dataset-fashion-mnist (for app.evaluate's classifier and FID).
+# Both folders are ignored by git (.git/info/exclude). Then, with the device tool:
+#   run(command="bash bench/gpu/run.sh", carry=[".whl", ".data"], timeout_s=420)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for d in /.whl/ /.data/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+rm -rf .whl && mkdir -p .whl .data
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64)
+# The versions this project is tested with (pip list on the CPU machine, 2026-11-27).
+PACKAGES=(diffusers==0.42.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4
+          pydantic-core pydantic-settings==2.14.1 python-dotenv==1.2.2 annotated-types==0.7.0
+          typing-inspection==0.4.2 typing-extensions==4.16.0 importlib-metadata==10.2.0 annotated-doc)
+# pydantic-core's version is the one pydantic pins.
+core=$(python3 - <<'PY'
+import importlib.metadata as m
+print(m.version("pydantic_core"))
+PY
+)
+PACKAGES=("${PACKAGES[@]/pydantic-core/pydantic-core==$core}")
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${PLATFORMS[@]}" -d .whl "${PACKAGES[@]}"
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt-get install -y -q dataset-fashion-mnist >/dev/null
+fi
+cp /usr/share/datasets/fashion-mnist/*.gz .data/
+du -sh .whl .data
