@@ -1,6 +1,6 @@
 """python -m app.models import SRC --name NAME [--store DIR] [--classes FILE] [--scheduler FILE]
 
-Import a local diffusers folder into the model store (app/models/importer.py says what is accepted).
+Import a local diffusers folder into the model store (app/models/import_plan.py says what is accepted).
 A refusal is one line on stderr and exit status 2.
 """
 
