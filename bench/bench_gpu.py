@@ -300,6 +300,16 @@ async def closed_loop(url: str, clients: int, steps: int, warm: float, window: f
     return {"images_per_s": len(inside) / window, "p50": q[49], "p99": q[98], "responses": len(inside)}
 
 
+async def load_process(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
+    """closed_loop in a process of its own, so that the clients' Python does not share the server's event loop."""
+    spec = json.dumps([url, clients, steps, warm, window])
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--load", spec, stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"load generator exited with {proc.returncode}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
 async def service_async(args, report: Report) -> list[str]:
     device = torch.device(args.device)
     top = max(args.clients)
@@ -310,10 +320,11 @@ async def service_async(args, report: Report) -> list[str]:
     try:
         levels = {}
         for c in args.clients:
-            levels[c] = await closed_loop(url, c, args.steps, args.warm, args.window)
+            levels[c] = await load_process(url, c, args.steps, args.warm, args.window)
         one = levels[args.clients[0]]["images_per_s"]
         lines = [
-            f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`; closed-loop httpx clients in this process, each posting "
+            f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`; closed-loop httpx clients in a process of their own, "
+            f"each posting "
             f"one-image requests ({args.steps} dpmpp_2m steps, constant CFG s = 3: 2 rows per image-step) back to "
             f"back; responses finished inside a {args.window:g} s window after {args.warm:g} s of load.",
             "",
@@ -330,7 +341,7 @@ async def service_async(args, report: Report) -> list[str]:
         await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, 2)
         rounds = []
         for _ in range(args.rounds):
-            svc = (await closed_loop(url, top, args.steps, args.warm / 2, args.window / 2))["images_per_s"]
+            svc = (await load_process(url, top, args.steps, args.warm / 2, args.window / 2))["images_per_s"]
             raw = await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, args.steps)
             rounds.append((raw, svc))
         ratios = sorted(s / r for r, s in rounds)
@@ -494,7 +505,11 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--only", default="tests,forward,service,evaluate,dit", help="sections to run")
     p.add_argument("--port", type=int, default=8777)
+    p.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the load generator (load_process)
     args = p.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(closed_loop(*json.loads(args.load)))))
+        return
     q = args.quick
     args.rows = [2, 8] if q else [2, 8, 32, 128]
     args.pair_rows = [1, 4] if q else [1, 8, 64]
