@@ -22,3 +22,8 @@ def level_diff(a: str | np.ndarray, b: str | np.ndarray) -> int:
     a, b = (decode(x) if isinstance(x, str) else x for x in (a, b))
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def same_images(a: list[str], b: list[str]) -> bool:
+    """Two requests' images (base64 PNGs) as the service promises them: pairwise within one grey level."""
+    return len(a) == len(b) and all(level_diff(x, y) <= 1 for x, y in zip(a, b, strict=True))
