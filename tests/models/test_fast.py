@@ -12,9 +12,11 @@ from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
 # bf16 keeps 8 bits of mantissa: eps differs from fp32's by up to ~0.03 on this model, and a 20-step run's
-# images by a few grey levels (measured: at most 3 of 255 with DDIM and DDPM).
+# images by about a grey level on average, a few pixels by more (measured on the 3453-step weights: at most 3
+# of 255 with DDIM and DDPM; after 2173 more (issue 10): mean 0.91, 99th percentile 6, max 9 with DDIM).
 BF16_EPS_ATOL = 0.1
-BF16_IMAGE_LEVELS = 8
+BF16_IMAGE_MEAN_LEVELS = 2.0
+BF16_IMAGE_LEVELS = 16
 # Under bf16 an image should still not depend on what it was batched with. oneDNN's bf16 convolutions on
 # this CPU round each row alike whatever the batch (measured: identical latents), but another CPU's kernels
 # (AMX) may block rows differently; this bounds what we accept: below one bf16 rounding step of the latents.
@@ -124,7 +126,7 @@ def test_bf16_keeps_the_latents_fp32_and_the_images_close(loaded, denoiser):
         sample(fast_denoiser(denoiser, CPU, precision), [run])
     assert runs["bf16"].latents.dtype == torch.float32
     diff = np.abs(runs["bf16"].images().astype(int) - runs["fp32"].images().astype(int))
-    assert diff.max() <= BF16_IMAGE_LEVELS, diff.max()
+    assert diff.mean() <= BF16_IMAGE_MEAN_LEVELS and diff.max() <= BF16_IMAGE_LEVELS, (diff.mean(), diff.max())
 
 
 def test_bf16_request_is_batch_invariant_to_a_tolerance(loaded, denoiser):

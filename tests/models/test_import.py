@@ -266,12 +266,16 @@ def test_a_missing_vae_config_and_a_manifest_path_outside_are_named(dit_checkpoi
     assert str(ckpt / "vae" / "config.json") in str(err.value)
 
 
-def test_the_shipped_manifest_reads_as_a_pixel_space_unet(checkpoint_path):
-    """Its manifest.json predates the new fields; they take the values that describe it."""
-    on_disk = json.loads((checkpoint_path / "manifest.json").read_text())
-    assert "kind" not in on_disk and "files" not in on_disk
-    m = verify_checkpoint(checkpoint_path).manifest
-    assert read_manifest(checkpoint_path) == m
+def test_a_manifest_from_before_the_import_fields_reads_as_a_pixel_space_unet(checkpoint_path, tmp_path):
+    """Manifests written before `python -m app.models import` existed lack kind, files and the shapes; they
+    take the values that describe a pixel-space UNet. (The shipped one has them since its issue-10 run.)"""
+    old = Path(shutil.copytree(checkpoint_path, tmp_path / "old"))
+    on_disk = json.loads((old / "manifest.json").read_text())
+    new_fields = ("kind", "files", "image_shape", "latent_shape", "vae_scaling_factor", "learned_sigma", "source")
+    on_disk = {k: v for k, v in on_disk.items() if k not in new_fields}
+    (old / "manifest.json").write_text(json.dumps(on_disk))
+    m = verify_checkpoint(old).manifest
+    assert read_manifest(old) == m
     assert m.kind == "unet" and not m.latent and m.learned_sigma == "none" and m.vae_scaling_factor is None
     assert m.sample_shape == (1, 28, 28) and m.image_shape == [1, 28, 28]
     assert m.files == {f"unet/{WEIGHTS_NAME}": on_disk["weights_sha256"]}
