@@ -69,8 +69,8 @@ class GuidanceParams:
 # The guidance of a request that sets none: the API's defaults and app.generate's. GuidanceParams()
 # itself stays plain CFG at s = 3 (app.evaluate's scale sweep and SampleSpec's default).
 # CFG at s = 3 only where 0.3 < sigma <= 2 (6 of dpmpp_2m's 20 steps; Kynkäänniemi et al. 2024), chosen from
-# docs/guidance.md and checked at n = 640 in docs/guidance-default.md: accuracy 0.972, FID 0.89x and
-# diversity 0.95x those of s = 1, mean grey 70.6 (real 72.6), where plain s = 3 had 4.1x, 0.82x and 85.5.
+# docs/guidance.md and checked at n = 640 in docs/guidance-default.md: accuracy 0.973, FID 0.90x and
+# diversity 0.95x those of s = 1, mean grey 72.0 (real 72.6), where plain s = 3 had 4.4x, 0.81x and 85.4.
 DEFAULT_GUIDANCE = GuidanceParams(
     guidance_scale=3.0, schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.3, sigma_max=2.0)
 )
