@@ -40,13 +40,13 @@ from app.evaluation.provenance import git_commit, machine_description  # noqa: E
 from app.models import load_checkpoint, model_denoiser  # noqa: E402
 from app.models.fast import FastDenoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
-from bench.bench_service import serve  # noqa: E402
+from bench.bench_service import raw_images_per_s, serve  # noqa: E402
 
 
 class Report:
     """Markdown and JSON, rewritten to --out after every section."""
 
-    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+    def __init__(self, out: Path) -> None:
         self.out, self.lines, self.data = out, [], {}
         out.mkdir(parents=True, exist_ok=True)
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -243,10 +243,8 @@ def sync_report(loaded, denoiser, device: torch.device) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         for w in caught:
-            frame = traceback.extract_stack()[-1]
             key = f"{sampler}: {str(w.message)[:80]} ({Path(w.filename).name}:{w.lineno})"
             sites[key] = sites.get(key, 0) + 1
-            del frame
     if not sites:
         return ["Host-device syncs over 6 steps of 3 requests, every sampler: none."]
     return [
@@ -254,25 +252,6 @@ def sync_report(loaded, denoiser, device: torch.device) -> list[str]:
         "",
         *(f"- {n} x {k}" for k, n in sorted(sites.items())),
     ]
-
-
-def raw_loop(loaded, denoiser, device, n: int, steps: int) -> float:
-    runs = [
-        SampleRun(
-            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="dpmpp_2m", guidance=GuidanceParams(3.0)),
-            loaded.scheduler_config,
-            loaded.manifest.sample_shape,
-            loaded.manifest.null_label,
-            device=device,
-        )
-        for i in range(n)
-    ]
-    sync(device)
-    t0 = time.perf_counter()
-    sample(denoiser, runs)
-    for r in runs:
-        r.images()
-    return n / (time.perf_counter() - t0)
 
 
 async def closed_loop(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
@@ -338,11 +317,11 @@ async def service_async(args, report: Report) -> list[str]:
         # Saturation against the raw loop at the same forward, in the engine's thread, alternating.
         loaded = await engine.run_in_worker(load_checkpoint, DEFAULT_MODEL_PATH, device)
         denoiser = engine.denoiser
-        await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, 2)
+        await engine.run_in_worker(raw_images_per_s, loaded, denoiser, top, 2, "dpmpp_2m", device)
         rounds = []
         for _ in range(args.rounds):
             svc = (await load_process(url, top, args.steps, args.warm / 2, args.window / 2))["images_per_s"]
-            raw = await engine.run_in_worker(raw_loop, loaded, denoiser, device, top, args.steps)
+            raw = await engine.run_in_worker(raw_images_per_s, loaded, denoiser, top, args.steps, "dpmpp_2m", device)
             rounds.append((raw, svc))
         ratios = sorted(s / r for r, s in rounds)
         report.data["saturation"] = rounds
@@ -520,7 +499,7 @@ def main() -> None:
     args.eval_per_class = 4 if q else 64
     args.dit_rows = [2, 4] if q else [2, 32]
     args.dit_requests = 2 if q else 16
-    report = Report(args.out, args)
+    report = Report(args.out)
     only = set(args.only.split(","))
     if "tests" in only:
         report.section("1. tests/test_cuda.py", lambda: section_tests(args))

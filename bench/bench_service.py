@@ -79,19 +79,25 @@ def bench_forward(loaded, denoiser, sizes, repeat) -> list[str]:
     return rows
 
 
-def raw_images_per_s(loaded, denoiser, n_requests: int, steps: int) -> float:
-    """The in-process loop: n single-image guided requests stepped together (2n rows per forward)."""
+def raw_images_per_s(
+    loaded, denoiser, n_requests: int, steps: int, sampler: str = "ddpm", device: torch.device | str = "cpu"
+) -> float:
+    """The in-process loop: n single-image guided requests stepped together (2n rows per forward), up to
+    their uint8 images (which, on a GPU, waits for the device)."""
     runs = [
         SampleRun(
-            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler="ddpm", guidance=GuidanceParams(3.0)),
+            SampleSpec(class_label=i % 10, seeds=(i,), steps=steps, sampler=sampler, guidance=GuidanceParams(3.0)),
             loaded.scheduler_config,
-            (1, 28, 28),
+            loaded.manifest.sample_shape,
             loaded.manifest.null_label,
-        )  # fmt: skip
+            device=device,
+        )
         for i in range(n_requests)
     ]
     t0 = time.perf_counter()
     sample(denoiser, runs)
+    for run in runs:
+        run.images()
     return n_requests / (time.perf_counter() - t0)
 
 
