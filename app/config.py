@@ -35,11 +35,13 @@ class Settings(BaseSettings):
         True,
         description="before reporting ready, run a short request and a forward at every row count to max_batch_rows",
     )
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+    precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
         "fp32",
         description="the model's forward: fp32, or bf16 or fp16 (CUDA only) under autocast, the latents and the "
-        "sampler staying fp32; auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
-        "AVX512-BF16 or AMX), else fp32",
+        "sampler staying fp32; int8 (CPU, UNet checkpoints, needs torchao): convolutions and linear layers "
+        "quantized to int8, calibrated on the model's own sampling and compiled at startup (implies compile); "
+        "auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), "
+        "else fp32",
     )
     channels_last: bool = Field(
         True,

@@ -33,6 +33,7 @@ from app.models import (
 )
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
+from app.models.quantize import model_calibrator
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
@@ -80,7 +81,7 @@ def model_info(
         "device": str(device),
         "precision": precision,
         "channels_last": channels_last,
-        "compile": settings.compile,
+        "compile": settings.compile or precision == "int8",
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
         "guidance_methods": list(METHOD_KINDS),
@@ -123,8 +124,16 @@ async def serve_model(
     channels_last = settings.channels_last and loaded.unet is not None
     # autocast, channels_last inputs and torch.compile over row buckets (app/models/fast.py); the warmup
     # compiles every bucket.
+    # int8: calibrated on the model's own sampling at the warmup's first forward (app/models/quantize.py).
+    calibrate = model_calibrator(loaded, model) if precision == "int8" else None
     denoiser = fast_denoiser(
-        model, device, precision, channels_last, compile=settings.compile, max_rows=settings.max_batch_rows
+        model,
+        device,
+        precision,
+        channels_last,
+        compile=settings.compile or precision == "int8",
+        max_rows=settings.max_batch_rows,
+        calibrate=calibrate,
     )
     on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(

@@ -5,8 +5,9 @@ commit and the command.
     python3 bench/bench_forward.py --record
     python3 bench/bench_forward.py --variants bf16,cl,compile,compile+bf16 --rounds 9
 
-A variant is a '+'-joined set of: fp32 or bf16 (autocast; fp32 is the default), cl (channels_last weights
-and inputs), compile (torch.compile with freezing over padded row buckets), dynamic (torch.compile with
+A variant is a '+'-joined set of: fp32, bf16 (autocast) or int8 (app/models/quantize.py: calibrated on the
+model's own sampling and compiled, so int8 alone is a compiled variant; fp32 is the default), cl (channels_last
+weights and inputs), compile (torch.compile with freezing over padded row buckets), dynamic (torch.compile with
 freezing, one graph with a symbolic row count, no padding). For each variant:
 
   1. warm-up: the time to run one forward at every row count 1..--max-rows, as the engine's warmup does
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from bench.record import record  # noqa: E402
 
 BASELINE = "fp32"
-TOKENS = ("fp32", "bf16", "cl", "compile", "dynamic")
+TOKENS = ("fp32", "bf16", "int8", "cl", "compile", "dynamic")
 
 
 def variant_list(text: str) -> list[str]:
@@ -67,15 +68,18 @@ def build(name: str, loaded, max_rows: int):
 
     from app.models import unet_denoiser
     from app.models.fast import FastDenoiser, to_channels_last
+    from app.models.quantize import model_calibrator
 
     parts = set(name.split("+"))
     if parts == {BASELINE}:
         return unet_denoiser(loaded.unet)  # today's forward
     unet = to_channels_last(copy.deepcopy(loaded.unet)) if "cl" in parts else loaded.unet
-    precision = "bf16" if "bf16" in parts else "fp32"
+    precision = next((p for p in ("bf16", "int8") if p in parts), "fp32")
     compile = "compile" in parts or "dynamic" in parts
+    base = unet_denoiser(unet)
+    calibrate = model_calibrator(loaded, base) if precision == "int8" else None
     return FastDenoiser(
-        unet_denoiser(unet), torch.device("cpu"), precision, "cl" in parts, compile, max_rows, "dynamic" in parts
+        base, torch.device("cpu"), precision, "cl" in parts, compile, max_rows, "dynamic" in parts, calibrate
     )
 
 

@@ -50,5 +50,5 @@ if [[ $deps_only == 1 ]]; then
   mapfile -t deps < <($PY -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")')
   $PY -m pip install -q "${deps[@]}"
 else
-  $PY -m pip install -q -e ".[dev]"
+  $PY -m pip install -q -e ".[dev,int8]"
 fi

@@ -38,6 +38,7 @@ from app.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score
 from app.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, plan_batches, positive_int, sweep_specs, total_steps
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
 from app.models.fast import PrecisionError, fast_denoiser, resolve_precision
+from app.models.quantize import model_calibrator
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec, sample
 
 DEFAULT_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
@@ -103,7 +104,10 @@ def draw(
 ) -> list[np.ndarray]:
     """As app.generate.generate, with the forward at the given precision: the images of each spec, in order."""
     base = unet_denoiser(model.unet)
-    denoiser = fast_denoiser(base, model.device, precision)
+    # int8 as the service runs it: calibrated on the model's own sampling, compiled over row buckets.
+    int8 = precision == "int8"
+    calibrate = model_calibrator(model, base) if int8 else None
+    denoiser = fast_denoiser(base, model.device, precision, compile=int8, max_rows=max_rows, calibrate=calibrate)
     m = model.manifest
     shape = (m.in_channels, m.image_size, m.image_size)
     parts: list[list[np.ndarray]] = [[] for _ in specs]
@@ -303,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_list, default=DEFAULT_STEPS, help="default 5,8,10,15,20,30,50")
     p.add_argument(
         "--precisions",
-        type=name_list(("fp32", "bf16", "fp16")),
+        type=name_list(("fp32", "bf16", "fp16", "int8")),
         default=("fp32",),
-        help="the forward's precisions, compared with fp32 at the same seeds (fp16: CUDA only)",
+        help="the forward's precisions, compared with fp32 at the same seeds (fp16: CUDA only; int8: CPU, compiled)",
     )
     p.add_argument("--per-class", type=positive_int, default=DEFAULT_PER_CLASS, help="images per class and cell")
     p.add_argument("--seed", type=int, default=0, help="first sampling seed; also picks the real subset")

@@ -6,6 +6,10 @@ one with the same signature, so the sampler, the engine and the latents never se
 
   precision      bf16 or fp16: the forward runs under torch.autocast and its output is cast back to fp32.
                  Latents and every scheduler and guidance operation stay fp32.
+                 int8 (CPU, UNet): the convolutions and linear layers quantized to int8, calibrated on the
+                 model's own sampling at the first forward (app/models/quantize.py); implies compile, whose
+                 freezing lowers them to oneDNN's int8 kernels. Buckets run 2..INT8_MAX_ROWS rows (one row is
+                 padded to two), bigger forwards in chunks of INT8_MAX_ROWS.
   channels_last  the input is made NHWC before the forward (convert the network's weights with
                  to_channels_last(); the wrapper holds no module of its own).
   compile        torch.compile with inductor's freezing (weights folded as constants, oneDNN's weights
@@ -24,13 +28,16 @@ import bisect
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch._inductor.config
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "auto")
+if TYPE_CHECKING:
+    from app.models.quantize import Calibrator
+
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "int8", "auto")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (x, timesteps, class_labels[, embed_delta]) -> eps: app.sampling.Denoiser, or any callable of that signature.
@@ -48,19 +55,28 @@ def cpu_computes_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# The rows an int8 forward runs (app/models/quantize.py): its exported graph covers 2..63 rows, because
+# diffusers' UNet upsamplers branch on a batch of 64 or more and export specializes a row count of 1.
+INT8_MIN_ROWS = 2
+INT8_MAX_ROWS = 32
+
+
 class PrecisionError(RuntimeError):
     """A precision the device cannot run (fp16 on the CPU, bf16 on a GPU without it)."""
 
 
 def resolve_precision(setting: str, device: torch.device) -> Precision:
     """A precision setting (CFG_PRECISION) for a device. auto: bf16 where the device computes it natively
-    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
+    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; never int8, which changes the images
+    more (docs/precision.md) and is asked for by name."""
     if setting not in PRECISION_SETTINGS:
         raise ValueError(f"unknown precision {setting!r}; choose from {', '.join(PRECISION_SETTINGS)}")
     cuda = device.type == "cuda"
     if setting == "auto":
         native = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and cpu_computes_bf16()
         return "bf16" if native else "fp32"
+    if setting == "int8" and device.type != "cpu":
+        raise PrecisionError(f"precision int8 runs on the CPU (oneDNN's int8 kernels), and the model runs on {device}")
     if setting == "fp16" and not cuda:
         raise PrecisionError(f"precision fp16 needs a CUDA device, and the model runs on {device}: use bf16 or fp32")
     if setting == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -91,13 +107,27 @@ class FastDenoiser:
         compile: bool = False,
         max_rows: int = 32,
         dynamic: bool = False,
+        calibrate: Calibrator | None = None,
     ) -> None:
         """dynamic (with compile): one graph whose row count is symbolic instead of a graph per bucket, and
-        no padding; compiled at the first call (row counts 0 and 1 get a graph of their own)."""
+        no padding; compiled at the first call (row counts 0 and 1 get a graph of their own).
+        calibrate (int8 only): returns the calibration inputs; called once, at the first forward."""
         self.denoiser = denoiser
         self.precision = precision
         self.channels_last = channels_last
-        self.buckets: tuple[int, ...] = row_buckets(max_rows) if compile and not dynamic else ()
+        self.chunk: int | None = None
+        self._int8: torch.nn.Module | None = None
+        self._calibrate = calibrate
+        if precision == "int8":
+            if calibrate is None:
+                raise ValueError("precision int8 needs calibrate, the source of its calibration inputs")
+            compile, dynamic = True, False
+            max_rows = min(max_rows, INT8_MAX_ROWS)
+        buckets = row_buckets(max_rows) if compile and not dynamic else ()
+        if precision == "int8":
+            buckets = tuple(b for b in buckets if b >= INT8_MIN_ROWS) or (INT8_MIN_ROWS,)
+            self.chunk = buckets[-1]  # a bigger forward runs in chunks of the largest bucket
+        self.buckets: tuple[int, ...] = buckets
         self._device_type = torch.device(device).type
         self._compiled = None
         if compile:
@@ -113,9 +143,11 @@ class FastDenoiser:
         return self.buckets[i] if i < len(self.buckets) else rows
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra) -> torch.Tensor:
+        if self._int8 is not None and not extra:
+            return self._int8(x, timesteps, class_labels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "int8"):  # int8 with embed_delta (CADS): the fp32 eager forward
             return self.denoiser(x, timesteps, class_labels, *extra)
         with torch.autocast(self._device_type, dtype=DTYPES[self.precision]):
             eps = self.denoiser(x, timesteps, class_labels, *extra)
@@ -127,7 +159,17 @@ class FastDenoiser:
     ) -> torch.Tensor:
         if self._compiled is None or extra:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
+        if self.precision == "int8" and self._int8 is None:
+            from app.models.quantize import quantize_int8  # imports torchao's quantization: only for int8
+
+            self._int8 = quantize_int8(self.denoiser, self._calibrate())
         rows = x.shape[0]
+        if self.chunk is not None and rows > self.chunk:
+            parts = [
+                self(x[i : i + self.chunk], timesteps[i : i + self.chunk], class_labels[i : i + self.chunk])
+                for i in range(0, rows, self.chunk)
+            ]
+            return torch.cat(parts)
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
         # Freezing is read while a graph compiles, i.e. inside a call: set around every call (setting it in
         # torch.compile's options did not reach the graph: its convolutions stayed unpacked).
@@ -153,7 +195,8 @@ def fast_denoiser(
     channels_last: bool = False,
     compile: bool = False,
     max_rows: int = 32,
+    calibrate: Calibrator | None = None,
 ) -> FastDenoiser:
-    """Wrap a denoiser; precision may be 'auto' (see resolve_precision)."""
+    """Wrap a denoiser; precision may be 'auto' (see resolve_precision); int8 needs calibrate."""
     resolved = resolve_precision(precision, torch.device(device))
-    return FastDenoiser(denoiser, device, resolved, channels_last, compile, max_rows)
+    return FastDenoiser(denoiser, device, resolved, channels_last, compile, max_rows, calibrate=calibrate)

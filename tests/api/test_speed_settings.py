@@ -45,3 +45,19 @@ def test_fp16_on_the_cpu_fails_at_startup():
     with pytest.raises(PrecisionError, match="fp16 needs a CUDA device.*use bf16 or fp32"):
         with TestClient(app):
             pass
+
+
+def test_int8_is_served_compiled_and_batch_invariant():
+    """CFG_PRECISION=int8: calibrated and compiled by the warmup, listed, and a seed's image the same alone or
+    batched with another (static activation scales)."""
+    with TestClient(create_app(Settings(device="cpu", precision="int8", max_batch_rows=4, max_images=2))) as client:
+        info = client.get("/v1/models").json()["data"][0]
+        assert info["precision"] == "int8" and info["compile"] is True
+        denoiser = client.app.state.service.engine.denoiser
+        assert denoiser._int8 is not None and denoiser.buckets == (2, 4)  # quantized by the warmup
+        body = {"class_label": 7, "steps": 6, "seed": 21}
+        one = client.post("/generate", json={**body, "num_images": 1})
+        two = client.post("/generate", json={**body, "num_images": 2})
+        assert one.status_code == two.status_code == 200, one.text + two.text
+        assert level_diff(one.json()["images"][0], two.json()["images"][0]) <= 1
+        assert 'precision="int8"' in client.get("/metrics").text

@@ -49,8 +49,8 @@ def test_fp16_on_the_cpu_is_a_clear_error():
 
 
 def test_unknown_precision_names_the_choices():
-    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
-        resolve_precision("int8", CPU)
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, int8, auto"):
+        resolve_precision("int4", CPU)
 
 
 @pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])

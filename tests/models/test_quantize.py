@@ -1,0 +1,94 @@
+"""int8 forwards (app/models/quantize.py) on the real shipped checkpoint: calibrated on the model's own
+sampling, compiled by inductor to oneDNN's int8 kernels."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from app.models.fast import INT8_MAX_ROWS, FastDenoiser, PrecisionError, fast_denoiser, resolve_precision
+from app.models.quantize import Int8Unavailable, calibration_inputs, model_calibrator, quantize_int8
+from app.sampling import DEFAULT_GUIDANCE, SampleSpec, sample
+from tests.models.test_fast import SHAPE, make_run, random_batch
+
+CPU = torch.device("cpu")
+# int8 activations and weights: eps within ~0.1% of fp32's in mean square on this model (measured 1e-4 to 1e-3
+# on random inputs at 1 to 4 rows); a 20-step image within a few grey levels on average (measured below).
+INT8_EPS_REL_MSE = 5e-3
+INT8_IMAGE_MEAN_LEVELS = 4.0
+
+
+@pytest.fixture(scope="module")
+def int8(loaded, denoiser) -> FastDenoiser:
+    """The int8 denoiser at max_rows 4: buckets of 2 and 4 rows, both compiled by the calls below."""
+    return fast_denoiser(denoiser, CPU, "int8", max_rows=4, calibrate=model_calibrator(loaded, denoiser))
+
+
+def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+
+def test_calibration_sees_every_noise_level_and_every_label(loaded, denoiser):
+    m = loaded.manifest
+    inputs = calibration_inputs(denoiser, loaded.scheduler_config, SHAPE, m.null_label, m.num_classes, steps=20)
+    assert len(inputs) == 20  # dpmpp_2m: one forward a step
+    assert all(x.shape[0] == 2 * m.num_classes for x, _, _ in inputs)  # a conditional and a null row per class
+    timesteps = torch.cat([t for _, t, _ in inputs])
+    assert timesteps.max() >= 900 and timesteps.min() <= 100
+    assert set(torch.cat([y for _, _, y in inputs]).tolist()) == set(range(m.num_classes + 1))
+
+
+def test_int8_eps_is_close_to_fp32_and_not_fp32(loaded, denoiser, int8):
+    for rows in (1, 2, 3, 4):
+        batch = random_batch(loaded, rows, seed=rows)
+        got, want = int8(*batch), denoiser(*batch)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert 1e-7 < rel_mse(got, want) < INT8_EPS_REL_MSE  # quantized (not the fp32 forward), and close
+    ops = {str(n.target) for n in int8._int8.graph.nodes}
+    assert any("quantize_per_tensor" in op for op in ops), ops
+
+
+def test_int8_rows_do_not_depend_on_their_batch(loaded, int8):
+    x, t, y = random_batch(loaded, 9, seed=11)  # more than the largest bucket: chunks of 4, 4 and 1 (padded to 2)
+    together = int8(x, t, y)
+    alone = torch.cat([int8(x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(9)])
+    # Static activation scales: a row's int8 arithmetic is its own (measured: identical).
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert int8.buckets == (2, 4) and int8.chunk == 4
+
+
+def test_int8_images_are_close_to_fp32(loaded, denoiser, int8):
+    spec = SampleSpec(class_label=3, seeds=(1, 2), steps=20, guidance=DEFAULT_GUIDANCE)
+    images = {}
+    for name, d in (("fp32", denoiser), ("int8", int8)):
+        run = make_run(loaded, spec)
+        sample(d, [run])
+        images[name] = run.images().astype(np.int16)
+    diff = np.abs(images["int8"] - images["fp32"])
+    assert 0 < diff.mean() <= INT8_IMAGE_MEAN_LEVELS, diff.mean()
+
+
+def test_int8_with_embed_delta_runs_the_fp32_forward(loaded, denoiser, int8):
+    x, t, y = random_batch(loaded, 2, seed=5)
+    delta = torch.randn(2, denoiser.class_embedding(0).shape[0], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(int8(x, t, y, delta), denoiser(x, t, y, delta))
+
+
+def test_int8_is_refused_where_it_cannot_run(dit_loaded, denoiser):
+    with pytest.raises(Int8Unavailable, match="quantizes UNet checkpoints.*is a dit"):
+        model_calibrator(dit_loaded, denoiser)
+    with pytest.raises(PrecisionError, match="int8 runs on the CPU"):
+        resolve_precision("int8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="int8 needs calibrate"):
+        FastDenoiser(denoiser, CPU, "int8")
+    assert resolve_precision("auto", CPU) != "int8"  # opt-in by name only
+    assert INT8_MAX_ROWS < 64  # diffusers' UNet branches on 64 rows, which the exported graph cannot cover
+
+
+def test_int8_without_torchao_says_how_to_install_it(monkeypatch, loaded, denoiser):
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", None)
+    with pytest.raises(Int8Unavailable, match=r"needs torchao.*pip install -e '\.\[int8\]'"):
+        model_calibrator(loaded, denoiser)
+    with pytest.raises(Int8Unavailable, match="needs torchao"):
+        quantize_int8(denoiser, [random_batch(loaded, 2)])
