@@ -7,8 +7,9 @@ The flow is PyTorch's PT2E quantization as torchao ships it (torchao.quantizatio
      at every noise level, with conditional and unconditional labels, as the service will see them. No
      dataset is needed, so any UNet checkpoint can be quantized where it is served.
   2. quantize_int8() exports the forward (torch.export, the row count symbolic), marks every Conv2d and
-     Linear for int8 with X86InductorQuantizer's default config (activations per tensor, asymmetric, static;
-     weights per output channel, symmetric), runs the recorded inputs through the observers, and converts.
+     Linear but the first and last convolutions for int8 with X86InductorQuantizer's default config
+     (activations per tensor, asymmetric, static; weights per output channel, symmetric), runs the recorded
+     inputs through the observers, and converts.
   3. The caller compiles the result with inductor's freezing (app/models/fast.py), which lowers each
      quantize / conv / dequantize pattern to oneDNN's int8 convolution (AVX512-VNNI on this machine's CPU).
 
@@ -31,6 +32,7 @@ import torch
 from app.models.fast import INT8_MIN_ROWS, PrecisionError
 from app.sampling import DEFAULT_SAMPLER, GuidanceParams, SampleRun, SampleSpec, sample
 
+FP32_LAYERS = ("unet.conv_in", "unet.conv_out")  # module names under _Forward
 EXPORT_MAX_ROWS = 63  # the exported graph's largest row count (see Limits above)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, timesteps, class_labels)
@@ -118,6 +120,11 @@ def quantize_int8(denoiser, inputs: Sequence[Inputs]) -> torch.nn.Module:
     config = xiq.get_default_x86_inductor_quantization_config()
     for layer in (torch.nn.Conv2d, torch.nn.Linear):
         quantizer.set_module_type_qconfig(layer, config)
+    # The first and last convolutions stay fp32, as is usual: conv_in reads the noisy image itself (one
+    # channel here), conv_out writes eps. On the shipped model this cuts eps's error 4x (mean square,
+    # relative: 3.7e-4 to 9.3e-5 over 20 sampling steps) for two small layers' worth of compute.
+    for name in FP32_LAYERS:
+        quantizer.set_module_name_qconfig(name, None)
     rows = torch.export.Dim("rows", min=INT8_MIN_ROWS, max=EXPORT_MAX_ROWS)
     # Export and calibration build autograd-free graphs of ordinary tensors: leave the caller's inference
     # mode, and copy the recorded (inference) tensors out of it.
