@@ -13,7 +13,6 @@ const SCHEDULE_DEFAULTS = {
   interval: { start: 0, end: 1, sigma_min: "", sigma_max: "" },
 };
 const METHOD_DEFAULTS = { cfg: {}, apg: { eta: 0, momentum: -0.5, norm_threshold: 0.25 }, cfg_zero_star: {} };
-const PREFERRED_SAMPLER = "dpmpp_2m"; // the API's default sampler
 const CURVE_DELAY_MS = 250; // debounce of the curve's request while the user types
 const POLL_MS = 500; // a job is polled only when its event stream breaks off
 const SEED_RANGE = 1_000_000; // "New seed": short numbers, easy to note down
@@ -82,7 +81,7 @@ const pairs = (names) => names.map((n) => [n, n]);
 function defaultState() {
   const g = model.default_guidance;
   const state = {
-    sampler: model.samplers.includes(PREFERRED_SAMPLER) ? PREFERRED_SAMPLER : model.samplers[0],
+    sampler: model.default_sampler, // GET /v1/models: the API's default
     steps: "",
     guidance_scale: g.guidance_scale,
     guidance_rescale: g.guidance_rescale,

@@ -123,7 +123,7 @@ def test_health_ready_and_models(client):
     model = client.get("/v1/models").json()["data"][0]
     assert model["name"] == "fashion-mnist-cfg" and model["image_size"] == 28
     assert model["class_names"][7] == "Sneaker" and model["null_label"] == 10
-    assert model["samplers"] == ["ddim", "ddpm", "dpmpp_2m", "euler_a"]
+    assert model["samplers"] == ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a"]
     assert model["limits"]["max_images"] == 16
     # What a request that sets nothing gets: a client (the playground) shows these as the defaults.
     assert model["default_steps"] == Settings().default_steps and model["default_sampler"] == "dpmpp_2m"
