@@ -22,7 +22,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule, ScheduleKind
-from app.sampling import SAMPLERS, GuidanceParams
+from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
 
 SCHEDULE_KINDS: tuple[str, ...] = ScheduleKind.__args__
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
@@ -63,7 +63,8 @@ class GuidanceSetting:
 def default_settings() -> list[GuidanceSetting]:
     """The table of issue 13, item 6. Fields the issue leaves open (APG's eta, momentum and norm
     threshold, CADS's taus) take the dataclasses' defaults at call time."""
-    both = ("dpmpp_2m", "ddim")
+    # The service's default sampler too, so that a table drawn with it (--samplers) has the reference rows.
+    both = tuple(dict.fromkeys((DEFAULT_SAMPLER, "dpmpp_2m", "ddim")))
 
     def setting(name: str, scale: float, samplers: tuple[str, ...] = ("dpmpp_2m",), **kw: Any) -> GuidanceSetting:
         return GuidanceSetting(name, GuidanceParams(guidance_scale=scale, **kw), samplers)

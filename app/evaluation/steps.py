@@ -41,7 +41,7 @@ from app.models.fast import PrecisionError, fast_denoiser, resolve_precision
 from app.models.quantize import model_calibrator
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec, sample
 
-DEFAULT_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler_a")
+DEFAULT_SAMPLERS = tuple(sorted(SAMPLERS))
 DEFAULT_STEPS = (5, 8, 10, 15, 20, 30, 50)
 DEFAULT_PER_CLASS = 24
 

@@ -14,6 +14,7 @@ from PIL import Image
 from app.config import Settings
 from app.main import create_app
 from app.models import CheckpointError
+from app.sampling import DEFAULT_SAMPLER
 from tests.metrics import metric_value
 from tests.pngs import decode
 
@@ -33,13 +34,14 @@ def test_generate_json(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["class_label"] == 7 and body["class_name"] == "Sneaker"
-    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == "dpmpp_2m"
+    assert body["seeds"] == [9, 10] and body["num_images"] == 2 and body["sampler"] == DEFAULT_SAMPLER
     assert body["model"] == "fashion-mnist-cfg"
     assert set(body["timings"]) == {"queue_wait_s", "compute_s", "total_s"}
     images = [decode(b) for b in body["images"]]
     assert [im.shape for im in images] == [(28, 28), (28, 28)] and images[0].dtype == np.uint8
     again = client.post("/generate", json={"class_label": 7, "num_images": 1, "steps": 4, "seed": 10}).json()
-    assert np.array_equal(decode(again["images"][0]), images[1])  # seeds[i] redraws image i
+    # seeds[i] redraws image i: alone it runs at other rows per forward, so to one grey level (README)
+    assert int(np.abs(decode(again["images"][0]).astype(int) - images[1]).max()) <= 1
 
 
 def test_generate_png_grid(client):
@@ -126,7 +128,8 @@ def test_health_ready_and_models(client):
     assert model["samplers"] == ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a"]
     assert model["limits"]["max_images"] == 16
     # What a request that sets nothing gets: a client (the playground) shows these as the defaults.
-    assert model["default_steps"] == Settings().default_steps and model["default_sampler"] == "dpmpp_2m"
+    assert model["default_steps"] == Settings().default_steps == 20
+    assert model["default_sampler"] == DEFAULT_SAMPLER == "dpmpp_2m_karras"  # docs/steps-karras.md
     assert client.get("/openapi.json").status_code == 200  # every router's schema renders
 
 
@@ -277,8 +280,8 @@ def test_the_model_is_loaded_in_the_engine_thread_not_the_event_loop(monkeypatch
 
 
 def test_forward_rows_are_counted_by_kind_and_skipped_rows_show(client):
-    """The default request guides only where 0.3 < sigma <= 2: 6 of dpmpp_2m's 20 steps run the
-    unconditional rows; the other 14 skip them, and /metrics says so."""
+    """The default request guides only where 0.3 < sigma <= 2: 4 of dpmpp_2m_karras's 20 steps run the
+    unconditional rows; the other 16 skip them, and /metrics says so."""
     names = (
         'cfg_engine_forward_rows_total{kind="conditional"}',
         'cfg_engine_forward_rows_total{kind="unconditional"}',
@@ -288,4 +291,4 @@ def test_forward_rows_are_counted_by_kind_and_skipped_rows_show(client):
     r = client.post("/generate", json={"class_label": 4, "num_images": 2, "steps": 20, "seed": 3})
     assert r.status_code == 200
     after = [metric(client, n) for n in names]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * 20, 2 * 6, 2 * 14]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * 20, 2 * 4, 2 * 16]

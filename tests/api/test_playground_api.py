@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.guidance import GuidanceSchedule
 from app.main import create_app
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec
+from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, GuidanceParams, SampleRun, SampleSpec
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def direct_run(loaded, spec: SampleSpec) -> SampleRun:
 
 # (request fields, the same settings as the engine's SampleSpec; class 7, seed 0)
 CASES = {
-    "default request": ({}, SampleSpec(7, (0,), 20, "dpmpp_2m", DEFAULT_GUIDANCE)),
+    "default request": ({}, SampleSpec(7, (0,), 20, DEFAULT_SAMPLER, DEFAULT_GUIDANCE)),
     "interval ddim": (
         {"steps": 12, "sampler": "ddim", "guidance_scale": 4,
          "schedule": {"kind": "interval", "start": 0.1, "end": 0.9, "sigma_min": 0.5, "sigma_max": 8}},
@@ -41,7 +41,7 @@ CASES = {
     ),
     "noise after guidance": (
         {"steps": 10, "guidance_scale": 3, "noise_level": 0.2, "noise_schedule": "guidance"},
-        SampleSpec(7, (0,), 10, "dpmpp_2m", GuidanceParams(3.0, DEFAULT_GUIDANCE.schedule, 0.2, "guidance")),
+        SampleSpec(7, (0,), 10, DEFAULT_SAMPLER, GuidanceParams(3.0, DEFAULT_GUIDANCE.schedule, 0.2, "guidance")),
     ),
 }  # fmt: skip
 
@@ -64,7 +64,7 @@ def test_curve_equals_a_real_runs_scales(client, loaded, case):
 def test_default_curve_guides_only_inside_the_sigma_interval(client):
     steps = client.post("/v1/guidance/curve", json={}).json()["steps"]
     guided = [s for s in steps if s["scale"] != 1.0]
-    assert len(steps) == 20 and len(guided) == 6  # README: the default guides 6 of its 20 steps
+    assert len(steps) == 20 and len(guided) == 4  # README: the default guides 4 of its 20 steps
     assert all(0.3 < s["sigma"] <= 2 and s["scale"] == 3.0 for s in guided)
 
 

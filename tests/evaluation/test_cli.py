@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from app.evaluation.cli import main
+from app.sampling import DEFAULT_SAMPLER
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
@@ -31,7 +32,7 @@ def test_evaluate_cli_on_a_tiny_config(tmp_path, capsys):
     report = (tmp_path / "quality.md").read_text()
     assert "| 3 |" in report and "real test images (n = 20)" in report and "img/tradeoff.png" in report
     assert [(c["sampler"], [r["guidance_scale"] for r in c["results"]]) for c in results["sampler_comparison"]] == [
-        ("dpmpp_2m", [3.0]),  # the default sampler first
+        (DEFAULT_SAMPLER, [3.0]),  # the default sampler first
         ("ddim", [3.0]),
     ]
     assert "| ddim | 3 |" in report
