@@ -1,7 +1,7 @@
 """Sampler steps against quality: python -m app.evaluation.steps.
 
 Draws --per-class images of every class for each sampler, step count and precision, with the default
-request's guidance (DEFAULT_GUIDANCE: CFG s = 3 only where 0.3 < sigma <= 2) and the same seeds in every
+request's guidance (DEFAULT_GUIDANCE: CFG s = 3.5 only where 0.25 < sigma <= 1.5) and the same seeds in every
 row (class c uses seeds seed + c * per_class + i, as app.evaluate does). Scores them with app.evaluate's
 classifier (the same cache) against the same reference statistics, next to a real baseline of as many
 test images. Writes docs/steps.md and docs/steps.json.

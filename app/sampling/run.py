@@ -68,11 +68,13 @@ class GuidanceParams:
 
 # The guidance of a request that sets none: the API's defaults and app.generate's. GuidanceParams()
 # itself stays plain CFG at s = 3 (app.evaluate's scale sweep and SampleSpec's default).
-# CFG at s = 3 only where 0.3 < sigma <= 2 (6 of dpmpp_2m's 20 steps; Kynkäänniemi et al. 2024), chosen from
-# docs/guidance.md and checked at n = 640 in docs/guidance-default.md: accuracy 0.973, FID 0.90x and
-# diversity 0.95x those of s = 1, mean grey 72.0 (real 72.6), where plain s = 3 had 4.4x, 0.81x and 85.4.
+# CFG at s = 3.5 only where 0.25 < sigma <= 1.5 (Kynkäänniemi et al. 2024): 3 of the default sampler's 20 steps
+# (dpmpp_2m_karras: sigma 1.04, 0.58, 0.30). Re-chosen for the Karras default (issue 12), on which the earlier
+# default, s = 3 on (0.3, 2], had diversity 0.94x that of s = 1, under issue 13's 0.95 bar; checked at n = 640
+# in docs/guidance-default.md: accuracy 0.975, FID 0.68x and diversity 0.96x those of s = 1, mean grey 73.0
+# (real 72.6), where plain s = 3 has 3.6x, 0.83x and 85.2.
 DEFAULT_GUIDANCE = GuidanceParams(
-    guidance_scale=3.0, schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.3, sigma_max=2.0)
+    guidance_scale=3.5, schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.25, sigma_max=1.5)
 )
 
 

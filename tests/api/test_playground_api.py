@@ -64,8 +64,8 @@ def test_curve_equals_a_real_runs_scales(client, loaded, case):
 def test_default_curve_guides_only_inside_the_sigma_interval(client):
     steps = client.post("/v1/guidance/curve", json={}).json()["steps"]
     guided = [s for s in steps if s["scale"] != 1.0]
-    assert len(steps) == 20 and len(guided) == 4  # README: the default guides 4 of its 20 steps
-    assert all(0.3 < s["sigma"] <= 2 and s["scale"] == 3.0 for s in guided)
+    assert len(steps) == 20 and len(guided) == 3  # README: the default guides 3 of its 20 steps
+    assert all(0.25 < s["sigma"] <= 1.5 and s["scale"] == 3.5 for s in guided)
 
 
 @pytest.mark.parametrize(
