@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -47,7 +48,8 @@ def test_concurrent_requests_get_their_own_class_and_seed(start_server, loaded, 
     for c, res in enumerate(results):
         assert res["class_label"] == c and res["seeds"] == [100 + c]
         # Batch invariance: the image equals the same request sampled alone, in-process.
-        spec = SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm", guidance=DEFAULT_GUIDANCE)
+        guidance = replace(DEFAULT_GUIDANCE, guidance_scale=3.0)  # the request's scale, the default schedule
+        spec = SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm", guidance=guidance)
         alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
         sample(denoiser, [alone])
         diff = np.abs(decode(res["images"][0]).astype(int) - alone.images()[0, :, :, 0].astype(int))

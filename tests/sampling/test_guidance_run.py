@@ -60,7 +60,8 @@ def test_every_method_is_batch_invariant(loaded, denoiser):
 
 def test_every_option_changes_the_images(loaded, denoiser):
     """Guards the tests above against options that are silently ignored: each differs from plain CFG
-    (an ignored option gives exactly the same latents; CFG-Zero* moves them least, ~0.03 here)."""
+    (an ignored option gives exactly the same latents; CFG-Zero* moves them least: ~0.03 on earlier weights,
+    0.009 on the 1500-step continuation of issue 10, whose conditional and unconditional eps agree more)."""
     base = {
         sampler: drawn(loaded, denoiser, SampleSpec(4, (21, 22), 8, sampler, GuidanceParams(3.0)))
         for sampler in ("dpmpp_2m", "ddim", "euler_a", "ddpm")
@@ -69,7 +70,7 @@ def test_every_option_changes_the_images(loaded, denoiser):
         if name == "cfg":
             continue
         got = drawn(loaded, denoiser, spec_for(name))
-        assert (got - base[SETTINGS[name][1]]).abs().max() > 0.01, name
+        assert (got - base[SETTINGS[name][1]]).abs().max() > 0.002, name
 
 
 def test_apg_keeps_its_momentum_per_request(loaded, denoiser):
