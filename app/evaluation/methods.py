@@ -332,7 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/guidance.md"))
     p.add_argument("--json", type=Path, default=Path("docs/guidance.json"))
-    p.add_argument("--grid", type=Path, default=Path("docs/img/guidance-grid.png"))
+    p.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="the image grid (default: img/<report's name>-grid.png beside --report, docs/img/guidance-grid.png "
+        "for the default report)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = "python -m app.evaluation.methods " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.grid is None:  # beside the report, so that a report written elsewhere leaves docs/img alone
+        args.grid = args.report.parent / "img" / f"{args.report.stem}-grid.png"
     if not 2 <= args.per_class <= MAX_PER_CLASS:
         # Diversity needs two images of a class; the real baseline takes per_class test images of each class.
         parser.error(f"argument --per-class: must be between 2 and {MAX_PER_CLASS}, got {args.per_class}")

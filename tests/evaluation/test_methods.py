@@ -15,12 +15,14 @@ EXTRA = '{"name": "apg s=5 r=1", "guidance_scale": 5, "method": {"kind": "apg", 
 def test_methods_table_on_a_tiny_config(tmp_path, capsys):
     if not (CHECKPOINT / "manifest.json").is_file():
         pytest.fail(f"shipped checkpoint missing at {CHECKPOINT}; copy it there (or set CFG_TEST_CHECKPOINT)")
-    report, results_json, grid = tmp_path / "guidance.md", tmp_path / "guidance.json", tmp_path / "img" / "grid.png"
+    # No --grid: it goes beside the report (img/<report>-grid.png), not over docs/img's.
+    report, results_json = tmp_path / "guidance.md", tmp_path / "guidance.json"
+    grid = tmp_path / "img" / "guidance-grid.png"
     # cfg s=1 is not chosen: it is drawn anyway, as the rows' reference.
     argv = ["--model", str(CHECKPOINT), "--only", "apg s=5", "--samplers", "dpmpp_2m", "--extra", EXTRA,
             "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--classifier-train-images", "1000",
             "--classifier-cache", str(tmp_path / "clf.safetensors"),
-            "--report", str(report), "--json", str(results_json), "--grid", str(grid)]  # fmt: skip
+            "--report", str(report), "--json", str(results_json)]  # fmt: skip
     main(argv)
     assert "classifier test accuracy" in capsys.readouterr().out
 
@@ -48,7 +50,7 @@ def test_methods_table_on_a_tiny_config(tmp_path, capsys):
     assert "| setting | sampler | accuracy | FID | FID / s=1 | diversity | diversity / s=1 | mean grey |" in text
     assert f"| `apg s=5 r=1` | dpmpp_2m | {rows[2]['accuracy']:.3f} | {rows[2]['fid']:.2f} |" in text
     assert "| real test images (n = 20) |" in text and "(n = 20 per setting)" in text
-    assert "](img/grid.png)" in text
+    assert "](img/guidance-grid.png)" in text
 
     with Image.open(grid) as image:
         assert image.format == "PNG"
