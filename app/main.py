@@ -131,7 +131,7 @@ async def serve_model(
         device,
         precision,
         channels_last,
-        compile=settings.compile or precision == "int8",
+        compile=settings.compile,  # int8 compiles whatever this says
         max_rows=settings.max_batch_rows,
         calibrate=calibrate,
     )

@@ -105,9 +105,8 @@ def draw(
     """As app.generate.generate, with the forward at the given precision: the images of each spec, in order."""
     base = unet_denoiser(model.unet)
     # int8 as the service runs it: calibrated on the model's own sampling, compiled over row buckets.
-    int8 = precision == "int8"
-    calibrate = model_calibrator(model, base) if int8 else None
-    denoiser = fast_denoiser(base, model.device, precision, compile=int8, max_rows=max_rows, calibrate=calibrate)
+    calibrate = model_calibrator(model, base) if precision == "int8" else None
+    denoiser = fast_denoiser(base, model.device, precision, max_rows=max_rows, calibrate=calibrate)
     m = model.manifest
     shape = (m.in_channels, m.image_size, m.image_size)
     parts: list[list[np.ndarray]] = [[] for _ in specs]

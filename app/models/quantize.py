@@ -111,10 +111,6 @@ def quantize_int8(denoiser, inputs: Sequence[Inputs]) -> torch.nn.Module:
     """The denoiser's three-argument forward with its Conv2d and Linear layers quantized to int8 and
     calibrated on `inputs`: a module (x, timesteps, class_labels) -> eps for 2..63 rows. Run it under
     torch.compile with freezing for int8 kernels; run eagerly it only simulates them."""
-    if not hasattr(denoiser, "unet"):
-        raise Int8Unavailable(
-            f"precision int8 quantizes UNet checkpoints; this model's denoiser is a {type(denoiser).__name__}"
-        )
     xiq, prepare_pt2e, convert_pt2e = _torchao_pt2e()
     quantizer = xiq.X86InductorQuantizer()
     config = xiq.get_default_x86_inductor_quantization_config()
