@@ -213,8 +213,50 @@ def section_forward(args, report: Report) -> list[str]:
         )
         lines.append(f"| {b} | {joint * 1e3:.2f} | {split * 1e3:.2f} | {split / joint:.2f}x |")
         report.data.setdefault("pair", {})[b] = [joint, split]
+    lines += ["", *step_breakdown(loaded, base, device, report)]
     if device.type == "cuda":
         lines += ["", *sync_report(loaded, base, device)]
+    return lines
+
+
+def step_breakdown(loaded, denoiser, device: torch.device, report: Report, n: int = 64) -> list[str]:
+    """Where a tick of the step loop goes with n one-image requests together: the forward against the rest
+    (each request's model_input, guidance combine and scheduler step), 20 steps of the default sampler."""
+    from app.sampling import DEFAULT_GUIDANCE
+    from app.sampling.run import denoise_step
+
+    m = loaded.manifest
+    lines = [
+        f"Step loop with {n} one-image requests, 20 steps of the default sampler (ms per tick, mean over the run):",
+        "",
+        "| guidance | whole tick | forward alone at the same rows | the rest (per request-step) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, g in (("default (interval)", DEFAULT_GUIDANCE), ("constant s = 3", GuidanceParams(3.0))):
+
+        def runs(g=g):
+            return [
+                SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, guidance=g), loaded.scheduler_config,
+                          m.sample_shape, m.null_label, device=device)
+                for i in range(n)
+            ]  # fmt: skip
+
+        for _ in range(2):  # the second pass is timed
+            rs, rows = runs(), []
+            sync(device)
+            t0 = time.perf_counter()
+            while not rs[0].done:
+                rows.append(denoise_step(denoiser, rs))
+            sync(device)
+            whole = (time.perf_counter() - t0) / len(rows)
+        fwd = []
+        for r in rows:
+            x, t, y = forward_inputs(r, device)
+            fwd.append(time_call(lambda x=x, t=t, y=y: denoiser(x, t, y), device, 5))
+        fwd_ms = statistics.mean(fwd) * 1e3
+        rest = whole * 1e3 - fwd_ms
+        report.data.setdefault("step_breakdown", {})[name] = {"tick_ms": whole * 1e3, "forward_ms": fwd_ms}
+        lines.append(f"| {name} | {whole * 1e3:.2f} | {fwd_ms:.2f} | {rest:.2f} ({rest * 1e3 / n:.0f} us) |")
     return lines
 
 
@@ -224,7 +266,7 @@ def sync_report(loaded, denoiser, device: torch.device) -> list[str]:
     import warnings
 
     sites: dict[str, int] = {}
-    for sampler in ("dpmpp_2m", "ddpm", "euler_a", "ddim"):
+    for sampler in ("dpmpp_2m_karras", "dpmpp_2m", "ddpm", "euler_a", "ddim"):
         runs = [
             SampleRun(
                 SampleSpec(class_label=i, seeds=(i,), steps=6, sampler=sampler),
@@ -338,36 +380,28 @@ async def service_async(args, report: Report) -> list[str]:
 
 
 def section_evaluate(args) -> list[str]:
-    out = args.out / "evaluate"
-    cmd = [
-        sys.executable,
-        "-m",
-        "app.evaluate",
-        "--device",
-        args.device,
-        "--scales",
-        "1,3",
-        "--per-class",
-        str(args.eval_per_class),
-        "--data-dir",
-        str(args.data_dir),
-        "--report",
-        str(args.out / "evaluate.md"),
-        "--json",
-        str(out / "evaluate.json"),
-        "--img-dir",
-        str(out),
-    ]
+    """app.evaluate at s = 1 and 3 against the CPU's docs/quality.json, then the default request at fp32, bf16
+    and fp16 at the same seeds (app.evaluation.steps). Both score with the CPU's cached classifier where
+    prepare.sh carried it (.data/classifier.safetensors), so the figures compare with the CPU's."""
+    common = ["--per-class", str(args.eval_per_class), "--data-dir", str(args.data_dir), "--device", args.device]
+    carried = args.data_dir / "classifier.safetensors"
+    if carried.exists():
+        common += ["--classifier-cache", str(carried)]
+    scratch = Path("/tmp/gpu-evaluate")
+    cmd = [sys.executable, "-m", "app.evaluate", "--scales", "1,3", *common, "--report", str(args.out / "evaluate.md"),
+           "--json", str(args.out / "evaluate.json"), "--img-dir", str(scratch)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     if proc.returncode:
         return ["```", (proc.stdout + proc.stderr)[-3000:], "```"]
-    gpu = json.loads((out / "evaluate.json").read_text())
+    gpu = json.loads((args.out / "evaluate.json").read_text())
     cpu = json.loads((REPO / "docs" / "quality.json").read_text())
 
     def by_scale(d):
         return {float(r["guidance_scale"]): r for r in d["results"]}
 
     lines = [
+        f"`{' '.join(cmd[1:])}` (GPU n = {10 * args.eval_per_class} per scale; CPU n = {10 * cpu['per_class']})",
+        "",
         "| s | accuracy GPU | accuracy CPU (docs/quality.json) | FID GPU | FID CPU |",
         "|---:|---:|---:|---:|---:|",
     ]
@@ -378,11 +412,19 @@ def section_evaluate(args) -> list[str]:
             f"| {s:g} | {g[s]['accuracy']:.3f} | {cs.get('accuracy', float('nan')):.3f} | "
             f"{g[s]['fid']:.2f} | {cs.get('fid', float('nan')):.2f} |"
         )
-    return [
-        f"`{' '.join(cmd[1:])}` (GPU n = {10 * args.eval_per_class} per scale; the CPU's n is in its file)",
-        "",
-        *lines,
-    ]
+    precisions = "fp32,bf16,fp16" if args.device.startswith("cuda") else "fp32,bf16"
+    cmd = [sys.executable, "-m", "app.evaluation.steps", "--samplers", "dpmpp_2m_karras", "--steps", "20",
+           "--precisions", precisions, *common, "--report", str(args.out / "precision.md"),
+           "--json", str(args.out / "precision.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        return [*lines, "", "```", (proc.stdout + proc.stderr)[-3000:], "```"]
+    table = json.loads((args.out / "precision.json").read_text())
+    lines += ["", f"Precision at the same seeds, the default request: `{' '.join(cmd[1:])}`", ""]
+    lines += ["| precision | accuracy | FID | diversity |", "|---|---:|---:|---:|"]
+    for r in table["results"]:
+        lines.append(f"| {r['precision']} | {r['accuracy']:.3f} | {r['fid']:.2f} | {r['diversity']:.3f} |")
+    return lines
 
 
 def section_dit(args, report: Report) -> list[str]:
