@@ -40,8 +40,8 @@ class Settings(BaseSettings):
         description="the model's forward: fp32, or bf16 or fp16 (CUDA only) under autocast, the latents and the "
         "sampler staying fp32; int8 (CPU, UNet checkpoints, needs torchao): convolutions and linear layers "
         "quantized to int8, calibrated on the model's own sampling and compiled at startup (implies compile); "
-        "auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), "
-        "else fp32",
+        "auto: fp16 on a CUDA GPU (bf16 moved FID by 6% on an H200, fp16 by 0.2%: docs/benchmarks.md), bf16 on a "
+        "CPU with AVX512-BF16 or AMX, else fp32",
     )
     channels_last: bool = Field(
         True,
@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         False,
         description="torch.compile the forward, one graph per row bucket (1, 2, 4, ... max_batch_rows; rows padded "
         "up to the next), all compiled by the warmup: faster forwards for minutes of compiling at startup",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a CUDA device, capture the forward as a CUDA graph per row bucket (1, 2, 4, ... "
+        "max_batch_rows; rows padded up to the next), all captured by the warmup, and replay it: a small model's "
+        "eager forward is bound by kernel launches (12.5x faster replayed on an H200, docs/benchmarks.md); "
+        "ignored on the CPU",
     )
     max_jobs: int = Field(
         1000,

@@ -71,7 +71,12 @@ def _engine_hooks(metrics: Metrics, model: str):
 
 
 def model_info(
-    settings: Settings, manifest: Manifest, device: torch.device, precision: str, channels_last: bool
+    settings: Settings,
+    manifest: Manifest,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """A served model's entry in GET /v1/models."""
     return {
@@ -82,6 +87,7 @@ def model_info(
         "precision": precision,
         "channels_last": channels_last,
         "compile": settings.compile or precision == "int8",
+        "cuda_graphs": cuda_graphs,
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
         "guidance_methods": list(METHOD_KINDS),
@@ -134,6 +140,7 @@ async def serve_model(
         compile=settings.compile,  # int8 compiles whatever this says
         max_rows=settings.max_batch_rows,
         calibrate=calibrate,
+        cuda_graphs=settings.cuda_graphs,  # CUDA only
     )
     on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(
@@ -162,7 +169,9 @@ async def serve_model(
             "torch": torch.__version__,
         }
     )
-    return ServedModel(name=m.name, engine=engine, info=model_info(settings, m, device, precision, channels_last))
+    return ServedModel(
+        name=m.name, engine=engine, info=model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs)
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

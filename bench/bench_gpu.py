@@ -90,34 +90,6 @@ def time_call(fn: Callable[[], object], device: torch.device, repeat: int) -> fl
     return (time.perf_counter() - t0) / repeat
 
 
-class GraphForward:
-    """A forward captured as a CUDA graph per row count and replayed: static inputs copied in, the output
-    cloned out. CUDA only."""
-
-    def __init__(self, denoiser, device: torch.device) -> None:
-        self.denoiser, self.device, self.graphs = denoiser, device, {}
-
-    def __call__(self, x, t, y):
-        rows = x.shape[0]
-        if rows not in self.graphs:
-            static = [x.clone(), t.clone(), y.clone()]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):
-                    self.denoiser(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
-                out = self.denoiser(*static)
-            self.graphs[rows] = (graph, static, out)
-        graph, static, out = self.graphs[rows]
-        for s, v in zip(static, (x, t, y), strict=True):
-            s.copy_(v)
-        graph.replay()
-        return out.clone()
-
-
 def forward_inputs(rows: int, device: torch.device, shape=(1, 28, 28), classes: int = 10, null: int = 10):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn((rows, *shape), generator=g).to(device)
@@ -141,10 +113,14 @@ def section_forward(args, report: Report) -> list[str]:
     base = model_denoiser(loaded)
     variants: dict[str, Callable] = {"fp32 eager": base}
     if device.type == "cuda":
+        top = max(args.rows)
         variants["bf16 autocast"] = FastDenoiser(base, device, "bf16")
         variants["fp16 autocast"] = FastDenoiser(base, device, "fp16")
-        variants["CUDA graphs (fp32)"] = GraphForward(base, device)
-        variants["CUDA graphs + bf16"] = GraphForward(FastDenoiser(base, device, "bf16"), device)
+        variants["CUDA graphs, fp32 (CFG_CUDA_GRAPHS)"] = FastDenoiser(base, device, cuda_graphs=True, max_rows=top)
+        variants["CUDA graphs + fp16 (CFG_PRECISION=auto)"] = FastDenoiser(
+            base, device, "fp16", cuda_graphs=True, max_rows=top
+        )
+        variants["CUDA graphs + bf16"] = FastDenoiser(base, device, "bf16", cuda_graphs=True, max_rows=top)
     else:
         variants["bf16 autocast"] = FastDenoiser(base, device, "bf16")
     if not args.skip_compile:
@@ -213,15 +189,17 @@ def section_forward(args, report: Report) -> list[str]:
         )
         lines.append(f"| {b} | {joint * 1e3:.2f} | {split * 1e3:.2f} | {split / joint:.2f}x |")
         report.data.setdefault("pair", {})[b] = [joint, split]
-    lines += ["", *step_breakdown(loaded, base, device, report)]
+    fast = variants.get("CUDA graphs, fp32 (CFG_CUDA_GRAPHS)")
+    lines += ["", *step_breakdown(loaded, {"eager": base, **({"CUDA graphs": fast} if fast else {})}, device, report)]
     if device.type == "cuda":
-        lines += ["", *sync_report(loaded, base, device)]
+        lines += ["", *sync_report(loaded, fast or base, device)]
     return lines
 
 
-def step_breakdown(loaded, denoiser, device: torch.device, report: Report, n: int = 64) -> list[str]:
-    """Where a tick of the step loop goes with n one-image requests together: the forward against the rest
-    (each request's model_input, guidance combine and scheduler step), 20 steps of the default sampler."""
+def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Report, n: int = 64) -> list[str]:
+    """Where a tick of the step loop goes with n one-image requests together, 20 steps of the default sampler:
+    the forward against the rest (each request's model input, then the guidance combine and the sampler
+    step: diffusers' scheduler one request at a time, or app.sampling.batched's over all of them)."""
     from app.sampling import DEFAULT_GUIDANCE
     from app.sampling.run import denoise_step
 
@@ -229,34 +207,44 @@ def step_breakdown(loaded, denoiser, device: torch.device, report: Report, n: in
     lines = [
         f"Step loop with {n} one-image requests, 20 steps of the default sampler (ms per tick, mean over the run):",
         "",
-        "| guidance | whole tick | forward alone at the same rows | the rest (per request-step) |",
-        "|---|---:|---:|---:|",
+        "| guidance | forward | stepping | whole tick | forward alone | the rest (per request-step) |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    for name, g in (("default (interval)", DEFAULT_GUIDANCE), ("constant s = 3", GuidanceParams(3.0))):
+    for gname, g in (("default (interval)", DEFAULT_GUIDANCE), ("constant s = 3", GuidanceParams(3.0))):
+        for fname, denoiser in denoisers.items():
+            for stepping in ("per request (diffusers)", "together (batched)"):
 
-        def runs(g=g):
-            return [
-                SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, guidance=g), loaded.scheduler_config,
-                          m.sample_shape, m.null_label, device=device)
-                for i in range(n)
-            ]  # fmt: skip
+                def runs(g=g, stepping=stepping):
+                    rs = [
+                        SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, guidance=g),
+                                  loaded.scheduler_config, m.sample_shape, m.null_label, device=device)
+                        for i in range(n)
+                    ]  # fmt: skip
+                    if stepping.startswith("per request"):
+                        for r in rs:
+                            r.table = None
+                    return rs
 
-        for _ in range(2):  # the second pass is timed
-            rs, rows = runs(), []
-            sync(device)
-            t0 = time.perf_counter()
-            while not rs[0].done:
-                rows.append(denoise_step(denoiser, rs))
-            sync(device)
-            whole = (time.perf_counter() - t0) / len(rows)
-        fwd = []
-        for r in rows:
-            x, t, y = forward_inputs(r, device)
-            fwd.append(time_call(lambda x=x, t=t, y=y: denoiser(x, t, y), device, 5))
-        fwd_ms = statistics.mean(fwd) * 1e3
-        rest = whole * 1e3 - fwd_ms
-        report.data.setdefault("step_breakdown", {})[name] = {"tick_ms": whole * 1e3, "forward_ms": fwd_ms}
-        lines.append(f"| {name} | {whole * 1e3:.2f} | {fwd_ms:.2f} | {rest:.2f} ({rest * 1e3 / n:.0f} us) |")
+                for _ in range(2):  # the second pass is timed
+                    rs, rows = runs(), []
+                    sync(device)
+                    t0 = time.perf_counter()
+                    while not rs[0].done:
+                        rows.append(denoise_step(denoiser, rs))
+                    sync(device)
+                    whole = (time.perf_counter() - t0) / len(rows)
+                fwd = []
+                for r in sorted(set(rows)):
+                    x, t, y = forward_inputs(r, device)
+                    fwd += [time_call(lambda x=x, t=t, y=y, f=denoiser: f(x, t, y), device, 5)] * rows.count(r)
+                fwd_ms = statistics.mean(fwd) * 1e3
+                rest = whole * 1e3 - fwd_ms
+                key = f"{gname} / {fname} / {stepping}"
+                report.data.setdefault("step_breakdown", {})[key] = {"tick_ms": whole * 1e3, "forward_ms": fwd_ms}
+                lines.append(
+                    f"| {gname} | {fname} | {stepping} | {whole * 1e3:.2f} | {fwd_ms:.2f} | "
+                    f"{rest:.2f} ({rest * 1e3 / n:.0f} us) |"
+                )
     return lines
 
 
@@ -296,35 +284,11 @@ def sync_report(loaded, denoiser, device: torch.device) -> list[str]:
     ]
 
 
-async def closed_loop(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
-    import httpx
-
-    body = {"steps": steps, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "schedule": {"kind": "constant"}}
-    done: list[tuple[float, float]] = []  # (finish time, latency)
-    stop = time.perf_counter() + warm + window
-    start = stop - window
-
-    async def client(http, k: int) -> None:
-        i = 0
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            r = await http.post(f"{url}/generate", json={**body, "class_label": (k + i) % 10, "seed": k * 100000 + i})
-            r.raise_for_status()
-            done.append((time.perf_counter(), time.perf_counter() - t0))
-            i += 1
-
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        await asyncio.gather(*(client(http, k) for k in range(clients)))
-    inside = sorted(lat for end, lat in done if start <= end <= stop)
-    q = statistics.quantiles(inside, n=100) if len(inside) >= 2 else [float("nan")] * 99
-    return {"images_per_s": len(inside) / window, "p50": q[49], "p99": q[98], "responses": len(inside)}
-
-
 async def load_process(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
     """closed_loop in a process of its own, so that the clients' Python does not share the server's event loop."""
     spec = json.dumps([url, clients, steps, warm, window])
-    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--load", spec, stdout=subprocess.PIPE)
+    client = str(REPO / "bench" / "load_client.py")
+    proc = await asyncio.create_subprocess_exec(sys.executable, client, spec, stdout=subprocess.PIPE)
     out, _ = await proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"load generator exited with {proc.returncode}")
@@ -339,12 +303,15 @@ async def service_async(args, report: Report) -> list[str]:
     url = f"http://127.0.0.1:{args.port}"
     engine = service.engine
     try:
+        served = service.model().info
         levels = {}
         for c in args.clients:
             levels[c] = await load_process(url, c, args.steps, args.warm, args.window)
         one = levels[args.clients[0]]["images_per_s"]
         lines = [
-            f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`; closed-loop httpx clients in a process of their own, "
+            f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`, precision {served['precision']}, CUDA graphs "
+            f"{served.get('cuda_graphs')}, channels_last {served['channels_last']}; "
+            f"closed-loop httpx clients in a process of their own, "
             f"each posting "
             f"one-image requests ({args.steps} dpmpp_2m steps, constant CFG s = 3: 2 rows per image-step) back to "
             f"back; responses finished inside a {args.window:g} s window after {args.warm:g} s of load.",
@@ -526,11 +493,7 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--only", default="tests,forward,service,evaluate,dit", help="sections to run")
     p.add_argument("--port", type=int, default=8777)
-    p.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the load generator (load_process)
     args = p.parse_args()
-    if args.load:
-        print(json.dumps(asyncio.run(closed_loop(*json.loads(args.load)))))
-        return
     q = args.quick
     args.rows = [2, 8] if q else [2, 8, 32, 128]
     args.pair_rows = [1, 4] if q else [1, 8, 64]

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.config import DEFAULT_MODEL_PATH, Settings
 from app.main import create_app
 from app.models import load_checkpoint, model_denoiser
+from app.models.fast import FastDenoiser, resolve_precision
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
 from tests.pngs import decode, level_diff
 
@@ -28,11 +29,20 @@ def models():
     return {device: load_checkpoint(DEFAULT_MODEL_PATH, device) for device in ("cpu", "cuda")}
 
 
-def draw(loaded, spec: SampleSpec) -> SampleRun:
+def draw(loaded, spec: SampleSpec, per_request: bool = False, denoiser=None) -> SampleRun:
     m = loaded.manifest
     run = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, device=loaded.device)
-    sample(model_denoiser(loaded), [run])
+    if per_request:
+        run.table = None  # diffusers' own step instead of app.sampling.batched's
+    sample(denoiser or model_denoiser(loaded), [run])
     return run
+
+
+def inputs(rows: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((rows, 1, 28, 28), generator=g).cuda()
+    t = torch.randint(0, 1000, (rows,), generator=g).cuda()
+    return x, t, torch.randint(0, 11, (rows,), generator=g).cuda()
 
 
 def test_the_service_starts_on_cuda_and_draws():
@@ -78,3 +88,65 @@ def test_a_request_is_batch_invariant_on_the_gpu(models):
     mine = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, device="cuda")
     sample(model_denoiser(loaded), [*crowd, mine])
     assert level_diff(alone.images(), mine.images()) <= 1
+
+
+def test_cuda_graphs_replay_the_eager_forward(models):
+    """Every bucket's captured graph gives the eager forward's eps (padding rows dropped), each call's output
+    is its own (cloned out of the graph), and rows beyond the last bucket run uncaptured."""
+    base = model_denoiser(models["cuda"])
+    fast = FastDenoiser(base, torch.device("cuda"), cuda_graphs=True, max_rows=32)
+    outs = {}
+    for rows in (1, 3, 8, 32, 40):
+        x, t, y = inputs(rows, seed=rows)
+        with torch.inference_mode():
+            want = base(x, t, y)
+        outs[rows] = fast(x, t, y)
+        assert outs[rows].shape == want.shape
+        assert torch.allclose(outs[rows], want, atol=1e-4, rtol=1e-4), (rows, (outs[rows] - want).abs().max())
+    assert sorted(fast._graphs) == [1, 4, 8, 32]  # 3 rows ran at bucket 4; 40 rows uncaptured
+    x, t, y = inputs(8, seed=8)
+    again = fast(x, t, y)
+    assert torch.equal(again, outs[8]) and again.data_ptr() != outs[8].data_ptr()
+
+
+def test_auto_precision_is_fp16_on_a_gpu():
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_the_service_replays_cuda_graphs_at_fp16_and_draws():
+    with TestClient(create_app(Settings(device="cuda", precision="auto", max_batch_rows=32))) as client:
+        info = client.get("/v1/models").json()["data"][0]
+        assert info["cuda_graphs"] is True and info["precision"] == "fp16"
+        r = client.post("/generate", json={"class_label": 5, "num_images": 3, "seed": 2})
+        assert r.status_code == 200, r.text
+        assert len({decode(b64).tobytes() for b64 in r.json()["images"]}) == 3
+
+
+def test_batched_steps_draw_what_the_diffusers_step_draws_on_the_gpu(models):
+    """app.sampling.batched against diffusers' per-request step, both on the GPU, the same forwards: equal to
+    the bit, as on the CPU (tests/sampling/test_batched.py)."""
+    spec = SampleSpec(class_label=6, seeds=(0, 1, 2), steps=20, guidance=DEFAULT_GUIDANCE)
+    together, alone = draw(models["cuda"], spec), draw(models["cuda"], spec, per_request=True)
+    assert together.table is not None and level_diff(together.images(), alone.images()) == 0
+    assert torch.equal(together.latents, alone.latents), (together.latents - alone.latents).abs().max()
+
+
+def test_the_default_request_steps_without_a_host_device_sync(models):
+    """torch.cuda.set_sync_debug_mode('error') over 20 steps of four default requests, graphs replayed: the
+    step loop neither waits for the card nor makes it wait (reading the finished images is the caller's)."""
+    loaded = models["cuda"]
+    m = loaded.manifest
+    fast = FastDenoiser(model_denoiser(loaded), torch.device("cuda"), cuda_graphs=True, max_rows=16)
+    draw(loaded, SampleSpec(class_label=0, seeds=(0, 1, 2, 3), steps=20), denoiser=fast)  # captures
+    runs = [
+        SampleRun(SampleSpec(class_label=c, seeds=(c,), steps=20), loaded.scheduler_config, m.sample_shape,
+                  m.null_label, device="cuda")
+        for c in range(4)
+    ]  # fmt: skip
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample(fast, runs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.done and r.latents.isfinite().all() for r in runs)

@@ -18,6 +18,12 @@ one with the same signature, so the sampler, the engine and the latents never se
                  output sliced: at most log2(max_rows) + 2 graphs are compiled, all during the engine's
                  warmup, which calls every row count 1..max_rows before the service is ready.
                  A call with embed_delta (CADS) runs the eager forward: its hook would change the graph.
+  cuda_graphs    (CUDA) the forward, compiled or not, captured as a CUDA graph per row bucket (the same buckets)
+                 at the first call of each (the warmup's) and replayed: inputs copied into the graph's own,
+                 padding rows repeating the last, the output cloned out. A small model's eager forward is bound
+                 by kernel launches (~10 ms on an H200 at any row count), its replay is not (docs/benchmarks.md).
+                 The graphs share one memory pool: replays never overlap and each output is cloned at once.
+                 Rows beyond the last bucket, and CADS's embed_delta, run uncaptured.
 
 All of a model's compute runs in the engine's one worker thread, compiling included.
 """
@@ -66,15 +72,17 @@ class PrecisionError(RuntimeError):
 
 
 def resolve_precision(setting: str, device: torch.device) -> Precision:
-    """A precision setting (CFG_PRECISION) for a device. auto: bf16 where the device computes it natively
-    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; never int8, which changes the images
+    """A precision setting (CFG_PRECISION) for a device. auto: fp16 on a CUDA GPU, where it kept the default
+    request's FID to 0.2% and bf16 moved it by 6% (an H200, docs/benchmarks.md); bf16 on a CPU that computes it
+    natively (AVX512-BF16 or AMX), which has no fp16 path here; else fp32. Never int8, which changes the images
     more (docs/precision.md) and is asked for by name."""
     if setting not in PRECISION_SETTINGS:
         raise ValueError(f"unknown precision {setting!r}; choose from {', '.join(PRECISION_SETTINGS)}")
     cuda = device.type == "cuda"
     if setting == "auto":
-        native = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and cpu_computes_bf16()
-        return "bf16" if native else "fp32"
+        if cuda:
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_computes_bf16() else "fp32"
     if setting == "int8" and device.type != "cpu":
         raise PrecisionError(f"precision int8 runs on the CPU (oneDNN's int8 kernels), and the model runs on {device}")
     if setting == "fp16" and not cuda:
@@ -108,6 +116,7 @@ class FastDenoiser:
         max_rows: int = 32,
         dynamic: bool = False,
         calibrate: Calibrator | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         """dynamic (with compile): one graph whose row count is symbolic instead of a graph per bucket, and
         no padding; compiled at the first call (row counts 0 and 1 get a graph of their own).
@@ -123,13 +132,18 @@ class FastDenoiser:
                 raise ValueError("precision int8 needs calibrate, the source of its calibration inputs")
             compile, dynamic = True, False
             max_rows = min(max_rows, INT8_MAX_ROWS)
-        buckets = row_buckets(max_rows) if compile and not dynamic else ()
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, and the model runs on {device}")
+        buckets = row_buckets(max_rows) if (compile and not dynamic) or cuda_graphs else ()
         if precision == "int8":
             buckets = tuple(b for b in buckets if b >= INT8_MIN_ROWS) or (INT8_MIN_ROWS,)
             self.chunk = buckets[-1]  # a bigger forward runs in chunks of the largest bucket
         self.buckets: tuple[int, ...] = buckets
         self._device_type = torch.device(device).type
         self._compiled = None
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, CapturedForward] = {}
+        self._pool = None
         if compile:
             # Every instance's graphs (one per bucket, or two when dynamic) are cached on the one code object
             # of _forward, whose recompile limit (8) would otherwise send a second model, or a seventh
@@ -153,10 +167,32 @@ class FastDenoiser:
             eps = self.denoiser(x, timesteps, class_labels, *extra)
         return eps.float()
 
+    def _run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The forward at a bucket's row count: compiled where asked, else eager."""
+        if self._compiled is None:
+            return self._forward(*inputs)
+        # Freezing is read while a graph compiles, i.e. inside a call: set around every call (setting it in
+        # torch.compile's options did not reach the graph: its convolutions stayed unpacked).
+        with torch._inductor.config.patch(freezing=True):
+            return self._compiled(*inputs)
+
+    def _replay(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The captured graph of the inputs' bucket, replayed (captured first at a bucket's first call)."""
+        rows = inputs[0].shape[0]
+        bucket = self.bucket(rows)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[bucket] = CapturedForward(self._run, pad_rows(inputs, bucket), self._pool)
+        return graph(inputs)
+
     @torch.inference_mode()
     def __call__(
         self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra: torch.Tensor
     ) -> torch.Tensor:
+        if self.cuda_graphs and not extra and x.shape[0] <= self.buckets[-1]:
+            return self._replay((x, timesteps, class_labels))
         if self._compiled is None or extra:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
         if self.precision == "int8" and self._int8 is None:
@@ -171,10 +207,35 @@ class FastDenoiser:
             ]
             return torch.cat(parts)
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
-        # Freezing is read while a graph compiles, i.e. inside a call: set around every call (setting it in
-        # torch.compile's options did not reach the graph: its convolutions stayed unpacked).
-        with torch._inductor.config.patch(freezing=True):
-            return self._compiled(*padded)[:rows].contiguous()
+        return self._run(*padded)[:rows].contiguous()
+
+
+class CapturedForward:
+    """One row bucket's forward as a CUDA graph: static inputs, captured once, replayed per call."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], pool) -> None:
+        self.inputs = [t.clone() for t in inputs]
+        # Warm on a side stream (lazy initialisation, cuDNN's algorithm choice) before capturing, as
+        # torch.cuda.graphs' documentation does.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's thread captures while the event loop's thread may touch CUDA too.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = forward(*self.inputs)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        rows = inputs[0].shape[0]
+        for static, t in zip(self.inputs, inputs, strict=True):
+            static[:rows].copy_(t)
+            if rows < static.shape[0]:  # padding rows: the last row repeated, outputs dropped
+                static[rows:].copy_(t[-1:].expand(static.shape[0] - rows, *t.shape[1:]))
+        self.graph.replay()
+        return self.output[:rows].clone()
 
 
 def pad_rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
@@ -196,7 +257,12 @@ def fast_denoiser(
     compile: bool = False,
     max_rows: int = 32,
     calibrate: Calibrator | None = None,
+    cuda_graphs: bool = False,
 ) -> FastDenoiser:
-    """Wrap a denoiser; precision may be 'auto' (see resolve_precision); int8 needs calibrate."""
+    """Wrap a denoiser; precision may be 'auto' (see resolve_precision); int8 needs calibrate; cuda_graphs
+    applies on a CUDA device only (elsewhere it is ignored)."""
     resolved = resolve_precision(precision, torch.device(device))
-    return FastDenoiser(denoiser, device, resolved, channels_last, compile, max_rows, calibrate=calibrate)
+    graphs = cuda_graphs and torch.device(device).type == "cuda"
+    return FastDenoiser(
+        denoiser, device, resolved, channels_last, compile, max_rows, calibrate=calibrate, cuda_graphs=graphs
+    )

@@ -35,6 +35,7 @@ from app.guidance import (
     sigma_of,
     x0_to_eps,
 )
+from app.sampling.batched import advance_together, dpmpp_2m_table
 from app.sampling.schedulers import DEFAULT_SAMPLER, make_scheduler, set_timesteps, step_kwargs
 
 
@@ -188,6 +189,10 @@ class SampleRun:
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
         self._x_in: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
+        # Requests whose whole step app.sampling.batched reproduces are stepped there, all together; their
+        # scheduler instance then only gave the timesteps and sigmas. Decided once: a run never switches paths.
+        self.table = dpmpp_2m_table(self.scheduler) if steps_together(spec) else None
+        self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
         self.step_index = 0
@@ -217,7 +222,7 @@ class SampleRun:
         x = self.scheduler.scale_model_input(self.latents, t)
         self._x_in = x
         labels = self._cond_labels
-        delta = self._cads_delta(float(t))
+        delta = self._cads_delta(t)
         if self.needs_uncond():
             x = torch.cat([x, x])
             labels = torch.cat([self._cond_labels, self._null_labels])
@@ -226,12 +231,13 @@ class SampleRun:
         timesteps = t.expand(x.shape[0]).to(x.device)
         return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta)
 
-    def _cads_delta(self, timestep: float) -> torch.Tensor | None:
-        """CADS's change to the conditional rows' class embedding at this step, or None where it adds none."""
+    def _cads_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
+        """CADS's change to the conditional rows' class embedding at this step, or None where it adds none.
+        Reads the timestep on the host (a device sync on a GPU) only for a request with CADS."""
         cads = self.spec.guidance.cads
         if cads is None or self._class_embedding is None:
             return None
-        gamma = cads.gamma(timestep / self._num_train_timesteps)
+        gamma = cads.gamma(float(timestep) / self._num_train_timesteps)
         if gamma >= 1.0:
             return None
         y = self._class_embedding
@@ -277,12 +283,16 @@ class SampleRun:
 
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
-        i = self.step_index
         eps_guided = self.guided_eps(eps)
         out = self.scheduler.step(
-            eps_guided, self.timesteps[i], self.latents, generator=self.generators, **self._step_kwargs
+            eps_guided, self.timesteps[self.step_index], self.latents, generator=self.generators, **self._step_kwargs
         )
-        self.latents = out.prev_sample
+        self.finish_step(out.prev_sample, eps_guided)
+
+    def finish_step(self, latents: torch.Tensor, eps_guided: torch.Tensor) -> None:
+        """The step's new latents, from this run's scheduler or from app.sampling.batched; a preview if due."""
+        i = self.step_index
+        self.latents = latents
         self.step_index += 1
         if self._preview_due():
             self.preview = Preview(self.step_index, self.decode(eps_to_x0(self._x_in, eps_guided, self.alpha_bars[i])))
@@ -314,11 +324,30 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
         zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
         args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
     eps = denoiser(*args)
-    offset = 0
+    offset, together, offsets = 0, [], []
     for run, inp in zip(runs, inputs, strict=True):
-        run.advance(eps[offset : offset + inp.rows])
+        if run.table is not None:
+            together.append(run)
+            offsets.append(offset)
+        else:
+            run.advance(eps[offset : offset + inp.rows])
         offset += inp.rows
+    if together:
+        advance_together(together, eps, offsets)
     return offset
+
+
+def steps_together(spec: SampleSpec) -> bool:
+    """Whether the request's guidance is one app.sampling.batched combines over the batch: plain CFG, with no
+    condition noise, rescale, CADS or trace (its sampler decides the rest: dpmpp_2m_table)."""
+    g = spec.guidance
+    return (
+        g.method.kind == "cfg"
+        and g.noise_level == 0
+        and g.guidance_rescale == 0
+        and g.cads is None
+        and not spec.return_trace
+    )
 
 
 def sample(denoiser: Denoiser, runs: Sequence[SampleRun], on_step: Callable[[], None] | None = None) -> None:

@@ -23,6 +23,14 @@ def test_default_precision_is_fp32():
     assert Settings().precision == "fp32" and Settings().compile is False and Settings().channels_last is True
 
 
+def test_cuda_graphs_are_on_by_default_and_apply_on_a_gpu_only():
+    """CFG_CUDA_GRAPHS defaults on; on the CPU the model is served uncaptured and /v1/models says so
+    (tests/test_cuda.py serves them on a GPU)."""
+    assert Settings().cuda_graphs is True
+    with TestClient(create_app(Settings(device="cpu", max_batch_rows=32, warmup=False))) as client:
+        assert client.get("/v1/models").json()["data"][0]["cuda_graphs"] is False
+
+
 def test_channels_last_puts_the_unet_in_nhwc_and_changes_no_image():
     body = {"class_label": 4, "num_images": 2, "steps": 5, "seed": 8, "schedule": {"kind": "constant"}}
     served = {}

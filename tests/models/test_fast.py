@@ -53,6 +53,12 @@ def test_unknown_precision_names_the_choices():
         resolve_precision("int4", CPU)
 
 
+def test_cuda_graphs_need_a_cuda_device(denoiser):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        FastDenoiser(denoiser, CPU, cuda_graphs=True)
+    assert fast_denoiser(denoiser, CPU, cuda_graphs=True).cuda_graphs is False  # the service's setting: ignored
+
+
 @pytest.mark.parametrize("native, want", [(True, "bf16"), (False, "fp32")])
 def test_auto_picks_bf16_where_the_cpu_computes_it(monkeypatch, native, want):
     monkeypatch.setattr(fast_module, "cpu_computes_bf16", lambda: native)

@@ -1,0 +1,123 @@
+"""One sampler step for many requests at once: plain CFG and DPM-Solver++ 2M over all their rows together.
+
+Each request keeps its own diffusers scheduler (app/sampling/run.py), and stepping them one by one costs
+some twenty small tensor operations per request: on a GPU, where the forward of this project's model takes
+a millisecond or two, that Python dominates a tick (359 us per request-step on an H200, docs/benchmarks.md).
+For the requests this module reproduces exactly, the step is instead a handful of operations over the
+batch, whatever its size:
+
+  - the guidance combine, eps_u + s * (eps_c - eps_u) (app.guidance.cfg_combine), with s per row;
+  - DPM-Solver++ 2M (midpoint, epsilon prediction: the samplers dpmpp_2m and dpmpp_2m_karras) as diffusers'
+    DPMSolverMultistepScheduler.step computes it, with its per-step scalars (sigma, alpha, the update's
+    coefficients) taken from a table each request builds once, with diffusers' own scalar operations.
+
+Every coefficient is a per-row value broadcast over the row's pixels, and every operation is elementwise or a
+row gather, so a request's images do not depend on what it is batched with. The result equals diffusers' step
+to the bit on the CPU (tests/sampling/test_batched.py) and is meant to on CUDA (tests/test_cuda.py).
+
+Which requests: plain CFG (method cfg) with no condition noise, no rescale, no CADS, no trace (those keep
+their per-request path); any of them may ask for previews.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+if TYPE_CHECKING:
+    from app.sampling.run import SampleRun
+
+# Columns of a step table: the x0 conversion's sigma_t, alpha_t and 1 / alpha_t at the step's sigma, then the
+# update x_t = A * x - B * x0 - C * (inv_r0 * (x0 - x0_prev)); C = inv_r0 = 0 at first-order steps.
+SIGMA, ALPHA, INV_ALPHA, A, B, C, INV_R0 = range(7)
+COLUMNS = 7
+
+
+def dpmpp_2m_table(scheduler: SchedulerMixin) -> torch.Tensor | None:
+    """(steps, COLUMNS) float32 coefficients of each step of a DPM-Solver++ 2M scheduler after set_timesteps,
+    computed with the same scalar operations as its step(); None for any other scheduler or configuration."""
+    if type(scheduler) is not DPMSolverMultistepScheduler:
+        return None
+    c = scheduler.config
+    setup = (c.algorithm_type, c.solver_order, c.solver_type, c.prediction_type, c.thresholding)
+    if setup != ("dpmsolver++", 2, "midpoint", "epsilon", False) or c.variance_type in ("learned", "learned_range"):
+        return None
+    steps = len(scheduler.timesteps)
+    sigmas = scheduler.sigmas.to("cpu")
+    rows = []
+
+    def alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
+        return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
+    zero = torch.zeros((), dtype=torch.float32)
+    for i in range(steps):
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigmas[i + 1])
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigmas[i])
+        h = lambda_t - lambda_s0
+        # As step(): first order at the first step and at the last (lower_order_final), second order between.
+        final = i == steps - 1 and (
+            c.euler_at_final or (c.lower_order_final and steps < 15) or c.final_sigmas_type == "zero"
+        )
+        a, b = sigma_t / sigma_s0, alpha_t * (torch.exp(-h) - 1.0)
+        cc, inv_r0 = zero, zero
+        if i > 0 and not final:
+            _, _, lambda_s1 = alpha_sigma_lambda(sigmas[i - 1])
+            r0 = (lambda_s0 - lambda_s1) / h
+            inv_r0 = 1.0 / r0
+            cc = 0.5 * (alpha_t * (torch.exp(-h) - 1.0))
+        rows.append(torch.stack([sigma_s0, alpha_s0, 1.0 / alpha_s0, a, b, cc, inv_r0]).float())
+    return torch.stack(rows)
+
+
+def dpmpp_2m_update(
+    sample: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor, coefs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++ 2M step for every row: (x_t, x0). coefs is (rows, COLUMNS), each row's step-table row;
+    x0_prev is the row's x0 of its previous step (anything finite at a first-order step: C is 0 there)."""
+    k = coefs.reshape(*coefs.shape, *([1] * (sample.dim() - 1))).unbind(1)
+    # diffusers divides by alpha_t, a host scalar: the CPU divides, CUDA multiplies by its reciprocal
+    # (ATen's div_true_kernel_cuda). The same here, so that each device draws what diffusers draws on it.
+    num = sample - k[SIGMA] * eps
+    x0 = num * k[INV_ALPHA] if sample.is_cuda else num / k[ALPHA]
+    d1 = k[INV_R0] * (x0 - x0_prev)
+    return k[A] * sample - k[B] * x0 - k[C] * d1, x0
+
+
+def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """app.guidance.cfg_combine over gathered rows: eps[uncond] + s * (eps[cond] - eps[uncond]), s per row.
+    A row without an unconditional pass names its conditional row in both: eps_c + s * 0 = eps_c exactly."""
+    eps_c, eps_u = eps.index_select(0, cond), eps.index_select(0, uncond)
+    s = scales.reshape(-1, *([1] * (eps.dim() - 1)))
+    return eps_u + s * (eps_c - eps_u)
+
+
+def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
+    """Advance runs that have a step table (SampleRun.table) by one step, all at once. offsets[k] is where
+    runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then its unconditional)."""
+    per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
+    for run, offset in zip(runs, offsets, strict=True):
+        n, i = run.spec.num_images, run.step_index
+        guided = run.needs_uncond()
+        scale = run.scales[i] if guided else 1.0
+        coefs = run.table[i].tolist()
+        per_row += [[offset + j, offset + j + (n if guided else 0), scale, *coefs] for j in range(n)]
+    host = torch.tensor(per_row, dtype=torch.float32)
+    device = eps.device
+    # One copy to the card, from pinned memory and without waiting: no host-device sync in the step.
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    cond, uncond = table[:, 0].long(), table[:, 1].long()
+    eps_guided = cfg_rows(eps, cond, uncond, table[:, 2])
+    sample = torch.cat([r.latents for r in runs])
+    x0_prev = torch.cat([r.x0_prev if r.x0_prev is not None else torch.zeros_like(r.latents) for r in runs])
+    x_t, x0 = dpmpp_2m_update(sample, eps_guided.to(sample.dtype), x0_prev, table[:, 3:])
+    start = 0
+    for run in runs:
+        stop = start + run.spec.num_images
+        run.x0_prev = x0[start:stop]
+        run.finish_step(x_t[start:stop], eps_guided[start:stop])
+        start = stop
