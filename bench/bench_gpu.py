@@ -302,6 +302,10 @@ async def service_async(args, report: Report) -> list[str]:
     server, task, service = await serve(settings, args.port)
     url = f"http://127.0.0.1:{args.port}"
     engine = service.engine
+    if args.stand_in:
+        # A forward that costs next to nothing (eps = 0), in the service and the raw loop alike: what is left
+        # is the per-request cost of everything else, HTTP and sampler included (a stand-in, by design).
+        engine._denoiser = lambda x, *rest: torch.zeros_like(x)
     try:
         served = service.model().info
         levels = {}
@@ -309,6 +313,11 @@ async def service_async(args, report: Report) -> list[str]:
             levels[c] = await load_process(url, c, args.steps, args.warm, args.window)
         one = levels[args.clients[0]]["images_per_s"]
         lines = [
+            *(
+                ["**Stand-in forward** (eps = 0, no model): the service's cost without the model's.", ""]
+                if args.stand_in
+                else []
+            ),
             f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`, precision {served['precision']}, CUDA graphs "
             f"{served.get('cuda_graphs')}, channels_last {served['channels_last']}; "
             f"closed-loop httpx clients in a process of their own, "
@@ -493,6 +502,7 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--only", default="tests,forward,service,evaluate,dit", help="sections to run")
     p.add_argument("--port", type=int, default=8777)
+    p.add_argument("--stand-in", action="store_true", help="service section: a zero-cost forward, not the model")
     args = p.parse_args()
     q = args.quick
     args.rows = [2, 8] if q else [2, 8, 32, 128]

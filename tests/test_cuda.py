@@ -150,3 +150,22 @@ def test_the_default_request_steps_without_a_host_device_sync(models):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(r.done and r.latents.isfinite().all() for r in runs)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim"])
+def test_building_a_request_does_not_wait_for_the_gpu(models, sampler):
+    """A request's SampleRun is built in the event loop's thread while the engine's keeps the GPU busy: its
+    timesteps and noise are queued to the card (app/sampling/device.py), not copied with a stream sync that
+    would hold the event loop for the forwards queued before it."""
+    loaded = models["cuda"]
+    m = loaded.manifest
+    spec = SampleSpec(class_label=1, seeds=(0, 1), steps=20, sampler=sampler, guidance=DEFAULT_GUIDANCE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.timesteps.is_cuda and run.latents.is_cuda
+    sample(model_denoiser(loaded), [run])
+    assert run.latents.isfinite().all()

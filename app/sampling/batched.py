@@ -21,12 +21,17 @@ their per-request path); any of them may ask for previews.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from app.sampling.device import to_device
+from app.sampling.schedulers import make_scheduler, set_timesteps
 
 if TYPE_CHECKING:
     from app.sampling.run import SampleRun
@@ -74,6 +79,19 @@ def dpmpp_2m_table(scheduler: SchedulerMixin) -> torch.Tensor | None:
     return torch.stack(rows)
 
 
+def step_table(sampler: str, scheduler_config: dict[str, Any], steps: int) -> torch.Tensor | None:
+    """dpmpp_2m_table of the sampler at this many steps, built once per (sampler, config, steps) and shared
+    (read-only) by every request that asks for it: ~20 scalar operations a step, off each request's path."""
+    return _step_table(sampler, json.dumps(scheduler_config, sort_keys=True, default=str), steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> torch.Tensor | None:
+    scheduler = make_scheduler(sampler, json.loads(scheduler_config_json))
+    set_timesteps(scheduler, steps)
+    return dpmpp_2m_table(scheduler)
+
+
 def dpmpp_2m_update(
     sample: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor, coefs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +126,7 @@ def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequ
         per_row += [[offset + j, offset + j + (n if guided else 0), scale, *coefs] for j in range(n)]
     host = torch.tensor(per_row, dtype=torch.float32)
     device = eps.device
-    # One copy to the card, from pinned memory and without waiting: no host-device sync in the step.
-    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    table = to_device(host, device)  # one copy, which does not wait: no host-device sync in the step
     cond, uncond = table[:, 0].long(), table[:, 1].long()
     eps_guided = cfg_rows(eps, cond, uncond, table[:, 2])
     sample = torch.cat([r.latents for r in runs])

@@ -35,8 +35,9 @@ from app.guidance import (
     sigma_of,
     x0_to_eps,
 )
-from app.sampling.batched import advance_together, dpmpp_2m_table
-from app.sampling.schedulers import DEFAULT_SAMPLER, make_scheduler, set_timesteps, step_kwargs
+from app.sampling.batched import advance_together, step_table
+from app.sampling.device import to_device
+from app.sampling.schedulers import DEFAULT_SAMPLER, request_scheduler, step_kwargs
 
 
 class Denoiser(Protocol):
@@ -161,20 +162,21 @@ class SampleRun:
         g = spec.guidance
         self.spec = spec
         self.null_label = null_label
-        self.scheduler = make_scheduler(spec.sampler, scheduler_config)
+        self.scheduler, host_timesteps = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
         self._step_kwargs = step_kwargs(spec.sampler)
-        set_timesteps(self.scheduler, spec.steps, device)
         self.timesteps = self.scheduler.timesteps
         # The generators live on the host whatever the device: a seed then draws the same noise on a GPU as on
         # the CPU (diffusers' randn_tensor draws on the host and moves it), so an image depends on its seed and
         # settings, not on the card. The cost: ancestral samplers copy each step's noise to the device.
         self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in spec.seeds]
         n = spec.num_images
-        latents = randn_tensor((n, *image_shape), generator=self.generators, device=device)
+        # This runs in the event loop's thread while the engine's keeps the device busy: nothing here may wait
+        # for the device (app/sampling/device.py), so the noise is drawn on the host and queued to it.
+        latents = to_device(randn_tensor((n, *image_shape), generator=self.generators, device="cpu"), device)
         self.latents = latents * self.scheduler.init_noise_sigma
         # alpha_bar and sigma of each step, on the host once: the x0 mapping and the schedules use them.
         alphas_cumprod = self.scheduler.alphas_cumprod.cpu()
-        self.alpha_bars = [float(alphas_cumprod[int(t)]) for t in self.timesteps]
+        self.alpha_bars = [float(alphas_cumprod[int(t)]) for t in host_timesteps]
         self.sigmas = [sigma_of(a) for a in self.alpha_bars]
         self.scales = g.schedule.scales(g.guidance_scale, spec.steps, self.sigmas)
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
@@ -191,7 +193,7 @@ class SampleRun:
         self._apg_running: torch.Tensor | None = None
         # Requests whose whole step app.sampling.batched reproduces are stepped there, all together; their
         # scheduler instance then only gave the timesteps and sigmas. Decided once: a run never switches paths.
-        self.table = dpmpp_2m_table(self.scheduler) if steps_together(spec) else None
+        self.table = step_table(spec.sampler, scheduler_config, spec.steps) if steps_together(spec) else None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None

@@ -107,3 +107,18 @@ def test_which_requests_step_together(loaded):
     assert not steps_together(SampleSpec(class_label=1, seeds=(0,), return_trace=True))
     for sampler in ("ddim", "ddpm", "euler_a"):
         assert make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler=sampler)).table is None
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddpm"])
+def test_requests_of_one_schedule_share_its_tensors_and_nothing_they_change(loaded, denoiser, sampler):
+    """request_scheduler hands each request a copy of a cached prototype that shares its tensors: two requests
+    of the same sampler and steps, stepped together by their own schedulers (the solver's history, the step
+    index), each draw what they draw alone."""
+    denoiser = one_row_at_a_time(denoiser)
+    specs = [SampleSpec(class_label=c, seeds=(c,), steps=7, sampler=sampler) for c in (2, 8)]
+    pair = draw(denoiser, [make(loaded, spec, per_request=True) for spec in specs])
+    assert pair[0].scheduler is not pair[1].scheduler
+    assert pair[0].scheduler.alphas_cumprod is pair[1].scheduler.alphas_cumprod  # shared, never written
+    for run in pair:
+        (alone,) = draw(denoiser, [make(loaded, run.spec, per_request=True)])
+        assert torch.equal(run.latents, alone.latents)

@@ -1,0 +1,22 @@
+"""Host-to-device copies that do not wait for the device.
+
+A plain `tensor.to("cuda")` from pageable host memory synchronizes the stream after the copy: it waits for
+every kernel already queued, forwards included. A request's sampler state is built in the event loop's
+thread while the engine's thread keeps the GPU busy, so each such copy held the event loop for up to a
+tick, and requests were admitted at the GPU's pace (docs/benchmarks.md, the second H200 run). Copied from
+pinned memory without blocking, the copy is queued on the stream in order, before any kernel queued after it
+that reads the tensor, and the host goes on at once. The pinned buffer is PyTorch's caching host allocator's,
+held until the copy is done.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The host tensor on the device: queued without a sync on CUDA, a plain .to() anywhere else."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
