@@ -320,7 +320,7 @@ async def service_async(args, report: Report) -> list[str]:
             ),
             f"`CFG_MAX_BATCH_ROWS={settings.max_batch_rows}`, precision {served['precision']}, CUDA graphs "
             f"{served.get('cuda_graphs')}, channels_last {served['channels_last']}; "
-            f"closed-loop httpx clients in a process of their own, "
+            f"closed-loop clients (bench/load_client.py, asyncio HTTP/1.1) in a process of their own, "
             f"each posting "
             f"one-image requests ({args.steps} dpmpp_2m steps, constant CFG s = 3: 2 rows per image-step) back to "
             f"back; responses finished inside a {args.window:g} s window after {args.warm:g} s of load.",

@@ -175,8 +175,7 @@ class SampleRun:
         latents = to_device(randn_tensor((n, *image_shape), generator=self.generators, device="cpu"), device)
         self.latents = latents * self.scheduler.init_noise_sigma
         # alpha_bar and sigma of each step, on the host once: the x0 mapping and the schedules use them.
-        alphas_cumprod = self.scheduler.alphas_cumprod.cpu()
-        self.alpha_bars = [float(alphas_cumprod[int(t)]) for t in host_timesteps]
+        self.alpha_bars = self.scheduler.alphas_cumprod.cpu()[host_timesteps.long()].tolist()
         self.sigmas = [sigma_of(a) for a in self.alpha_bars]
         self.scales = g.schedule.scales(g.guidance_scale, spec.steps, self.sigmas)
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
