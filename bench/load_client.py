@@ -2,6 +2,7 @@
 does not share the server's event loop or GIL:
 
     python3 bench/load_client.py '["http://127.0.0.1:8777", 64, 20, 3.0, 8.0]'   # url, clients, steps, warm, window
+    python3 bench/load_client.py '["http://127.0.0.1:8777", 64, 20, 3.0, 8.0, 4]'  # ... 4 images per request
 
 prints one JSON line: images/s, p50 and p99 latency, and the responses counted.
 
@@ -36,9 +37,10 @@ async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host:
     return status
 
 
-async def closed_loop(url: str, clients: int, steps: int, warm: float, window: float) -> dict:
+async def closed_loop(url: str, clients: int, steps: int, warm: float, window: float, images: int = 1) -> dict:
     parts = urlsplit(url)
-    body = {"steps": steps, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "schedule": {"kind": "constant"}}
+    body = {"steps": steps, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "schedule": {"kind": "constant"},
+            "num_images": images}  # fmt: skip
     done: list[tuple[float, float]] = []  # (finish time, latency)
     stop = time.perf_counter() + warm + window
     start = stop - window
@@ -48,7 +50,7 @@ async def closed_loop(url: str, clients: int, steps: int, warm: float, window: f
         i = 0
         try:
             while time.perf_counter() < stop:
-                payload = json.dumps({**body, "class_label": (k + i) % 10, "seed": k * 100000 + i}).encode()
+                payload = json.dumps({**body, "class_label": (k + i) % 10, "seed": k * 100000 + i * images}).encode()
                 t0 = time.perf_counter()
                 status = await post(reader, writer, parts.netloc, payload)
                 if status != 200:
@@ -61,7 +63,7 @@ async def closed_loop(url: str, clients: int, steps: int, warm: float, window: f
     await asyncio.gather(*(client(k) for k in range(clients)))
     inside = sorted(lat for end, lat in done if start <= end <= stop)
     q = statistics.quantiles(inside, n=100) if len(inside) >= 2 else [float("nan")] * 99
-    return {"images_per_s": len(inside) / window, "p50": q[49], "p99": q[98], "responses": len(inside)}
+    return {"images_per_s": images * len(inside) / window, "p50": q[49], "p99": q[98], "responses": len(inside)}
 
 
 if __name__ == "__main__":
