@@ -40,8 +40,7 @@ class Settings(BaseSettings):
         description="the model's forward: fp32, or bf16 or fp16 (CUDA only) under autocast, the latents and the "
         "sampler staying fp32; int8 (CPU, UNet checkpoints, needs torchao): convolutions and linear layers "
         "quantized to int8, calibrated on the model's own sampling and compiled at startup (implies compile); "
-        "auto: fp16 on a CUDA GPU (bf16 moved FID by 6% on an H200, fp16 by 0.2%: docs/benchmarks.md), bf16 on a "
-        "CPU with AVX512-BF16 or AMX, else fp32",
+        "auto: fp16 on a CUDA GPU (bf16 moved FID by 6% on an H200, fp16 by 0.2%: docs/benchmarks.md), else fp32",
     )
     channels_last: bool = Field(
         True,

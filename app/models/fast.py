@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -50,17 +48,6 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Denoiser = Callable[..., torch.Tensor]
 
 
-@cache
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware: AVX512-BF16 or AMX (Linux /proc/cpuinfo flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # The rows an int8 forward runs (app/models/quantize.py): its exported graph covers 2..63 rows, because
 # diffusers' UNet upsamplers branch on a batch of 64 or more and export specializes a row count of 1.
 INT8_MIN_ROWS = 2
@@ -73,16 +60,15 @@ class PrecisionError(RuntimeError):
 
 def resolve_precision(setting: str, device: torch.device) -> Precision:
     """A precision setting (CFG_PRECISION) for a device. auto: fp16 on a CUDA GPU, where it kept the default
-    request's FID to 0.2% and bf16 moved it by 6% (an H200, docs/benchmarks.md); bf16 on a CPU that computes it
-    natively (AVX512-BF16 or AMX), which has no fp16 path here; else fp32. Never int8, which changes the images
-    more (docs/precision.md) and is asked for by name."""
+    request's FID to 0.2% and bf16 moved it by 6% (an H200, docs/benchmarks.md); fp32 elsewhere: the CPU has
+    no fp16 path here, bf16's rounding is the format's on any device, and on this project's AVX512-BF16 CPU
+    bf16 autocast was slower too (0.87x). Never int8, which changes the images more (docs/precision.md) and
+    is asked for by name."""
     if setting not in PRECISION_SETTINGS:
         raise ValueError(f"unknown precision {setting!r}; choose from {', '.join(PRECISION_SETTINGS)}")
     cuda = device.type == "cuda"
     if setting == "auto":
-        if cuda:
-            return "fp16"
-        return "bf16" if device.type == "cpu" and cpu_computes_bf16() else "fp32"
+        return "fp16" if cuda else "fp32"
     if setting == "int8" and device.type != "cpu":
         raise PrecisionError(f"precision int8 runs on the CPU (oneDNN's int8 kernels), and the model runs on {device}")
     if setting == "fp16" and not cuda:
