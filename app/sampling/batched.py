@@ -137,4 +137,6 @@ def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequ
         stop = start + run.spec.num_images
         run.x0_prev = x0[start:stop]
         run.finish_step(x_t[start:stop], eps_guided[start:stop])
+        if run.done:  # a finished request keeps its own latents, not a view holding the whole batch's alive
+            run.latents, run.x0_prev = run.latents.clone(), None
         start = stop

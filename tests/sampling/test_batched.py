@@ -75,6 +75,8 @@ def test_requests_stepped_together_do_not_depend_on_their_batch(loaded, denoiser
     for run in crowd:
         (alone,) = draw(denoiser, [make(loaded, run.spec)])
         assert torch.equal(run.latents, alone.latents), run.spec
+        # Done, it holds its own latents, not a view of a batch it no longer belongs to.
+        assert run.latents.untyped_storage().nbytes() == run.latents.nbytes and run.x0_prev is None
 
 
 def test_the_table_reproduces_every_step_of_the_scheduler(loaded):
