@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         description="on a CUDA device, capture the forward as a CUDA graph per row bucket (1, 2, 4, ... "
         "max_batch_rows; rows padded up to the next), all captured by the warmup, and replay it: a small model's "
         "eager forward is bound by kernel launches (12.5x faster replayed on an H200, docs/benchmarks.md); "
-        "ignored on the CPU",
+        "UNet checkpoints only (a DiT's capture has not been verified on a card yet); ignored on the CPU",
     )
     max_jobs: int = Field(
         1000,

@@ -117,6 +117,13 @@ def load_for_serving(path: Path, device: torch.device, channels_last: bool) -> t
     return loaded, model_denoiser(loaded)
 
 
+def captures_cuda_graphs(settings: Settings, loaded: LoadedModel) -> bool:
+    """CFG_CUDA_GRAPHS for this model (fast_denoiser applies it on a CUDA device only): UNet checkpoints only,
+    the path verified on a GPU (tests/test_cuda.py on an H200). A DiT's forward has not been captured on a
+    card yet; it runs eager until it has."""
+    return settings.cuda_graphs and loaded.unet is not None
+
+
 async def serve_model(
     settings: Settings, path: Path, device: torch.device, compute: SharedCompute, metrics: Metrics
 ) -> ServedModel:
@@ -140,7 +147,7 @@ async def serve_model(
         compile=settings.compile,  # int8 compiles whatever this says
         max_rows=settings.max_batch_rows,
         calibrate=calibrate,
-        cuda_graphs=settings.cuda_graphs,  # CUDA only
+        cuda_graphs=captures_cuda_graphs(settings, loaded),
     )
     on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(

@@ -156,3 +156,14 @@ def test_cads_runs_on_the_dit_and_needs_one_shared_embedding(dit_loaded):
         untied.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.mul_(2)
     with pytest.raises(ValueError, match="CADS needs one class embedding"):
         DiTDenoiser(untied).class_embedding(0)
+
+
+def test_cuda_graphs_are_captured_for_unet_checkpoints_only(loaded, dit_loaded):
+    """CFG_CUDA_GRAPHS applies to the verified path (a UNet, tests/test_cuda.py); a DiT runs eager until its
+    capture has run on a card."""
+    from app.config import Settings
+    from app.main import captures_cuda_graphs
+
+    assert captures_cuda_graphs(Settings(), loaded) is True
+    assert captures_cuda_graphs(Settings(cuda_graphs=False), loaded) is False
+    assert captures_cuda_graphs(Settings(), dit_loaded) is False
