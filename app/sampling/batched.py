@@ -9,11 +9,12 @@ batch, whatever its size:
   - the guidance combine, eps_u + s * (eps_c - eps_u) (app.guidance.cfg_combine), with s per row;
   - DPM-Solver++ 2M (midpoint, epsilon prediction: the samplers dpmpp_2m and dpmpp_2m_karras) as diffusers'
     DPMSolverMultistepScheduler.step computes it, with its per-step scalars (sigma, alpha, the update's
-    coefficients) taken from a table each request builds once, with diffusers' own scalar operations.
+    coefficients) taken from a table built once per (sampler, config, steps) with diffusers' own scalar
+    operations and shared by every request of that schedule.
 
 Every coefficient is a per-row value broadcast over the row's pixels, and every operation is elementwise or a
 row gather, so a request's images do not depend on what it is batched with. The result equals diffusers' step
-to the bit on the CPU (tests/sampling/test_batched.py) and is meant to on CUDA (tests/test_cuda.py).
+to the bit on the CPU (tests/sampling/test_batched.py) and on an H200 (tests/test_cuda.py).
 
 Which requests: plain CFG (method cfg) with no condition noise, no rescale, no CADS, no trace (those keep
 their per-request path); any of them may ask for previews.
