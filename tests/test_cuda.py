@@ -122,25 +122,28 @@ def test_the_service_replays_cuda_graphs_at_fp16_and_draws():
         assert len({decode(b64).tobytes() for b64 in r.json()["images"]}) == 3
 
 
-def test_batched_steps_draw_what_the_diffusers_step_draws_on_the_gpu(models):
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim"])
+def test_batched_steps_draw_what_the_diffusers_step_draws_on_the_gpu(models, sampler):
     """app.sampling.batched against diffusers' per-request step, both on the GPU, the same forwards: equal to
-    the bit, as on the CPU (tests/sampling/test_batched.py)."""
-    spec = SampleSpec(class_label=6, seeds=(0, 1, 2), steps=20, guidance=DEFAULT_GUIDANCE)
+    the bit, as on the CPU (tests/sampling/test_batched.py). DDIM at s = 7.5 clips its x0."""
+    guidance = DEFAULT_GUIDANCE if sampler != "ddim" else GuidanceParams(7.5)
+    spec = SampleSpec(class_label=6, seeds=(0, 1, 2), steps=20, sampler=sampler, guidance=guidance)
     together, alone = draw(models["cuda"], spec), draw(models["cuda"], spec, per_request=True)
     assert together.table is not None and level_diff(together.images(), alone.images()) == 0
     assert torch.equal(together.latents, alone.latents), (together.latents - alone.latents).abs().max()
 
 
-def test_the_default_request_steps_without_a_host_device_sync(models):
-    """torch.cuda.set_sync_debug_mode('error') over 20 steps of four default requests, graphs replayed: the
-    step loop neither waits for the card nor makes it wait (reading the finished images is the caller's)."""
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim"])
+def test_the_default_request_steps_without_a_host_device_sync(models, sampler):
+    """torch.cuda.set_sync_debug_mode('error') over 20 steps of four requests, graphs replayed: the step loop
+    neither waits for the card nor makes it wait (reading the finished images is the caller's)."""
     loaded = models["cuda"]
     m = loaded.manifest
     fast = FastDenoiser(model_denoiser(loaded), torch.device("cuda"), cuda_graphs=True, max_rows=16)
-    draw(loaded, SampleSpec(class_label=0, seeds=(0, 1, 2, 3), steps=20), denoiser=fast)  # captures
+    draw(loaded, SampleSpec(class_label=0, seeds=(0, 1, 2, 3), steps=20, sampler=sampler), denoiser=fast)
     runs = [
-        SampleRun(SampleSpec(class_label=c, seeds=(c,), steps=20), loaded.scheduler_config, m.sample_shape,
-                  m.null_label, device="cuda")
+        SampleRun(SampleSpec(class_label=c, seeds=(c,), steps=20, sampler=sampler), loaded.scheduler_config,
+                  m.sample_shape, m.null_label, device="cuda")
         for c in range(4)
     ]  # fmt: skip
     torch.cuda.synchronize()

@@ -8,13 +8,14 @@ batch, whatever its size:
 
   - the guidance combine, eps_u + s * (eps_c - eps_u) (app.guidance.cfg_combine), with s per row;
   - DPM-Solver++ 2M (midpoint, epsilon prediction: the samplers dpmpp_2m and dpmpp_2m_karras) as diffusers'
-    DPMSolverMultistepScheduler.step computes it, with its per-step scalars (sigma, alpha, the update's
-    coefficients) taken from a table built once per (sampler, config, steps) with diffusers' own scalar
-    operations and shared by every request of that schedule.
+    DPMSolverMultistepScheduler.step computes it, and DDIM (eta 0, epsilon prediction, the clipped x0 and
+    the eps recomputed from it: the sampler ddim) as DDIMScheduler.step does, each with its per-step scalars
+    (sigma, alpha, the update's coefficients) taken from a table built once per (sampler, config, steps)
+    with diffusers' own scalar operations and shared by every request of that schedule.
 
 Every coefficient is a per-row value broadcast over the row's pixels, and every operation is elementwise or a
 row gather, so a request's images do not depend on what it is batched with. The result equals diffusers' step
-to the bit on the CPU (tests/sampling/test_batched.py) and on an H200 (tests/test_cuda.py).
+to the bit on the CPU (tests/sampling/test_batched.py) and, DPM-Solver++ so far, on an H200 (tests/test_cuda.py).
 
 Which requests: plain CFG (method cfg) with no condition noise, no rescale, no CADS, no trace (those keep
 their per-request path); any of them may ask for previews.
@@ -24,15 +25,16 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from app.sampling.device import to_device
-from app.sampling.schedulers import make_scheduler, set_timesteps
+from app.sampling.schedulers import make_scheduler, set_timesteps, step_kwargs
 
 if TYPE_CHECKING:
     from app.sampling.run import SampleRun
@@ -80,17 +82,48 @@ def dpmpp_2m_table(scheduler: SchedulerMixin) -> torch.Tensor | None:
     return torch.stack(rows)
 
 
-def step_table(sampler: str, scheduler_config: dict[str, Any], steps: int) -> torch.Tensor | None:
-    """dpmpp_2m_table of the sampler at this many steps, built once per (sampler, config, steps) and shared
-    (read-only) by every request that asks for it: ~20 scalar operations a step, off each request's path."""
-    return _step_table(sampler, json.dumps(scheduler_config, sort_keys=True, default=str), steps)
+# Columns of a DDIM step table (eta 0): sqrt(1 - alpha_bar_t), sqrt(alpha_bar_t) and their reciprocals, the
+# x0 clip range (inf without clipping), sqrt(alpha_bar_prev) and the direction's coefficient.
+SQRT_BETA, SQRT_AB, INV_SQRT_AB, INV_SQRT_BETA, CLIP, SQRT_AB_PREV, DIRECTION = range(7)
 
 
-@functools.lru_cache(maxsize=256)
-def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> torch.Tensor | None:
-    scheduler = make_scheduler(sampler, json.loads(scheduler_config_json))
-    set_timesteps(scheduler, steps)
-    return dpmpp_2m_table(scheduler)
+def ddim_table(scheduler: SchedulerMixin, use_clipped_model_output: bool = False) -> torch.Tensor | None:
+    """(steps, 7) float32 coefficients of each step of a DDIM scheduler after set_timesteps, as its step()
+    computes them with eta 0 and use_clipped_model_output (the eps recomputed from the clipped x0: the sampler
+    ddim's setting); None for any other scheduler or configuration."""
+    if type(scheduler) is not DDIMScheduler or not use_clipped_model_output:
+        return None
+    c = scheduler.config
+    if c.prediction_type != "epsilon" or c.thresholding:
+        return None
+    clip = torch.tensor(float(c.clip_sample_range) if c.clip_sample else float("inf"))
+    rows = []
+    for timestep in scheduler.timesteps.to("cpu"):
+        prev_timestep = timestep - c.num_train_timesteps // scheduler.num_inference_steps
+        alpha_prod_t = scheduler.alphas_cumprod[timestep]
+        alpha_prod_t_prev = (
+            scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+        )
+        beta_prod_t = 1 - alpha_prod_t
+        std_dev_t = 0.0 * scheduler._get_variance(timestep, prev_timestep) ** (0.5)
+        sqrt_beta, sqrt_ab = beta_prod_t ** (0.5), alpha_prod_t ** (0.5)
+        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+        row = [sqrt_beta, sqrt_ab, 1.0 / sqrt_ab, 1.0 / sqrt_beta, clip, alpha_prod_t_prev ** (0.5), direction]
+        rows.append(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in row]))
+    return torch.stack(rows)
+
+
+def ddim_update(
+    sample: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor | None, coefs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step (eta 0, clipped x0, eps recomputed from it) for every row: (x_t, x0). x0_prev is unused."""
+    k = coefs.reshape(*coefs.shape, *([1] * (sample.dim() - 1))).unbind(1)
+    cuda = sample.is_cuda  # a host scalar's division is a multiply by its reciprocal there (dpmpp_2m_update)
+    num = sample - k[SQRT_BETA] * eps
+    x0 = (num * k[INV_SQRT_AB] if cuda else num / k[SQRT_AB]).clamp(-k[CLIP], k[CLIP])
+    num = sample - k[SQRT_AB] * x0
+    eps = num * k[INV_SQRT_BETA] if cuda else num / k[SQRT_BETA]
+    return k[SQRT_AB_PREV] * x0 + k[DIRECTION] * eps, x0
 
 
 def dpmpp_2m_update(
@@ -107,6 +140,51 @@ def dpmpp_2m_update(
     return k[A] * sample - k[B] * x0 - k[C] * d1, x0
 
 
+@dataclass(frozen=True)
+class Solver:
+    table: Callable[..., torch.Tensor | None]  # (scheduler, **the sampler's step kwargs) -> coefficients
+    update: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (sample, eps, x0_prev, coefs) -> (x_t, x0)
+    history: bool  # whether the update reads the previous step's x0
+
+
+SOLVERS: dict[str, Solver] = {
+    "dpmpp_2m": Solver(lambda scheduler, **_: dpmpp_2m_table(scheduler), dpmpp_2m_update, history=True),
+    "ddim": Solver(ddim_table, ddim_update, history=False),
+}
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """A schedule's per-step coefficients for one of SOLVERS, on the host."""
+
+    solver: str
+    coefs: torch.Tensor  # (steps, columns) float32
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return self.coefs[step]
+
+    def __len__(self) -> int:
+        return len(self.coefs)
+
+
+def step_table(sampler: str, scheduler_config: dict[str, Any], steps: int) -> StepTable | None:
+    """The sampler's step table at this many steps, for whichever of SOLVERS reproduces its scheduler (None:
+    none does), built once per (sampler, config, steps) and shared (read-only) by every request that asks for
+    it: ~20 scalar operations a step, off each request's path."""
+    return _step_table(sampler, json.dumps(scheduler_config, sort_keys=True, default=str), steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTable | None:
+    scheduler = make_scheduler(sampler, json.loads(scheduler_config_json))
+    set_timesteps(scheduler, steps)
+    for name, solver in SOLVERS.items():
+        coefs = solver.table(scheduler, **step_kwargs(sampler))
+        if coefs is not None:
+            return StepTable(name, coefs)
+    return None
+
+
 def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """app.guidance.cfg_combine over gathered rows: eps[uncond] + s * (eps[cond] - eps[uncond]), s per row.
     A row without an unconditional pass names its conditional row in both: eps_c + s * 0 = eps_c exactly."""
@@ -116,27 +194,38 @@ def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales
 
 
 def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
-    """Advance runs that have a step table (SampleRun.table) by one step, all at once. offsets[k] is where
-    runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then its unconditional)."""
-    per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
+    """Advance runs that have a step table (SampleRun.table) by one step, each solver's runs all at once.
+    offsets[k] is where runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then
+    its unconditional)."""
+    groups: dict[str, list[tuple[SampleRun, int]]] = {}
     for run, offset in zip(runs, offsets, strict=True):
+        groups.setdefault(run.table.solver, []).append((run, offset))
+    for name, members in groups.items():
+        _advance(SOLVERS[name], members, eps)
+
+
+def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Tensor) -> None:
+    per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
+    for run, offset in members:
         n, i = run.spec.num_images, run.step_index
         guided = run.needs_uncond()
         scale = run.scales[i] if guided else 1.0
         coefs = run.table[i].tolist()
         per_row += [[offset + j, offset + j + (n if guided else 0), scale, *coefs] for j in range(n)]
     host = torch.tensor(per_row, dtype=torch.float32)
-    device = eps.device
-    table = to_device(host, device)  # one copy, which does not wait: no host-device sync in the step
+    table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step
     cond, uncond = table[:, 0].long(), table[:, 1].long()
     eps_guided = cfg_rows(eps, cond, uncond, table[:, 2])
+    runs = [run for run, _ in members]
     sample = torch.cat([r.latents for r in runs])
-    x0_prev = torch.cat([r.x0_prev if r.x0_prev is not None else torch.zeros_like(r.latents) for r in runs])
-    x_t, x0 = dpmpp_2m_update(sample, eps_guided.to(sample.dtype), x0_prev, table[:, 3:])
+    x0_prev = None
+    if solver.history:
+        x0_prev = torch.cat([r.x0_prev if r.x0_prev is not None else torch.zeros_like(r.latents) for r in runs])
+    x_t, x0 = solver.update(sample, eps_guided.to(sample.dtype), x0_prev, table[:, 3:])
     start = 0
     for run in runs:
         stop = start + run.spec.num_images
-        run.x0_prev = x0[start:stop]
+        run.x0_prev = x0[start:stop] if solver.history else None
         run.finish_step(x_t[start:stop], eps_guided[start:stop])
         if run.done:  # a finished request keeps its own latents, not a view holding the whole batch's alive
             run.latents, run.x0_prev = run.latents.clone(), None

@@ -190,8 +190,8 @@ class SampleRun:
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
         self._x_in: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
-        # Requests whose whole step app.sampling.batched reproduces are stepped there, all together; their
-        # scheduler instance then only gave the timesteps and sigmas. Decided once: a run never switches paths.
+        # Requests whose whole step app.sampling.batched reproduces (DPM-Solver++ 2M, DDIM) are stepped there,
+        # all together; their scheduler then only gave the timesteps. Decided once: a run never switches paths.
         self.table = step_table(spec.sampler, scheduler_config, spec.steps) if steps_together(spec) else None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
@@ -340,7 +340,7 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
 
 def steps_together(spec: SampleSpec) -> bool:
     """Whether the request's guidance is one app.sampling.batched combines over the batch: plain CFG, with no
-    condition noise, rescale, CADS or trace (its sampler decides the rest: dpmpp_2m_table)."""
+    condition noise, rescale, CADS or trace (its sampler decides the rest: app.sampling.batched.step_table)."""
     g = spec.guidance
     return (
         g.method.kind == "cfg"

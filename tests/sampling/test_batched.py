@@ -5,9 +5,17 @@ import pytest
 import torch
 
 from app.guidance import GuidanceMethod, GuidanceSchedule
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, make_scheduler
+from app.sampling import (
+    DEFAULT_GUIDANCE,
+    SAMPLERS,
+    GuidanceParams,
+    SampleRun,
+    SampleSpec,
+    denoise_step,
+    make_scheduler,
+)
 from app.sampling import set_timesteps as set_steps
-from app.sampling.batched import dpmpp_2m_table, dpmpp_2m_update
+from app.sampling.batched import ddim_table, ddim_update, dpmpp_2m_table, dpmpp_2m_update
 from app.sampling.run import steps_together
 
 
@@ -37,10 +45,11 @@ SPECS = [
         guidance=GuidanceParams(5.0, GuidanceSchedule("cosine")),
         preview_every=4,
     ),
+    SampleSpec(class_label=5, seeds=(4, 6), steps=10, sampler="ddim", guidance=GuidanceParams(7.5)),  # clips x0
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["default", "dpmpp_2m-s4", "unconditional", "cosine-previews"])
+@pytest.mark.parametrize("spec", SPECS, ids=["default", "dpmpp_2m-s4", "unconditional", "cosine-previews", "ddim"])
 def test_a_request_stepped_together_draws_what_the_diffusers_step_draws(loaded, denoiser, spec):
     (together,) = draw(denoiser, [make(loaded, spec)])
     (alone,) = draw(denoiser, [make(loaded, spec, per_request=True)])
@@ -96,6 +105,19 @@ def test_the_table_reproduces_every_step_of_the_scheduler(loaded):
                 got, x0_prev = dpmpp_2m_update(x, eps, x0_prev, table[i].expand(2, -1))
                 assert torch.equal(got, want), (sampler, steps, i)
                 x = want
+    for steps in (1, 2, 10, 20):  # DDIM at a scale that clips x0, with the eps recomputed from it
+        sched = make_scheduler("ddim", loaded.scheduler_config)
+        set_steps(sched, steps)
+        table = ddim_table(sched, use_clipped_model_output=True)
+        assert table.shape == (steps, 7) and ddim_table(sched) is None  # unclipped eps: not reproduced
+        g = torch.Generator().manual_seed(steps)
+        x = torch.randn((2, 1, 28, 28), generator=g)
+        for i, t in enumerate(sched.timesteps):
+            eps = 3 * torch.randn(x.shape, generator=g)
+            want = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
+            got, _ = ddim_update(x, eps, None, table[i].expand(2, -1))
+            assert torch.equal(got, want), ("ddim", steps, i)
+            x = want
 
 
 def test_which_requests_step_together(loaded):
@@ -107,8 +129,11 @@ def test_which_requests_step_together(loaded):
     ):
         assert not steps_together(SampleSpec(class_label=1, seeds=(0,), guidance=guidance))
     assert not steps_together(SampleSpec(class_label=1, seeds=(0,), return_trace=True))
-    for sampler in ("ddim", "ddpm", "euler_a"):
+    for sampler in ("ddpm", "euler_a"):
         assert make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler=sampler)).table is None
+    tables = {s: make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler=s)).table for s in SAMPLERS}
+    solvers = {s: t.solver for s, t in tables.items() if t is not None}
+    assert solvers == {"dpmpp_2m": "dpmpp_2m", "dpmpp_2m_karras": "dpmpp_2m", "ddim": "ddim"}
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddpm"])
