@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         True,
         description="on a CUDA device, capture the forward as a CUDA graph per row bucket (1, 2, 4, ... "
         "max_batch_rows; rows padded up to the next), all captured by the warmup, and replay it: a small model's "
-        "eager forward is bound by kernel launches (12.5x faster replayed on an H200, docs/benchmarks.md); "
+        "eager forward is bound by kernel launches (6.4x faster replayed at 2 rows on an H200, docs/benchmarks.md); "
         "UNet checkpoints only (a DiT's capture has not been verified on a card yet); ignored on the CPU",
     )
     max_jobs: int = Field(

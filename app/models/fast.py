@@ -21,7 +21,7 @@ one with the same signature, so the sampler, the engine and the latents never se
   cuda_graphs    (CUDA) the forward, compiled or not, captured as a CUDA graph per row bucket (the same buckets)
                  at the first call of each (the warmup's) and replayed: inputs copied into the graph's own,
                  padding rows repeating the last, the output cloned out. A small model's eager forward is bound
-                 by kernel launches (~10 ms on an H200 at any row count), its replay is not (docs/benchmarks.md).
+                 by kernel launches (~5-10 ms on an H200 at 2 to 128 rows), its replay is not (docs/benchmarks.md).
                  The graphs share one memory pool: replays never overlap and each output is cloned at once.
                  Rows beyond the last bucket, and CADS's embed_delta, run uncaptured.
 

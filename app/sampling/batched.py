@@ -24,7 +24,6 @@ their per-request path); any of them may ask for previews.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from app.sampling.device import to_device
-from app.sampling.schedulers import make_scheduler, set_timesteps, step_kwargs
+from app.sampling.schedulers import config_key, step_kwargs, timed_scheduler
 
 if TYPE_CHECKING:
     from app.sampling.run import SampleRun
@@ -42,11 +41,10 @@ if TYPE_CHECKING:
 # Columns of a step table: the x0 conversion's sigma_t, alpha_t and 1 / alpha_t at the step's sigma, then the
 # update x_t = A * x - B * x0 - C * (inv_r0 * (x0 - x0_prev)); C = inv_r0 = 0 at first-order steps.
 SIGMA, ALPHA, INV_ALPHA, A, B, C, INV_R0 = range(7)
-COLUMNS = 7
 
 
 def dpmpp_2m_table(scheduler: SchedulerMixin) -> torch.Tensor | None:
-    """(steps, COLUMNS) float32 coefficients of each step of a DPM-Solver++ 2M scheduler after set_timesteps,
+    """(steps, 7) float32 coefficients of each step of a DPM-Solver++ 2M scheduler after set_timesteps,
     computed with the same scalar operations as its step(); None for any other scheduler or configuration."""
     if type(scheduler) is not DPMSolverMultistepScheduler:
         return None
@@ -129,7 +127,7 @@ def ddim_update(
 def dpmpp_2m_update(
     sample: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor, coefs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DPM-Solver++ 2M step for every row: (x_t, x0). coefs is (rows, COLUMNS), each row's step-table row;
+    """One DPM-Solver++ 2M step for every row: (x_t, x0). coefs is (rows, 7), each row's step-table row;
     x0_prev is the row's x0 of its previous step (anything finite at a first-order step: C is 0 there)."""
     k = coefs.reshape(*coefs.shape, *([1] * (sample.dim() - 1))).unbind(1)
     # diffusers divides by alpha_t, a host scalar: the CPU divides, CUDA multiplies by its reciprocal
@@ -155,33 +153,30 @@ SOLVERS: dict[str, Solver] = {
 
 @dataclass(frozen=True)
 class StepTable:
-    """A schedule's per-step coefficients for one of SOLVERS, on the host."""
+    """A schedule's per-step coefficients for one of SOLVERS, on the host: each step's row as the float32
+    values it holds, read as a list once here rather than at every step."""
 
     solver: str
-    coefs: torch.Tensor  # (steps, columns) float32
+    rows: tuple[list[float], ...]
 
-    def __getitem__(self, step: int) -> torch.Tensor:
-        return self.coefs[step]
-
-    def __len__(self) -> int:
-        return len(self.coefs)
+    def __getitem__(self, step: int) -> list[float]:
+        return self.rows[step]
 
 
 def step_table(sampler: str, scheduler_config: dict[str, Any], steps: int) -> StepTable | None:
     """The sampler's step table at this many steps, for whichever of SOLVERS reproduces its scheduler (None:
     none does), built once per (sampler, config, steps) and shared (read-only) by every request that asks for
     it: ~20 scalar operations a step, off each request's path."""
-    return _step_table(sampler, json.dumps(scheduler_config, sort_keys=True, default=str), steps)
+    return _step_table(sampler, config_key(scheduler_config), steps)
 
 
 @functools.lru_cache(maxsize=256)
 def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTable | None:
-    scheduler = make_scheduler(sampler, json.loads(scheduler_config_json))
-    set_timesteps(scheduler, steps)
+    scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
     for name, solver in SOLVERS.items():
         coefs = solver.table(scheduler, **step_kwargs(sampler))
         if coefs is not None:
-            return StepTable(name, coefs)
+            return StepTable(name, tuple(coefs.tolist()))
     return None
 
 
@@ -210,7 +205,7 @@ def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Te
         n, i = run.spec.num_images, run.step_index
         guided = run.needs_uncond()
         scale = run.scales[i] if guided else 1.0
-        coefs = run.table[i].tolist()
+        coefs = run.table[i]
         per_row += [[offset + j, offset + j + (n if guided else 0), scale, *coefs] for j in range(n)]
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step

@@ -64,7 +64,12 @@ def make_scheduler(sampler: str, scheduler_config: dict[str, Any]) -> SchedulerM
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    return copy.deepcopy(_prototype(sampler, json.dumps(scheduler_config, sort_keys=True, default=str)))
+    return copy.deepcopy(_prototype(sampler, config_key(scheduler_config)))
+
+
+def config_key(scheduler_config: dict[str, Any]) -> str:
+    """A scheduler config as the key of the caches below (a dict is not hashable)."""
+    return json.dumps(scheduler_config, sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,7 +111,7 @@ def request_scheduler(
     once (app/sampling/device.py)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    key = json.dumps(scheduler_config, sort_keys=True, default=str)
+    key = config_key(scheduler_config)
     prototype, shared = _timed_prototype(sampler, key, steps)
     scheduler = copy.deepcopy(prototype, dict(shared))
     host = prototype.timesteps
@@ -116,12 +121,19 @@ def request_scheduler(
 
 @functools.lru_cache(maxsize=256)
 def _timed_prototype(sampler: str, scheduler_config_json: str, steps: int) -> tuple[SchedulerMixin, dict]:
-    """Never handed out. With the deepcopy memo that makes copies share its tensors and frozen config."""
+    """Never handed out to step (timed_scheduler's readers only read it). With the deepcopy memo that makes
+    copies share its tensors and frozen config."""
     scheduler = copy.deepcopy(_prototype(sampler, scheduler_config_json))
     set_timesteps(scheduler, steps)
     shared = {id(v): v for v in vars(scheduler).values() if torch.is_tensor(v)}
     shared[id(scheduler._internal_dict)] = scheduler._internal_dict
     return scheduler, shared
+
+
+def timed_scheduler(sampler: str, scheduler_config_json: str, steps: int) -> SchedulerMixin:
+    """The cached scheduler of (sampler, config_key, steps) after set_timesteps on the host: to read its
+    schedule, never to step (request_scheduler hands out the copies that step)."""
+    return _timed_prototype(sampler, scheduler_config_json, steps)[0]
 
 
 @functools.lru_cache(maxsize=256)
