@@ -148,6 +148,11 @@ class Replica:
     proc: subprocess.Popen
     log_path: Path
 
+    @property
+    def hostport(self) -> str:
+        """host:port, as nginx's upstream {} group and its access log name the replica."""
+        return self.url.removeprefix("http://")
+
     def counters(self) -> dict[str, float]:
         """This replica's own cfg_requests_total, by outcome."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -158,10 +163,12 @@ class Replica:
                     counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0.0) + sample.value
         return counts
 
-    def gauge(self, name: str) -> float:
-        """A gauge of this replica's, such as cfg_requests_in_flight, summed over its labels (the models)."""
+    def gauge(self, *names: str) -> float:
+        """Gauges of this replica's, such as cfg_requests_in_flight, summed over their labels (the models) and
+        over the names, all read from one scrape: a job that moves from the queue into the batch between two
+        scrapes would be in neither."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

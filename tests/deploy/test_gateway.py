@@ -25,16 +25,12 @@ GENERATE = {
 }
 
 
-def hostport(replica: Replica) -> str:
-    return replica.url.removeprefix("http://")
-
-
 def total(counters: list[dict[str, float]]) -> float:
     return sum(sum(c.values()) for c in counters)
 
 
 def test_requests_spread_over_both_replicas(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     before = [r.counters() for r in replicas]
     for _ in range(4):
         response = httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=120)
@@ -47,7 +43,7 @@ def test_requests_spread_over_both_replicas(replicas: list[Replica], start_gatew
 
 
 def test_png_and_model_list_pass_through(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     png = httpx.post(f"{gateway.url}/generate", json=GENERATE, headers={"Accept": "image/png"}, timeout=120)
     assert png.status_code == 200
     assert png.content.startswith(b"\x89PNG")
@@ -59,14 +55,14 @@ def test_png_and_model_list_pass_through(replicas: list[Replica], start_gateway)
 
 
 def test_invalid_request_gets_the_apps_own_answer(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     response = httpx.post(f"{gateway.url}/generate", json={**GENERATE, "steps": 0}, timeout=30)
     assert response.status_code == 422
     assert "steps" in response.text
 
 
 def test_oversized_body_is_refused_before_any_replica(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     before = total([r.counters() for r in replicas])
     body = json.dumps({**GENERATE, "padding": "x" * 100_000})
     response = httpx.post(
@@ -79,14 +75,14 @@ def test_oversized_body_is_refused_before_any_replica(replicas: list[Replica], s
 
 @pytest.mark.parametrize("path", ["/metrics", "/metrics/", "//metrics", "/%6Detrics", "/metrics?x=1", "/docs"])
 def test_metrics_stay_off_the_public_side(replicas: list[Replica], start_gateway, path: str) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     response = httpx.get(f"{gateway.url}{path}", timeout=10)
     assert response.status_code == 404
     assert "cfg_requests_total" not in response.text
 
 
 def test_api_key_when_configured(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas], GATEWAY_API_KEY="test-key-0123")
+    gateway = start_gateway([r.hostport for r in replicas], GATEWAY_API_KEY="test-key-0123")
     url = f"{gateway.url}/generate"
     missing = httpx.post(url, json=GENERATE, timeout=30)
     assert missing.status_code == 401
@@ -104,14 +100,14 @@ def test_api_key_when_configured(replicas: list[Replica], start_gateway) -> None
 
 
 def test_api_key_is_off_by_default(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     assert gateway.env["GATEWAY_API_KEY"] == ""
     for headers in ({}, {"X-API-Key": "anything"}):
         assert httpx.get(f"{gateway.url}/v1/models", headers=headers, timeout=10).status_code == 200
 
 
 def test_rate_limit_answers_429(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas], GATEWAY_RATE_LIMIT="1r/m", GATEWAY_RATE_BURST="2")
+    gateway = start_gateway([r.hostport for r in replicas], GATEWAY_RATE_LIMIT="1r/m", GATEWAY_RATE_BURST="2")
     codes = [httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code for _ in range(5)]
     # One request at the rate plus a burst of two pass; the rest are refused at once.
     assert codes == [200, 200, 200, 429, 429]
@@ -127,13 +123,13 @@ def test_a_post_that_cannot_connect_goes_to_the_other_replica_once(replicas: lis
     # Round robin starts with the first server: a port nobody listens on.
     live = replicas[0]
     dead = f"127.0.0.1:{free_port()}"
-    gateway = start_gateway([dead, hostport(live)])
+    gateway = start_gateway([dead, live.hostport])
     before = live.counters()
     first = httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=120)
     assert first.status_code == 200, first.text
     after = live.counters()
     assert after["ok"] == before["ok"] + 1 and sum(after.values()) == sum(before.values()) + 1
-    assert f"upstream={dead}, {hostport(live)} " in gateway.access_log()
+    assert f"upstream={dead}, {live.hostport} " in gateway.access_log()
     # With every replica down, the client gets the gateway's 502 at once.
     nobody = start_gateway([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
     response = httpx.post(f"{nobody.url}/generate", json=GENERATE, timeout=60)
@@ -145,9 +141,9 @@ def test_replicas_found_through_the_resolver(replicas: list[Replica], start_gate
     """The compose path: GATEWAY_UPSTREAM=app:PORT looked up per request at GATEWAY_RESOLVER."""
     dns = StubDNS({"app"})
     try:
-        port = hostport(replicas[1]).split(":")[1]
+        port = replicas[1].hostport.split(":")[1]
         gateway = start_gateway(
-            [hostport(replicas[0])], GATEWAY_UPSTREAM=f"app:{port}", GATEWAY_RESOLVER=f"127.0.0.1:{dns.port}"
+            [replicas[0].hostport], GATEWAY_UPSTREAM=f"app:{port}", GATEWAY_RESOLVER=f"127.0.0.1:{dns.port}"
         )
         before = replicas[1].counters()["ok"]
         response = httpx.post(f"{gateway.url}/generate", json=GENERATE, timeout=120)
@@ -174,7 +170,7 @@ def stream_events(replicas: list[Replica], method: str, url: str, **kwargs) -> t
 
 
 def test_progress_events_stream_through_unbuffered(replicas: list[Replica], start_gateway) -> None:
-    gateway = start_gateway([hostport(r) for r in replicas])
+    gateway = start_gateway([r.hostport for r in replicas])
     headers = {"Accept": "text/event-stream"}
     events, running = stream_events(
         replicas, "POST", f"{gateway.url}/generate", json={**GENERATE, "steps": 30}, headers=headers
@@ -186,7 +182,7 @@ def test_progress_events_stream_through_unbuffered(replicas: list[Replica], star
 def test_jobs_through_the_gateway_reach_the_replica_that_holds_them(replicas: list[Replica], start_gateway) -> None:
     """A job lives in one replica's memory; round robin sends each GET to either replica, and the one without
     the job answers 404, which the gateway passes on to the next replica (proxy_next_upstream http_404)."""
-    gateway = start_gateway([hostport(r) for r in replicas], GATEWAY_API_KEY="test-key-0123")
+    gateway = start_gateway([r.hostport for r in replicas], GATEWAY_API_KEY="test-key-0123")
     key = {"X-API-Key": "test-key-0123"}
     assert httpx.post(f"{gateway.url}/v1/jobs", json=GENERATE, timeout=30).status_code == 401
     created = httpx.post(f"{gateway.url}/v1/jobs", json={**GENERATE, "steps": 30}, headers=key, timeout=30)

@@ -8,6 +8,7 @@ kill or a lost GPU would end it: no draining, its connections reset.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .support import Replica, start_replica, stop_process, wait_for
+from .support import Gateway, Replica, start_replica, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,17 @@ LOAD = 6  # concurrent clients; 50 steps each keep them all in the replicas unti
 
 
 def in_replica(replica: Replica) -> float:
-    return replica.gauge("cfg_requests_in_flight") + replica.gauge("cfg_queue_depth")
+    return replica.gauge("cfg_requests_in_flight", "cfg_queue_depth")
+
+
+def generate_statuses_by_upstream(gateway: Gateway) -> dict[str, list[int]]:
+    """The status of each POST /generate in the gateway's access log, by the replica nginx sent it to."""
+    found: dict[str, list[int]] = {}
+    for line in gateway.access_log().splitlines():
+        match = re.search(r'"POST /generate HTTP/1\.1" (\d{3}) .* upstream=(\S+) ', line)
+        if match:
+            found.setdefault(match.group(2), []).append(int(match.group(1)))
+    return found
 
 
 def test_killing_a_replica_under_load(replicas: list[Replica], start_gateway, tmp_path: Path) -> None:
@@ -32,7 +43,10 @@ def test_killing_a_replica_under_load(replicas: list[Replica], start_gateway, tm
     victim = start_replica(tmp_path / "victim.log", CFG_WARMUP="false")
     try:
         wait_for(lambda: httpx.get(f"{victim.url}/readyz", timeout=2).status_code == 200, 240, "victim", victim.proc)
-        gateway = start_gateway([r.url.removeprefix("http://") for r in (survivor, victim)])
+        gateway = start_gateway([r.hostport for r in (survivor, victim)])
+        # The survivor is shared with earlier tests: wait until it has finished their work (a job or an
+        # abandoned request), which would otherwise count as load here and finish into its counters.
+        wait_for(lambda: in_replica(survivor) == 0, 120, "the survivor to be idle")
         before = survivor.counters()
         results: list[tuple[int, float]] = []  # (status, when it came back), one per client
 
@@ -47,8 +61,6 @@ def test_killing_a_replica_under_load(replicas: list[Replica], start_gateway, tm
             t.start()
         # Every request is in one replica or the other, so none is on its way when the kill comes.
         wait_for(lambda: in_replica(survivor) + in_replica(victim) == LOAD, 120, "load in the replicas")
-        on_victim = in_replica(victim)
-        assert 1 <= on_victim < LOAD, f"round robin sent {on_victim} of {LOAD} to the victim"
         victim.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         for t in threads:
@@ -56,8 +68,17 @@ def test_killing_a_replica_under_load(replicas: list[Replica], start_gateway, tm
             assert not t.is_alive(), "a client hung after the kill"
 
         # The victim's requests fail at once with the gateway's 502; nginx does not send them again.
+        # Which replica had each request is read from the gateway's access log (upstream=...), which nginx
+        # writes as each request ends.
+        wait_for(lambda: sum(map(len, generate_statuses_by_upstream(gateway).values())) == LOAD, 10, "the log")
+        by_upstream = generate_statuses_by_upstream(gateway)
+        assert set(by_upstream) == {survivor.hostport, victim.hostport}, by_upstream
+        assert by_upstream[survivor.hostport] == [200] * len(by_upstream[survivor.hostport]), by_upstream
+        assert by_upstream[victim.hostport] == [502] * len(by_upstream[victim.hostport]), by_upstream
+        on_victim = len(by_upstream[victim.hostport])
+        assert 1 <= on_victim < LOAD, f"round robin sent {on_victim} of {LOAD} to the victim"
         statuses = sorted(status for status, _ in results)
-        assert statuses == [200] * int(LOAD - on_victim) + [502] * int(on_victim), statuses
+        assert statuses == [200] * (LOAD - on_victim) + [502] * on_victim, statuses
         failed_after = [when - killed_at for status, when in results if status == 502]
         assert max(failed_after) < 30, f"the 502s came {failed_after} s after the kill"
 
