@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,25 +14,55 @@ GRID_PADDING = 2
 GRID_PAD_VALUE = 255  # white lines between the black-background Fashion-MNIST images
 
 
-def to_pil(array: np.ndarray) -> Image.Image:
-    """One uint8 image, (H, W), (H, W, 1) or (H, W, 3), as a PIL image (mode L or RGB)."""
+def image_array(array: np.ndarray) -> np.ndarray:
+    """One uint8 image, (H, W), (H, W, 1) or (H, W, 3), as (H, W) or (H, W, 3); ValueError otherwise."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 array, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L")
-    if array.ndim == 3 and array.shape[2] == 3:
-        return Image.fromarray(array, mode="RGB")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3):
+        return array
     raise ValueError(f"expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {array.shape}")
 
 
+def to_pil(array: np.ndarray) -> Image.Image:
+    """One uint8 image (see image_array) as a PIL image (mode L or RGB)."""
+    array = image_array(array)
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
+
+
+# Up to this many pixels (a 64x64 image), to_png_bytes writes the PNG itself: PIL's encoder costs ~110 us
+# per call on a 28x28 image, mostly its own setup, against ~25 us here, and the service encodes every image
+# it returns in the event loop's thread. Larger images (a grid, a DiT's 256 px) go through PIL, whose
+# adaptive row filters make them smaller; on a 28x28 Fashion-MNIST image they save ~2.5% of ~500 bytes.
+DIRECT_PNG_MAX_PIXELS = 64 * 64
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def to_png_bytes(array: np.ndarray) -> bytes:
-    """One uint8 image (see to_pil) encoded as PNG."""
-    buffer = io.BytesIO()
-    to_pil(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    """One uint8 image (see image_array) encoded as PNG (8-bit greyscale or RGB)."""
+    array = image_array(array)
+    h, w = array.shape[:2]
+    if h * w > DIRECT_PNG_MAX_PIXELS:
+        buffer = io.BytesIO()
+        to_pil(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+    rows = array.reshape(h, -1)
+    scanlines = np.zeros((h, 1 + rows.shape[1]), np.uint8)  # each row led by its filter type: 0, none
+    scanlines[:, 1:] = rows
+    colour_type = 0 if array.ndim == 2 else 2  # greyscale, truecolour
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)  # 8 bits, deflate, no interlace
+    return (
+        PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def make_grid(

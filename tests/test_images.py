@@ -1,10 +1,12 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from app.images import GRID_PADDING, labelled_grid, make_grid, to_pil, to_png_bytes, upscale
+from app.images import GRID_PADDING, PNG_SIGNATURE, labelled_grid, make_grid, to_pil, to_png_bytes, upscale
 
 
 def images(n: int, h: int = 28, w: int = 28, c: int = 1) -> np.ndarray:
@@ -12,7 +14,17 @@ def images(n: int, h: int = 28, w: int = 28, c: int = 1) -> np.ndarray:
     return rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("shape, mode", [((28, 28), "L"), ((28, 28, 1), "L"), ((5, 7, 3), "RGB")])
+@pytest.mark.parametrize(
+    "shape, mode",
+    [
+        ((28, 28), "L"),  # written by to_png_bytes itself (DIRECT_PNG_MAX_PIXELS) ...
+        ((28, 28, 1), "L"),
+        ((5, 7, 3), "RGB"),
+        ((64, 64, 3), "RGB"),
+        ((65, 64), "L"),  # ... and by PIL, past it
+        ((122, 122, 3), "RGB"),
+    ],
+)
 def test_png_bytes_round_trip(shape, mode):
     array = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     data = to_png_bytes(array)
@@ -79,3 +91,18 @@ def test_labelled_grid_without_labels_is_the_grid():
     stack = images(4)
     picture = labelled_grid(stack, 2)
     np.testing.assert_array_equal(np.asarray(picture), make_grid(stack, 2)[:, :, 0])
+
+
+def test_small_png_is_a_valid_file_that_pil_reads_back():
+    """The directly written PNG, chunk by chunk: each chunk's CRC checks out and PIL verifies the file."""
+    data = to_png_bytes(images(1, 28, 28, 3)[0])
+    assert data.startswith(PNG_SIGNATURE)
+    at, kinds = len(PNG_SIGNATURE), []
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length : at + 12 + length])[0] == zlib.crc32(kind + body)
+        kinds.append(kind)
+        at += 12 + length
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+    Image.open(io.BytesIO(data)).verify()
