@@ -51,26 +51,32 @@ def forward_inputs(rows: int, device: torch.device, shape=(1, 28, 28), classes: 
 
 
 def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Any, n: int = 64) -> list[str]:
-    """Where a tick of the step loop goes with n one-image requests together, 20 steps of the default sampler:
-    the forward against the rest (each request's model input, then the guidance combine and the sampler
-    step: diffusers' scheduler one request at a time, or app.sampling.batched's over all of them)."""
-    from app.sampling import DEFAULT_GUIDANCE
+    """Where a tick of the step loop goes with n one-image requests together, 20 steps of the default sampler
+    (and of DDPM, whose step adds noise): the forward against the rest (each request's model input, then the
+    guidance combine and the sampler step: diffusers' scheduler one request at a time, or
+    app.sampling.batched's over all of them)."""
+    from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
     from app.sampling.run import denoise_step
 
     m = loaded.manifest
     lines = [
-        f"Step loop with {n} one-image requests, 20 steps of the default sampler (ms per tick, mean over the run):",
+        f"Step loop with {n} one-image requests, 20 steps (ms per tick, mean over the run):",
         "",
-        "| guidance | forward | stepping | whole tick | forward alone | the rest (per request-step) |",
+        "| sampler, guidance | forward | stepping | whole tick | forward alone | the rest (per request-step) |",
         "|---|---|---|---:|---:|---:|",
     ]
-    for gname, g in (("default (interval)", DEFAULT_GUIDANCE), ("constant s = 3", GuidanceParams(3.0))):
+    cases = (
+        (f"{DEFAULT_SAMPLER}, default (interval)", DEFAULT_SAMPLER, DEFAULT_GUIDANCE),
+        (f"{DEFAULT_SAMPLER}, constant s = 3", DEFAULT_SAMPLER, GuidanceParams(3.0)),
+        ("ddpm, constant s = 3", "ddpm", GuidanceParams(3.0)),
+    )
+    for gname, sampler, g in cases:
         for fname, denoiser in denoisers.items():
             for stepping in ("per request (diffusers)", "together (batched)"):
 
-                def runs(g=g, stepping=stepping):
+                def runs(g=g, sampler=sampler, stepping=stepping):
                     rs = [
-                        SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, guidance=g),
+                        SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, sampler=sampler, guidance=g),
                                   loaded.scheduler_config, m.sample_shape, m.null_label, device=device)
                         for i in range(n)
                     ]  # fmt: skip

@@ -190,7 +190,7 @@ class SampleRun:
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
         self._x_in: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
-        # Requests whose whole step app.sampling.batched reproduces (DPM-Solver++ 2M, DDIM) are stepped there,
+        # Requests whose whole step app.sampling.batched reproduces (DPM-Solver++ 2M, DDIM, DDPM) are stepped there,
         # all together; their scheduler then only gave the timesteps. Decided once: a run never switches paths.
         self.table = step_table(spec.sampler, scheduler_config, spec.steps) if steps_together(spec) else None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)

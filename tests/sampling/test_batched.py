@@ -3,6 +3,7 @@ own per-request step draws, whatever they are batched with, and the others keep 
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from app.guidance import GuidanceMethod, GuidanceSchedule
 from app.sampling import (
@@ -15,7 +16,15 @@ from app.sampling import (
     make_scheduler,
 )
 from app.sampling import set_timesteps as set_steps
-from app.sampling.batched import ddim_table, ddim_update, dpmpp_2m_table, dpmpp_2m_update
+from app.sampling.batched import (
+    NOISE_STD,
+    ddim_table,
+    ddim_update,
+    ddpm_table,
+    ddpm_update,
+    dpmpp_2m_table,
+    dpmpp_2m_update,
+)
 from app.sampling.run import steps_together
 
 
@@ -46,10 +55,13 @@ SPECS = [
         preview_every=4,
     ),
     SampleSpec(class_label=5, seeds=(4, 6), steps=10, sampler="ddim", guidance=GuidanceParams(7.5)),  # clips x0
+    SampleSpec(class_label=8, seeds=(7, 11), steps=10, sampler="ddpm", guidance=GuidanceParams(7.5), preview_every=4),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["default", "dpmpp_2m-s4", "unconditional", "cosine-previews", "ddim"])
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=["default", "dpmpp_2m-s4", "unconditional", "cosine-previews", "ddim", "ddpm-previews"]
+)
 def test_a_request_stepped_together_draws_what_the_diffusers_step_draws(loaded, denoiser, spec):
     (together,) = draw(denoiser, [make(loaded, spec)])
     (alone,) = draw(denoiser, [make(loaded, spec, per_request=True)])
@@ -118,6 +130,25 @@ def test_the_table_reproduces_every_step_of_the_scheduler(loaded):
             got, _ = ddim_update(x, eps, None, table[i].expand(2, -1))
             assert torch.equal(got, want), ("ddim", steps, i)
             x = want
+    # DDPM: the noise each image's generator draws, added where t > 0: at every step with the sampler's trailing
+    # spacing (its last step, t = 99 at 10 steps, adds noise of std 1e-10), all but the last (t = 0) with leading.
+    for steps, spacing in [(1, "trailing"), (2, "trailing"), (10, "trailing"), (20, "trailing"), (10, "leading")]:
+        sched = DDPMScheduler.from_config(loaded.scheduler_config, timestep_spacing=spacing)
+        set_steps(sched, steps)
+        table = ddpm_table(sched)
+        assert table.shape == (steps, 7) and (table[:-1, NOISE_STD] > 0).all()
+        assert (table[-1, NOISE_STD] == 0) == (spacing == "leading")
+        g = torch.Generator().manual_seed(steps)
+        x = torch.randn((2, 1, 28, 28), generator=g)
+        for i, t in enumerate(sched.timesteps):
+            eps = 3 * torch.randn(x.shape, generator=g)
+            gens = [torch.Generator().manual_seed(100 * i + j) for j in range(2)]
+            want = sched.step(eps, t, x, generator=gens).prev_sample
+            gens = [torch.Generator().manual_seed(100 * i + j) for j in range(2)]
+            noise = torch.cat([torch.randn((1, 1, 28, 28), generator=gen) for gen in gens])
+            got, _ = ddpm_update(x, eps, None, table[i].expand(2, -1), noise)
+            assert torch.equal(got, want), ("ddpm", steps, i)
+            x = want
 
 
 def test_which_requests_step_together(loaded):
@@ -129,11 +160,10 @@ def test_which_requests_step_together(loaded):
     ):
         assert not steps_together(SampleSpec(class_label=1, seeds=(0,), guidance=guidance))
     assert not steps_together(SampleSpec(class_label=1, seeds=(0,), return_trace=True))
-    for sampler in ("ddpm", "euler_a"):
-        assert make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler=sampler)).table is None
+    assert make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler="euler_a")).table is None
     tables = {s: make(loaded, SampleSpec(class_label=1, seeds=(0,), sampler=s)).table for s in SAMPLERS}
     solvers = {s: t.solver for s, t in tables.items() if t is not None}
-    assert solvers == {"dpmpp_2m": "dpmpp_2m", "dpmpp_2m_karras": "dpmpp_2m", "ddim": "ddim"}
+    assert solvers == {"dpmpp_2m": "dpmpp_2m", "dpmpp_2m_karras": "dpmpp_2m", "ddim": "ddim", "ddpm": "ddpm"}
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddpm"])
