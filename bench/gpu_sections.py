@@ -52,8 +52,8 @@ def forward_inputs(rows: int, device: torch.device, shape=(1, 28, 28), classes: 
 
 def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Any, n: int = 64) -> list[str]:
     """Where a tick of the step loop goes with n one-image requests together, 20 steps of the default sampler
-    (and of DDPM, whose step adds noise): the forward against the rest (each request's model input, then the
-    guidance combine and the sampler step: diffusers' scheduler one request at a time, or
+    (and of the ancestral ones, whose steps add noise): the forward against the rest (each request's model
+    input, then the guidance combine and the sampler step: diffusers' scheduler one request at a time, or
     app.sampling.batched's over all of them)."""
     from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
     from app.sampling.run import denoise_step
@@ -69,6 +69,7 @@ def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Any, n
         (f"{DEFAULT_SAMPLER}, default (interval)", DEFAULT_SAMPLER, DEFAULT_GUIDANCE),
         (f"{DEFAULT_SAMPLER}, constant s = 3", DEFAULT_SAMPLER, GuidanceParams(3.0)),
         ("ddpm, constant s = 3", "ddpm", GuidanceParams(3.0)),
+        ("euler_a, constant s = 3", "euler_a", GuidanceParams(3.0)),
     )
     for gname, sampler, g in cases:
         for fname, denoiser in denoisers.items():

@@ -122,11 +122,11 @@ def test_the_service_replays_cuda_graphs_at_fp16_and_draws():
         assert len({decode(b64).tobytes() for b64 in r.json()["images"]}) == 3
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim", "ddpm", "euler_a"])
 def test_batched_steps_draw_what_the_diffusers_step_draws_on_the_gpu(models, sampler):
     """app.sampling.batched against diffusers' per-request step, both on the GPU, the same forwards: equal to
-    the bit, as on the CPU (tests/sampling/test_batched.py). DDIM and DDPM at s = 7.5 clip their x0; DDPM's
-    noise is drawn on the host by each image's generator on both paths."""
+    the bit, as on the CPU (tests/sampling/test_batched.py). DDIM and DDPM at s = 7.5 clip their x0; the
+    ancestral samplers' noise is drawn on the host by each image's generator on both paths."""
     guidance = DEFAULT_GUIDANCE if sampler == "dpmpp_2m_karras" else GuidanceParams(7.5)
     spec = SampleSpec(class_label=6, seeds=(0, 1, 2), steps=20, sampler=sampler, guidance=guidance)
     together, alone = draw(models["cuda"], spec), draw(models["cuda"], spec, per_request=True)
@@ -134,7 +134,7 @@ def test_batched_steps_draw_what_the_diffusers_step_draws_on_the_gpu(models, sam
     assert torch.equal(together.latents, alone.latents), (together.latents - alone.latents).abs().max()
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim", "ddpm", "euler_a"])
 def test_the_default_request_steps_without_a_host_device_sync(models, sampler):
     """torch.cuda.set_sync_debug_mode('error') over 20 steps of four requests, graphs replayed: the step loop
     neither waits for the card nor makes it wait (reading the finished images is the caller's)."""

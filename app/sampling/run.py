@@ -190,8 +190,9 @@ class SampleRun:
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
         self._x_in: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
-        # Requests whose whole step app.sampling.batched reproduces (DPM-Solver++ 2M, DDIM, DDPM) are stepped there,
-        # all together; their scheduler then only gave the timesteps. Decided once: a run never switches paths.
+        # Requests whose whole step app.sampling.batched reproduces (plain CFG, and each sampler on the schedulers
+        # it reproduces: this project's all) are stepped there, all together; their scheduler then only gave the
+        # timesteps. Decided once: a run never switches paths.
         self.table = step_table(spec.sampler, scheduler_config, spec.steps) if steps_together(spec) else None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
@@ -220,7 +221,11 @@ class SampleRun:
 
     def model_input(self) -> ModelInput:
         t = self.timesteps[self.step_index]
-        x = self.scheduler.scale_model_input(self.latents, t)
+        if self.table is not None:  # the batched step never calls the scheduler, whose step index stays put
+            divisors = self.table.input_divisors
+            x = self.latents if divisors is None else self.latents / divisors[self.step_index]
+        else:
+            x = self.scheduler.scale_model_input(self.latents, t)
         self._x_in = x
         labels = self._cond_labels
         delta = self._cads_delta(t)
