@@ -1,0 +1,61 @@
+"""What the step loop costs beside the forward, per sampler: a tick of N one-image requests with a zero-cost
+stand-in forward (eps = 0, a stand-in by design: it isolates the model input, the guidance combine and the
+sampler step), each request stepped by its own diffusers scheduler against app.sampling.batched's step over
+all of them. The same table as bench_gpu.py's step loop, which times it on a card with the real forward.
+
+    python3 bench/bench_step.py                     # 64 requests, on this machine's CPU
+    python3 bench/bench_step.py --requests 16 --record
+
+prints the markdown table (with machine, commit and command); --record appends it to docs/benchmarks/history.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.config import DEFAULT_MODEL_PATH  # noqa: E402
+from app.evaluation.provenance import git_commit, machine_description  # noqa: E402
+from app.models import load_checkpoint  # noqa: E402
+from bench.gpu_sections import step_breakdown  # noqa: E402
+from bench.record import record  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the engine's thread runs the step)")
+    p.add_argument("--record", action="store_true", help="append the result to docs/benchmarks/history.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
+    report = types.SimpleNamespace(data={})
+
+    def stand_in(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    table = step_breakdown(loaded, {"stand-in (eps = 0)": stand_in}, torch.device("cpu"), report, n=args.requests)
+    text = "\n".join(
+        [
+            f"## Step loop beside the forward, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
+            "",
+            f"- machine: {machine_description()}",
+            f"- command: `python3 {' '.join(sys.argv)}`",
+            "",
+            *table,
+        ]
+    )
+    print(text)
+    if args.record:
+        record(text)
+
+
+if __name__ == "__main__":
+    main()
