@@ -48,6 +48,8 @@ class StepTable:
     solver: str
     rows: tuple[list[float], ...]
     input_divisors: tuple[float, ...] | None = None
+    timesteps: tuple[float, ...] = ()  # each step's timestep on the host, as the model takes it
+    timestep_dtype: torch.dtype = torch.int64
 
     def __getitem__(self, step: int) -> list[float]:
         return self.rows[step]
@@ -67,7 +69,8 @@ def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTab
         coefs = solver.table(scheduler, **step_kwargs(sampler))
         if coefs is not None:
             divisors = None if solver.input_divisors is None else tuple(solver.input_divisors(scheduler))
-            return StepTable(name, tuple(coefs.tolist()), divisors)
+            host = scheduler.timesteps
+            return StepTable(name, tuple(coefs.tolist()), divisors, tuple(host.tolist()), host.dtype)
     return None
 
 
@@ -77,6 +80,41 @@ def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales
     eps_c, eps_u = eps.index_select(0, cond), eps.index_select(0, uncond)
     s = scales.reshape(-1, *([1] * (eps.dim() - 1)))
     return eps_u + s * (eps_c - eps_u)
+
+
+def inputs_together(runs: Sequence[SampleRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's rows (x, timesteps, labels) for runs that have a step table, built over all of them at
+    once rather than run by run: each run's conditional rows, then its unconditional ones where this step runs
+    them, in the runs' order, as SampleRun.model_input would give them. The timesteps and labels come from
+    host lists, with one copy each that does not wait; each run's scaled input is kept for its preview."""
+    latents = torch.cat([r.latents for r in runs]) if len(runs) > 1 else runs[0].latents
+    index: list[int] = []
+    timesteps: list[float] = []
+    labels: list[int] = []
+    scaled = any(r.table.input_divisors is not None for r in runs)
+    divisors: list[float] = []
+    start = 0
+    for r in runs:
+        n, i, table = r.spec.num_images, r.step_index, r.table
+        rows = list(range(start, start + n))
+        guided = r.needs_uncond()
+        index += rows + rows if guided else rows
+        labels += [r.label] * n + [r.null_label] * n if guided else [r.label] * n
+        timesteps += [table.timesteps[i]] * (2 * n if guided else n)
+        if scaled:
+            divisors += [1.0 if table.input_divisors is None else table.input_divisors[i]] * n
+        start += n
+    x = latents
+    if scaled:  # Euler's scale_model_input, a division by a host scalar: CUDA multiplies by its reciprocal
+        d = torch.tensor(divisors, dtype=torch.float32)
+        d = to_device(1.0 / d if latents.is_cuda else d, latents.device).reshape(-1, *([1] * (latents.dim() - 1)))
+        x = latents * d if latents.is_cuda else latents / d
+    for r, view in zip(runs, x.split([r.spec.num_images for r in runs]), strict=True):
+        r.scaled_input = view
+    dtype = functools.reduce(torch.promote_types, {r.table.timestep_dtype for r in runs})
+    device = latents.device
+    rows = x.index_select(0, to_device(torch.tensor(index), device))
+    return rows, to_device(torch.tensor(timesteps, dtype=dtype), device), to_device(torch.tensor(labels), device)
 
 
 def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
@@ -102,19 +140,20 @@ def step_noise(run: SampleRun, column: int) -> torch.Tensor:
 
 
 def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Tensor) -> None:
+    runs = [run for run, _ in members]
+    sizes = [r.spec.num_images for r in runs]
     per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
-    for run, offset in members:
-        n, i = run.spec.num_images, run.step_index
+    for (run, offset), n in zip(members, sizes, strict=True):
+        i = run.step_index
         guided = run.needs_uncond()
-        scale = run.scales[i] if guided else 1.0
+        scale, shift = (run.scales[i], n) if guided else (1.0, 0)
         coefs = run.table[i]
-        per_row += [[offset + j, offset + j + (n if guided else 0), scale, *coefs] for j in range(n)]
+        per_row += [[offset + j, offset + j + shift, scale, *coefs] for j in range(n)]
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step
     cond, uncond = table[:, 0].long(), table[:, 1].long()
     eps_guided = cfg_rows(eps, cond, uncond, table[:, 2])
-    runs = [run for run, _ in members]
-    sample = torch.cat([r.latents for r in runs])
+    sample = torch.cat([r.latents for r in runs]) if len(runs) > 1 else runs[0].latents
     x0_prev = None
     if solver.history:
         x0_prev = torch.cat([r.x0_prev if r.x0_prev is not None else torch.zeros_like(r.latents) for r in runs])
@@ -122,11 +161,9 @@ def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Te
     if solver.noise is not None:  # drawn on the host by each image's generator, as diffusers' step, and queued
         noise = to_device(torch.cat([step_noise(r, solver.noise) for r in runs]), eps.device)
     x_t, x0 = solver.update(sample, eps_guided.to(sample.dtype), x0_prev, table[:, 3:], noise)
-    start = 0
-    for run in runs:
-        stop = start + run.spec.num_images
-        run.x0_prev = x0[start:stop] if solver.history else None
-        run.finish_step(x_t[start:stop], eps_guided[start:stop])
+    x0s = x0.split(sizes) if solver.history else [None] * len(runs)
+    for run, latents, eps_run, x0_run in zip(runs, x_t.split(sizes), eps_guided.split(sizes), x0s, strict=True):
+        run.x0_prev = x0_run
+        run.finish_step(latents, eps_run)
         if run.done:  # a finished request keeps its own latents, not a view holding the whole batch's alive
             run.latents, run.x0_prev = run.latents.clone(), None
-        start = stop

@@ -35,7 +35,7 @@ from app.guidance import (
     sigma_of,
     x0_to_eps,
 )
-from app.sampling.batched import advance_together, step_table
+from app.sampling.batched import advance_together, inputs_together, step_table
 from app.sampling.device import to_device
 from app.sampling.schedulers import DEFAULT_SAMPLER, request_scheduler, step_kwargs
 
@@ -180,15 +180,15 @@ class SampleRun:
         self.scales = g.schedule.scales(g.guidance_scale, spec.steps, self.sigmas)
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
-        label = null_label if spec.class_label is None else spec.class_label
-        self._cond_labels = torch.full((n,), label, dtype=torch.long, device=device)
+        self.label = null_label if spec.class_label is None else spec.class_label
+        self._cond_labels = torch.full((n,), self.label, dtype=torch.long, device=device)
         self._null_labels = torch.full((n,), null_label, dtype=torch.long, device=device)
         self._class_embedding = None
         if g.cads is not None and spec.class_label is not None:
             if class_embedding is None:
                 raise ValueError("CADS needs the model's class embedding; this model does not expose one")
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
-        self._x_in: torch.Tensor | None = None
+        self.scaled_input: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
         # Requests whose whole step app.sampling.batched reproduces (plain CFG, and each sampler on the schedulers
         # it reproduces: this project's all) are stepped there, all together; their scheduler then only gave the
@@ -201,7 +201,7 @@ class SampleRun:
 
     @property
     def done(self) -> bool:
-        return self.step_index >= len(self.timesteps)
+        return self.step_index >= self.spec.steps
 
     def _guided(self, i: int) -> bool:
         """Step i runs the unconditional rows: not where the weight is exactly 1, nor without a class."""
@@ -226,7 +226,7 @@ class SampleRun:
             x = self.latents if divisors is None else self.latents / divisors[self.step_index]
         else:
             x = self.scheduler.scale_model_input(self.latents, t)
-        self._x_in = x
+        self.scaled_input = x
         labels = self._cond_labels
         delta = self._cads_delta(t)
         if self.needs_uncond():
@@ -265,7 +265,7 @@ class SampleRun:
         trace = StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond)) if self.spec.return_trace else None
         method = g.method
         if method.kind == "apg":
-            x, alpha_bar = self._x_in, self.alpha_bars[i]
+            x, alpha_bar = self.scaled_input, self.alpha_bars[i]
             out = apg_combine(
                 eps_to_x0(x, eps_cond, alpha_bar),
                 eps_to_x0(x, eps_uncond, alpha_bar),
@@ -301,7 +301,8 @@ class SampleRun:
         self.latents = latents
         self.step_index += 1
         if self._preview_due():
-            self.preview = Preview(self.step_index, self.decode(eps_to_x0(self._x_in, eps_guided, self.alpha_bars[i])))
+            x0 = eps_to_x0(self.scaled_input, eps_guided, self.alpha_bars[i])
+            self.preview = Preview(self.step_index, self.decode(x0))
 
     def _preview_due(self) -> bool:
         """Every preview_every steps, except the last: the finished images follow it at once."""
@@ -320,8 +321,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
-    """ONE forward over the rows of all runs, then each run advances its own sampler. Returns rows."""
-    inputs = [r.model_input() for r in runs]
+    """ONE forward over the rows of all runs, then each run advances its own sampler. Returns rows.
+
+    The runs that app.sampling.batched steps together come first, their rows built at once; then the others',
+    each from its own model_input."""
+    together = [r for r in runs if r.table is not None]
+    alone = [r for r in runs if r.table is None]
+    inputs = [ModelInput(*inputs_together(together))] if together else []
+    inputs += [r.model_input() for r in alone]
     args = [torch.cat([i.x for i in inputs]), torch.cat([i.timesteps for i in inputs])]
     args.append(torch.cat([i.class_labels for i in inputs]))
     deltas = [i.embed_delta for i in inputs]
@@ -330,13 +337,12 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
         zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
         args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
     eps = denoiser(*args)
-    offset, together, offsets = 0, [], []
-    for run, inp in zip(runs, inputs, strict=True):
-        if run.table is not None:
-            together.append(run)
-            offsets.append(offset)
-        else:
-            run.advance(eps[offset : offset + inp.rows])
+    offsets, offset = [], 0
+    for run in together:
+        offsets.append(offset)
+        offset += run.rows_needed()
+    for run, inp in zip(alone, inputs[1:] if together else inputs, strict=True):
+        run.advance(eps[offset : offset + inp.rows])
         offset += inp.rows
     if together:
         advance_together(together, eps, offsets)

@@ -13,6 +13,7 @@ from app.sampling import (
     SampleSpec,
     denoise_step,
 )
+from app.sampling.batched import inputs_together
 from app.sampling.run import steps_together
 
 
@@ -117,3 +118,27 @@ def test_requests_of_one_schedule_share_its_tensors_and_nothing_they_change(load
     for run in pair:
         (alone,) = draw(denoiser, [make(loaded, run.spec, per_request=True)])
         assert torch.equal(run.latents, alone.latents)
+
+
+def test_rows_built_together_are_each_runs_own_model_input(loaded, denoiser):
+    """inputs_together (the forward's rows of all runs with a step table, built at once) against each run's own
+    model_input, concatenated in the same order: the same x, timesteps and labels, to the bit, with Euler's
+    scaled input, unguided steps (the interval's s = 1) and unconditional runs in the mix."""
+    specs = [
+        SampleSpec(class_label=3, seeds=(0, 1), steps=20),  # the default: guided only inside its interval
+        SampleSpec(class_label=2, seeds=(5,), steps=9, sampler="euler_a", guidance=GuidanceParams(4)),
+        SampleSpec(class_label=None, seeds=(9,), steps=6, sampler="ddpm"),
+        SampleSpec(class_label=7, seeds=(4, 6, 8), steps=10, sampler="ddim", guidance=GuidanceParams(7.5)),
+    ]
+    runs = [make(loaded, spec) for spec in specs]
+    for _ in range(5):
+        denoise_step(denoiser, runs)
+        x, t, y = inputs_together(runs)
+        scaled = [r.scaled_input for r in runs]
+        own = [r.model_input() for r in runs]
+        assert torch.equal(x, torch.cat([i.x for i in own]))
+        timesteps = torch.cat([i.timesteps for i in own])
+        assert torch.equal(t, timesteps) and t.dtype == timesteps.dtype
+        assert torch.equal(y, torch.cat([i.class_labels for i in own]))
+        assert all(torch.equal(a, r.scaled_input) for a, r in zip(scaled, runs, strict=True))
+    assert {r.needs_uncond() for r in runs} == {True, False}
