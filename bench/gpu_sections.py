@@ -76,15 +76,12 @@ def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Any, n
             for stepping in ("per request (diffusers)", "together (batched)"):
 
                 def runs(g=g, sampler=sampler, stepping=stepping):
-                    rs = [
+                    return [
                         SampleRun(SampleSpec(class_label=i % 10, seeds=(i,), steps=20, sampler=sampler, guidance=g),
-                                  loaded.scheduler_config, m.sample_shape, m.null_label, device=device)
+                                  loaded.scheduler_config, m.sample_shape, m.null_label, device=device,
+                                  together=not stepping.startswith("per request"))
                         for i in range(n)
                     ]  # fmt: skip
-                    if stepping.startswith("per request"):
-                        for r in rs:
-                            r.table = None
-                    return rs
 
                 for _ in range(2):  # the second pass is timed
                     rs, rows = runs(), []

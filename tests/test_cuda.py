@@ -31,9 +31,10 @@ def models():
 
 def draw(loaded, spec: SampleSpec, per_request: bool = False, denoiser=None) -> SampleRun:
     m = loaded.manifest
-    run = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, device=loaded.device)
-    if per_request:
-        run.table = None  # diffusers' own step instead of app.sampling.batched's
+    # per_request: diffusers' own step instead of app.sampling.batched's
+    run = SampleRun(
+        spec, loaded.scheduler_config, m.sample_shape, m.null_label, device=loaded.device, together=not per_request
+    )
     sample(denoiser or model_denoiser(loaded), [run])
     return run
 

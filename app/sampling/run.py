@@ -9,6 +9,7 @@ StackedRandomGenerator).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -37,7 +38,14 @@ from app.guidance import (
 )
 from app.sampling.batched import advance_together, inputs_together, step_table
 from app.sampling.device import to_device
-from app.sampling.schedulers import DEFAULT_SAMPLER, request_scheduler, step_kwargs
+from app.sampling.schedulers import (
+    DEFAULT_SAMPLER,
+    config_key,
+    device_timesteps,
+    request_scheduler,
+    step_kwargs,
+    timed_scheduler,
+)
 
 
 class Denoiser(Protocol):
@@ -154,17 +162,29 @@ class SampleRun:
         device: torch.device | str = "cpu",
         class_embedding: ClassEmbedding | None = None,
         decode: ImageDecoder | None = None,
+        together: bool = True,
     ) -> None:
         """decode maps samples (N, C, h, w) to uint8 images (N, H, W, C'): a latent model's VAE; the default
-        reads the samples as pixels in [-1, 1]."""
+        reads the samples as pixels in [-1, 1]. together=False keeps the request on its own diffusers
+        scheduler's step even where app.sampling.batched reproduces it (the reference, for tests and benches)."""
         device = torch.device(device)
         self.decode = decode or to_uint8
         g = spec.guidance
         self.spec = spec
         self.null_label = null_label
-        self.scheduler, host_timesteps = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
+        key = config_key(scheduler_config)
+        # Requests whose whole step app.sampling.batched reproduces (plain CFG, and each sampler on the schedulers
+        # it reproduces: this project's all) are stepped there, all together. Decided once: a run never switches
+        # paths. Such a run's scheduler is never stepped, only read: every request of its schedule shares one.
+        batched = together and steps_together(spec)
+        self.table = step_table(spec.sampler, scheduler_config, spec.steps) if batched else None
+        if self.table is not None:
+            self.scheduler = timed_scheduler(spec.sampler, key, spec.steps)
+            self.timesteps = device_timesteps(spec.sampler, key, spec.steps, device)
+        else:
+            self.scheduler, _ = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
+            self.timesteps = self.scheduler.timesteps
         self._step_kwargs = step_kwargs(spec.sampler)
-        self.timesteps = self.scheduler.timesteps
         # The generators live on the host whatever the device: a seed then draws the same noise on a GPU as on
         # the CPU (diffusers' randn_tensor draws on the host and moves it), so an image depends on its seed and
         # settings, not on the card. The cost: ancestral samplers copy each step's noise to the device.
@@ -174,10 +194,10 @@ class SampleRun:
         # for the device (app/sampling/device.py), so the noise is drawn on the host and queued to it.
         latents = to_device(randn_tensor((n, *image_shape), generator=self.generators, device="cpu"), device)
         self.latents = latents * self.scheduler.init_noise_sigma
-        # alpha_bar and sigma of each step, on the host once: the x0 mapping and the schedules use them.
-        self.alpha_bars = self.scheduler.alphas_cumprod.cpu()[host_timesteps.long()].tolist()
-        self.sigmas = [sigma_of(a) for a in self.alpha_bars]
-        self.scales = g.schedule.scales(g.guidance_scale, spec.steps, self.sigmas)
+        # alpha_bar and sigma of each step, on the host: the x0 mapping and the schedules use them.
+        alpha_bars, sigmas = schedule_values(spec.sampler, key, spec.steps)
+        self.alpha_bars, self.sigmas = list(alpha_bars), list(sigmas)
+        self.scales = list(guidance_scales(g.schedule, g.guidance_scale, spec.steps, sigmas))
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.label = null_label if spec.class_label is None else spec.class_label
@@ -190,10 +210,6 @@ class SampleRun:
             self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
         self.scaled_input: torch.Tensor | None = None
         self._apg_running: torch.Tensor | None = None
-        # Requests whose whole step app.sampling.batched reproduces (plain CFG, and each sampler on the schedulers
-        # it reproduces: this project's all) are stepped there, all together; their scheduler then only gave the
-        # timesteps. Decided once: a run never switches paths.
-        self.table = step_table(spec.sampler, scheduler_config, spec.steps) if steps_together(spec) else None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
@@ -312,6 +328,24 @@ class SampleRun:
     def images(self) -> np.ndarray:
         """The finished images as uint8, shape (N, H, W, C)."""
         return self.decode(self.latents)
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_values(
+    sampler: str, scheduler_config_json: str, steps: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """alpha_bar and sigma at each step of (sampler, config_key, steps), computed once on the host."""
+    scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
+    alpha_bars = tuple(scheduler.alphas_cumprod.cpu()[scheduler.timesteps.long()].tolist())
+    return alpha_bars, tuple(sigma_of(a) for a in alpha_bars)
+
+
+@functools.lru_cache(maxsize=1024)
+def guidance_scales(
+    schedule: GuidanceSchedule, guidance_scale: float, steps: int, sigmas: tuple[float, ...]
+) -> tuple[float, ...]:
+    """GuidanceSchedule.scales, kept per (schedule, scale, steps, sigmas): the API's few settings recur."""
+    return tuple(schedule.scales(guidance_scale, steps, sigmas))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -19,10 +19,8 @@ from app.sampling.run import steps_together
 
 def make(loaded, spec: SampleSpec, per_request: bool = False) -> SampleRun:
     m = loaded.manifest
-    run = SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label)
-    if per_request:
-        run.table = None  # diffusers' step, one request at a time: the reference
-    return run
+    # per_request: diffusers' step, one request at a time: the reference
+    return SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, together=not per_request)
 
 
 def draw(denoiser, runs: list[SampleRun]) -> list[SampleRun]:
@@ -142,3 +140,19 @@ def test_rows_built_together_are_each_runs_own_model_input(loaded, denoiser):
         assert torch.equal(y, torch.cat([i.class_labels for i in own]))
         assert all(torch.equal(a, r.scaled_input) for a, r in zip(scaled, runs, strict=True))
     assert {r.needs_uncond() for r in runs} == {True, False}
+
+
+def test_runs_stepped_together_share_one_scheduler_and_never_step_it(loaded, denoiser):
+    """A batched run only reads its scheduler (timesteps, alphas, the input scaling's sigmas): every request of
+    a schedule shares the cached one, which stays as set_timesteps left it however many requests it served."""
+    specs = [SampleSpec(class_label=c, seeds=(c,), steps=6, sampler=s) for c in (1, 2) for s in ("dpmpp_2m", "euler_a")]
+    runs = [make(loaded, spec) for spec in specs]
+    assert runs[0].scheduler is runs[2].scheduler and runs[1].scheduler is runs[3].scheduler
+    states = [{k: v for k, v in vars(r.scheduler).items() if not torch.is_tensor(v)} for r in runs[:2]]
+    before = [repr(state) for state in states]
+    draw(denoiser, runs)
+    after = [repr({k: v for k, v in vars(r.scheduler).items() if not torch.is_tensor(v)}) for r in runs[:2]]
+    assert after == before
+    assert runs[0].scheduler.step_index is None and runs[0].scheduler.model_outputs == [None, None]
+    alone = make(loaded, specs[0], per_request=True)  # the per-request path still gets its own copy to step
+    assert alone.scheduler is not runs[0].scheduler
