@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.models.importer import import_model  # noqa: E402
-from bench.record import record  # noqa: E402
+from bench.record import publish  # noqa: E402
 
 
 def dit_s2_pipeline(path: Path) -> Path:
@@ -136,7 +136,7 @@ def main() -> None:
             proc.wait(timeout=120)
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = "\n".join(
+    publish(
         [
             f"## A DiT-S/2-sized latent model at 256 px ({now}, commit {git_commit()})",
             "",
@@ -152,11 +152,9 @@ def main() -> None:
             f"| service, 1 client | {one:.3f} | {one / pipeline:.2f}x |",
             f"| service, 8 concurrent clients | {eight:.3f} | {eight / pipeline:.2f}x |",
             "",
-        ]
+        ],
+        args.record,
     )
-    print(text)
-    if args.record:
-        record(text)
 
 
 if __name__ == "__main__":

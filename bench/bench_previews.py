@@ -30,7 +30,7 @@ from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.images import to_png_bytes  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import SampleRun, SampleSpec, sample  # noqa: E402
-from bench.record import record  # noqa: E402
+from bench.record import publish  # noqa: E402
 
 
 def batch_seconds(loaded, denoiser, preview_every: int | None, requests: int, steps: int) -> float:
@@ -92,7 +92,7 @@ def main() -> None:
     png_us = (time.perf_counter() - t0) / 1000 * 1e6
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = "\n".join(
+    publish(
         [
             f"## Previews: their cost to the batch ({now}, commit {git_commit()})",
             "",
@@ -109,11 +109,9 @@ def main() -> None:
             f"PNG encoding of one {loaded.manifest.image_size}x{loaded.manifest.image_size} preview on the event "
             f"loop: {png_us:.0f} µs.",
             "",
-        ]
+        ],
+        args.record,
     )
-    print(text)
-    if args.record:
-        record(text)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from app.evaluation.provenance import git_commit, machine_description  # noqa: E
 from app.models import load_checkpoint  # noqa: E402
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec  # noqa: E402
 from bench.gpu_sections import step_breakdown  # noqa: E402
-from bench.record import record  # noqa: E402
+from bench.record import publish  # noqa: E402
 
 
 def build_times(loaded, rounds: int = 5, number: int = 1000) -> list[str]:
@@ -69,7 +69,7 @@ def main() -> None:
 
     table = step_breakdown(loaded, {"stand-in (eps = 0)": stand_in}, torch.device("cpu"), report, n=args.requests)
     table += ["", *build_times(loaded)]
-    text = "\n".join(
+    publish(
         [
             f"## Step loop beside the forward, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
             "",
@@ -77,11 +77,9 @@ def main() -> None:
             f"- command: `python3 {' '.join(sys.argv)}`",
             "",
             *table,
-        ]
+        ],
+        args.record,
     )
-    print(text)
-    if args.record:
-        record(text)
 
 
 if __name__ == "__main__":

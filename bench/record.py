@@ -18,3 +18,11 @@ def record(text: str) -> None:
         HISTORY.write_text(HEADER)
     with open(HISTORY, "a") as f:
         f.write("\n" + text.rstrip("\n") + "\n")
+
+
+def publish(lines: list[str], save: bool) -> None:
+    """Print a run's markdown lines; with save (a bench's --record), append them to the history too."""
+    text = "\n".join(lines)
+    print(text)
+    if save:
+        record(text)

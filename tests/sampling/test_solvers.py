@@ -36,6 +36,23 @@ def image_noise(step: int) -> tuple[list[torch.Generator], torch.Tensor]:
     return [torch.Generator().manual_seed(s) for s in seeds], noise
 
 
+def assert_every_step_is_the_schedulers(sched, table, update, eps_scale: float = 1.0, **step_kwargs) -> None:
+    """Each step of update (with the solver's history, and the ancestral noise that each image's generator
+    draws for diffusers' step) equals sched.step to the bit, on random samples and model outputs."""
+    g, x = start(len(sched.timesteps))
+    x0_prev = torch.zeros_like(x)
+    divisors = euler_a_input_divisors(sched) if update is euler_a_update else None
+    for i, t in enumerate(sched.timesteps):
+        if divisors is not None:
+            assert torch.equal(x / divisors[i], sched.scale_model_input(x, t)), i
+        eps = eps_scale * torch.randn(x.shape, generator=g)
+        gens, noise = image_noise(i)
+        want = sched.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
+        got, x0_prev = update(x, eps, x0_prev, table[i].expand(2, -1), noise)
+        assert torch.equal(got, want), i
+        x = want
+
+
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_karras"])
 @pytest.mark.parametrize("steps", STEPS)
 def test_dpmpp_2m_is_the_schedulers_step_at_both_orders(loaded, sampler, steps):
@@ -43,14 +60,7 @@ def test_dpmpp_2m_is_the_schedulers_step_at_both_orders(loaded, sampler, steps):
     set_steps(sched, steps)
     table = dpmpp_2m_table(sched)
     assert table.shape == (steps, 7)
-    g, x = start(steps)
-    x0_prev = torch.zeros_like(x)
-    for i, t in enumerate(sched.timesteps):
-        eps = torch.randn(x.shape, generator=g)
-        want = sched.step(eps, t, x).prev_sample
-        got, x0_prev = dpmpp_2m_update(x, eps, x0_prev, table[i].expand(2, -1))
-        assert torch.equal(got, want), i
-        x = want
+    assert_every_step_is_the_schedulers(sched, table, dpmpp_2m_update)
 
 
 @pytest.mark.parametrize("steps", STEPS)
@@ -60,13 +70,7 @@ def test_ddim_is_the_schedulers_step_with_the_clipped_x0(loaded, steps):
     set_steps(sched, steps)
     table = ddim_table(sched, use_clipped_model_output=True)
     assert table.shape == (steps, 7) and ddim_table(sched) is None  # unclipped eps: not reproduced
-    g, x = start(steps)
-    for i, t in enumerate(sched.timesteps):
-        eps = 3 * torch.randn(x.shape, generator=g)
-        want = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
-        got, _ = ddim_update(x, eps, None, table[i].expand(2, -1))
-        assert torch.equal(got, want), i
-        x = want
+    assert_every_step_is_the_schedulers(sched, table, ddim_update, eps_scale=3, use_clipped_model_output=True)
 
 
 @pytest.mark.parametrize("steps, spacing", [*((n, "trailing") for n in STEPS), (10, "leading")])
@@ -78,14 +82,7 @@ def test_ddpm_is_the_schedulers_step_with_its_noise(loaded, steps, spacing):
     table = ddpm_table(sched)
     assert table.shape == (steps, 7) and (table[:-1, NOISE_STD] > 0).all()
     assert (table[-1, NOISE_STD] == 0) == (spacing == "leading")
-    g, x = start(steps)
-    for i, t in enumerate(sched.timesteps):
-        eps = 3 * torch.randn(x.shape, generator=g)
-        gens, noise = image_noise(i)
-        want = sched.step(eps, t, x, generator=gens).prev_sample
-        got, _ = ddpm_update(x, eps, None, table[i].expand(2, -1), noise)
-        assert torch.equal(got, want), i
-        x = want
+    assert_every_step_is_the_schedulers(sched, table, ddpm_update, eps_scale=3)
 
 
 @pytest.mark.parametrize("steps", STEPS)
@@ -95,15 +92,7 @@ def test_euler_ancestral_is_the_schedulers_input_scaling_and_step(loaded, steps)
     set_steps(sched, steps)
     table, divisors = euler_a_table(sched), euler_a_input_divisors(sched)
     assert table.shape == (steps, 4) and len(divisors) == steps and table[-1, E_SIGMA_UP] == 0
-    g, x = start(steps)
-    for i, t in enumerate(sched.timesteps):
-        assert torch.equal(x / divisors[i], sched.scale_model_input(x, t)), i
-        eps = torch.randn(x.shape, generator=g)
-        gens, noise = image_noise(i)
-        want = sched.step(eps, t, x, generator=gens).prev_sample
-        got, _ = euler_a_update(x, eps, None, table[i].expand(2, -1), noise)
-        assert torch.equal(got, want), i
-        x = want
+    assert_every_step_is_the_schedulers(sched, table, euler_a_update)
 
 
 def test_other_schedulers_and_settings_are_not_reproduced(loaded):
