@@ -143,14 +143,25 @@ METHOD_MODELS = _by_kind(CfgMethod, ApgMethod, CfgZeroStarMethod)
 
 def request_fields(value: GuidanceSchedule | GuidanceMethod) -> dict[str, Any]:
     """The fields of an engine schedule or method that its kind's request schema has (None left out): what a
-    request would send for it."""
+    request would send for it. Every response echoes two of them: kept per (frozen, hashable) value."""
+    return dict(_request_fields(value))
+
+
+@functools.lru_cache(maxsize=256)
+def _request_fields(value: GuidanceSchedule | GuidanceMethod) -> tuple[tuple[str, Any], ...]:
     models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
     schema_fields = models[value.kind].model_fields
-    return {k: v for k, v in asdict(value).items() if k in schema_fields and v is not None}
+    return tuple((k, v) for k, v in asdict(value).items() if k in schema_fields and v is not None)
 
 
 def _schema_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
-    """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE)."""
+    """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE),
+    validated once and copied for each request that leaves it out."""
+    return _validated_default(value).model_copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _validated_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
     models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
     return models[value.kind].model_validate(request_fields(value))
 
