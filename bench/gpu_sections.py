@@ -173,10 +173,12 @@ async def service_async(args, report: Any) -> list[str]:
             return [registry.get_sample_value(n, labels) or 0.0 for n in names]
 
         async def level(clients: int, images: int = 1) -> dict:
-            before = counters()
+            before, cpu = counters(), time.process_time()  # the server's process: its event loop and engine
             result = await load_process(url, clients, args.steps, args.warm, args.window, images)
+            cpu_ms = 1e3 * (time.process_time() - cpu) / max(result["completed"], 1)
             rows, ticks, step_s = (b - a for a, b in zip(before, counters(), strict=True))
-            return {**result, "rows_per_forward": rows / max(ticks, 1), "step_ms": 1e3 * step_s / max(ticks, 1)}
+            per_tick = {"rows_per_forward": rows / max(ticks, 1), "step_ms": 1e3 * step_s / max(ticks, 1)}
+            return {**result, **per_tick, "cpu_ms_per_response": cpu_ms}
 
         levels = {}
         for c in args.clients:
@@ -195,17 +197,20 @@ async def service_async(args, report: Any) -> list[str]:
             f"one-image requests ({args.steps} dpmpp_2m steps, constant CFG s = 3: 2 rows per image-step) back to "
             f"back; responses finished inside a {args.window:g} s window after {args.warm:g} s of load.",
             "",
-            "Rows per forward and the engine's step (ms) are the server's own counters over the whole level.",
+            "Rows per forward and the engine's step (ms) are the server's own counters over the whole level; the "
+            "server's CPU per response is its process's CPU time (event loop and engine threads) over the level "
+            "divided by the responses it completed.",
             "",
-            "| clients | images/s | vs one at a time | p50 (s) | p99 (s) | rows per forward | engine step (ms) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| clients | images/s | vs one at a time | p50 (s) | p99 (s) | rows per forward | engine step (ms) "
+            "| server CPU per response (ms) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
 
         def row(name: str, lv: dict) -> str:
             ips = lv["images_per_s"]
             return (
                 f"| {name} | {ips:.1f} | {ips / one:.2f}x | {lv['p50']:.3f} | {lv['p99']:.3f} | "
-                f"{lv['rows_per_forward']:.1f} | {lv['step_ms']:.2f} |"
+                f"{lv['rows_per_forward']:.1f} | {lv['step_ms']:.2f} | {lv['cpu_ms_per_response']:.2f} |"
             )
 
         lines += [row(str(c), lv) for c, lv in levels.items()]
