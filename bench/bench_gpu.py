@@ -9,8 +9,9 @@ same run:
   1. tests/test_cuda.py: the service on CUDA, CPU against GPU for the same seed, batch invariance;
   2. the forward: fp32 eager, TF32, bf16 and fp16 autocast, compiled (app/models/fast.py) and CUDA graphs
      replayed, at a few row counts; one 2B-row forward against two B-row ones;
-  3. the service (uvicorn in this process, httpx clients) at 1, 16 and 64 concurrent clients: images/s,
-     p50 and p99 latency; and at saturation against the raw loop in the engine's thread;
+  3. the service (uvicorn in this process; bench/load_client.py's asyncio clients in another) at 1, 16 and
+     64 concurrent clients and at 64 with 4-image requests: images/s, p50 and p99 latency, rows per forward,
+     the engine's step and the server's CPU per response; and at saturation against the raw loop;
   4. app.evaluate on the GPU at s = 1 and 3 against the CPU's docs/quality.json;
   5. a DiT-XL/2-sized model (random weights, 256 px) with an SD-shaped VAE: forwards, and images/s of
      DiTPipeline one at a time against this project's sampler at 1 and 16 requests together.
