@@ -166,4 +166,4 @@ def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Te
         run.x0_prev = x0_run
         run.finish_step(latents, eps_run)
         if run.done:  # a finished request keeps its own latents, not a view holding the whole batch's alive
-            run.latents, run.x0_prev = run.latents.clone(), None
+            run.latents, run.x0_prev, run.scaled_input = run.latents.clone(), None, None
