@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from app.sampling.device import to_device
-from app.sampling.schedulers import config_key, step_kwargs, timed_scheduler
+from app.sampling.schedulers import step_kwargs, timed_scheduler
 from app.sampling.solvers import SOLVERS, Solver
 
 if TYPE_CHECKING:
@@ -55,15 +55,11 @@ class StepTable:
         return self.rows[step]
 
 
-def step_table(sampler: str, scheduler_config: dict[str, Any], steps: int) -> StepTable | None:
-    """The sampler's step table at this many steps, for whichever of SOLVERS reproduces its scheduler (None:
-    none does), built once per (sampler, config, steps) and shared (read-only) by every request that asks for
-    it: ~20 scalar operations a step, off each request's path."""
-    return _step_table(sampler, config_key(scheduler_config), steps)
-
-
 @functools.lru_cache(maxsize=256)
-def _step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTable | None:
+def step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTable | None:
+    """The step table of (sampler, config_key, steps), for whichever of SOLVERS reproduces its scheduler (None:
+    none does), built once and shared (read-only) by every request that asks for it: ~20 scalar operations a
+    step, off each request's path."""
     scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
     for name, solver in SOLVERS.items():
         coefs = solver.table(scheduler, **step_kwargs(sampler))

@@ -177,12 +177,12 @@ class SampleRun:
         # it reproduces: this project's all) are stepped there, all together. Decided once: a run never switches
         # paths. Such a run's scheduler is never stepped, only read: every request of its schedule shares one.
         batched = together and steps_together(spec)
-        self.table = step_table(spec.sampler, scheduler_config, spec.steps) if batched else None
+        self.table = step_table(spec.sampler, key, spec.steps) if batched else None
         if self.table is not None:
             self.scheduler = timed_scheduler(spec.sampler, key, spec.steps)
             self.timesteps = device_timesteps(spec.sampler, key, spec.steps, device)
         else:
-            self.scheduler, _ = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
+            self.scheduler = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
             self.timesteps = self.scheduler.timesteps
         self._step_kwargs = step_kwargs(spec.sampler)
         # The generators live on the host whatever the device: a seed then draws the same noise on a GPU as on
@@ -201,8 +201,6 @@ class SampleRun:
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.label = null_label if spec.class_label is None else spec.class_label
-        self._cond_labels = torch.full((n,), self.label, dtype=torch.long, device=device)
-        self._null_labels = torch.full((n,), null_label, dtype=torch.long, device=device)
         self._class_embedding = None
         if g.cads is not None and spec.class_label is not None:
             if class_embedding is None:
@@ -234,6 +232,16 @@ class SampleRun:
         n = self.spec.num_images
         steps = range(self.step_index, len(self.scales))
         return np.array([n * (2 if self._guided(i) else 1) for i in steps], dtype=np.int64)
+
+    @functools.cached_property
+    def _cond_labels(self) -> torch.Tensor:
+        """The conditional rows' labels on the device, built at the first model_input: a batched run's rows
+        come from app.sampling.batched.inputs_together, which never reads them."""
+        return torch.full((self.spec.num_images,), self.label, dtype=torch.long, device=self.latents.device)
+
+    @functools.cached_property
+    def _null_labels(self) -> torch.Tensor:
+        return torch.full((self.spec.num_images,), self.null_label, dtype=torch.long, device=self.latents.device)
 
     def model_input(self) -> ModelInput:
         t = self.timesteps[self.step_index]

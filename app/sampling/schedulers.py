@@ -93,8 +93,8 @@ def _prototype(sampler: str, scheduler_config_json: str) -> SchedulerMixin:
     return cls.from_config(json.loads(scheduler_config_json), **overrides)
 
 
-def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """scheduler.set_timesteps, keeping Euler-ancestral sigmas in float64; returns the timesteps on the host.
+def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | str = "cpu") -> None:
+    """scheduler.set_timesteps, keeping Euler-ancestral sigmas in float64.
 
     The schedule is computed on the host and only the timesteps go to the device, where diffusers puts them
     (every other tensor of these schedulers stays on the host; their Euler sigmas come back to it), with a
@@ -105,18 +105,15 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | 
     NaN; the same formula in float64 is exact enough. The latents stay float32.
     """
     scheduler.set_timesteps(steps, device="cpu")
-    host = scheduler.timesteps
-    scheduler.timesteps = to_device(host, device)
+    scheduler.timesteps = to_device(scheduler.timesteps, device)
     if isinstance(scheduler, EulerAncestralDiscreteScheduler):
         scheduler.sigmas = scheduler.sigmas.to(torch.float64)
-    return host
 
 
 def request_scheduler(
     sampler: str, scheduler_config: dict[str, Any], steps: int, device: torch.device | str = "cpu"
-) -> tuple[SchedulerMixin, torch.Tensor]:
-    """A request's own scheduler with its timesteps set (as set_timesteps sets them), and those timesteps on
-    the host.
+) -> SchedulerMixin:
+    """A request's own scheduler to step, with its timesteps set (as set_timesteps sets them).
 
     A request is built in the event loop's thread, so this is on every request's path: the schedule
     (~0.6 ms of numpy for Karras sigmas) is computed once per (sampler, config, steps), and each request
@@ -128,9 +125,8 @@ def request_scheduler(
     key = config_key(scheduler_config)
     prototype, shared = _timed_prototype(sampler, key, steps)
     scheduler = copy.deepcopy(prototype, dict(shared))
-    host = prototype.timesteps
     scheduler.timesteps = device_timesteps(sampler, key, steps, device)
-    return scheduler, host
+    return scheduler
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,7 +142,8 @@ def _timed_prototype(sampler: str, scheduler_config_json: str, steps: int) -> tu
 
 def timed_scheduler(sampler: str, scheduler_config_json: str, steps: int) -> SchedulerMixin:
     """The cached scheduler of (sampler, config_key, steps) after set_timesteps on the host: to read its
-    schedule, never to step (request_scheduler hands out the copies that step)."""
+    schedule (every batched request of that schedule holds it), never to step (request_scheduler hands out
+    the copies that step)."""
     return _timed_prototype(sampler, scheduler_config_json, steps)[0]
 
 
