@@ -304,9 +304,9 @@ class UNetDenoiser(HookedDenoiser):
 
     @torch.inference_mode()
     def class_embedding(self, label: int) -> torch.Tensor:
-        """The model's embedding of one class label, shape (D,)."""
-        table = self.unet.class_embedding
-        return table(torch.tensor([label], device=table.weight.device))[0].float().clone()
+        """The model's embedding of one class label, shape (D,): the table's row, read without calling the
+        module, whose CADS hook a forward in the compute thread may hold meanwhile."""
+        return self.unet.class_embedding.weight[label].float().clone()
 
 
 def unet_denoiser(unet: UNet2DModel) -> UNetDenoiser:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
 class HookedDenoiser:
     """(x, timesteps, class_labels[, embed_delta]) -> eps for a model whose class-embedding modules are
     `label_embedders`: embed_delta (rows, D) is added to their outputs (CADS) by forward hooks held only for
-    that call, which is safe because all of a model's forwards run in one thread. Subclasses set
-    label_embedders and implement _forward."""
+    that call. A hook is on the module, seen by every thread: it adds the delta only in the thread that holds
+    the forward, so a class embedding read elsewhere meanwhile (a request being built in the event loop) is the
+    model's own. Subclasses set label_embedders and implement _forward."""
 
     label_embedders: list[torch.nn.Module]
 
@@ -23,9 +26,12 @@ class HookedDenoiser:
     ) -> torch.Tensor:
         if embed_delta is None:
             return self._forward(x, timesteps, class_labels)
-        hooks = [
-            e.register_forward_hook(lambda _m, _i, out: out + embed_delta.to(out.dtype)) for e in self.label_embedders
-        ]
+        owner = threading.get_ident()
+
+        def add_delta(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out + embed_delta.to(out.dtype) if threading.get_ident() == owner else out
+
+        hooks = [e.register_forward_hook(add_delta) for e in self.label_embedders]
         try:
             return self._forward(x, timesteps, class_labels)
         finally:

@@ -59,5 +59,4 @@ class DiTDenoiser(HookedDenoiser):
         (a DiT not converted from one y_embedder): CADS's rescaling is defined for one embedding."""
         if not self.shared_class_embedding:
             raise ValueError("CADS needs one class embedding; this DiT has a different one in each block")
-        table = self.label_embedders[0].embedding_table
-        return table(torch.tensor([label], device=table.weight.device))[0].float().clone()
+        return self.label_embedders[0].embedding_table.weight[label].float().clone()

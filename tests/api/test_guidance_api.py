@@ -4,6 +4,7 @@ The API's images must equal those of SampleRun driven directly with the same set
 the real app lifespan and the shipped checkpoint."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from app.config import Settings
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+from tests.metrics import metric_value
 from tests.pngs import decode
 
 LABEL, SEED, STEPS, N = 3, 5, 6, 2
@@ -66,8 +68,8 @@ def api_images(client, fields: dict) -> tuple[np.ndarray, dict]:
     return np.stack([decode(b) for b in r.json()["images"]]), r.json()
 
 
-def direct_images(loaded, denoiser, guidance: GuidanceParams) -> np.ndarray:
-    spec = SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
+def direct_images(loaded, denoiser, guidance: GuidanceParams, spec: SampleSpec | None = None) -> np.ndarray:
+    spec = spec or SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
     m = loaded.manifest
     run = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, class_embedding=denoiser.class_embedding)
     sample(denoiser, [run])
@@ -145,3 +147,47 @@ def test_models_lists_the_guidance_options_and_the_default(client):
     default = model["default_guidance"]
     assert default["guidance_scale"] == DEFAULT_GUIDANCE.guidance_scale
     assert default["method"]["kind"] == DEFAULT_GUIDANCE.method.kind
+
+
+def test_several_cads_requests_in_one_tick_each_draw_what_they_draw_alone(loaded, denoiser):
+    """Six CADS requests with different settings, classes and seeds, sent at once, share forwards (a request
+    arrives while another's CADS forward runs) and each equals the same request sampled alone. Once, a
+    request built during another's CADS forward read its class embedding through that forward's hook."""
+    settings = [
+        {"tau1": 0.6, "tau2": 0.9, "noise_scale": 0.25, "psi": 1.0},
+        {"tau1": 0.4, "tau2": 0.8, "noise_scale": 0.5, "psi": 0.5},
+        {"tau1": 0.2, "tau2": 0.95, "noise_scale": 0.1, "psi": 1.0},
+        {"tau1": 0.5, "tau2": 0.7, "noise_scale": 1.0, "psi": 0.0},
+        {"tau1": 0.0, "tau2": 1.0, "noise_scale": 0.3, "psi": 0.8},
+        {"tau1": 0.6, "tau2": 0.9, "noise_scale": 0.25, "psi": 1.0},
+    ]
+    bodies = [
+        {
+            "class_label": k,
+            "seed": 40 + 7 * k,
+            "num_images": 3,
+            "steps": 10,
+            "guidance_scale": 3.0,
+            "schedule": {"kind": "constant"},
+            "cads": cads,
+        }
+        for k, cads in enumerate(settings)
+    ]
+    with TestClient(create_app(Settings(request_timeout_s=120, warmup=False, max_batch_rows=48))) as c:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: c.post("/generate", json=b), bodies))
+        metrics = c.get("/metrics").text
+    rows = metric_value(metrics, "cfg_engine_batch_rows_sum") / metric_value(metrics, "cfg_engine_batch_rows_count")
+    assert rows > 6, f"the requests hardly shared forwards ({rows:.1f} rows per forward)"
+    for body, r in zip(bodies, responses, strict=True):
+        assert r.status_code == 200, r.text
+        got = np.stack([decode(b) for b in r.json()["images"]])
+        spec = SampleSpec(
+            body["class_label"],
+            tuple(body["seed"] + i for i in range(3)),
+            10,
+            guidance=GuidanceParams(3.0, cads=Cads(**body["cads"])),
+        )
+        want = direct_images(loaded, denoiser, spec.guidance, spec)
+        diff = np.abs(got.astype(int) - want.astype(int)).max()
+        assert diff <= 1, f"class {body['class_label']}: max pixel difference {diff}"
