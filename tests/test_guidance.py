@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
-from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 from app.guidance import (
+    GUIDERS,
     Cads,
     GuidanceSchedule,
     add_condition_noise,
@@ -19,6 +19,7 @@ from app.guidance import (
     sigma_of,
     x0_to_eps,
 )
+from app.rng import StackedRandom
 
 
 @pytest.fixture
@@ -38,38 +39,43 @@ def test_combine_endpoints(eps):
 
 def test_noise_level_zero_is_bit_identical(eps):
     cond, _ = eps
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    assert add_condition_noise(cond, 0.0, gens) is cond
-    assert torch.equal(add_condition_noise(cond, 0.0, None), cond)
+    assert add_condition_noise(cond, 0.0, StackedRandom((0, 1, 2))) is cond
 
 
-def test_noise_level_reproducible_with_seed_and_varies_without(eps):
+def test_noise_level_reproducible_with_seed(eps):
     cond, _ = eps
-    a = add_condition_noise(cond, 0.5, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
-    b = add_condition_noise(cond, 0.5, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
-    c = add_condition_noise(cond, 0.5, [torch.Generator().manual_seed(s) for s in (4, 5, 6)])
-    d = add_condition_noise(cond, 0.5, None)
-    e = add_condition_noise(cond, 0.5, None)
+    a = add_condition_noise(cond, 0.5, StackedRandom((1, 2, 3)))
+    b = add_condition_noise(cond, 0.5, StackedRandom((1, 2, 3)))
+    c = add_condition_noise(cond, 0.5, StackedRandom((4, 5, 6)))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    assert not torch.allclose(d, e)
     # The noise has the requested std.
-    big = add_condition_noise(torch.zeros(4, 1, 64, 64), 0.5, [torch.Generator().manual_seed(i) for i in range(4)])
+    big = add_condition_noise(torch.zeros(4, 1, 64, 64), 0.5, StackedRandom(range(4)))
     assert abs(big.std().item() - 0.5) < 0.02
 
 
 def test_noise_per_row_depends_only_on_its_generator(eps):
     cond, _ = eps
-    together = add_condition_noise(cond, 1.0, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
-    alone = add_condition_noise(cond[1:2], 1.0, [torch.Generator().manual_seed(8)])
+    together = add_condition_noise(cond, 1.0, StackedRandom((7, 8, 9)))
+    alone = add_condition_noise(cond[1:2], 1.0, StackedRandom((8,)))
     assert torch.equal(together[1:2], alone)
 
 
-def test_rescale_matches_diffusers_and_phi_zero_is_identity(eps):
+def test_every_guidance_method_is_one_registered_guider():
+    """The API's, the CLI's and the engine's methods all come from GUIDERS; each guider is built per request."""
+    assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star")
+    assert all(kind == cls.kind for kind, cls in GUIDERS.items())
+
+
+def test_rescale_is_lin_et_als_formula_and_phi_zero_is_identity(eps):
+    """Lin et al. 2023, eqs. 15-16, written out here (not the diffusers function rescale_guidance calls):
+    x_rescaled = x_cfg * std(x_pos) / std(x_cfg) per image; x_final = phi x_rescaled + (1 - phi) x_cfg."""
     cond, uncond = eps
     cfg = cfg_combine(cond, uncond, 5.0)
     assert rescale_guidance(cfg, cond, 0.0) is cfg
-    assert torch.allclose(rescale_guidance(cfg, cond, 0.7), rescale_noise_cfg(cfg, cond, 0.7))
+    std_cond, std_cfg = cond.std(dim=(1, 2, 3), keepdim=True), cfg.std(dim=(1, 2, 3), keepdim=True)
+    want = 0.7 * (cfg * std_cond / std_cfg) + 0.3 * cfg
+    assert torch.allclose(rescale_guidance(cfg, cond, 0.7), want, atol=1e-6)
     full = rescale_guidance(cfg, cond, 1.0)
     assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)
 

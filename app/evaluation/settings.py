@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule, ScheduleKind
+from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
 
-SCHEDULE_KINDS: tuple[str, ...] = ScheduleKind.__args__
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
 SETTING_KEYS = ("name", "samplers")
 

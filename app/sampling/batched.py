@@ -6,7 +6,8 @@ a millisecond or two, that Python dominates a tick (359 us per request-step on a
 For the requests this module reproduces exactly, the step is instead a handful of operations over the
 batch, whatever its size:
 
-  - the guidance combine, eps_u + s * (eps_c - eps_u) (app.guidance.cfg_combine), with s per row;
+  - the guidance combine of the requests' guider over their gathered rows (its combine_rows: CFG's
+    eps_u + s * (eps_c - eps_u), app.guidance.cfg, with s per row);
   - the sampler's update (app.sampling.solvers: DPM-Solver++ 2M, DDIM, DDPM, Euler ancestral), its per-step
     scalars from a table built once per (sampler, config, steps) and shared by every request of that
     schedule; the ancestral samplers' noise drawn on the host by each image's own generator, as diffusers
@@ -17,8 +18,8 @@ row gather, so a request's images do not depend on what it is batched with. The 
 to the bit on the CPU (tests/sampling/test_batched.py) and, DPM-Solver++ so far, on an H200 (tests/test_cuda.py,
 which checks the others on the next card).
 
-Which requests: plain CFG (method cfg) with no condition noise, no rescale, no CADS, no trace (those keep
-their per-request path); any of them may ask for previews.
+Which requests: a guider with combine_rows (method cfg) and no condition noise, no rescale, no CADS, no trace
+(those keep their per-request path); any of them may ask for previews.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
+from app.guidance import RowsCombine
 from app.sampling.device import to_device
 from app.sampling.schedulers import step_kwargs, timed_scheduler
 from app.sampling.solvers import SOLVERS, Solver
@@ -68,14 +69,6 @@ def step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTabl
             host = scheduler.timesteps
             return StepTable(name, tuple(coefs.tolist()), divisors, tuple(host.tolist()), host.dtype)
     return None
-
-
-def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """app.guidance.cfg_combine over gathered rows: eps[uncond] + s * (eps[cond] - eps[uncond]), s per row.
-    A row without an unconditional pass names its conditional row in both: eps_c + s * 0 = eps_c exactly."""
-    eps_c, eps_u = eps.index_select(0, cond), eps.index_select(0, uncond)
-    s = scales.reshape(-1, *([1] * (eps.dim() - 1)))
-    return eps_u + s * (eps_c - eps_u)
 
 
 def inputs_together(runs: Sequence[SampleRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,11 +110,11 @@ def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequ
     """Advance runs that have a step table (SampleRun.table) by one step, each solver's runs all at once.
     offsets[k] is where runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then
     its unconditional)."""
-    groups: dict[str, list[tuple[SampleRun, int]]] = {}
+    groups: dict[tuple[str, type], list[tuple[SampleRun, int]]] = {}
     for run, offset in zip(runs, offsets, strict=True):
-        groups.setdefault(run.table.solver, []).append((run, offset))
-    for name, members in groups.items():
-        _advance(SOLVERS[name], members, eps)
+        groups.setdefault((run.table.solver, type(run.guider)), []).append((run, offset))
+    for (name, guider), members in groups.items():
+        _advance(SOLVERS[name], guider.combine_rows, members, eps)
 
 
 def step_noise(run: SampleRun, column: int) -> torch.Tensor:
@@ -129,13 +122,14 @@ def step_noise(run: SampleRun, column: int) -> torch.Tensor:
     generator, as diffusers' step draws it (randn_tensor with the generator list); zeros where the table's
     noise scale (column) is 0 and the step adds none: DDPM draws nothing there either (t = 0), and Euler
     ancestral's draw at its last step (sigma_up = 0) only moves generators that nothing reads again."""
-    shape = tuple(run.latents.shape)
     if run.table[run.step_index][column] == 0:
-        return torch.zeros(shape, dtype=run.latents.dtype)
-    return randn_tensor(shape, generator=run.generators, device=torch.device("cpu"), dtype=run.latents.dtype)
+        return torch.zeros(tuple(run.latents.shape), dtype=run.latents.dtype)
+    return run.rng.randn(run.latents.shape[1:], dtype=run.latents.dtype)
 
 
-def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Tensor) -> None:
+def _advance(
+    solver: Solver, combine_rows: RowsCombine, members: list[tuple[SampleRun, int]], eps: torch.Tensor
+) -> None:
     runs = [run for run, _ in members]
     sizes = [r.spec.num_images for r in runs]
     per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
@@ -148,7 +142,7 @@ def _advance(solver: Solver, members: list[tuple[SampleRun, int]], eps: torch.Te
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step
     cond, uncond = table[:, 0].long(), table[:, 1].long()
-    eps_guided = cfg_rows(eps, cond, uncond, table[:, 2])
+    eps_guided = combine_rows(eps, cond, uncond, table[:, 2])
     sample = torch.cat([r.latents for r in runs]) if len(runs) > 1 else runs[0].latents
     x0_prev = None
     if solver.history:

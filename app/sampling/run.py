@@ -11,31 +11,30 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from app.guidance import (
+    GUIDERS,
     Cads,
+    CadsConditioner,
+    Conditioner,
+    ConditionNoise,
     GuidanceMethod,
     GuidanceSchedule,
+    GuidanceStep,
     NoiseScheduleKind,
-    add_condition_noise,
-    apg_combine,
-    cads_condition,
-    cfg_combine,
-    cfg_zero_star_combine,
     eps_to_x0,
+    make_guider,
     noise_factors,
-    per_row_noise,
     rescale_guidance,
     row_norm,
     sigma_of,
-    x0_to_eps,
 )
+from app.rng import StackedRandom
 from app.sampling.batched import advance_together, inputs_together, step_table
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
@@ -185,41 +184,51 @@ class SampleRun:
             self.scheduler = request_scheduler(spec.sampler, scheduler_config, spec.steps, device)
             self.timesteps = self.scheduler.timesteps
         self._step_kwargs = step_kwargs(spec.sampler)
-        # The generators live on the host whatever the device: a seed then draws the same noise on a GPU as on
-        # the CPU (diffusers' randn_tensor draws on the host and moves it), so an image depends on its seed and
-        # settings, not on the card. The cost: ancestral samplers copy each step's noise to the device.
-        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in spec.seeds]
-        n = spec.num_images
+        self.rng = StackedRandom(spec.seeds)
         # This runs in the event loop's thread while the engine's keeps the device busy: nothing here may wait
         # for the device (app/sampling/device.py), so the noise is drawn on the host and queued to it.
-        latents = to_device(randn_tensor((n, *image_shape), generator=self.generators, device="cpu"), device)
+        latents = to_device(self.rng.randn(image_shape), device)
         self.latents = latents * self.scheduler.init_noise_sigma
         # alpha_bar and sigma of each step, on the host: the x0 mapping and the schedules use them.
         alpha_bars, sigmas = schedule_values(spec.sampler, key, spec.steps)
         self.alpha_bars, self.sigmas = list(alpha_bars), list(sigmas)
         self.scales = list(guidance_scales(g.schedule, g.guidance_scale, spec.steps, sigmas))
-        self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
+        self.guider = make_guider(g.method, self.scales)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.label = null_label if spec.class_label is None else spec.class_label
-        self._class_embedding = None
-        if g.cads is not None and spec.class_label is not None:
-            if class_embedding is None:
-                raise ValueError("CADS needs the model's class embedding; this model does not expose one")
-            self._class_embedding = class_embedding(spec.class_label).to(device).expand(n, -1)
+        self.conditioners = self._conditioners(class_embedding, device)
         self.scaled_input: torch.Tensor | None = None
-        self._apg_running: torch.Tensor | None = None
         self.x0_prev: torch.Tensor | None = None  # the batched DPM-Solver++ 2M's history (its m1)
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
         self.step_index = 0
+
+    def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:
+        """The request's noise on its condition: the seed's on eps_cond, CADS's on the class embedding."""
+        g, n = self.spec.guidance, self.spec.num_images
+        conditioners: list[Conditioner] = []
+        if g.noise_level != 0:
+            factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
+            conditioners.append(ConditionNoise(g.noise_level, factors, self.rng))
+        if g.cads is not None and self.spec.class_label is not None:
+            if class_embedding is None:
+                raise ValueError("CADS needs the model's class embedding; this model does not expose one")
+            y = class_embedding(self.spec.class_label).to(device).expand(n, -1)
+            conditioners.append(CadsConditioner(g.cads, y, self.rng))
+        return conditioners
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """Each image's generator (the diffusers schedulers' step draws from them)."""
+        return self.rng.generators
 
     @property
     def done(self) -> bool:
         return self.step_index >= self.spec.steps
 
     def _guided(self, i: int) -> bool:
-        """Step i runs the unconditional rows: not where the weight is exactly 1, nor without a class."""
-        return self.spec.class_label is not None and self.scales[i] != 1.0
+        """Step i runs the unconditional rows: where the guider needs them, and only with a class."""
+        return self.spec.class_label is not None and self.guider.needs_uncond(i)
 
     def needs_uncond(self) -> bool:
         return self._guided(self.step_index)
@@ -262,54 +271,32 @@ class SampleRun:
         return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta)
 
     def _cads_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
-        """CADS's change to the conditional rows' class embedding at this step, or None where it adds none.
-        Reads the timestep on the host (a device sync on a GPU) only for a request with CADS."""
-        cads = self.spec.guidance.cads
-        if cads is None or self._class_embedding is None:
+        """The conditioners' change to the conditional rows' class embedding at this step, or None where they
+        add none. Reads the timestep on the host (a device sync on a GPU) only for a request with one."""
+        embedders = [c for c in self.conditioners if c.embeds]
+        if not embedders:
             return None
-        gamma = cads.gamma(float(timestep) / self._num_train_timesteps)
-        if gamma >= 1.0:
-            return None
-        y = self._class_embedding
-        noise = per_row_noise(y.shape, self.generators, y)
-        return cads_condition(y, gamma, noise, cads.noise_scale, cads.psi) - y
+        t = float(timestep) / self._num_train_timesteps
+        deltas = [d for c in embedders if (d := c.embed_delta(self.step_index, t)) is not None]
+        return sum(deltas[1:], deltas[0]) if deltas else None
 
     def guided_eps(self, eps: torch.Tensor) -> torch.Tensor:
-        """Apply the condition noise, the guidance method and the rescale to this request's model output."""
-        g = self.spec.guidance
+        """This request's model output through its conditioners, its guider's combine and the rescale."""
         n = self.spec.num_images
         i = self.step_index
         scale = self.scales[i]
-        eps_cond = add_condition_noise(eps[:n], g.noise_level * self.noise_factors[i], self.generators)
+        eps_cond = eps[:n]
+        for conditioner in self.conditioners:
+            eps_cond = conditioner.eps_cond(i, eps_cond)
         if eps.shape[0] == n:
             if self.spec.return_trace:
                 self.trace.append(StepTrace(i, scale))
             return eps_cond
         eps_uncond = eps[n:]
-        trace = StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond)) if self.spec.return_trace else None
-        method = g.method
-        if method.kind == "apg":
-            x, alpha_bar = self.scaled_input, self.alpha_bars[i]
-            out = apg_combine(
-                eps_to_x0(x, eps_cond, alpha_bar),
-                eps_to_x0(x, eps_uncond, alpha_bar),
-                scale,
-                eta=method.eta,
-                momentum=method.momentum,
-                norm_threshold=method.norm_threshold,
-                running_diff=self._apg_running,
-            )
-            self._apg_running = out.running_diff
-            eps_guided = x0_to_eps(x, out.pred, alpha_bar)
-            if trace is not None:
-                trace = replace(trace, parallel_norm=out.parallel_norm, orthogonal_norm=out.orthogonal_norm)
-        elif method.kind == "cfg_zero_star":
-            eps_guided = cfg_zero_star_combine(eps_cond, eps_uncond, scale)
-        else:
-            eps_guided = cfg_combine(eps_cond, eps_uncond, scale)
-        if trace is not None:
-            self.trace.append(trace)
-        return rescale_guidance(eps_guided, eps_cond, g.guidance_rescale)
+        guided = self.guider.combine(GuidanceStep(eps_cond, eps_uncond, scale, self.scaled_input, self.alpha_bars[i]))
+        if self.spec.return_trace:
+            self.trace.append(StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond), **guided.norms))
+        return rescale_guidance(guided.eps, eps_cond, self.spec.guidance.guidance_rescale)
 
     def advance(self, eps: torch.Tensor) -> None:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
@@ -392,11 +379,12 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
 
 
 def steps_together(spec: SampleSpec) -> bool:
-    """Whether the request's guidance is one app.sampling.batched combines over the batch: plain CFG, with no
-    condition noise, rescale, CADS or trace (its sampler decides the rest: app.sampling.batched.step_table)."""
+    """Whether the request's guidance is one app.sampling.batched combines over the batch: a guider that offers
+    combine_rows (CFG), with no condition noise, rescale, CADS or trace (its sampler decides the rest:
+    app.sampling.batched.step_table)."""
     g = spec.guidance
     return (
-        g.method.kind == "cfg"
+        GUIDERS[g.method.kind].combine_rows is not None
         and g.noise_level == 0
         and g.guidance_rescale == 0
         and g.cads is None

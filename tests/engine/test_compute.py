@@ -64,3 +64,35 @@ def test_one_engine_alone_waits_for_nobody(loaded, denoiser):
     result, used = asyncio.run(main())
     assert result.images.shape == (1, 28, 28, 1) and len(stats) == 5
     assert used >= sum(s.step_seconds for s in stats) * 0.5
+
+
+def test_the_thread_goes_to_the_waiting_owner_that_has_used_the_least_time():
+    """Three owners wait while a fourth holds the thread; they get it in the order of their used time, least
+    first, whatever their order of arrival (a policy that picked the most-used owner reverses it)."""
+    order: list[str] = []
+
+    async def main():
+        compute = SharedCompute()
+        compute._used.update({"heavy": 3.0, "middle": 2.0, "light": 1.0})
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold():
+            loop = asyncio.get_running_loop()
+
+            def block():
+                loop.call_soon_threadsafe(holding.set)
+                asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+
+            await compute.run("holder", block)
+
+        holder = asyncio.create_task(hold())
+        await holding.wait()
+        waiters = [asyncio.create_task(compute.run(name, order.append, name)) for name in ("heavy", "light", "middle")]
+        await asyncio.sleep(0.05)  # all three queued behind the holder
+        release.set()
+        await asyncio.gather(holder, *waiters)
+        compute.shutdown()
+
+    asyncio.run(main())
+    assert order == ["light", "middle", "heavy"]

@@ -78,7 +78,7 @@ def test_apg_keeps_its_momentum_per_request(loaded, denoiser):
     a = make_run(loaded, denoiser, spec_for("apg", label=1, seeds=(5,)))
     b = make_run(loaded, denoiser, spec_for("apg", label=8, seeds=(6,)))
     sample(denoiser, [a, b])
-    assert a._apg_running is not b._apg_running
+    assert a.guider.running_diff is not b.guider.running_diff
     assert torch.allclose(a.latents, drawn(loaded, denoiser, spec_for("apg", label=1, seeds=(5,))), atol=BATCH_ATOL)
     assert torch.allclose(b.latents, drawn(loaded, denoiser, spec_for("apg", label=8, seeds=(6,))), atol=BATCH_ATOL)
 

@@ -1,5 +1,6 @@
 """The batched sampler against plain diffusers loops, on the real shipped checkpoint."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -14,6 +15,7 @@ from app.sampling import (
     make_scheduler,
     sample,
     set_timesteps,
+    to_uint8,
 )
 
 SHAPE = (1, 28, 28)
@@ -239,3 +241,27 @@ def test_karras_sampler_spaces_its_sigmas_by_rho_7(loaded):
     want = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
     torch.testing.assert_close(sigmas, want, rtol=1e-3, atol=1e-4)
     assert sum(s < 1 for s in karras.sigmas) > sum(s < 1 for s in plain.sigmas)
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["batched", "per-request"])
+def test_every_preview_is_the_x0_prediction_at_its_own_step(loaded, denoiser, together):
+    """Each preview is the guided eps of its step mapped to x0 with that step's own alpha_bar (not the next
+    step's), read against the formula at every step, not only the last."""
+    spec = SampleSpec(class_label=5, seeds=(3, 4), steps=6, sampler="ddim", guidance=GuidanceParams(2.0),
+                      preview_every=1)  # fmt: skip
+    run = SampleRun(spec, loaded.scheduler_config, SHAPE, loaded.manifest.null_label, together=together)
+    checked = 0
+    while not run.done:
+        inp = run.model_input() if run.table is None else None
+        x = inp.x[:2] if inp is not None else run.latents  # DDIM's model input is its latents
+        t = int(run.timesteps[run.step_index])
+        eps_cond, eps_uncond = denoiser(torch.cat([x, x]), torch.full((4,), t), torch.tensor([5, 5, 10, 10])).chunk(2)
+        eps = eps_uncond + 2.0 * (eps_cond - eps_uncond)
+        alpha_bar = run.scheduler.alphas_cumprod[t]
+        want = to_uint8((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt())
+        denoise_step(denoiser, [run])
+        if not run.done:
+            assert run.preview.step == run.step_index
+            assert np.abs(run.preview.images.astype(int) - want.astype(int)).max() <= 1, run.step_index
+            checked += 1
+    assert checked == 5

@@ -1,0 +1,63 @@
+"""Guidance-weight schedules: the guidance scale of every sampling step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+ScheduleKind = Literal["constant", "linear", "cosine", "interval"]
+SCHEDULE_KINDS: tuple[str, ...] = ScheduleKind.__args__
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """How the guidance scale s_i varies over the sampling steps i = 0 .. N-1 (N = steps).
+
+    constant: s_i = s
+    linear:   s_i = s * (start + (end - start) * i / (N - 1))          (s_0 = s*start, s_{N-1} = s*end)
+    cosine:   s_i = s * (end + (start - end) * 0.5 * (1 + cos(pi * i / N)))
+              with start=1, end=min/max and s=max this is cosine annealing from max towards min;
+              start < end gives the increasing variant.
+    interval: s_i = s where start <= i / N < end and sigma_min < sigma_i <= sigma_max, else 1 (no
+              guidance): Kynkäänniemi et al. 2024, guidance in a limited interval of noise levels
+              (i / N = 0 is pure noise; a missing sigma bound is no bound).
+    """
+
+    kind: ScheduleKind = "constant"
+    start: float = 1.0
+    end: float = 1.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+
+    def factor(self, i: int, num_steps: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "linear":
+            frac = i / (num_steps - 1) if num_steps > 1 else 0.0
+            return self.start + (self.end - self.start) * frac
+        if self.kind == "cosine":
+            return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * i / num_steps))
+        raise ValueError(f"factor() does not apply to schedule kind {self.kind!r}")
+
+    def in_interval(self, i: int, num_steps: int, sigma: float | None) -> bool:
+        if not self.start <= i / num_steps < self.end:
+            return False
+        if sigma is None:  # unknown noise level: the step may be guided
+            return True
+        above = self.sigma_min is None or sigma > self.sigma_min
+        below = self.sigma_max is None or sigma <= self.sigma_max
+        return above and below
+
+    def scale_at(self, guidance_scale: float, i: int, num_steps: int, sigma: float | None = None) -> float:
+        if self.kind == "interval":
+            return guidance_scale if self.in_interval(i, num_steps, sigma) else 1.0
+        return guidance_scale * self.factor(i, num_steps)
+
+    def scales(self, guidance_scale: float, num_steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
+        """The guidance scale of every step. Without sigmas, a sigma interval counts every step as guided
+        (an upper bound on the rows a request needs)."""
+        return [
+            self.scale_at(guidance_scale, i, num_steps, None if sigmas is None else sigmas[i]) for i in range(num_steps)
+        ]
