@@ -20,6 +20,7 @@ from app.api.routes import ServedModel, Service, build_router, guidance_body, in
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, EngineStats, Job, SharedCompute
+from app.engine.calibrate import model_calibrator
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
 from app.models import (
@@ -33,7 +34,6 @@ from app.models import (
 )
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
-from app.models.quantize import model_calibrator
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.

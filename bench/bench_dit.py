@@ -32,9 +32,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.models.importer import import_model  # noqa: E402
 from bench.record import publish  # noqa: E402
+from research.evaluate import git_commit, machine_description  # noqa: E402
 
 
 def dit_s2_pipeline(path: Path) -> Path:

@@ -66,9 +66,9 @@ def build(name: str, loaded, max_rows: int):
     """The denoiser of a variant, on its own copy of the network where it changes the weights' layout."""
     import torch
 
+    from app.engine.calibrate import model_calibrator
     from app.models import unet_denoiser
     from app.models.fast import FastDenoiser, to_channels_last
-    from app.models.quantize import model_calibrator
 
     parts = set(name.split("+"))
     if parts == {BASELINE}:
@@ -161,8 +161,8 @@ def run(args: argparse.Namespace, cache_dir: str) -> str:
     import torch
 
     from app.config import DEFAULT_MODEL_PATH
-    from app.evaluate import git_commit, machine_description
     from app.models import load_checkpoint
+    from research.evaluate import git_commit, machine_description
 
     worker = ThreadPoolExecutor(max_workers=1)  # the engine's kind of thread: all compute in one worker
 

@@ -12,7 +12,7 @@ same run:
   3. the service (uvicorn in this process; bench/load_client.py's asyncio clients in another) at 1, 16 and
      64 concurrent clients and at 64 with 4-image requests: images/s, p50 and p99 latency, rows per forward,
      the engine's step and the server's CPU per response; and at saturation against the raw loop;
-  4. app.evaluate on the GPU at s = 1 and 3 against the CPU's docs/quality.json;
+  4. research.evaluate on the GPU at s = 1 and 3 against the CPU's docs/quality.json;
   5. a DiT-XL/2-sized model (random weights, 256 px) with an SD-shaped VAE: forwards, and images/s of
      DiTPipeline one at a time against this project's sampler at 1 and 16 requests together.
 `--device cpu --quick` runs every section small on the CPU, to check the script before spending device time.
@@ -37,7 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.config import DEFAULT_MODEL_PATH  # noqa: E402
-from app.evaluation.provenance import git_commit, machine_description  # noqa: E402
 from app.models import load_checkpoint, model_denoiser  # noqa: E402
 from app.models.fast import FastDenoiser  # noqa: E402
 from bench.gpu_sections import (  # noqa: E402
@@ -49,6 +48,7 @@ from bench.gpu_sections import (  # noqa: E402
     sync_report,
     time_call,
 )
+from research.evaluation.provenance import git_commit, machine_description  # noqa: E402
 
 
 class Report:
@@ -180,16 +180,17 @@ def section_forward(args, report: Report) -> list[str]:
 
 
 def section_evaluate(args) -> list[str]:
-    """app.evaluate at s = 1 and 3 against the CPU's docs/quality.json, then the default request at fp32, bf16
-    and fp16 at the same seeds (app.evaluation.steps). Both score with the CPU's cached classifier where
+    """research.evaluate at s = 1 and 3 against the CPU's docs/quality.json, then the default request at fp32, bf16
+    and fp16 at the same seeds (research.evaluation.steps). Both score with the CPU's cached classifier where
     prepare.sh carried it (.data/classifier.safetensors), so the figures compare with the CPU's."""
     common = ["--per-class", str(args.eval_per_class), "--data-dir", str(args.data_dir), "--device", args.device]
     carried = args.data_dir / "classifier.safetensors"
     if carried.exists():
         common += ["--classifier-cache", str(carried)]
     scratch = Path("/tmp/gpu-evaluate")
-    cmd = [sys.executable, "-m", "app.evaluate", "--scales", "1,3", *common, "--report", str(args.out / "evaluate.md"),
-           "--json", str(args.out / "evaluate.json"), "--img-dir", str(scratch)]  # fmt: skip
+    cmd = [sys.executable, "-m", "research.evaluate", "--scales", "1,3", *common,
+           "--report", str(args.out / "evaluate.md"), "--json", str(args.out / "evaluate.json"),
+           "--img-dir", str(scratch)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     if proc.returncode:
         return ["```", (proc.stdout + proc.stderr)[-3000:], "```"]
@@ -213,7 +214,7 @@ def section_evaluate(args) -> list[str]:
             f"{g[s]['fid']:.2f} | {cs.get('fid', float('nan')):.2f} |"
         )
     precisions = "fp32,bf16,fp16" if args.device.startswith("cuda") else "fp32,bf16"
-    cmd = [sys.executable, "-m", "app.evaluation.steps", "--samplers", "dpmpp_2m_karras", "--steps", "20",
+    cmd = [sys.executable, "-m", "research.evaluation.steps", "--samplers", "dpmpp_2m_karras", "--steps", "20",
            "--precisions", precisions, *common, "--report", str(args.out / "precision.md"),
            "--json", str(args.out / "precision.json")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -257,7 +258,7 @@ def main() -> None:
     if "service" in only:
         report.section("3. The service at 1, 16 and 64 clients", lambda: asyncio.run(service_async(args, report)))
     if "evaluate" in only:
-        report.section("4. app.evaluate on the GPU", lambda: section_evaluate(args))
+        report.section("4. research.evaluate on the GPU", lambda: section_evaluate(args))
     if "dit" in only:
         report.section("5. A DiT-XL/2-sized latent model at 256 px", lambda: section_dit(args, report))
     print((args.out / "gpu.md").read_text())

@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.config import DEFAULT_MODEL_PATH  # noqa: E402
-from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.images import to_png_bytes  # noqa: E402
 from app.models import load_checkpoint, unet_denoiser  # noqa: E402
 from app.sampling import SampleRun, SampleSpec, sample  # noqa: E402
 from bench.record import publish  # noqa: E402
+from research.evaluate import git_commit, machine_description  # noqa: E402
 
 
 def batch_seconds(loaded, denoiser, preview_every: int | None, requests: int, steps: int) -> float:

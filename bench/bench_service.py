@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO))
 
 from app.api.routes import Service  # noqa: E402
 from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
-from app.evaluate import git_commit, machine_description  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import load_checkpoint  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
 from bench.record import record  # noqa: E402
+from research.evaluate import git_commit, machine_description  # noqa: E402
 
 
 def timed_pair(a, b, repeat: int) -> tuple[float, float]:

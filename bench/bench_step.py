@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import DEFAULT_MODEL_PATH  # noqa: E402
-from app.evaluation.provenance import git_commit, machine_description  # noqa: E402
 from app.models import load_checkpoint  # noqa: E402
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec  # noqa: E402
 from bench.gpu_sections import step_breakdown  # noqa: E402
 from bench.record import publish  # noqa: E402
+from research.evaluation.provenance import git_commit, machine_description  # noqa: E402
 
 
 def build_times(loaded, rounds: int = 5, number: int = 1000) -> list[str]:

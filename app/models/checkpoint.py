@@ -1,6 +1,6 @@
 """A checkpoint folder in model_store/, in diffusers' own layout plus a manifest:
 
-    <name>/unet/config.json                 a UNet2DModel (app.train writes these), or
+    <name>/unet/config.json                 a UNet2DModel (research.train writes these), or
     <name>/transformer/config.json          a DiT (DiTTransformer2DModel), with
     <name>/vae/config.json                  the AutoencoderKL its latents decode with
     <name>/<each of those>/diffusion_pytorch_model.safetensors   (or safetensors shards)
@@ -47,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a checkpoint holds. The first eight fields are those app.train has always written; the others
+    """What a checkpoint holds. The first eight fields are those research.train has always written; the others
     default to what they mean for such a checkpoint (a pixel-space UNet), so older manifests load unchanged."""
 
     name: str

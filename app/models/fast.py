@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch._inductor.config
 
-if TYPE_CHECKING:
-    from app.models.quantize import Calibrator
+from app.models.precision import INT8_MAX_ROWS, INT8_MIN_ROWS, Calibrator, PrecisionError
+
+__all__ = ["INT8_MAX_ROWS", "INT8_MIN_ROWS", "FastDenoiser", "PrecisionError", "fast_denoiser", "resolve_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "int8", "auto")
@@ -46,16 +47,6 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (x, timesteps, class_labels[, embed_delta]) -> eps: app.sampling.Denoiser, or any callable of that signature.
 Denoiser = Callable[..., torch.Tensor]
-
-
-# The rows an int8 forward runs (app/models/quantize.py): its exported graph covers 2..63 rows, because
-# diffusers' UNet upsamplers branch on a batch of 64 or more and export specializes a row count of 1.
-INT8_MIN_ROWS = 2
-INT8_MAX_ROWS = 32
-
-
-class PrecisionError(RuntimeError):
-    """A precision the device cannot run (fp16 on the CPU, bf16 on a GPU without it)."""
 
 
 def resolve_precision(setting: str, device: torch.device) -> Precision:

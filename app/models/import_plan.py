@@ -13,7 +13,7 @@ architectures, weights that exist only as pickles, models that predict anything 
 Class names come from --classes, else from id2label in model_index.json (the Hub's DiT folders carry it;
 DiTPipeline.save_pretrained does not write it), else "class 0", "class 1", ...
 The null label: a DiT's is num_embeds_ada_norm, its embedding table's extra last row. A UNet's is its last
-class embedding, num_class_embeds - 1: a UNet trained for CFG with this project's convention (app.train) has
+class embedding, num_class_embeds - 1: a UNet trained for CFG with this project's convention (research.train) has
 num_class_embeds = classes + 1. With --classes or id2label the count must match; without, the last
 embedding is taken to be the null label, and the import says so.
 """

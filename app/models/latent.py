@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from app.models.denoiser import HookedDenoiser
-from app.sampling.run import ImageDecoder, to_uint8  # noqa: F401  (ImageDecoder: re-exported)
+from app.pixels import ImageDecoder, to_uint8  # noqa: F401  (ImageDecoder: re-exported)
 
 
 @torch.inference_mode()

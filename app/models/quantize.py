@@ -2,10 +2,10 @@
 
 The flow is PyTorch's PT2E quantization as torchao ships it (torchao.quantization.pt2e):
 
-  1. calibration_inputs() samples one image per class (up to 16 classes) with the model itself, plain CFG
-     at s = 3 and the default sampler, and records the (x, timesteps, class_labels) of every forward: inputs
-     at every noise level, with conditional and unconditional labels, as the service will see them. No
-     dataset is needed, so any UNet checkpoint can be quantized where it is served.
+  1. calibration_inputs() (app/engine/calibrate.py) samples one image per class (up to 16 classes) with the
+     model itself, plain CFG at s = 3 and the default sampler, and records the (x, timesteps, class_labels)
+     of every forward: inputs at every noise level, with conditional and unconditional labels, as the service
+     will see them. No dataset is needed, so any UNet checkpoint can be quantized where it is served.
   2. quantize_int8() exports the forward (torch.export, the row count symbolic), marks every Conv2d and
      Linear but the first and last convolutions for int8 with X86InductorQuantizer's default config
      (activations per tensor, asymmetric, static; weights per output channel, symmetric), runs the recorded
@@ -25,19 +25,14 @@ and its quality at int8 is unmeasured). torchao is an optional dependency: pip i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from app.models.fast import INT8_MIN_ROWS, PrecisionError
-from app.sampling import DEFAULT_SAMPLER, GuidanceParams, SampleRun, SampleSpec, sample
+from app.models.precision import INT8_MIN_ROWS, Inputs, PrecisionError
 
 FP32_LAYERS = ("unet.conv_in", "unet.conv_out")  # module names under _Forward
 EXPORT_MAX_ROWS = 63  # the exported graph's largest row count (see Limits above)
-
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, timesteps, class_labels)
-# () -> the calibration inputs; called in the model's compute thread, at the first int8 forward.
-Calibrator = Callable[[], Sequence[Inputs]]
 
 
 class Int8Unavailable(PrecisionError):
@@ -59,46 +54,7 @@ class _Forward(torch.nn.Module):
         return self.denoiser._forward(x, timesteps, class_labels)
 
 
-class _Recorder:
-    """A denoiser that records its inputs and answers with the wrapped one's eps."""
-
-    def __init__(self, denoiser) -> None:
-        self.denoiser = denoiser
-        self.inputs: list[Inputs] = []
-
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        self.inputs.append((x.clone(), timesteps.clone(), class_labels.clone()))
-        return self.denoiser(x, timesteps, class_labels)
-
-
-def calibration_inputs(
-    denoiser,
-    scheduler_config: dict,
-    image_shape: tuple[int, int, int],
-    null_label: int,
-    num_classes: int,
-    device: torch.device | str = "cpu",
-    steps: int = 20,
-    max_classes: int = 16,
-    seed: int = 0,
-) -> list[Inputs]:
-    """The inputs of every forward while sampling one image of each of up to max_classes classes (spread
-    over the label range), plain CFG at s = 3: 2 rows per class (at most 32) at each of `steps` steps."""
-    count = min(num_classes, max_classes)
-    labels = sorted({round(i * num_classes / count) for i in range(count)})
-    recorder = _Recorder(denoiser)
-    spec = dict(steps=steps, sampler=DEFAULT_SAMPLER, guidance=GuidanceParams(guidance_scale=3.0))
-    runs = [
-        SampleRun(
-            SampleSpec(class_label=c, seeds=(seed + i,), **spec), scheduler_config, image_shape, null_label, device
-        )
-        for i, c in enumerate(labels)
-    ]
-    sample(recorder, runs)
-    return recorder.inputs
-
-
-def _torchao_pt2e():
+def torchao_pt2e():
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -111,7 +67,7 @@ def quantize_int8(denoiser, inputs: Sequence[Inputs]) -> torch.nn.Module:
     """The denoiser's three-argument forward with its Conv2d and Linear layers quantized to int8 and
     calibrated on `inputs`: a module (x, timesteps, class_labels) -> eps for 2..63 rows. Run it under
     torch.compile with freezing for int8 kernels; run eagerly it only simulates them."""
-    xiq, prepare_pt2e, convert_pt2e = _torchao_pt2e()
+    xiq, prepare_pt2e, convert_pt2e = torchao_pt2e()
     quantizer = xiq.X86InductorQuantizer()
     config = xiq.get_default_x86_inductor_quantization_config()
     for layer in (torch.nn.Conv2d, torch.nn.Linear):
@@ -136,21 +92,3 @@ def quantize_int8(denoiser, inputs: Sequence[Inputs]) -> torch.nn.Module:
         for batch in batches:
             prepared(*batch)
         return convert_pt2e(prepared)
-
-
-def model_calibrator(model, denoiser) -> Calibrator:
-    """The Calibrator of a loaded checkpoint (app.models.LoadedModel) and its fp32 denoiser: refuses, now,
-    what int8 cannot run (a DiT, or no torchao), so that a service fails at startup with the reason."""
-    m = model.manifest
-    if m.kind != "unet":
-        raise Int8Unavailable(
-            f"precision int8 quantizes UNet checkpoints, and {m.name} is a {m.kind}: use bf16 or fp32"
-        )
-    _torchao_pt2e()
-
-    def calibrate() -> list[Inputs]:
-        return calibration_inputs(
-            denoiser, model.scheduler_config, m.sample_shape, m.null_label, m.num_classes, model.device
-        )
-
-    return calibrate

@@ -27,17 +27,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from app.guidance import RowsCombine
+from app.guidance import Guider, RowsCombine
+from app.rng import StackedRandom
 from app.sampling.device import to_device
 from app.sampling.schedulers import step_kwargs, timed_scheduler
 from app.sampling.solvers import SOLVERS, Solver
-
-if TYPE_CHECKING:
-    from app.sampling.run import SampleRun
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,29 @@ class StepTable:
         return self.rows[step]
 
 
+class BatchedRun(Protocol):
+    """What this module reads and writes of a request (app.sampling.run.SampleRun, which imports this module)."""
+
+    spec: Any
+    table: StepTable
+    guider: Guider
+    rng: StackedRandom
+    latents: torch.Tensor
+    scaled_input: torch.Tensor | None
+    x0_prev: torch.Tensor | None
+    step_index: int
+    scales: list[float]
+    label: int
+    null_label: int
+
+    @property
+    def done(self) -> bool: ...
+
+    def needs_uncond(self) -> bool: ...
+
+    def finish_step(self, latents: torch.Tensor, eps_guided: torch.Tensor) -> None: ...
+
+
 @functools.lru_cache(maxsize=256)
 def step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTable | None:
     """The step table of (sampler, config_key, steps), for whichever of SOLVERS reproduces its scheduler (None:
@@ -71,7 +92,7 @@ def step_table(sampler: str, scheduler_config_json: str, steps: int) -> StepTabl
     return None
 
 
-def inputs_together(runs: Sequence[SampleRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs_together(runs: Sequence[BatchedRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward's rows (x, timesteps, labels) for runs that have a step table, built over all of them at
     once rather than run by run: each run's conditional rows, then its unconditional ones where this step runs
     them, in the runs' order, as SampleRun.model_input would give them. The timesteps and labels come from
@@ -106,18 +127,18 @@ def inputs_together(runs: Sequence[SampleRun]) -> tuple[torch.Tensor, torch.Tens
     return rows, to_device(torch.tensor(timesteps, dtype=dtype), device), to_device(torch.tensor(labels), device)
 
 
-def advance_together(runs: Sequence[SampleRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
+def advance_together(runs: Sequence[BatchedRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
     """Advance runs that have a step table (SampleRun.table) by one step, each solver's runs all at once.
     offsets[k] is where runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then
     its unconditional)."""
-    groups: dict[tuple[str, type], list[tuple[SampleRun, int]]] = {}
+    groups: dict[tuple[str, type], list[tuple[BatchedRun, int]]] = {}
     for run, offset in zip(runs, offsets, strict=True):
         groups.setdefault((run.table.solver, type(run.guider)), []).append((run, offset))
     for (name, guider), members in groups.items():
         _advance(SOLVERS[name], guider.combine_rows, members, eps)
 
 
-def step_noise(run: SampleRun, column: int) -> torch.Tensor:
+def step_noise(run: BatchedRun, column: int) -> torch.Tensor:
     """The noise an ancestral step adds to the run's images, on the host: one draw per image from its own
     generator, as diffusers' step draws it (randn_tensor with the generator list); zeros where the table's
     noise scale (column) is 0 and the step adds none: DDPM draws nothing there either (t = 0), and Euler
@@ -128,7 +149,7 @@ def step_noise(run: SampleRun, column: int) -> torch.Tensor:
 
 
 def _advance(
-    solver: Solver, combine_rows: RowsCombine, members: list[tuple[SampleRun, int]], eps: torch.Tensor
+    solver: Solver, combine_rows: RowsCombine, members: list[tuple[BatchedRun, int]], eps: torch.Tensor
 ) -> None:
     runs = [run for run, _ in members]
     sizes = [r.spec.num_images for r in runs]

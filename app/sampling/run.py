@@ -34,6 +34,7 @@ from app.guidance import (
     row_norm,
     sigma_of,
 )
+from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import advance_together, inputs_together, step_table
 from app.sampling.device import to_device
@@ -60,8 +61,6 @@ class Denoiser(Protocol):
 
 # label -> the model's class embedding of that label, shape (D,).
 ClassEmbedding = Callable[[int], torch.Tensor]
-# finished samples (N, C, h, w) -> uint8 images (N, H, W, C')
-ImageDecoder = Callable[[torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ class GuidanceParams:
     cads: Cads | None = None
 
 
-# The guidance of a request that sets none: the API's defaults and app.generate's. GuidanceParams()
-# itself stays plain CFG at s = 3 (app.evaluate's scale sweep and SampleSpec's default).
+# The guidance of a request that sets none: the API's defaults and research.generate's. GuidanceParams()
+# itself stays plain CFG at s = 3 (research.evaluate's scale sweep and SampleSpec's default).
 # CFG at s = 3.5 only where 0.25 < sigma <= 1.5 (Kynkäänniemi et al. 2024): 3 of the default sampler's 20 steps
 # (dpmpp_2m_karras: sigma 1.04, 0.58, 0.30). Re-chosen for the Karras default (issue 12), on which the earlier
 # default, s = 3 on (0.3, 2], had diversity 0.94x that of s = 1, under issue 13's 0.95 bar; checked at n = 640
@@ -341,12 +340,6 @@ def guidance_scales(
 ) -> tuple[float, ...]:
     """GuidanceSchedule.scales, kept per (schedule, scale, steps, sigmas): the API's few settings recur."""
     return tuple(schedule.scales(guidance_scale, steps, sigmas))
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W), as uint8 (N, H, W, C) on the host."""
-    x = (x.float().clamp(-1, 1) + 1) * 127.5
-    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:

@@ -2,7 +2,7 @@
 # Prepare, on this CPU machine, what a lent GPU machine lacks for bench/bench_gpu.py (issue 16):
 #   .whl/   the Python packages its image lacks (it has torch, numpy, pillow, httpx, safetensors,
 #           prometheus-client, huggingface-hub; Python 3.12), as wheels for CPython 3.12 on x86-64 Linux;
-#   .data/  the Fashion-MNIST files from Debian's dataset-fashion-mnist (for app.evaluate's classifier and FID)
+#   .data/  the Fashion-MNIST files from Debian's dataset-fashion-mnist (for research.evaluate's classifier and FID)
 #           and the CPU's cached scoring classifier.
 # Both folders are ignored by git (.git/info/exclude). Then, with the device tool:
 #   run(command="bash bench/gpu/run.sh", carry=[".whl", ".data"], timeout_s=420)
@@ -57,8 +57,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   apt-get install -y -q dataset-fashion-mnist >/dev/null
 fi
 cp /usr/share/datasets/fashion-mnist/*.gz .data/
-# The CPU's scoring classifier (trained once by app.evaluate), so the GPU's accuracy and FID use the same one.
+# The CPU's scoring classifier (trained once by research.evaluate), so the GPU's accuracy and FID use the same one.
 classifier=~/.cache/cfg-serve/classifier.safetensors
-[ -f $classifier ] || python3 -m app.evaluate --scales 1 --per-class 2 --report /tmp/prep.md --json /tmp/prep.json --img-dir /tmp/prep-img >/dev/null
+[ -f $classifier ] || python3 -m research.evaluate --scales 1 --per-class 2 --report /tmp/prep.md --json /tmp/prep.json --img-dir /tmp/prep-img >/dev/null
 cp $classifier .data/
 du -sh .whl .data

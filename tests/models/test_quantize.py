@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.calibrate import calibration_inputs, model_calibrator
 from app.models.fast import INT8_MAX_ROWS, FastDenoiser, PrecisionError, fast_denoiser, resolve_precision
-from app.models.quantize import Int8Unavailable, calibration_inputs, model_calibrator, quantize_int8
+from app.models.quantize import Int8Unavailable, quantize_int8
 from app.sampling import DEFAULT_GUIDANCE, SampleSpec, sample
 from tests.models.test_fast import SHAPE, make_run, random_batch
 

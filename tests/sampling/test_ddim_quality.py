@@ -7,10 +7,10 @@ use_clipped_model_output, pairs it with the unclipped eps; at s = 3 every image 
 import numpy as np
 import pytest
 
-from app.data import load_fashion_mnist
-from app.evaluation.classifier import score, train_classifier, uint8_to_model_images
-from app.generate import generate
 from app.sampling import GuidanceParams, SampleSpec
+from research.data import load_fashion_mnist
+from research.evaluation.classifier import score, train_classifier, uint8_to_model_images
+from research.generate import generate
 
 PER_CLASS = 6
 

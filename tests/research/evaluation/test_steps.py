@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.evaluation.steps import StepsResult, fewest_steps, main
+from research.evaluation.steps import StepsResult, fewest_steps, main
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
@@ -58,7 +58,7 @@ def test_steps_table_on_a_tiny_config(tmp_path, capsys):
     assert len(table["fewest"]) == 4 and {"sampling fp32", "sampling bf16", "total"} <= set(table["timings_s"])
 
     text = report.read_text()
-    assert "python -m app.evaluation.steps --model" in text and table["checkpoint_sha256"] in text
+    assert "python -m research.evaluation.steps --model" in text and table["checkpoint_sha256"] in text
     assert "## FID (fp32)" in text and "## Accuracy (bf16)" in text and "## Precisions at the same seeds" in text
     assert "| steps | dpmpp_2m | ddim |" in text
     fid_2 = {r["sampler"]: r["fid"] for r in rows if r["steps"] == 2 and r["precision"] == "fp32"}

@@ -1,4 +1,4 @@
-"""Measure the guidance trade-off of a checkpoint: python -m app.evaluate.
+"""Measure the guidance trade-off of a checkpoint: python -m research.evaluate.
 
 For each guidance scale it draws --per-class images of every class (fixed seeds, the same seeds at
 every scale) and scores them with a small CNN Fashion-MNIST classifier trained here once and cached:
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from app.data import DEFAULT_DATA_DIR, DatasetMissingError
-from app.evaluation.classifier import add_classifier_arguments
-from app.evaluation.report import print_summary, write_outputs
-from app.evaluation.run import DEFAULT_PER_CLASS, MAX_PER_CLASS, run_evaluation
-from app.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, DEFAULT_SCALES, positive_int, scale_list
 from app.models import CheckpointError, load_checkpoint
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS
+from research.data import DEFAULT_DATA_DIR, DatasetMissingError
+from research.evaluation.classifier import add_classifier_arguments
+from research.evaluation.report import print_summary, write_outputs
+from research.evaluation.run import DEFAULT_PER_CLASS, MAX_PER_CLASS, run_evaluation
+from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, DEFAULT_SCALES, positive_int, scale_list
 
 
 def sampler_list(text: str) -> tuple[str, ...]:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = "python -m app.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m research.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.compare_samplers and not set(args.compare_scales) <= set(args.scales):
         parser.error("argument --compare-scales: every scale must also be in --scales")
     if not 2 <= args.per_class <= MAX_PER_CLASS:

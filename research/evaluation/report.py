@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.evaluation.run import Evaluation, RealBaseline, SamplerResults, ScaleResult, check_targets
-from app.generate import sweep_image
+from research.evaluation.run import Evaluation, RealBaseline, SamplerResults, ScaleResult, check_targets
+from research.generate import sweep_image
 
 
 def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
@@ -20,7 +20,7 @@ def render_markdown(ev: Evaluation, tradeoff_png: str, sweep_png: str) -> str:
     lines = [
         "# Sample quality vs guidance scale",
         "",
-        "Written by `app/evaluate.py`; rerun it to refresh this page.",
+        "Written by `research/evaluate.py`; rerun it to refresh this page.",
         "",
         f"- command: `{ev.command}`",
         f"- date: {ev.date_utc}",

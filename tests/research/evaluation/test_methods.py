@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.evaluation.methods import main
+from research.evaluation.methods import main
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
@@ -46,7 +46,7 @@ def test_methods_table_on_a_tiny_config(tmp_path, capsys):
     assert {"classifier", "sampling", "scoring", "total"} <= set(results["timings_s"])
 
     text = report.read_text()
-    assert results["checkpoint_sha256"] in text and "python -m app.evaluation.methods --model" in text
+    assert results["checkpoint_sha256"] in text and "python -m research.evaluation.methods --model" in text
     assert "| setting | sampler | accuracy | FID | FID / s=1 | diversity | diversity / s=1 | mean grey |" in text
     assert f"| `apg s=5 r=1` | dpmpp_2m | {rows[2]['accuracy']:.3f} | {rows[2]['fid']:.2f} |" in text
     assert "| real test images (n = 20) |" in text and "(n = 20 per setting)" in text

@@ -1,7 +1,7 @@
 """Draw samples from a checkpoint and write a PNG, without the server.
 
-  python -m app.generate --class Sneaker --num-images 16 --scale 3 --out sneakers.png
-  python -m app.generate --sweep --scales 0,1,2,3,5,7.5 --out sweep.png
+  python -m research.generate --class Sneaker --num-images 16 --scale 3 --out sneakers.png
+  python -m research.generate --sweep --scales 0,1,2,3,5,7.5 --out sweep.png
 
 Image i uses seed --seed + i, so an image is the same whatever it is batched with.
 The sweep draws --num-images (default 1) per class at each of --scales, with the other guidance

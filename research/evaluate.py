@@ -1,11 +1,11 @@
-"""Measure the guidance trade-off of a checkpoint: python -m app.evaluate (see app/evaluation/cli.py).
-The guidance-methods table is python -m app.evaluation.methods.
+"""Measure the guidance trade-off of a checkpoint: python -m research.evaluate (see research/evaluation/cli.py).
+The guidance-methods table is python -m research.evaluation.methods.
 
-The code lives in the app.evaluation package; this module keeps the command, the cfg-evaluate entry
+The code lives in the research.evaluation package; this module keeps the command, the cfg-evaluate entry
 point and the names other code imports from here.
 """
 
-from app.evaluation.classifier import (
+from research.evaluation.classifier import (
     FashionClassifier,
     Scored,
     get_classifier,
@@ -15,8 +15,8 @@ from app.evaluation.classifier import (
     train_classifier,
     uint8_to_model_images,
 )
-from app.evaluation.cli import build_parser, main
-from app.evaluation.metrics import (
+from research.evaluation.cli import build_parser, main
+from research.evaluation.metrics import (
     GaussianStats,
     accuracy,
     fid,
@@ -28,8 +28,8 @@ from app.evaluation.metrics import (
     sqrtm_psd,
     within_class_diversity,
 )
-from app.evaluation.provenance import git_commit, machine_description
-from app.evaluation.run import Evaluation, RealBaseline, ScaleResult, check_targets, run_evaluation, score_scales
+from research.evaluation.provenance import git_commit, machine_description
+from research.evaluation.run import Evaluation, RealBaseline, ScaleResult, check_targets, run_evaluation, score_scales
 
 __all__ = [
     "Evaluation",

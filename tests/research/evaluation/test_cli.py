@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.evaluation.cli import main
 from app.sampling import DEFAULT_SAMPLER
+from research.evaluation.cli import main
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from app.evaluation.metrics import (
+from research.evaluation.metrics import (
     GaussianStats,
     fid,
     frechet_distance,

@@ -1,4 +1,4 @@
-"""Train the class-conditional CFG model on Fashion-MNIST: python -m app.train --out model_store/NAME.
+"""Train the class-conditional CFG model on Fashion-MNIST: python -m research.train --out model_store/NAME.
 
 Label dropout to the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1),
 epsilon prediction, an EMA of the weights, AdamW with warmup and cosine decay, Min-SNR-gamma loss
@@ -22,8 +22,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from app.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from app.models import build_unet, load_checkpoint, save_checkpoint
+from research.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,17 +1,17 @@
-"""The guidance-methods table: python -m app.evaluation.methods.
+"""The guidance-methods table: python -m research.evaluation.methods.
 
 Draws --per-class images of every class with each guidance setting and sampler (the settings are in
-app/evaluation/settings.py), at the same seeds in every row: class c uses seeds seed + c * per_class + i,
-as app.evaluate does. Scores them with app.evaluate's classifier (the same cache) against the same
+research/evaluation/settings.py), at the same seeds in every row: class c uses seeds seed + c * per_class + i,
+as research.evaluate does. Scores them with research.evaluate's classifier (the same cache) against the same
 reference statistics, next to the same real baseline (n = 10 * per_class real test images).
 Writes docs/guidance.md, docs/guidance.json and docs/img/guidance-grid.png (a row per setting and
 sampler, the first image of each class).
 
-  python -m app.evaluation.methods                       # the whole table: 27 rows, 2600 forwards of 128 rows,
+  python -m research.evaluation.methods                       # the whole table: 27 rows, 2600 forwards of 128 rows,
                                                          # about an hour on 2 CPU cores
-  python -m app.evaluation.methods --list                # the settings' names and their JSON
-  python -m app.evaluation.methods --only "cfg s=3,apg s=5" --samplers dpmpp_2m --per-class 8
-  python -m app.evaluation.methods --only "cfg s=3" \\
+  python -m research.evaluation.methods --list                # the settings' names and their JSON
+  python -m research.evaluation.methods --only "cfg s=3,apg s=5" --samplers dpmpp_2m --per-class 8
+  python -m research.evaluation.methods --only "cfg s=3" \\
       --extra '{"name": "apg s=5 r=1", "guidance_scale": 5, "method": {"kind": "apg", "norm_threshold": 1.0}}'
 
 Each sampler's CFG s=1 row is always drawn: FID and diversity are also given relative to it.
@@ -34,18 +34,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from app.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
-from app.evaluation.classifier import (
+from app.images import labelled_grid
+from app.models import CheckpointError, LoadedModel, load_checkpoint
+from app.sampling import SAMPLERS
+from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
+from research.evaluation.classifier import (
     FashionClassifier,
     add_classifier_arguments,
     get_classifier,
     score,
     uint8_to_model_images,
 )
-from app.evaluation.metrics import GaussianStats, accuracy
-from app.evaluation.provenance import run_provenance
-from app.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
-from app.evaluation.settings import (
+from research.evaluation.metrics import GaussianStats, accuracy
+from research.evaluation.provenance import run_provenance
+from research.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
+from research.evaluation.settings import (
     REFERENCE_NAME,
     GuidanceSetting,
     Row,
@@ -56,10 +59,7 @@ from app.evaluation.settings import (
     setting_to_dict,
     table_rows,
 )
-from app.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, generate, positive_int, sweep_specs, total_steps
-from app.images import labelled_grid
-from app.models import CheckpointError, LoadedModel, load_checkpoint
-from app.sampling import SAMPLERS
+from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, generate, positive_int, sweep_specs, total_steps
 
 DEFAULT_PER_CLASS = 32
 DEFAULT_SAMPLERS = ("dpmpp_2m", "ddim")
@@ -204,7 +204,7 @@ def render_markdown(table: MethodsTable, grid_png: str) -> str:
     lines = [
         "# Guidance methods at the same seeds",
         "",
-        "Written by `python -m app.evaluation.methods`; rerun it to refresh this page.",
+        "Written by `python -m research.evaluation.methods`; rerun it to refresh this page.",
         "",
         f"- command: `{table.command}`",
         f"- date: {table.date_utc}",
@@ -214,7 +214,7 @@ def render_markdown(table: MethodsTable, grid_png: str) -> str:
         + (f", {table.checkpoint_steps} training steps" if table.checkpoint_steps is not None else ""),
         f"- sampling: {table.steps} steps, {table.per_class} images per class (n = {n} per setting), "
         f"seeds {table.seed}.., the same seeds in every row",
-        f"- scoring classifier: app.evaluate's (small CNN trained on the train split), test accuracy "
+        f"- scoring classifier: research.evaluate's (small CNN trained on the train split), test accuracy "
         f"{table.classifier_test_accuracy:.4f}",
         "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table.timings_s.items()),
         "",
@@ -309,7 +309,7 @@ def extra_setting(text: str) -> GuidanceSetting:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m app.evaluation.methods",
+        prog="python -m research.evaluation.methods",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = "python -m app.evaluation.methods " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m research.evaluation.methods " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.grid is None:  # beside the report, so that a report written elsewhere leaves docs/img alone
         args.grid = args.report.parent / "img" / f"{args.report.stem}-grid.png"
     if not 2 <= args.per_class <= MAX_PER_CLASS:

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from app.evaluation.settings import (
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.sampling import GuidanceParams
+from research.evaluation.settings import (
     REFERENCE_NAME,
     GuidanceSetting,
     Row,
@@ -14,8 +16,6 @@ from app.evaluation.settings import (
     setting_to_dict,
     table_rows,
 )
-from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
-from app.sampling import GuidanceParams
 
 
 def by_name() -> dict[str, GuidanceSetting]:

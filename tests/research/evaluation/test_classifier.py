@@ -1,6 +1,6 @@
 import torch
 
-from app.evaluation.classifier import FashionClassifier, load_classifier, save_classifier
+from research.evaluation.classifier import FashionClassifier, load_classifier, save_classifier
 
 
 def test_classifier_cache_is_safetensors_and_checks_how_it_was_trained(tmp_path):

@@ -1,13 +1,13 @@
-"""Sampler steps against quality: python -m app.evaluation.steps.
+"""Sampler steps against quality: python -m research.evaluation.steps.
 
 Draws --per-class images of every class for each sampler, step count and precision, with the default
 request's guidance (DEFAULT_GUIDANCE: CFG s = 3.5 only where 0.25 < sigma <= 1.5) and the same seeds in every
-row (class c uses seeds seed + c * per_class + i, as app.evaluate does). Scores them with app.evaluate's
+row (class c uses seeds seed + c * per_class + i, as research.evaluate does). Scores them with research.evaluate's
 classifier (the same cache) against the same reference statistics, next to a real baseline of as many
 test images. Writes docs/steps.md and docs/steps.json.
 
-  python -m app.evaluation.steps --per-class 24           # 4 samplers x 7 step counts, n = 240 each
-  python -m app.evaluation.steps --samplers dpmpp_2m,ddim --steps 20 --precisions fp32,bf16 \\
+  python -m research.evaluation.steps --per-class 24           # 4 samplers x 7 step counts, n = 240 each
+  python -m research.evaluation.steps --samplers dpmpp_2m,ddim --steps 20 --precisions fp32,bf16 \\
       --per-class 64 --report docs/precision.md --json docs/precision.json
 
 A precision other than fp32 runs the model's forward under autocast (app/models/fast.py); the latents and
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
-from app.evaluation.classifier import add_classifier_arguments, get_classifier, score, uint8_to_model_images
-from app.evaluation.metrics import accuracy
-from app.evaluation.provenance import run_provenance
-from app.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
-from app.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, plan_batches, positive_int, sweep_specs, total_steps
+from app.engine.calibrate import model_calibrator
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
 from app.models.fast import PrecisionError, fast_denoiser, resolve_precision
-from app.models.quantize import model_calibrator
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec, sample
+from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
+from research.evaluation.classifier import add_classifier_arguments, get_classifier, score, uint8_to_model_images
+from research.evaluation.metrics import accuracy
+from research.evaluation.provenance import run_provenance
+from research.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
+from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, plan_batches, positive_int, sweep_specs, total_steps
 
 DEFAULT_SAMPLERS = tuple(sorted(SAMPLERS))
 DEFAULT_STEPS = (5, 8, 10, 15, 20, 30, 50)
@@ -102,7 +102,7 @@ def draw(
     max_rows: int,
     on_step: Callable[[], None] | None = None,
 ) -> list[np.ndarray]:
-    """As app.generate.generate, with the forward at the given precision: the images of each spec, in order."""
+    """As research.generate.generate, with the forward at the given precision: the images of each spec, in order."""
     base = unet_denoiser(model.unet)
     # int8 as the service runs it: calibrated on the model's own sampling, compiled over row buckets.
     calibrate = model_calibrator(model, base) if precision == "int8" else None
@@ -227,7 +227,7 @@ def render_markdown(table: StepsTable) -> str:
     lines = [
         "# Sampler steps against quality" if sweep else f"# Forward precisions against quality at {most} steps",
         "",
-        "Written by `python -m app.evaluation.steps`; rerun it to refresh this page.",
+        "Written by `python -m research.evaluation.steps`; rerun it to refresh this page.",
         "",
         f"- command: `{table.command}`",
         f"- date: {table.date_utc}",
@@ -237,7 +237,7 @@ def render_markdown(table: StepsTable) -> str:
         + (f", {table.checkpoint_steps} training steps" if table.checkpoint_steps is not None else ""),
         f"- guidance: the default request's, {table.guidance}",
         f"- n = {n} images per cell ({table.per_class} per class), seeds {table.seed}.., the same seeds in every cell",
-        f"- scoring classifier: app.evaluate's (small CNN trained on the train split), test accuracy "
+        f"- scoring classifier: research.evaluate's (small CNN trained on the train split), test accuracy "
         f"{table.classifier_test_accuracy:.4f}; FID in its {table.feature_dim}-d feature space to the "
         f"{table.reference_size} test images not in the real baseline",
         "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table.timings_s.items()),
@@ -298,7 +298,9 @@ def name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m app.evaluation.steps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m research.evaluation.steps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = "python -m app.evaluation.steps " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m research.evaluation.steps " + shlex.join(sys.argv[1:] if argv is None else argv)
     if not 2 <= args.per_class <= MAX_PER_CLASS:
         parser.error(f"argument --per-class: must be between 2 and {MAX_PER_CLASS}, got {args.per_class}")
     if "fp32" not in args.precisions:

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.data import load_fashion_mnist
-from app.evaluation.classifier import FashionClassifier, Scored, get_classifier, score, uint8_to_model_images
-from app.evaluation.metrics import (
+from app.models import LoadedModel
+from research.data import load_fashion_mnist
+from research.evaluation.classifier import FashionClassifier, Scored, get_classifier, score, uint8_to_model_images
+from research.evaluation.metrics import (
     GaussianStats,
     accuracy,
     frechet_distance,
@@ -23,9 +24,8 @@ from app.evaluation.metrics import (
     split_real_baseline,
     within_class_diversity,
 )
-from app.evaluation.provenance import run_provenance
-from app.generate import generate, sweep_specs, total_steps
-from app.models import LoadedModel
+from research.evaluation.provenance import run_provenance
+from research.generate import generate, sweep_specs, total_steps
 
 DEFAULT_PER_CLASS = 64
 MAX_PER_CLASS = 500

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from app.models import load_checkpoint
-from app.train import autocast_dtype, lr_at, main, min_snr_weights
+from research.train import autocast_dtype, lr_at, main, min_snr_weights
 
 
 def test_lr_warms_up_then_decays_to_zero_at_the_last_step():

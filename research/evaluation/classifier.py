@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from app.evaluation.metrics import mean_grey
-from app.generate import positive_int
+from research.evaluation.metrics import mean_grey
+from research.generate import positive_int
 
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
 DEFAULT_CLASSIFIER_EPOCHS = 3
@@ -128,7 +128,7 @@ def score(model: FashionClassifier, images: torch.Tensor, batch_size: int = 1000
 
 
 def uint8_to_model_images(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the scaling of app.data."""
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the scaling of research.data."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

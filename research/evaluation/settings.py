@@ -1,7 +1,7 @@
 """Named guidance settings for the guidance-methods table, and their JSON form.
 
 A setting is a name, the samplers it is drawn with, and a GuidanceParams. The JSON form is what
-`python -m app.evaluation.methods --extra` takes: the GuidanceParams fields at the top level, the nested
+`python -m research.evaluation.methods --extra` takes: the GuidanceParams fields at the top level, the nested
 ones as objects, and every field optional but the name; a missing field takes the dataclass's default.
 
   {"name": "apg s=5 r=1", "guidance_scale": 5, "method": {"kind": "apg", "norm_threshold": 1.0}}
@@ -10,7 +10,7 @@ ones as objects, and every field optional but the name; a missing field takes th
 
 samplers defaults to every sampler the table draws (--samplers); "cads" takes true (the defaults),
 an object of Cads fields, or null; an interval schedule's start defaults to 0 (guided from the first
-step, as in app.generate).
+step, as in research.generate).
 """
 
 from __future__ import annotations

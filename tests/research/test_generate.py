@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.data import CLASS_NAMES
-from app.generate import (
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.images import GRID_PADDING
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
+from research.data import CLASS_NAMES
+from research.generate import (
     build_parser,
     guidance_from_args,
     main,
@@ -15,9 +18,6 @@ from app.generate import (
     rows_per_image,
     sweep_specs,
 )
-from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
-from app.images import GRID_PADDING
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
 
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
@@ -147,8 +147,8 @@ def test_sweep_specs_keep_the_class_where_s0_is_not_the_unconditional_model():
 
 
 def test_generate_calls_on_step_once_per_forward_and_matches_total_steps(checkpoint):
-    from app.generate import generate, total_steps
     from app.models import load_checkpoint
+    from research.generate import generate, total_steps
 
     specs = [SampleSpec(class_label=c, seeds=tuple(range(5)), steps=s) for c, s in ((0, 3), (1, 2))]
     calls = []

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from app.evaluation.classifier import Scored
-from app.evaluation.metrics import frechet_distance, gaussian_stats
-from app.evaluation.run import score_scales
+from research.evaluation.classifier import Scored
+from research.evaluation.metrics import frechet_distance, gaussian_stats
+from research.evaluation.run import score_scales
 
 
 def test_score_scales_reads_images_as_class_major():
