@@ -122,7 +122,7 @@ def labelled_grid(
 
     def text_size(text: str) -> tuple[int, int]:
         left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
-        return right - left, bottom - top
+        return round(right - left), round(bottom - top)
 
     left = max((text_size(t)[0] for t in row_labels), default=-margin) + margin
     top = font_size + margin if any(col_labels) else 0

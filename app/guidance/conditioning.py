@@ -8,14 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from app.rng import StackedRandom
 
 NoiseScheduleKind = Literal["constant", "sigma", "guidance"]
-NOISE_SCHEDULE_KINDS: tuple[str, ...] = NoiseScheduleKind.__args__
+NOISE_SCHEDULE_KINDS: tuple[str, ...] = get_args(NoiseScheduleKind)
 
 
 def add_condition_noise(eps_cond: torch.Tensor, noise_level: float, rng: StackedRandom) -> torch.Tensor:

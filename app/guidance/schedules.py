@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 ScheduleKind = Literal["constant", "linear", "cosine", "interval"]
-SCHEDULE_KINDS: tuple[str, ...] = ScheduleKind.__args__
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch._inductor.config
@@ -77,7 +77,7 @@ def row_buckets(max_rows: int) -> tuple[int, ...]:
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     """The module's 4-d weights in channels_last (NHWC) memory format, in place."""
-    return module.to(memory_format=torch.channels_last)
+    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
 
 
 class FastDenoiser:
@@ -117,10 +117,10 @@ class FastDenoiser:
             self.chunk = buckets[-1]  # a bigger forward runs in chunks of the largest bucket
         self.buckets: tuple[int, ...] = buckets
         self._device_type = torch.device(device).type
-        self._compiled = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, CapturedForward] = {}
-        self._pool = None
+        self._pool: Any = None  # torch.cuda's graph pool handle, made at the first capture
         if compile:
             # Every instance's graphs (one per bucket, or two when dynamic) are cached on the one code object
             # of _forward, whose recompile limit (8) would otherwise send a second model, or a seventh
