@@ -220,7 +220,7 @@ def test_every_package_the_code_imports_comes_with_the_install_that_runs_it() ->
     # app/: the service and its commands; two optional features import from their own extra, lazily.
     optional = {"torchao": requirement_closure(extras["int8"]), "matplotlib": requirement_closure(extras["research"])}
     for dist, files in imported_distributions("app").items():
-        assert dist in optional.get(dist, serve), f"{dist} (imported by {sorted(files)}) is not installed to serve"
+        assert dist in optional.get(dist, serve), f"{dist} (imported by {sorted(files)}) comes with no install of app/"
     for folder, installed in (
         ("bench", requirement_closure(runtime + extras["research"])),
         ("tests", requirement_closure(runtime + extras["test"] + extras["int8"] + extras["research"])),
