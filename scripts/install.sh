@@ -64,7 +64,8 @@ torch_flavor() {
 }
 
 # Whether pip, as configured here, can get the CPU build without being pointed at CPU_INDEX. --no-deps: only
-# torch's own wheel is looked for (a local one is only read; a remote one lands in pip's cache).
+# torch's own wheel is looked for (a local one is only read; a remote one lands in pip's cache). A pip older
+# than 22.2 has no --dry-run: it always takes CPU_INDEX.
 pip_sees_cpu_torch() {
   $PY -m pip install --dry-run --no-deps --ignore-installed -q "torch==$CPU_TORCH+cpu" >/dev/null 2>&1
 }
