@@ -10,11 +10,12 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build: a virtual environment with torch and the runtime dependencies. It depends only on
-# pyproject.toml and scripts/install.sh, so code changes don't reinstall torch.
+# Build: a virtual environment with torch and the runtime dependencies (the serve set: no test or research
+# extras). It depends only on pyproject.toml and scripts/install.sh, so code changes don't reinstall torch.
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_FLAVOR=cuda
-# PyPI's Linux torch is the CUDA build: the CPU image takes torch from PyTorch's CPU index.
+# Empty: the script's own choice, PyPI's CUDA build for cuda and PyTorch's CPU index for cpu (PyPI has no
+# CPU build of torch for Linux).
 ARG TORCH_INDEX_URL=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -23,10 +24,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
 COPY scripts/install.sh scripts/install.sh
-RUN if [ "$TORCH_FLAVOR" = cpu ] && [ -z "$TORCH_INDEX_URL" ]; then \
-        export TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu; \
-    fi \
- && TORCH_FLAVOR="$TORCH_FLAVOR" scripts/install.sh --deps
+RUN TORCH_FLAVOR="$TORCH_FLAVOR" TORCH_INDEX_URL="$TORCH_INDEX_URL" scripts/install.sh --deps
 
 # Runtime: the environment, the code and the checkpoint; no compilers, no pip cache, not root.
 FROM ${PYTHON_IMAGE} AS runtime

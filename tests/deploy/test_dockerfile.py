@@ -54,6 +54,15 @@ def test_dependencies_install_through_the_ci_script() -> None:
     assert any("scripts/install.sh" in args for args in copies)
 
 
+def test_the_image_installs_the_serve_set_only() -> None:
+    """--deps: torch and the runtime dependencies (tests/test_install.py checks what that installs); never the
+    test install, and no pip install of its own beside the script."""
+    runs = [args for keyword, args in instructions() if keyword == "RUN"]
+    installs = [run for run in runs if "scripts/install.sh" in run]
+    assert installs and all(re.search(r"install\.sh --deps\s*$", run) for run in installs), installs
+    assert not any("pip install" in run for run in runs), runs
+
+
 def test_ci_installs_through_the_same_script() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     lines = [line.split("#", 1)[0] for line in ci.splitlines()]
