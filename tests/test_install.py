@@ -206,7 +206,7 @@ def imported_distributions(folder: str) -> dict[str, set[str]]:
             else:
                 continue
             for top in tops:
-                if top in sys.stdlib_module_names or top in ("app", "tests", "bench", "__future__"):
+                if top in sys.stdlib_module_names or top in ("app", "research", "tests", "bench", "__future__"):
                     continue
                 for dist in module_dists.get(top, [top]):
                     found.setdefault(canonicalize_name(dist), set()).add(str(path.relative_to(REPO)))
@@ -217,11 +217,12 @@ def test_every_package_the_code_imports_comes_with_the_install_that_runs_it() ->
     extras = PYPROJECT["project"]["optional-dependencies"]
     runtime = PYPROJECT["project"]["dependencies"]
     serve = requirement_closure(runtime)
-    # app/: the service and its commands; two optional features import from their own extra, lazily.
-    optional = {"torchao": requirement_closure(extras["int8"]), "matplotlib": requirement_closure(extras["research"])}
+    # app/: the service; int8 imports from its own extra, lazily.
+    optional = {"torchao": requirement_closure(extras["int8"])}
     for dist, files in imported_distributions("app").items():
         assert dist in optional.get(dist, serve), f"{dist} (imported by {sorted(files)}) comes with no install of app/"
     for folder, installed in (
+        ("research", requirement_closure(runtime + extras["research"] + extras["int8"])),
         ("bench", requirement_closure(runtime + extras["research"])),
         ("tests", requirement_closure(runtime + extras["test"] + extras["int8"] + extras["research"])),
     ):
