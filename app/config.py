@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
         "fp32",
         description="the model's forward: fp32, or bf16 or fp16 (CUDA only) under autocast, the latents and the "
-        "sampler staying fp32; int8 (CPU, UNet checkpoints, needs torchao): convolutions and linear layers "
+        "sampler staying fp32; int8 (a CPU with VNNI or AMX int8 dot products, UNet checkpoints, needs torchao): "
+        "convolutions and linear layers "
         "quantized to int8, calibrated on the model's own sampling and compiled at startup (implies compile); "
         "auto: fp16 on a CUDA GPU (bf16 moved FID by 6% on an H200, fp16 by 0.2%: docs/benchmarks.md), else fp32",
     )

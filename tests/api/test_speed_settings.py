@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from app.models.fast import PrecisionError
+from app.models.precision import cpu_has_int8_dot
 from tests.pngs import level_diff
 
 
@@ -55,6 +56,7 @@ def test_fp16_on_the_cpu_fails_at_startup():
             pass
 
 
+@pytest.mark.skipif(not cpu_has_int8_dot(), reason="this CPU has no int8 dot products: int8 is refused here")
 def test_int8_is_served_compiled_and_batch_invariant():
     """CFG_PRECISION=int8: calibrated and compiled by the warmup, listed, and a seed's image the same alone or
     batched with another (static activation scales)."""

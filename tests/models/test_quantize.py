@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.engine.calibrate import calibration_inputs, model_calibrator
+from app.models import precision
 from app.models.fast import INT8_MAX_ROWS, FastDenoiser, PrecisionError, fast_denoiser, resolve_precision
 from app.models.quantize import Int8Unavailable, quantize_int8
 from app.sampling import DEFAULT_GUIDANCE, SampleSpec, sample
@@ -20,6 +21,13 @@ CPU = torch.device("cpu")
 # three classes: a sampling trajectory amplifies small changes).
 INT8_EPS_REL_MSE = 2e-3
 INT8_IMAGE_MEAN_LEVELS = 4.0
+
+
+# The int8 forward is served only on CPUs with int8 dot products (app/models/precision.py): elsewhere
+# resolve_precision refuses it, which test_int8_is_refused_without_int8_dot_products checks on any CPU.
+needs_int8_dot = pytest.mark.skipif(
+    not precision.cpu_has_int8_dot(), reason=f"this CPU has none of {precision.INT8_DOT_FLAGS}: int8 is refused here"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +50,7 @@ def test_calibration_sees_every_noise_level_and_every_label(loaded, denoiser):
     assert set(torch.cat([y for _, _, y in inputs]).tolist()) == set(range(m.num_classes + 1))
 
 
+@needs_int8_dot
 def test_int8_eps_is_close_to_fp32_and_not_fp32(loaded, denoiser, int8):
     for rows in (1, 2, 3, 4):
         batch = random_batch(loaded, rows, seed=rows)
@@ -52,6 +61,7 @@ def test_int8_eps_is_close_to_fp32_and_not_fp32(loaded, denoiser, int8):
     assert any("quantize_per_tensor" in op for op in ops), ops
 
 
+@needs_int8_dot
 def test_int8_keeps_the_first_and_last_convolutions_fp32(loaded, int8):
     """Every convolution reads an int8 weight (through a dequantize) but conv_in and conv_out, whose weights
     are the float parameters themselves."""
@@ -64,6 +74,7 @@ def test_int8_keeps_the_first_and_last_convolutions_fp32(loaded, int8):
     )
 
 
+@needs_int8_dot
 def test_int8_rows_do_not_depend_on_their_batch(loaded, int8):
     x, t, y = random_batch(loaded, 9, seed=11)  # more than the largest bucket: chunks of 4, 4 and 1 (padded to 2)
     together = int8(x, t, y)
@@ -73,6 +84,7 @@ def test_int8_rows_do_not_depend_on_their_batch(loaded, int8):
     assert int8.buckets == (2, 4) and int8.chunk == 4
 
 
+@needs_int8_dot
 def test_int8_images_are_close_to_fp32(loaded, denoiser, int8):
     spec = SampleSpec(class_label=3, seeds=(1, 2), steps=20, guidance=DEFAULT_GUIDANCE)
     images = {}
@@ -84,6 +96,7 @@ def test_int8_images_are_close_to_fp32(loaded, denoiser, int8):
     assert 0 < diff.mean() <= INT8_IMAGE_MEAN_LEVELS, diff.mean()
 
 
+@needs_int8_dot
 def test_int8_with_embed_delta_runs_the_fp32_forward(loaded, denoiser, int8):
     x, t, y = random_batch(loaded, 2, seed=5)
     delta = torch.randn(2, denoiser.class_embedding(0).shape[0], generator=torch.Generator().manual_seed(0))
@@ -107,3 +120,12 @@ def test_int8_without_torchao_says_how_to_install_it(monkeypatch, loaded, denois
         model_calibrator(loaded, denoiser)
     with pytest.raises(Int8Unavailable, match="needs torchao"):
         quantize_int8(denoiser, [random_batch(loaded, 2)])
+
+
+def test_int8_is_refused_without_int8_dot_products(monkeypatch):
+    """On a CPU without VNNI or AMX, oneDNN's int8 convolutions saturate: the service refuses int8 and says why."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(PrecisionError, match="int8 dot products.*avx512_vnni.*use fp32"):
+        resolve_precision("int8", CPU)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert resolve_precision("int8", CPU) == "int8"
