@@ -287,9 +287,11 @@ def build_router(limits: Limits) -> APIRouter:
     @router.get(
         "/healthz",
         responses={503: {"description": "the startup failed, or a model's engine loop did: restart the process"}},
-        summary="Liveness: 200 while the process can serve, from the start (loading included) to the exit",
+        summary="Liveness: 200 while the process can serve",
     )
     async def healthz(service: ServiceDep) -> Response:
+        """200 from the moment the port opens (loading and warming up included) until the process exits, unless
+        the startup failed or a model's engine loop did: then 503 with the error."""
         if failures := service.failures():
             status = "startup failed" if service.startup_error else "engine stopped"
             return JSONResponse({"status": status, "error": "; ".join(failures)}, status_code=503)
@@ -298,9 +300,11 @@ def build_router(limits: Limits) -> APIRouter:
     @router.get(
         "/readyz",
         responses={503: {"description": "not ready; `reason`: loading, warming up, draining or failed"}},
-        summary="Readiness: 200 once the models are loaded and warm; 503 before, while draining, or after a failure",
+        summary="Readiness: 200 once the models are loaded and warm",
     )
     async def readyz(service: ServiceDep) -> Response:
+        """503 with a `reason` while loading, warming up or draining, or after a failure; new requests get 503
+        with Retry-After then too."""
         failures = service.failures()
         if service.phase != "ready" or failures:
             reason = "failed" if failures else service.phase
