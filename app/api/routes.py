@@ -314,12 +314,12 @@ def build_router(limits: Limits) -> APIRouter:
 
     @router.get(
         "/v1/models",
-        responses={503: {"description": "the models are still loading (with Retry-After)"}},
+        responses={503: {"description": "the service is starting or draining (with Retry-After)"}},
         summary="The served models: name, classes, image size, samplers, limits",
     )
     async def models(service: ServiceDep) -> Response:
-        refused = refusal(service)
-        if refused is not None and not service.models:  # loading (or stopped before any model loaded)
+        # As every call the playground makes: a client that reads this next asks for images.
+        if (refused := refusal(service)) is not None:
             return refused.response()
         return JSONResponse(service.models_info)
 

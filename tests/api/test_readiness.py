@@ -28,6 +28,7 @@ def assert_new_work_refused(url: str, phase: str) -> None:
         ("POST", "/v1/jobs", BODY),
         ("POST", "/v1/guidance/curve", BODY),
         ("POST", "/v1/images/generations", {"prompt": "Dress", "n": 1}),
+        ("GET", "/v1/models", None),  # the playground's first call
     ]
     for method, path, body in calls:
         r = httpx.request(method, f"{url}{path}", json=body, timeout=10)
@@ -53,14 +54,12 @@ def test_the_port_opens_at_once_and_readyz_says_loading_then_warming_up_then_rea
     server.wait_listening()
     assert readyz(server.url) == (503, {"status": "not ready", "reason": "loading", "error": None})
     assert_new_work_refused(server.url, "loading")
-    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 503  # nothing to describe yet
     assert_the_rest_answers(server.url)
 
     (tmp_path / "load").touch()
     wait_until(lambda: readyz(server.url)[1]["reason"] == "warming up")
     assert readyz(server.url)[0] == 503
     assert_new_work_refused(server.url, "warming up")
-    assert httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["name"] == "fashion-mnist-cfg"
     assert_the_rest_answers(server.url)
 
     (tmp_path / "warmup").touch()
