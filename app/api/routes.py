@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.schemas import Limits, build_generate_request, request_fields
-from app.api.service import ServedModel, Service, ServiceDep, get_service  # noqa: F401 (imported from here too)
+from app.api.service import Service, ServiceDep
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import make_grid, to_png_bytes

@@ -68,7 +68,7 @@ class Service:
     startup_error: str | None = None  # why the startup failed (phase "failed")
     startup: asyncio.Task | None = None  # loads, warms up and starts the models (app/main.py)
     job_tasks: set[asyncio.Task] = field(default_factory=set)  # one per unfinished job (app/api/jobs.py)
-    _drained: asyncio.Future | None = field(default=None, repr=False)
+    _drained: asyncio.Future | None = field(default=None, init=False, repr=False)
 
     def model(self, name: str | None = None) -> ServedModel:
         """A served model by name (validated by the request schema); the default model without one."""
