@@ -67,7 +67,15 @@ class Settings(BaseSettings):
         "POST /v1/jobs gets 503",
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
-    retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
+    retry_after_s: int = Field(
+        5, ge=1, description="Retry-After header on a 503: queue full, or the service starting or draining"
+    )
+    drain_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="on SIGTERM, how long the requests and jobs in flight may take to finish (new ones get 503 "
+        "meanwhile); those still unfinished then fail with 503. Keep the orchestrator's grace period longer",
+    )
 
     def model_paths(self) -> list[Path]:
         """The checkpoint folders to serve: CFG_MODEL_PATH alone where it is set, else CFG_MODELS in CFG_MODEL_STORE."""

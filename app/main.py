@@ -1,5 +1,7 @@
-"""create_app(settings): the FastAPI app. Its lifespan loads the model, warms it up, starts the
-engine, and on shutdown stops admitting, finishes the requests in flight and stops the engine."""
+"""create_app(settings): the FastAPI app. Its lifespan builds the service, loads the models, warms them up
+and starts their engines; on shutdown it stops admitting, finishes the requests in flight and stops the
+engines. Served by app/serve.py, the loading runs in the background: the port opens at once, and /readyz
+says when the models are ready."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.api.docs import install_docs
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
-from app.api.routes import ServedModel, Service, build_router, guidance_body, install_error_handlers
+from app.api.routes import build_router, guidance_body, install_error_handlers
 from app.api.schemas import SAMPLER_NAMES, Limits
+from app.api.service import ServedModel, Service
 from app.config import Settings
 from app.engine import Engine, EngineStats, Job, SharedCompute
 from app.engine.calibrate import model_calibrator
@@ -181,7 +185,31 @@ async def serve_model(
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+async def start_serving(
+    service: Service, settings: Settings, paths: list[Path], device: torch.device, compute: SharedCompute
+) -> None:
+    """Load every model, warm each up and start its engine: the service is ready when this returns."""
+    try:
+        models = [await serve_model(settings, path, device, compute, service.metrics) for path in paths]
+        service.models.update((m.name, m) for m in models)
+        service.phase = "warming up"
+        for served in models:
+            if settings.warmup:
+                await served.engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+            await served.engine.start()
+    except Exception as exc:  # a cancellation (a drain during the startup) is no failure
+        service.fail_startup(exc)
+        log.exception("startup failed")
+        raise
+    service.phase = "ready"
+    log.info("models %s ready on %s", ", ".join(service.models), device)
+
+
+def create_app(settings: Settings | None = None, *, load_in_background: bool = False) -> FastAPI:
+    """The app. load_in_background: the lifespan starts loading the models and returns at once, so that a
+    server opens its port at once and /readyz tells loading, warming up and ready apart (app/serve.py);
+    without it, the lifespan returns once the models are ready (an in-process client such as TestClient
+    gets a ready app, and a model that fails to load raises there)."""
     settings = settings or Settings()
     # Fails fast, with one line naming the file, before the server starts listening.
     paths = settings.model_paths()
@@ -200,34 +228,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         device = resolve_device(settings.device)
+        resolve_precision(settings.precision, device)  # fp16 on a CPU fails here, before the port opens
         compute = SharedCompute()
         metrics = create_metrics()
-        models = [await serve_model(settings, path, device, compute, metrics) for path in paths]
         service = Service(
-            models={m.name: m for m in models},
             metrics=metrics,
             limits=limits,
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
             jobs=JobStore(settings.max_jobs, settings.job_ttl_s),
             on_scrape=lambda: metrics.update_device_memory(device),
+            drain_timeout_s=settings.drain_timeout_s,
         )
         metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.unfinished)
         metrics.jobs_stored.labels(state="finished").set_function(lambda: len(service.jobs) - service.jobs.unfinished)
         app.state.service = service
-        for served in models:
-            if settings.warmup:
-                await served.engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
-            await served.engine.start()
-        service.ready = True
-        log.info("models %s ready on %s", ", ".join(m.name for m in models), device)
+        service.startup = asyncio.create_task(start_serving(service, settings, paths, device, compute), name="startup")
         try:
+            if not load_in_background:
+                await service.startup
             yield
         finally:
-            service.ready = False
-            await asyncio.gather(*(served.engine.stop(drain=True) for served in models))
-            # The drained jobs' results are stored (a client following /v1/jobs/{id}/events gets its result).
-            await asyncio.gather(*service.job_tasks)
+            await service.drain()
             compute.shutdown()
             log.info("engine stopped")
 
@@ -236,11 +258,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Class-conditional diffusion with classifier-free guidance, batched per sampler step",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves them without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.include_router(build_router(limits))
     app.include_router(build_openai_router(limits))
     app.include_router(build_jobs_router(limits))
     app.include_router(build_playground_router(limits))
+    install_docs(app)
     install_error_handlers(app)
     return app

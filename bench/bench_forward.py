@@ -84,7 +84,7 @@ def build(name: str, loaded, max_rows: int):
 
 
 def warm_row_counts(denoiser, max_rows: int, null_label: int) -> float:
-    """As Engine._warm_row_counts: one forward at every row count; returns the seconds it took."""
+    """As Engine.warmup's row counts: one forward at every row count; returns the seconds it took."""
     import torch
 
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,22 +43,24 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real `python -m app.serve` process on 127.0.0.1."""
+    """A real `python -m app.serve` process on 127.0.0.1 (or another module that runs app.serve's main)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, module: str = "app.serve") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait for /readyz 200. The default warmup (a forward at each of 32 row counts) took over 120 s on the
+        2-core machine shared with other test runs; the bound only turns a hang into a failure."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -70,6 +72,19 @@ class LiveServer:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"server not ready after {timeout} s: {self.log()}")
+
+    def wait_listening(self, timeout: float = 120.0) -> float:
+        """Wait until the port answers HTTP (any status); returns the seconds since the process started."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=2)
+                return time.monotonic() - started
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise TimeoutError(f"server not listening after {timeout} s: {self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -91,15 +106,27 @@ class LiveServer:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
+def launch_server(tmp_path: Path) -> Iterator:
+    """Start a server process and return at once, before it listens: `launch(module, CFG_NAME=value, ...)`."""
     servers: list[LiveServer] = []
 
-    def start(**env: str) -> LiveServer:
-        server = LiveServer({f"CFG_{k.upper()}": str(v) for k, v in env.items()}, tmp_path / f"s{len(servers)}.log")
+    def launch(module: str = "app.serve", **env: str) -> LiveServer:
+        server = LiveServer(env, tmp_path / f"s{len(servers)}.log", module)
         servers.append(server)
+        return server
+
+    yield launch
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_server(launch_server) -> Callable[..., LiveServer]:
+    """Start `python -m app.serve` with settings as keywords (max_queue=1 is CFG_MAX_QUEUE) and wait until ready."""
+
+    def start(**env: str) -> LiveServer:
+        server = launch_server(**{f"CFG_{k.upper()}": str(v) for k, v in env.items()})
         server.wait_ready()
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start

@@ -22,6 +22,7 @@ from app.api.routes import (
     failure,
     preview_body,
     progress_events,
+    refusal,
     result_body,
     sse,
     to_spec,
@@ -101,7 +102,10 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         responses={
             202: {"description": "the job, queued; Location: /v1/jobs/{id}"},
             422: {"description": "a body /generate would reject, or an Idempotency-Key reused with another body"},
-            503: {"description": "the job store is full of unfinished jobs, or the queue is full (with Retry-After)"},
+            503: {
+                "description": "the job store is full of unfinished jobs, or the service is starting or draining "
+                "(with Retry-After)"
+            },
         },
         summary="Submit a generation job (the /generate body); returns at once",
     )
@@ -117,6 +121,9 @@ def build_jobs_router(limits: Limits) -> APIRouter:
                 detail = "Idempotency-Key was already used with a different body"
                 return JSONResponse({"detail": detail}, status_code=422)
             return created(service, known, replayed=True)
+        if (refused := refusal(service)) is not None:  # starting or draining
+            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
+            return refused.response()
         try:
             service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.

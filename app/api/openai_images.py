@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from app.api.routes import ApiError, Service, ServiceDep, await_result, submit, to_spec
+from app.api.routes import ApiError, Service, ServiceDep, await_result, refusal, submit, to_spec
 from app.api.schemas import Limits, build_generate_request
 from app.images import to_png_bytes
 
@@ -190,13 +190,16 @@ def build_openai_router(limits: Limits) -> APIRouter:
             400: {"description": "invalid or inapplicable field: OpenAI's error shape, `param` names the field"},
             404: {"description": "`model` is not the served model (code model_not_found)"},
             500: {"description": "the sampler produced non-finite values"},
-            503: {"description": "queue full (with Retry-After) or the service is draining"},
+            503: {"description": "queue full, or the service is starting or draining (with Retry-After)"},
             504: {"description": "the request exceeded the server's timeout"},
         },
         summary="OpenAI-compatible image generation: the prompt names a class",
     )
     async def generations(request: Request, service: ServiceDep) -> Response:
         arrived = time.monotonic()
+        if (refused := refusal(service)) is not None:  # starting (the served sizes are not known yet) or draining
+            service.metrics.observe_request("rejected")
+            return openai_error(refused.status, refused.message, code=refused.outcome, headers=refused.headers)
         try:
             validated = read_request(await request.body(), service)
         except InvalidRequest as exc:

@@ -4,11 +4,11 @@ draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather tha
 from dataclasses import replace
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from app.api.routes import ServiceDep, to_spec
+from app.api.routes import ServiceDep, refusal, to_spec
 from app.api.schemas import Limits, build_generate_request
 from app.sampling import SampleRun
 
@@ -62,10 +62,17 @@ def build_playground_router(limits: Limits) -> APIRouter:
 
     @router.post(
         "/v1/guidance/curve",
-        responses={422: {"description": "invalid request, as for /generate"}},
+        response_model=GuidanceCurve,
+        responses={
+            422: {"description": "invalid request, as for /generate"},
+            503: {"description": "the service is starting or draining (with Retry-After)"},
+        },
         summary="The per-step guidance scale, sigma and noise level a /generate body would use",
     )
-    async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve:  # type: ignore[valid-type]
+    async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve | Response:  # type: ignore[valid-type]
+        # The run is built in the model's thread, from the model's scheduler: refused until it is loaded.
+        if (refused := refusal(service)) is not None:
+            return refused.response()
         # Seeds and image count do not change the curve: one image's run is enough.
         spec = replace(to_spec(body), seeds=(0,))
         engine = service.model(body.model).engine

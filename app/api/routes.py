@@ -6,78 +6,22 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.job_store import JobStore
 from app.api.schemas import Limits, build_generate_request, request_fields
+from app.api.service import Service, ServiceDep
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.images import make_grid, to_png_bytes
-from app.metrics import Metrics
 from app.sampling import GuidanceParams, Preview, SampleSpec
-
-
-@dataclass
-class ServedModel:
-    """One served model: its engine (its own batch, on the compute thread all models share) and its
-    /v1/models entry."""
-
-    name: str
-    engine: Engine
-    info: dict[str, Any]
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        """(height, width) of the images served: a latent model's decoded size."""
-        _, height, width = self.info["image_shape"]
-        return height, width
-
-
-@dataclass
-class Service:
-    """What the routes need, built by the lifespan and kept on app.state.service."""
-
-    models: dict[str, ServedModel]  # in CFG_MODELS order: the first is the default
-    metrics: Metrics
-    limits: Limits
-    request_timeout_s: float
-    retry_after_s: int
-    jobs: JobStore
-    on_scrape: Callable[[], None] = lambda: None  # refreshes gauges read at scrape time
-    ready: bool = False
-    job_tasks: set[asyncio.Task] = field(default_factory=set)  # one per unfinished job (app/api/jobs.py)
-
-    def model(self, name: str | None = None) -> ServedModel:
-        """A served model by name (validated by the request schema); the default model without one."""
-        return self.models[name] if name is not None else next(iter(self.models.values()))
-
-    @property
-    def engine(self) -> Engine:
-        """The default model's engine."""
-        return self.model().engine
-
-    @property
-    def engines(self) -> list[Engine]:
-        return [m.engine for m in self.models.values()]
-
-    @property
-    def models_info(self) -> dict[str, Any]:
-        return {"object": "list", "data": [m.info for m in self.models.values()]}
-
-
-async def get_service(request: Request) -> Service:  # async: no thread-pool hop per request
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 class ClientGoneError(Exception):
@@ -134,7 +78,18 @@ def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
     }
 
 
+def refusal(service: Service) -> ApiError | None:
+    """The 503 (with Retry-After) for new work while the service is starting or draining; None once ready."""
+    reason = service.refusal()
+    if reason is None:
+        return None
+    return ApiError(503, reason, "rejected", {"Retry-After": str(service.retry_after_s)})
+
+
 def submit(service: Service, model: str, spec: SampleSpec, arrived: float) -> Job:
+    if (refused := refusal(service)) is not None:
+        service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
+        raise refused
     try:
         return service.model(model).engine.submit(spec)
     except (QueueFullError, EngineClosedError) as exc:
@@ -192,6 +147,8 @@ def failure(exc: RuntimeError) -> ApiError:
     """The error of a job that the engine failed: non-finite latents, or the engine loop itself."""
     if isinstance(exc, NonFiniteError):
         return ApiError(500, f"sampling failed: {exc}; no image was produced", "error")
+    if isinstance(exc, EngineClosedError):  # still unfinished when a drain ran out of time: try another replica
+        return ApiError(503, str(exc), "error")
     return ApiError(500, f"generation failed: {exc}", "error")
 
 
@@ -304,7 +261,7 @@ def build_router(limits: Limits) -> APIRouter:
             },
             422: {"description": "invalid request: the detail names the field and the allowed range"},
             500: {"description": "the sampler produced non-finite values"},
-            503: {"description": "queue full (with Retry-After) or the service is draining"},
+            503: {"description": "queue full, or the service is starting or draining (with Retry-After)"},
             504: {"description": "the request exceeded the server's timeout"},
         },
         summary="Draw images of a class with classifier-free guidance",
@@ -327,24 +284,44 @@ def build_router(limits: Limits) -> APIRouter:
             return Response(to_png_bytes(grid), media_type="image/png", headers={"X-Seeds": seeds})
         return JSONResponse(result_body(service, body.model, spec, result, arrived))
 
-    @router.get("/healthz", summary="Liveness: the process and its engine loop are running")
+    @router.get(
+        "/healthz",
+        responses={503: {"description": "the startup failed, or a model's engine loop did: restart the process"}},
+        summary="Liveness: 200 while the process can serve",
+    )
     async def healthz(service: ServiceDep) -> Response:
-        if failed := [m for m in service.models.values() if not m.engine.check_health()]:
-            error = "; ".join(f"{m.name}: {m.engine.error}" for m in failed)
-            return JSONResponse({"status": "engine stopped", "error": error}, status_code=503)
+        """200 from the moment the port opens (loading and warming up included) until the process exits, unless
+        the startup failed or a model's engine loop did: then 503 with the error."""
+        if failures := service.failures():
+            status = "startup failed" if service.startup_error else "engine stopped"
+            return JSONResponse({"status": status, "error": "; ".join(failures)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz", summary="Readiness: 503 until the model is warm, and while draining")
+    @router.get(
+        "/readyz",
+        responses={503: {"description": "not ready; `reason`: loading, warming up, draining or failed"}},
+        summary="Readiness: 200 once the models are loaded and warm",
+    )
     async def readyz(service: ServiceDep) -> Response:
-        engines = service.engines
-        if not (service.ready and all(e.accepting and e.check_health() for e in engines)):
-            error = "; ".join(f"{e.name}: {e.error}" for e in engines if e.error) or None
-            return JSONResponse({"status": "not ready", "error": error}, status_code=503)
+        """503 with a `reason` while loading, warming up or draining, or after a failure; new requests get 503
+        with Retry-After then too."""
+        failures = service.failures()
+        if service.phase != "ready" or failures:
+            reason = "failed" if failures else service.phase
+            error = "; ".join(failures) or None
+            return JSONResponse({"status": "not ready", "reason": reason, "error": error}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @router.get("/v1/models", summary="The served models: name, classes, image size, samplers, limits")
-    async def models(service: ServiceDep) -> dict[str, Any]:
-        return service.models_info
+    @router.get(
+        "/v1/models",
+        responses={503: {"description": "the service is starting or draining (with Retry-After)"}},
+        summary="The served models: name, classes, image size, samplers, limits",
+    )
+    async def models(service: ServiceDep) -> Response:
+        # As every call the playground makes: a client that reads this next asks for images.
+        if (refused := refusal(service)) is not None:
+            return refused.response()
+        return JSONResponse(service.models_info)
 
     @router.get("/metrics", summary="Prometheus metrics")
     async def metrics(service: ServiceDep) -> Response:

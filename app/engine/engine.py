@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -234,13 +235,19 @@ class Engine:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
         self._accepting = True
 
-    async def stop(self, drain: bool = True) -> None:
-        """Stop admitting; with drain, finish every admitted and waiting job first."""
+    async def stop(self, drain: bool = True, timeout_s: float = math.inf) -> None:
+        """Stop admitting; with drain, finish every admitted and waiting job first, for up to timeout_s: the
+        jobs still unfinished then fail with EngineClosedError."""
         self._accepting = False
         if not drain:
             for job in [*self._waiting, *self._active]:
                 self.cancel(job)
+        deadline = time.monotonic() + timeout_s
         while self._task and not self._task.done() and (self._waiting or self._active):
+            if time.monotonic() >= deadline:
+                unfinished = f"the service shut down before this finished (still running {timeout_s:g} s after)"
+                self._fail_unfinished(EngineClosedError(unfinished))
+                break
             await asyncio.sleep(0.05)
         if self._task:
             self._task.cancel()
@@ -271,14 +278,24 @@ class Engine:
         run = self.make_run(spec)
         while not run.done:
             await self.run_in_worker(denoise_step, self._denoiser, [run])
-        await self.run_in_worker(self._warm_row_counts)
-
-    def _warm_row_counts(self) -> None:
+        # One call per row count: a shutdown during the warmup waits for one forward, not for them all.
         for rows in range(1, self.max_batch_rows + 1):
-            x = torch.zeros((rows, *self._image_shape), device=self._device)
-            t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
-            labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
-            self._denoiser(x, t, labels)
+            await self.run_in_worker(self._warm_rows, rows)
+
+    def _warm_rows(self, rows: int) -> None:
+        x = torch.zeros((rows, *self._image_shape), device=self._device)
+        t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
+        labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
+        self._denoiser(x, t, labels)
+
+    def _fail_unfinished(self, error: Exception) -> None:
+        """Fail every waiting and admitted job with error; their rows leave the batch at the next tick."""
+        for job in [*self._waiting, *self._active]:
+            job.cancelled = True
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._waiting.clear()
+        self._wake.set()
 
     # --- the loop -----------------------------------------------------------------------------
 

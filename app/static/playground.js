@@ -814,6 +814,14 @@ async function loadModels() {
     return false;
   }
   noteAuth(response);
+  if (response.status === 503 && response.headers.get("Retry-After")) {
+    // Starting (loading its models) or draining: ask again when the service says to.
+    const seconds = Number(response.headers.get("Retry-After")) || 5;
+    pageStatus.textContent = `${body?.detail ?? "The service is not ready"}: trying again in ${seconds} s.`;
+    clearTimeout(modelsRetry);
+    modelsRetry = setTimeout(loadModels, 1000 * seconds);
+    return false;
+  }
   if (!response.ok || !Array.isArray(body?.data) || !body.data.length) {
     pageStatus.textContent = `Could not load the models: ${describeFailure(response, body)}`;
     return false;

@@ -105,8 +105,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(start_server):
     server.proc.send_signal(signal.SIGTERM)
     t.join()
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 4
-    # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is -SIGTERM.
-    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0  # a drained process exits 0 (app/serve.py)
     assert "engine stopped" in server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=5)
@@ -140,4 +139,4 @@ def test_sigterm_drains_running_and_queued_jobs(start_server):
     for t in threads:
         t.join(timeout=120)
     assert finals == {running["id"]: "result", queued["id"]: "result"}
-    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0

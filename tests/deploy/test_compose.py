@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.serve import CLOSE_TIMEOUT_S
+
 from .support import REPO, compose_config
 
 SERVICES = {"app", "gateway", "prometheus", "grafana"}
@@ -114,6 +116,21 @@ def test_cpu_variant_differs_only_in_the_device() -> None:
         gpu_app.pop(key)
     cpu_app.pop("environment")
     assert cpu_app == gpu_app
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as `340s`, `5m` or `1m30s`, in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)([hms])", duration))
+
+
+def test_replicas_are_healthy_when_ready_and_outlive_their_drain() -> None:
+    app = compose_config()["services"]["app"]
+    check = app["healthcheck"]
+    assert "/readyz" in " ".join(check["test"])
+    assert seconds(check["start_period"]) >= 600  # loading and an int8 warmup, which answer 503
+    drain = float(app["environment"]["CFG_DRAIN_TIMEOUT_S"].split(":-")[-1].rstrip("}"))
+    assert seconds(app["stop_grace_period"]) > drain + CLOSE_TIMEOUT_S
 
 
 def test_services_find_each_other() -> None:

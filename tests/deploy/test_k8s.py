@@ -5,6 +5,7 @@ from __future__ import annotations
 import yaml
 
 from app.metrics import create_metrics
+from app.serve import CLOSE_TIMEOUT_S
 
 from .support import REPO
 
@@ -36,11 +37,23 @@ def test_probes_ask_readyz_and_healthz_on_the_served_port() -> None:
         assert container[probe]["httpGet"]["port"] == port["name"]
 
 
-def test_pods_outlive_the_longest_request_when_stopped() -> None:
+def test_pods_outlive_the_longest_request_and_their_drain_when_stopped() -> None:
     spec = load("deployment.yaml")["spec"]["template"]["spec"]
-    env = {e["name"]: e["value"] for e in app_container()["env"]}
+    container = app_container()
+    env = {e["name"]: e["value"] for e in container["env"]}
     assert spec["terminationGracePeriodSeconds"] > float(env["CFG_REQUEST_TIMEOUT_S"])
+    # preStop's pause, then the drain (app/serve.py): up to CFG_DRAIN_TIMEOUT_S, then CLOSE_TIMEOUT_S.
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > pause + float(env["CFG_DRAIN_TIMEOUT_S"]) + CLOSE_TIMEOUT_S
     assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_startup_probe_waits_for_readyz_through_a_long_warmup() -> None:
+    """The port opens at once and /healthz answers from the start: only /readyz says the startup is done.
+    Ten minutes cover int8's calibration and compiling before the liveness probe takes over."""
+    probe = app_container()["startupProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
 
 
 def test_service_and_autoscaler_point_at_the_deployment() -> None:

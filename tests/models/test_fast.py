@@ -163,7 +163,7 @@ def test_compiled_forward_reuses_its_buckets_and_matches_eager(loaded, denoiser)
 
     fast = fast_denoiser(denoiser, CPU, "fp32", compile=True, max_rows=4)
     before = counters["stats"]["unique_graphs"]
-    for rows in range(1, 5):  # as Engine._warm_row_counts
+    for rows in range(1, 5):  # as Engine.warmup
         fast(torch.zeros(rows, *SHAPE), torch.full((rows,), 500), torch.full((rows,), loaded.manifest.null_label))
     compiled = counters["stats"]["unique_graphs"]
     assert compiled - before == len(fast.buckets) == 3  # one graph per bucket, padded calls or not
