@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
     retry_after_s: int = Field(5, ge=1, description="Retry-After header on 503 when the queue is full")
+    max_body_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="a request body larger than this gets 413 before it is read whole (the largest valid "
+        "request body is a few KiB), on every route, with or without the gateway in front",
+    )
 
     def model_paths(self) -> list[Path]:
         """The checkpoint folders to serve: CFG_MODEL_PATH alone where it is set, else CFG_MODELS in CFG_MODEL_STORE."""

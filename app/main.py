@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.api.body_limit import BodyLimit
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
@@ -243,4 +244,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_jobs_router(limits))
     app.include_router(build_playground_router(limits))
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

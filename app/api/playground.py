@@ -4,10 +4,12 @@ draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather tha
 from dataclasses import replace
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
+from app.api.media import JSON, json_body, produces
+from app.api.responses import ValidationErrorBody, refusals
 from app.api.routes import ServiceDep, to_spec
 from app.api.schemas import Limits, build_generate_request
 from app.sampling import SampleRun
@@ -62,7 +64,11 @@ def build_playground_router(limits: Limits) -> APIRouter:
 
     @router.post(
         "/v1/guidance/curve",
-        responses={422: {"description": "invalid request, as for /generate"}},
+        responses={
+            422: {"model": ValidationErrorBody, "description": "invalid request, as for /generate"},
+            **refusals(),
+        },
+        dependencies=[Depends(json_body), Depends(produces(JSON))],
         summary="The per-step guidance scale, sigma and noise level a /generate body would use",
     )
     async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve:  # type: ignore[valid-type]
