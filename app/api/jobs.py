@@ -22,6 +22,8 @@ from app.api.responses import (
     JobResponse,
     RequestError,
     ValidationErrorBody,
+    event_stream,
+    json_errors,
     refusals,
 )
 from app.api.routes import (
@@ -190,7 +192,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         "/{job_id}/events",
         operation_id="get_job_events",
         response_class=EventStreamResponse,
-        responses={**UNKNOWN_JOB, **refusals(body=False)},
+        responses=json_errors(404, 406, 413, described={404: UNKNOWN_JOB[404]["description"]}),
+        openapi_extra={"responses": {"200": event_stream("`progress` events, then one `result` or `error`")}},
         dependencies=[Depends(produces(EVENT_STREAM))],
         summary="Server-sent `progress` events, then one `result` or `error`",
     )

@@ -74,15 +74,68 @@ class JobConflict(ErrorDetail):
     status: str = Field(description="the job's status")
 
 
+REFUSALS = {
+    406: "the Accept header accepts none of the types this route sends",
+    413: "the body is over CFG_MAX_BODY_BYTES",
+    415: "the body is not sent as application/json",
+}
+
+
 def refusals(model: type[BaseModel] = ErrorDetail, body: bool = True) -> dict[int | str, dict[str, Any]]:
     """The 406, 413 and (for a route that takes a body) 415 every API route may answer, in model's shape."""
-    out: dict[int | str, dict[str, Any]] = {
-        406: {"model": model, "description": "the Accept header accepts none of the types this route sends"},
-        413: {"model": model, "description": "the body is over CFG_MAX_BODY_BYTES"},
+    return {status: {"model": model, "description": why} for status, why in REFUSALS.items() if body or status != 415}
+
+
+def json_errors(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """ErrorDetail responses for a route whose own responses are not JSON (an event stream, the metrics text):
+    FastAPI would document a model's schema under the route's media type, so these name the JSON schema
+    themselves (its component is there: other routes answer ErrorDetail)."""
+    schema = {"$ref": f"#/components/schemas/{ErrorDetail.__name__}"}
+    why = {**REFUSALS, **(described or {})}
+    return {s: {"description": why[s], "content": {"application/json": {"schema": schema}}} for s in statuses}
+
+
+class ProgressEvent(BaseModel):
+    step: int
+    steps: int
+    queued: bool
+    status: Literal["queued", "running"]
+    queue_position: int | None
+    trace: list[dict[str, Any]] | None = Field(None, description="with return_trace: the steps since the last event")
+    preview: PreviewBody | None = Field(None, description="with preview: the newest x0 prediction, when it changes")
+
+
+def _component(model: type[BaseModel]) -> dict[str, Any]:
+    """model's schema with its nested models as references to the document's components."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
+def event_stream(description: str) -> dict[str, Any]:
+    """A text/event-stream response: `progress` events, then one `result` (the /generate body) or `error`.
+
+    `schema` describes one event, as OpenAPI before 3.2 reads it for a stream (3.2 names it itemSchema); an
+    event's `data` is JSON, whose schema is its contentSchema."""
+
+    def event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "properties": {
+                "event": {"const": name},
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+            }
+        }
+
+    per_event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "oneOf": [
+            event("progress", _component(ProgressEvent)),
+            event("result", {"$ref": f"#/components/schemas/{GenerateResponse.__name__}"}),
+            event("error", {"$ref": f"#/components/schemas/{JobError.__name__}"}),
+        ],
     }
-    if body:
-        out[415] = {"model": model, "description": "the body is not sent as application/json"}
-    return out
+    return {"description": description, "content": {"text/event-stream": {"schema": per_event}}}
 
 
 class GeneratedImage(BaseModel):

@@ -12,14 +12,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import field_errors, install_refusal_handler
 from app.api.job_store import JobStore
 from app.api.media import EVENT_STREAM, JSON, PNG, json_body, produces
-from app.api.responses import RequestError, ValidationErrorBody, refusals
+from app.api.responses import RequestError, ValidationErrorBody, event_stream, json_errors, refusals
 from app.api.schemas import GenerateResponse, Limits, build_generate_request, request_fields
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
@@ -301,7 +303,10 @@ def build_router(limits: Limits) -> APIRouter:
         responses={
             200: {
                 "model": GenerateResponse,
-                "content": {PNG: {"schema": {"type": "string", "format": "binary"}}, EVENT_STREAM: {}},
+                "content": {
+                    PNG: {"schema": {"type": "string", "format": "binary"}},
+                    **event_stream("")["content"],
+                },
                 "description": "JSON (the default); a PNG grid with Accept: image/png; with Accept: "
                 "text/event-stream, server-sent `progress` events ({step, steps}) then one `result` "
                 "(the JSON body) or `error` event",
@@ -368,7 +373,7 @@ def build_router(limits: Limits) -> APIRouter:
         "/metrics",
         response_class=PlainTextResponse,  # for the document: the exposition format is text
         dependencies=[Depends(produces("text/plain"))],
-        responses=refusals(body=False),
+        responses=json_errors(406, 413),
         summary="Prometheus metrics",
     )
     async def metrics(service: ServiceDep) -> Response:
@@ -388,5 +393,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if service is not None and request.url.path == "/generate":
             service.metrics.observe_request("invalid")
         return JSONResponse({"detail": field_errors(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a JSON body it cannot decode (not UTF-8, nested past Python's recursion limit, a number
+        # of 4300 digits and more) with a 400 that says only "There was an error parsing the body"; it is the
+        # same client error as malformed JSON, which gets a 422 naming the body: give it that 422.
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+            msg = f"the body is not JSON in UTF-8: {exc.__cause__}"
+            return JSONResponse({"detail": field_errors([{"loc": ["body"], "msg": msg, "type": "json_invalid"}])},
+                                status_code=422)  # fmt: skip
+        return await http_exception_handler(request, exc)
 
     install_refusal_handler(app)
