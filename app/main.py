@@ -13,11 +13,12 @@ import torch
 from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimit
+from app.api.errors import install_error_handlers
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
-from app.api.routes import ServedModel, Service, build_router, guidance_body, install_error_handlers
+from app.api.routes import ServedModel, Service, build_router, guidance_body
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, EngineStats, Job, SharedCompute

@@ -11,7 +11,11 @@ import math
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # The endpoint whose errors are OpenAI's {"error": {...}} (its clients read them); every other route's
 # are {"detail": ...}, FastAPI's shape.
@@ -83,7 +87,40 @@ class RequestRefused(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-def install_refusal_handler(app: FastAPI) -> None:
+# Routes whose refused requests count as cfg_requests_total{outcome="invalid"} (the jobs API has its own metric).
+COUNTED_PATHS = frozenset({"/generate"}) | OPENAI_PATHS
+
+
+def count_invalid(request: Request) -> None:
+    service = getattr(request.app.state, "service", None)  # None before the lifespan has built it
+    if service is not None:
+        service.metrics.observe_request("invalid")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """422 with FastAPI's body, which names the field and its range, its echoed inputs bounded and encodable; a
+    body that is no UTF-8 JSON gets the same 422; 406 and 415 name what is accepted. Refused /generate requests
+    count as invalid (the OpenAI endpoint counts its own 400s)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path == "/generate":
+            count_invalid(request)
+        return JSONResponse({"detail": field_errors(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a JSON body it cannot decode (not UTF-8, nested past Python's recursion limit, a number
+        # of 4300 digits and more) with a 400 that says only "There was an error parsing the body"; it is the
+        # same client error as malformed JSON, which gets a 422 naming the body: give it that 422.
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+            msg = f"the body is not JSON in UTF-8: {exc.__cause__}"
+            error = {"loc": ["body"], "msg": msg, "type": "json_invalid"}
+            return await on_invalid(request, RequestValidationError([error]))
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestRefused)
     async def on_refused(request: Request, exc: RequestRefused) -> Response:
+        if request.url.path in COUNTED_PATHS:
+            count_invalid(request)
         return error_response(request.url.path, exc.status, exc.message, exc.code)

@@ -22,7 +22,7 @@ from app.api.responses import (
     JobResponse,
     RequestError,
     ValidationErrorBody,
-    event_stream,
+    event_stream_content,
     json_errors,
     refusals,
 )
@@ -107,6 +107,7 @@ JOB_LINKS = {
     name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
     for name, operation in (("GetJob", "get_job"), ("JobEvents", "get_job_events"), ("CancelJob", "cancel_job"))
 }
+EVENTS = "`progress` events while the job runs, then one `result` or `error` (at once for a finished job)"
 UNKNOWN_JOB = {404: {"model": ErrorDetail, "description": "no such job: unknown, or expired"}}
 
 
@@ -193,7 +194,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         operation_id="get_job_events",
         response_class=EventStreamResponse,
         responses=json_errors(404, 406, 413, described={404: UNKNOWN_JOB[404]["description"]}),
-        openapi_extra={"responses": {"200": event_stream("`progress` events, then one `result` or `error`")}},
+        openapi_extra={"responses": {"200": {"description": EVENTS, "content": event_stream_content()}}},
         dependencies=[Depends(produces(EVENT_STREAM))],
         summary="Server-sent `progress` events, then one `result` or `error`",
     )

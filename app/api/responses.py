@@ -112,11 +112,10 @@ def _component(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-def event_stream(description: str) -> dict[str, Any]:
-    """A text/event-stream response: `progress` events, then one `result` (the /generate body) or `error`.
-
-    `schema` describes one event, as OpenAPI before 3.2 reads it for a stream (3.2 names it itemSchema); an
-    event's `data` is JSON, whose schema is its contentSchema."""
+def event_stream_content() -> dict[str, Any]:
+    """A text/event-stream response's content: `progress` events, then one `result` (the /generate body) or
+    `error`. `schema` describes one event, as OpenAPI before 3.2 reads it for a stream (3.2 names it
+    itemSchema); an event's `data` is JSON, whose schema is its contentSchema."""
 
     def event(name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -135,7 +134,7 @@ def event_stream(description: str) -> dict[str, Any]:
             event("error", {"$ref": f"#/components/schemas/{JobError.__name__}"}),
         ],
     }
-    return {"description": description, "content": {"text/event-stream": {"schema": per_event}}}
+    return {"text/event-stream": {"schema": per_event}}
 
 
 class GeneratedImage(BaseModel):

@@ -10,18 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import field_errors, install_refusal_handler
 from app.api.job_store import JobStore
 from app.api.media import EVENT_STREAM, JSON, PNG, json_body, produces
-from app.api.responses import RequestError, ValidationErrorBody, event_stream, json_errors, refusals
+from app.api.responses import RequestError, ValidationErrorBody, event_stream_content, json_errors, refusals
 from app.api.schemas import GenerateResponse, Limits, build_generate_request, request_fields
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
@@ -305,7 +300,7 @@ def build_router(limits: Limits) -> APIRouter:
                 "model": GenerateResponse,
                 "content": {
                     PNG: {"schema": {"type": "string", "format": "binary"}},
-                    **event_stream("")["content"],
+                    **event_stream_content(),
                 },
                 "description": "JSON (the default); a PNG grid with Accept: image/png; with Accept: "
                 "text/event-stream, server-sent `progress` events ({step, steps}) then one `result` "
@@ -381,28 +376,3 @@ def build_router(limits: Limits) -> APIRouter:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Count invalid /generate requests; answer 422 with FastAPI's body, which names the field and its range,
-    its echoed inputs bounded and encodable (app/api/errors.py); 406 and 415 name what is accepted."""
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
-        service: Service | None = getattr(request.app.state, "service", None)
-        if service is not None and request.url.path == "/generate":
-            service.metrics.observe_request("invalid")
-        return JSONResponse({"detail": field_errors(jsonable_encoder(exc.errors()))}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # FastAPI answers a JSON body it cannot decode (not UTF-8, nested past Python's recursion limit, a number
-        # of 4300 digits and more) with a 400 that says only "There was an error parsing the body"; it is the
-        # same client error as malformed JSON, which gets a 422 naming the body: give it that 422.
-        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
-            msg = f"the body is not JSON in UTF-8: {exc.__cause__}"
-            return JSONResponse({"detail": field_errors([{"loc": ["body"], "msg": msg, "type": "json_invalid"}])},
-                                status_code=422)  # fmt: skip
-        return await http_exception_handler(request, exc)
-
-    install_refusal_handler(app)
