@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         description="on SIGTERM, how long the requests and jobs in flight may take to finish (new ones get 503 "
         "meanwhile); those still unfinished then fail with 503. Keep the orchestrator's grace period longer",
     )
+    max_body_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="a request body larger than this gets 413 before it is read whole (the largest valid "
+        "request body is a few KiB), on every route, with or without the gateway in front",
+    )
 
     def model_paths(self) -> list[Path]:
         """The checkpoint folders to serve: CFG_MODEL_PATH alone where it is set, else CFG_MODELS in CFG_MODEL_STORE."""

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.api.body_limit import BodyLimit
 from app.api.docs import install_docs
+from app.api.errors import install_error_handlers
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
-from app.api.routes import build_router, guidance_body, install_error_handlers
+from app.api.routes import build_router, guidance_body
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.api.service import ServedModel, Service
 from app.config import Settings
@@ -268,4 +270,5 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     app.include_router(build_playground_router(limits))
     install_docs(app)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -37,6 +37,7 @@ class JobRecord:
     finished_mono: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    final_step: int | None = None  # the step reached when it finished
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -48,6 +49,16 @@ class JobRecord:
         if self.outcome is not None:
             return self.outcome
         return "queued" if self.job.queued else "running"
+
+    @property
+    def step(self) -> int:
+        """Steps taken: the engine's count while the job runs; once it has finished, the count it had then. A
+        cancelled job's rows leave the batch at the next tick, and a tick already under way when it was
+        cancelled still steps it: that step is not the job's."""
+        if self.final_step is not None:
+            return self.final_step
+        step, steps = self.job.progress
+        return min(step, steps)
 
     @property
     def started_at(self) -> float | None:
@@ -66,6 +77,7 @@ class JobRecord:
     def finish(self, outcome: Status, *, result: dict | None = None, error: dict | None = None) -> None:
         if self.finished:
             return
+        self.final_step = self.step
         self.outcome, self.result, self.error = outcome, result, error
         self.finished_at, self.finished_mono = time.time(), time.monotonic()
         watchers, self._watchers = self._watchers, []

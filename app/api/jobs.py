@@ -10,10 +10,22 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.api.errors import bounded_text
 from app.api.job_store import JobRecord, StoreFullError
+from app.api.media import EVENT_STREAM, JSON, json_body, produces
+from app.api.responses import (
+    ErrorDetail,
+    JobConflict,
+    JobResponse,
+    RequestError,
+    ValidationErrorBody,
+    event_stream_content,
+    json_errors,
+    refusals,
+)
 from app.api.routes import (
     STREAM_HEADERS,
     ApiError,
@@ -41,13 +53,12 @@ CANCELLED = ApiError(499, "the job was cancelled", "cancelled")
 
 def job_body(service: Service, record: JobRecord) -> dict[str, Any]:
     job = record.job
-    step, steps = job.progress
     preview = job.run.preview
     return {
         "id": record.id,
         "status": record.status,
-        "step": step,
-        "steps": steps,
+        "step": record.step,
+        "steps": record.spec.steps,
         "queue_position": None if record.finished else service.model(job.model).engine.queue_position(job),
         "created_at": record.created_at,
         "started_at": record.started_at,
@@ -73,7 +84,7 @@ async def follow(service: Service, record: JobRecord) -> None:
 
 
 def not_found(job_id: str) -> JSONResponse:
-    return JSONResponse({"detail": f"no job {job_id!r}: unknown, or expired"}, status_code=404)
+    return JSONResponse({"detail": f"no job {bounded_text(job_id)!r}: unknown, or expired"}, status_code=404)
 
 
 def final_event(record: JobRecord) -> str:
@@ -92,6 +103,19 @@ async def job_events(service: Service, record: JobRecord) -> AsyncIterator[str]:
     yield final_event(record)
 
 
+# POST /v1/jobs's links: the job's id reaches the routes that take it (clients and the fuzz test follow them).
+JOB_LINKS = {
+    name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+    for name, operation in (("GetJob", "get_job"), ("JobEvents", "get_job_events"), ("CancelJob", "cancel_job"))
+}
+EVENTS = "`progress` events while the job runs, then one `result` or `error` (at once for a finished job)"
+UNKNOWN_JOB = {404: {"model": ErrorDetail, "description": "no such job: unknown, or expired"}}
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = EVENT_STREAM  # for the document: the route sends server-sent events, not JSON
+
+
 def build_jobs_router(limits: Limits) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     GenerateRequest = build_generate_request(limits)
@@ -99,14 +123,21 @@ def build_jobs_router(limits: Limits) -> APIRouter:
     @router.post(
         "",
         status_code=202,
+        operation_id="create_job",
         responses={
-            202: {"description": "the job, queued; Location: /v1/jobs/{id}"},
-            422: {"description": "a body /generate would reject, or an Idempotency-Key reused with another body"},
-            503: {
-                "description": "the job store is full of unfinished jobs, or the service is starting or draining "
-                "(with Retry-After)"
+            202: {"model": JobResponse, "description": "the job, queued; Location: /v1/jobs/{id}", "links": JOB_LINKS},
+            422: {
+                "model": ValidationErrorBody,
+                "description": "a body /generate would reject, or an Idempotency-Key reused with another body",
             },
+            503: {
+                "model": RequestError,
+                "description": "the job store is full of unfinished jobs, the queue is full, or the service is "
+                "starting or draining (with Retry-After)",
+            },
+            **refusals(),
         },
+        dependencies=[Depends(json_body), Depends(produces(JSON))],
         summary="Submit a generation job (the /generate body); returns at once",
     )
     async def create_job(
@@ -118,8 +149,9 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         request_body = body.model_dump(mode="json")
         if idempotency_key is not None and (known := service.jobs.by_key(idempotency_key)) is not None:
             if known.body != request_body:
-                detail = "Idempotency-Key was already used with a different body"
-                return JSONResponse({"detail": detail}, status_code=422)
+                msg = "Idempotency-Key was already used with a different body: use a new key for a new request"
+                error = {"loc": ["header", "Idempotency-Key"], "msg": msg, "type": "idempotency_key_reused"}
+                return JSONResponse({"detail": [error]}, status_code=422)
             return created(service, known, replayed=True)
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
@@ -151,14 +183,24 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             headers["Idempotent-Replayed"] = "true"
         return JSONResponse(job_body(service, record), status_code=202, headers=headers)
 
-    @router.get("/{job_id}", summary="A job's status, progress, and its result once it has succeeded")
+    @router.get(
+        "/{job_id}",
+        operation_id="get_job",
+        responses={200: {"model": JobResponse}, **UNKNOWN_JOB, **refusals(body=False)},
+        dependencies=[Depends(produces(JSON))],
+        summary="A job's status, progress, and its result once it has succeeded",
+    )
     async def get_job(job_id: str, service: ServiceDep) -> Response:
         record = service.jobs.get(job_id)
         return not_found(job_id) if record is None else JSONResponse(job_body(service, record))
 
     @router.get(
         "/{job_id}/events",
-        responses={200: {"content": {"text/event-stream": {}}}},
+        operation_id="get_job_events",
+        response_class=EventStreamResponse,
+        responses=json_errors(404, 406, 413, described={404: UNKNOWN_JOB[404]["description"]}),
+        openapi_extra={"responses": {"200": {"description": EVENTS, "content": event_stream_content()}}},
+        dependencies=[Depends(produces(EVENT_STREAM))],
         summary="Server-sent `progress` events, then one `result` or `error`",
     )
     async def get_job_events(job_id: str, service: ServiceDep) -> Response:
@@ -169,7 +211,14 @@ def build_jobs_router(limits: Limits) -> APIRouter:
 
     @router.delete(
         "/{job_id}",
-        responses={409: {"description": "the job has already finished: succeeded, failed or cancelled"}},
+        operation_id="cancel_job",
+        responses={
+            200: {"model": JobResponse, "description": "the job, cancelled"},
+            409: {"model": JobConflict, "description": "the job has already finished: succeeded, failed or cancelled"},
+            **UNKNOWN_JOB,
+            **refusals(body=False),
+        },
+        dependencies=[Depends(produces(JSON))],
         summary="Cancel a job: its rows leave the batch at the next tick",
     )
     async def cancel_job(job_id: str, service: ServiceDep) -> Response:

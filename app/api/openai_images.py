@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from app.api.errors import openai_error
+from app.api.media import JSON, json_body, produces
+from app.api.responses import ImagesResponse, OpenAIError, refusals
 from app.api.routes import ApiError, Service, ServiceDep, await_result, refusal, submit, to_spec
 from app.api.schemas import Limits, build_generate_request
 from app.images import to_png_bytes
@@ -51,7 +54,8 @@ NO_OP_VALUES = {
 # End-user identifiers for OpenAI's abuse monitoring: any string, unused here.
 IDENTIFIERS = ("user", "safety_identifier")
 OPENAI_FIELDS = {"prompt", "n", "model", "size", "response_format", *NOT_APPLICABLE, *NO_OP_VALUES, *IDENTIFIERS}
-CLASS_INDEX = re.compile(r"class\s+([0-9]+)", re.IGNORECASE)
+# "class N": N of at most 9 digits (longer ones are no index of any model, and int() refuses 4300 and more).
+CLASS_INDEX = re.compile(r"class\s+([0-9]{1,9})", re.IGNORECASE)
 
 
 class InvalidRequest(Exception):
@@ -60,14 +64,6 @@ class InvalidRequest(Exception):
     def __init__(self, message: str, param: str | None, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
-
-
-def openai_error(
-    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -94,6 +90,8 @@ def check_openai_fields(body: dict[str, Any], service: Service, image_size: str)
         if field in IDENTIFIERS and not isinstance(value, str):
             raise InvalidRequest(f"{field} must be a string", field)
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest(f"model must be a string naming a served model: {', '.join(service.models)}", "model")
     if model is not None and model not in service.models:
         raise InvalidRequest(
             f"model {model!r} is not served here; this service serves {', '.join(map(repr, service.models))}",
@@ -177,7 +175,8 @@ def build_openai_router(limits: Limits) -> APIRouter:
 
     def read_request(raw: bytes, service: Service) -> BaseModel:
         body = parse_json_object(raw)
-        model = body.get("model") if body.get("model") in service.models else None
+        model = body.get("model")
+        model = model if isinstance(model, str) and model in service.models else None
         check_openai_fields(body, service, served_size(service, model))
         class_names = limits.class_names(model)
         fields = to_generate_fields(body, generate_fields, class_names)
@@ -185,14 +184,24 @@ def build_openai_router(limits: Limits) -> APIRouter:
 
     @router.post(
         "/v1/images/generations",
-        openapi_extra={"requestBody": request_body_doc(limits)},
+        openapi_extra={"requestBody": request_body_doc(limits, GenerateRequest)},
         responses={
-            400: {"description": "invalid or inapplicable field: OpenAI's error shape, `param` names the field"},
-            404: {"description": "`model` is not the served model (code model_not_found)"},
-            500: {"description": "the sampler produced non-finite values"},
-            503: {"description": "queue full, or the service is starting or draining (with Retry-After)"},
-            504: {"description": "the request exceeded the server's timeout"},
+            200: {"model": ImagesResponse},
+            400: {
+                "model": OpenAIError,
+                "description": "invalid or inapplicable field: OpenAI's error shape, `param` names the field",
+            },
+            404: {"model": OpenAIError, "description": "`model` is not a served model (code model_not_found)"},
+            500: {"model": OpenAIError, "description": "the sampler produced non-finite values"},
+            503: {
+                "model": OpenAIError,
+                "description": "queue full, or the service is starting or draining (with Retry-After)",
+            },
+            504: {"model": OpenAIError, "description": "the request exceeded the server's timeout"},
+            **refusals(OpenAIError),
         },
+        # 406 and 415 in OpenAI's shape too (app/api/errors.py picks it by path).
+        dependencies=[Depends(json_body), Depends(produces(JSON))],
         summary="OpenAI-compatible image generation: the prompt names a class",
     )
     async def generations(request: Request, service: ServiceDep) -> Response:
@@ -227,22 +236,40 @@ def build_openai_router(limits: Limits) -> APIRouter:
     return router
 
 
-def request_body_doc(limits: Limits) -> dict[str, Any]:
-    """The OpenAPI request body: the body is read by hand, so that every error is in OpenAI's shape."""
-    names = ", ".join(limits.class_names())
+def request_body_doc(limits: Limits, generate_request: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body: the body is read by hand, so that every error is in OpenAI's shape. The
+    guidance fields are /generate's own schemas (their models are in the document's components)."""
+    names = limits.class_names()
+    generate_schema = generate_request.model_json_schema(ref_template="#/components/schemas/{model}")
     properties = {
-        "prompt": {"type": "string", "description": f"a class name ({names}; case-insensitive) or 'class N'"},
+        "prompt": {
+            "type": "string",
+            "anyOf": [{"enum": list(names)}, {"pattern": "^class [0-9]+$"}],
+            "description": f"a class name ({', '.join(names)}; case-insensitive, synonyms too) or 'class N'",
+            "examples": [names[-1], "class 0"],
+        },
         "n": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
-        "model": {"type": "string", "description": "a served model's name (default: the first); others get 404"},
+        "model": {
+            "enum": list(limits.model_names),
+            "description": "a served model's name (default: the first); others get 404",
+        },
         "size": {"type": "string", "description": "the model's image size as 'WxH'; others get 400"},
         "response_format": {"enum": ["b64_json"], "default": "b64_json"},
         "output_format": {"enum": ["png"], "default": "png"},
-        "user": {"type": "string", "description": "accepted and unused"},
+        "stream": {"enum": [False], "default": False, "description": NO_OP_VALUES["stream"][1]},
+        "partial_images": {"enum": [0], "default": 0, "description": NO_OP_VALUES["partial_images"][1]},
+        **{name: {"type": "string", "description": "accepted and unused"} for name in IDENTIFIERS},
+        **{name: generate_schema["properties"][name] for name in GUIDANCE_FIELDS},
     }
     description = (
-        f"Also POST /generate's guidance fields, with the same ranges: {', '.join(GUIDANCE_FIELDS)}. "
-        f"Refused with 400: {', '.join(NOT_APPLICABLE)}; stream other than false; partial_images other than 0; "
-        "unknown fields."
+        f"The guidance fields are POST /generate's, with the same ranges. Refused with 400: "
+        f"{', '.join(NOT_APPLICABLE)} (null is taken as absent), and unknown fields."
     )
-    schema = {"type": "object", "required": ["prompt"], "properties": properties, "description": description}
+    schema = {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": properties,
+        "additionalProperties": False,
+        "description": description,
+    }
     return {"required": True, "content": {"application/json": {"schema": schema}}}

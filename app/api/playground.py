@@ -4,10 +4,12 @@ draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather tha
 from dataclasses import replace
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
+from app.api.media import JSON, json_body, produces
+from app.api.responses import ValidationErrorBody, refusals
 from app.api.routes import ServiceDep, refusal, to_spec
 from app.api.schemas import Limits, build_generate_request
 from app.sampling import SampleRun
@@ -64,9 +66,10 @@ def build_playground_router(limits: Limits) -> APIRouter:
         "/v1/guidance/curve",
         response_model=GuidanceCurve,
         responses={
-            422: {"description": "invalid request, as for /generate"},
-            503: {"description": "the service is starting or draining (with Retry-After)"},
+            422: {"model": ValidationErrorBody, "description": "invalid request, as for /generate"},
+            **refusals(),
         },
+        dependencies=[Depends(json_body), Depends(produces(JSON))],
         summary="The per-step guidance scale, sigma and noise level a /generate body would use",
     )
     async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve | Response:  # type: ignore[valid-type]

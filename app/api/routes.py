@@ -8,15 +8,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.schemas import Limits, build_generate_request, request_fields
+from app.api.media import EVENT_STREAM, JSON, PNG, json_body, produces
+from app.api.responses import RequestError, ValidationErrorBody, event_stream_content, json_errors, refusals
+from app.api.schemas import GenerateResponse, Limits, build_generate_request, request_fields
 from app.api.service import Service, ServiceDep
 from app.engine import Engine, EngineClosedError, Job, JobResult, NonFiniteError, QueueFullError
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
@@ -254,34 +254,50 @@ def build_router(limits: Limits) -> APIRouter:
         "/generate",
         responses={
             200: {
-                "content": {"image/png": {}, "text/event-stream": {}},
-                "description": "JSON (default); a PNG grid with Accept: image/png; with Accept: "
+                "model": GenerateResponse,
+                "content": {
+                    PNG: {"schema": {"type": "string", "format": "binary"}},
+                    **event_stream_content(),
+                },
+                "description": "JSON (the default); a PNG grid with Accept: image/png; with Accept: "
                 "text/event-stream, server-sent `progress` events ({step, steps}) then one `result` "
                 "(the JSON body) or `error` event",
             },
-            422: {"description": "invalid request: the detail names the field and the allowed range"},
-            500: {"description": "the sampler produced non-finite values"},
-            503: {"description": "queue full, or the service is starting or draining (with Retry-After)"},
-            504: {"description": "the request exceeded the server's timeout"},
+            422: {
+                "model": ValidationErrorBody,
+                "description": "invalid request: each error names the field and what it allows",
+            },
+            500: {"model": RequestError, "description": "the sampler produced non-finite values"},
+            503: {
+                "model": RequestError,
+                "description": "queue full, or the service is starting or draining (with Retry-After)",
+            },
+            504: {"model": RequestError, "description": "the request exceeded the server's timeout"},
+            **refusals(),
         },
+        dependencies=[Depends(json_body)],
         summary="Draw images of a class with classifier-free guidance",
     )
-    async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:  # type: ignore[valid-type]
+    async def generate(
+        body: GenerateRequest,  # type: ignore[valid-type]
+        request: Request,
+        service: ServiceDep,
+        media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],
+    ) -> Response:
         arrived = time.monotonic()
         spec = to_spec(body)
-        accept = request.headers.get("accept", "")
         try:
             job = submit(service, body.model, spec, arrived)
-            if "text/event-stream" in accept:
+            if media_type == EVENT_STREAM:
                 stream = progress_stream(service, job, request, spec, arrived)
-                return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+                return StreamingResponse(stream, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
             result = await await_result(service, job, request, arrived)
         except ApiError as exc:
             return exc.response()
-        if "image/png" in accept:
+        if media_type == PNG:
             grid = make_grid(result.images, ncols=math.ceil(math.sqrt(len(result.images))))
             seeds = ",".join(str(s) for s in spec.seeds)
-            return Response(to_png_bytes(grid), media_type="image/png", headers={"X-Seeds": seeds})
+            return Response(to_png_bytes(grid), media_type=PNG, headers={"X-Seeds": seeds})
         return JSONResponse(result_body(service, body.model, spec, result, arrived))
 
     @router.get(
@@ -314,7 +330,8 @@ def build_router(limits: Limits) -> APIRouter:
 
     @router.get(
         "/v1/models",
-        responses={503: {"description": "the service is starting or draining (with Retry-After)"}},
+        dependencies=[Depends(produces(JSON))],
+        responses=refusals(body=False),
         summary="The served models: name, classes, image size, samplers, limits",
     )
     async def models(service: ServiceDep) -> Response:
@@ -323,31 +340,15 @@ def build_router(limits: Limits) -> APIRouter:
             return refused.response()
         return JSONResponse(service.models_info)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get(
+        "/metrics",
+        response_class=PlainTextResponse,  # for the document: the exposition format is text
+        dependencies=[Depends(produces("text/plain"))],
+        responses=json_errors(406, 413),
+        summary="Prometheus metrics",
+    )
     async def metrics(service: ServiceDep) -> Response:
         service.on_scrape()
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def _json_safe(value: Any) -> Any:
-    """Echoed inputs can hold NaN or infinity (pydantic reads them), which JSON cannot carry."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Count invalid /generate requests; answer 422 with FastAPI's body, which names the field and its range."""
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
-        service: Service | None = getattr(request.app.state, "service", None)
-        if service is not None and request.url.path == "/generate":
-            service.metrics.observe_request("invalid")
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)

@@ -24,7 +24,7 @@ class Clock:
 
 
 def record(store: JobStore, key: str | None = None) -> JobRecord:
-    job = SimpleNamespace(queued=True, started_at=None, enqueued_at=0.0)
+    job = SimpleNamespace(queued=True, started_at=None, enqueued_at=0.0, progress=(0, 20))
     return JobRecord(
         id=store.new_id(),
         spec=SampleSpec(class_label=0, seeds=(0,)),

@@ -120,6 +120,23 @@ def test_delete_cancels_a_running_job_and_its_rows_leave_the_batch(client):
     assert again.status_code == 409 and again.json()["status"] == "cancelled"
 
 
+def test_a_cancelled_job_keeps_the_step_it_was_cancelled_at_and_never_passes_its_steps(client):
+    """A tick under way when DELETE lands still steps the job; that step is not the job's: from then on the job
+    reads the step DELETE answered with (it read one more, the step the tick under way took)."""
+    engine = client.app.state.service.engine
+    constant = {"schedule": {"kind": "constant"}}  # every step runs both halves: ticks long enough to land in
+    for seed in range(3):
+        body = {"class_label": 1, "num_images": 8, "steps": 60, "seed": seed, **constant}
+        job = client.post("/v1/jobs", json=body).json()
+        wait_for(client, job["id"], lambda j: j["step"] >= 2)
+        cancelled = client.delete(f"/v1/jobs/{job['id']}").json()
+        deadline = time.monotonic() + 30
+        while engine.active_jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = client.get(f"/v1/jobs/{job['id']}").json()
+        assert after["status"] == "cancelled" and after["step"] == cancelled["step"] <= after["steps"] == 60
+
+
 def test_a_queued_job_reports_its_place_and_can_be_cancelled_before_it_starts(client):
     # 16 images x 2 rows at every step (a constant schedule) fill the 32 rows a forward may hold: the next waits.
     constant = {"schedule": {"kind": "constant"}}
@@ -152,7 +169,9 @@ def test_an_idempotency_key_returns_the_same_job(client):
     assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
     assert len(store) == count
     other = client.post("/v1/jobs", json={**BODY, "steps": 3}, headers=key)
-    assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
+    assert other.status_code == 422
+    [error] = other.json()["detail"]  # a 422 like every other: the field, and what to do
+    assert error["loc"] == ["header", "Idempotency-Key"] and "different body" in error["msg"]
     assert client.post("/v1/jobs", json=BODY, headers={"Idempotency-Key": "k" * 256}).status_code == 422
 
 

@@ -135,12 +135,15 @@ def test_invalid_requests_raise_the_openai_error_naming_the_field(start_server):
     assert caught.value.code == "model_not_found"
 
     # Bodies the client would not send: OpenAI's shape all the same.
+    json_type = {"content-type": "application/json"}
     for content in (b"{not json", b"[1, 2]", b'{"prompt": "Bag", "guidance_scale": NaN}', b'{"n": 1}'):
-        r = httpx.post(f"{server.url}/v1/images/generations", content=content, timeout=30)
+        r = httpx.post(f"{server.url}/v1/images/generations", content=content, headers=json_type, timeout=30)
         error = r.json()["error"]
         assert r.status_code == 400 and set(error) == {"message", "type", "param", "code"}, r.text
         assert error["type"] == "invalid_request_error" and error["message"]
-    assert server.metric("cfg_requests_total", 'outcome="invalid"') == len(INVALID) + 5
+    r = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "Bag"}', timeout=30)  # no type
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    assert server.metric("cfg_requests_total", 'outcome="invalid"') == len(INVALID) + 6
     assert server.metric("cfg_requests_total", 'outcome="ok"') == 0
 
 
