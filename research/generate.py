@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule-start",
         type=finite_float,
         default=None,
-        help="schedule start (default 0 for interval, else 1); see app/guidance.py",
+        help="schedule start (default 0 for interval, else 1); see app/guidance/",
     )
     g.add_argument("--schedule-end", type=finite_float, default=None, help="schedule end (default 1)")
     g.add_argument("--sigma-min", type=non_negative_float, default=None, help="interval: no guidance at sigma <= this")

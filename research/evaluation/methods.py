@@ -240,7 +240,7 @@ def render_markdown(table: MethodsTable, grid_png: str) -> str:
         "",
         "## Settings",
         "",
-        "Each setting as `--extra` takes it (fields left out have the defaults of `app/guidance.py` and "
+        "Each setting as `--extra` takes it (fields left out have the defaults of `app/guidance/` and "
         "`app/sampling/run.py`):",
         "",
         "| setting | JSON |",
