@@ -193,6 +193,7 @@ class SampleRun:
         self.alpha_bars, self.sigmas = list(alpha_bars), list(sigmas)
         self.scales = list(guidance_scales(g.schedule, g.guidance_scale, spec.steps, sigmas))
         self.guider = make_guider(g.method, self.scales)
+        self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.label = null_label if spec.class_label is None else spec.class_label
         self.conditioners = self._conditioners(class_embedding, device)
@@ -207,19 +208,13 @@ class SampleRun:
         g, n = self.spec.guidance, self.spec.num_images
         conditioners: list[Conditioner] = []
         if g.noise_level != 0:
-            factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
-            conditioners.append(ConditionNoise(g.noise_level, factors, self.rng))
+            conditioners.append(ConditionNoise(g.noise_level, self.noise_factors, self.rng))
         if g.cads is not None and self.spec.class_label is not None:
             if class_embedding is None:
                 raise ValueError("CADS needs the model's class embedding; this model does not expose one")
             y = class_embedding(self.spec.class_label).to(device).expand(n, -1)
             conditioners.append(CadsConditioner(g.cads, y, self.rng))
         return conditioners
-
-    @property
-    def generators(self) -> list[torch.Generator]:
-        """Each image's generator (the diffusers schedulers' step draws from them)."""
-        return self.rng.generators
 
     @property
     def done(self) -> bool:
@@ -260,7 +255,7 @@ class SampleRun:
             x = self.scheduler.scale_model_input(self.latents, t)
         self.scaled_input = x
         labels = self._cond_labels
-        delta = self._cads_delta(t)
+        delta = self._embed_delta(t)
         if self.needs_uncond():
             x = torch.cat([x, x])
             labels = torch.cat([self._cond_labels, self._null_labels])
@@ -269,7 +264,7 @@ class SampleRun:
         timesteps = t.expand(x.shape[0]).to(x.device)
         return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta)
 
-    def _cads_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
+    def _embed_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
         """The conditioners' change to the conditional rows' class embedding at this step, or None where they
         add none. Reads the timestep on the host (a device sync on a GPU) only for a request with one."""
         embedders = [c for c in self.conditioners if c.embeds]
@@ -301,7 +296,11 @@ class SampleRun:
         """One sampler step, given the model's output for this request's rows of the shared batch."""
         eps_guided = self.guided_eps(eps)
         out = self.scheduler.step(
-            eps_guided, self.timesteps[self.step_index], self.latents, generator=self.generators, **self._step_kwargs
+            eps_guided,
+            self.timesteps[self.step_index],
+            self.latents,
+            generator=self.rng.generators,
+            **self._step_kwargs,
         )
         self.finish_step(out.prev_sample, eps_guided)
 
