@@ -2,8 +2,9 @@
 the condition (Conditioners: the seed's noise on eps and CADS), and guidance-weight schedules.
 
 Adding a method: a module with a Guider subclass (its combine, and its state if any), one line in GUIDERS,
-and its tests. The engine builds one guider per request (make_guider), so a method's state never leaks
-between requests.
+and its tests; for now also its fields in GuidanceMethod (params.py) and its request schema in
+app/api/schemas.py, which are still shared by every method. The engine builds one guider per request
+(make_guider), so a method's state never leaks between requests.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ SETTINGS = {
     "apg": (GuidanceParams(5.0, method=APG), "dpmpp_2m"),
     "apg-ddim-rescale": (GuidanceParams(5.0, method=APG, guidance_rescale=0.5), "ddim"),
     "cfg_zero_star": (GuidanceParams(3.0, method=GuidanceMethod(kind="cfg_zero_star")), "euler_a"),
+    "cfg_zero_star-ddpm": (GuidanceParams(5.0, method=GuidanceMethod(kind="cfg_zero_star")), "ddpm"),
     "cads": (GuidanceParams(3.0, cads=Cads(tau1=0.5, tau2=0.9, noise_scale=0.5)), "ddpm"),
+    # a second request of each kind, other settings and sampler: kinds must not leak into each other in one forward
+    "cads-psi0": (GuidanceParams(4.0, cads=Cads(tau1=0.3, tau2=0.7, noise_scale=1.0, psi=0.0)), "dpmpp_2m"),
     "sigma-interval": (GuidanceParams(4.0, schedule=SIGMA_INTERVAL), "dpmpp_2m"),
     "noise-sigma": (GuidanceParams(3.0, noise_level=0.3, noise_schedule="sigma"), "ddim"),
     "noise-guidance-cosine": (
