@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 JUDGE_DIR = Path(__file__).parent / "resnet-fmnist"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-RESNET_ARCH = "resnet-s32-32-64-128-v1"
+RESNET_ARCH = "resnet-basic-v1"  # ResNetJudge; its stem and widths are in the manifest
 
 
 class JudgeLoadError(RuntimeError):
@@ -48,11 +49,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNetJudge(nn.Module):
-    """A 3x3 stem at 28x28, then three stages of one block each at 14x14, 7x7 and 4x4 (32, 64, 128
+    """A 3x3 stem at 28x28, then three stages of one block each at 14x14, 7x7 and 4x4 (widths
     channels): the first stage strides at once because a full-resolution stage costs 4x more and the
     CPUs it is trained on are two shared cores. features() is the global average of the last stage."""
 
-    def __init__(self, num_classes: int = 10, stem: int = 32, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(self, num_classes: int = 10, stem: int = 32, widths: Sequence[int] = (32, 64, 128)) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
         blocks, c_in = [], stem
@@ -83,6 +84,8 @@ class JudgeManifest:
     weights_sha256: str
     test_accuracy: float
     num_classes: int
+    stem: int
+    widths: tuple[int, ...]
     training: dict[str, Any]  # command, seed, commit, time, machine, hyperparameters
 
     @classmethod
@@ -93,6 +96,8 @@ class JudgeManifest:
             weights_sha256=data["weights_sha256"],
             test_accuracy=float(data["test_accuracy"]),
             num_classes=int(data["num_classes"]),
+            stem=int(data["stem"]),
+            widths=tuple(int(w) for w in data["widths"]),
             training=dict(data["training"]),
         )
 
@@ -113,6 +118,9 @@ def load_resnet_judge(judge_dir: Path = JUDGE_DIR) -> tuple[ResNetJudge, JudgeMa
     digest = file_sha256(weights)
     if digest != manifest.weights_sha256:
         raise JudgeLoadError(f"{weights} has sha256 {digest}, the manifest says {manifest.weights_sha256}")
-    model = ResNetJudge(num_classes=manifest.num_classes)
-    model.load_state_dict(load_file(weights), strict=True)
+    model = ResNetJudge(manifest.num_classes, manifest.stem, manifest.widths)
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as exc:  # the manifest's shapes are not the weights'
+        raise JudgeLoadError(f"{weights} does not fit {manifest_path}: {exc}") from None
     return model.eval().requires_grad_(False), manifest

@@ -42,6 +42,8 @@ from research.generate import positive_int
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 12
+    stem: int = 32
+    widths: tuple[int, ...] = (32, 64, 128)
     batch_size: int = 128
     max_lr: float = 0.2  # one-cycle peak (Smith and Topin 2019)
     weight_decay: float = 5e-4
@@ -98,7 +100,7 @@ def train_judge(
     """SGD with Nesterov momentum under a one-cycle learning rate, label smoothing, crops and flips."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = ResNetJudge(num_classes=int(labels.max()) + 1).to(memory_format=torch.channels_last)
+    model = ResNetJudge(int(labels.max()) + 1, config.stem, config.widths).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.max_lr, momentum=config.momentum, nesterov=True,
         weight_decay=config.weight_decay,
@@ -133,6 +135,16 @@ def write_judge(model: ResNetJudge, out: Path, manifest: dict) -> dict:
     return manifest
 
 
+def width_list(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive channel counts separated by commas, got {text!r}")
+    return widths
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m research.evaluation.judges.train",
@@ -142,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--widths", type=width_list, default=defaults.widths, help="the stages' channels, e.g. 32,64,128")
+    p.add_argument("--max-lr", type=float, default=defaults.max_lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--erase-p", type=float, default=defaults.erase_p, help="random erasing probability")
     p.add_argument("--train-images", type=positive_int, default=None, help="the first N train images only")
     p.add_argument("--test-images", type=positive_int, default=None, help="measure on the first N test images only")
@@ -155,7 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     command = "python -m research.evaluation.judges.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed, erase_p=args.erase_p, train_images=args.train_images)
+    config = TrainConfig(
+        epochs=args.epochs,
+        widths=args.widths,
+        max_lr=args.max_lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        erase_p=args.erase_p,
+        seed=args.seed,
+        train_images=args.train_images,
+    )
     try:
         images, labels = load_fashion_mnist("train", args.data_dir)
         test_images, test_labels = load_fashion_mnist("test", args.data_dir)
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         {
             "test_accuracy": curve[-1],
             "num_classes": int(labels.max()) + 1,
+            "stem": config.stem,
+            "widths": list(config.widths),
             "training": {
                 **asdict(config),
                 "command": command.strip(),
