@@ -40,6 +40,10 @@ def test_a_judge_of_another_architecture_is_refused(tmp_path):
     (judge / "manifest.json").write_text(json.dumps({**manifest, "arch": "resnet-v0"}))
     with pytest.raises(JudgeLoadError, match="architecture 'resnet-v0'"):
         load_resnet_judge(judge)
+    wider = [2 * w for w in manifest["widths"]]
+    (judge / "manifest.json").write_text(json.dumps({**manifest, "widths": wider}))
+    with pytest.raises(JudgeLoadError, match="does not fit"):
+        load_resnet_judge(judge)
     (judge / "manifest.json").unlink()
     with pytest.raises(JudgeLoadError, match="judge file missing"):
         load_resnet_judge(judge)
