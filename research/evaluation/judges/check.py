@@ -92,6 +92,7 @@ def run_check(args: argparse.Namespace, command: str) -> tuple[JudgesCheck, list
     timings: dict[str, float] = {}
     started = time.monotonic()
     model = load_checkpoint(args.model, args.device)
+    provenance = run_provenance(command, args.model, model.manifest)  # at the start: the tree may change meanwhile
     train_data = load_fashion_mnist("train", args.data_dir)
     test_images, test_labels = load_fashion_mnist("test", args.data_dir)
     judges = load_judges(args, train_data)
@@ -124,7 +125,7 @@ def run_check(args: argparse.Namespace, command: str) -> tuple[JudgesCheck, list
         results.append(CheckRow(name, kind, mean_grey(x), judged))
     timings["total"] = time.monotonic() - started
     check = JudgesCheck(
-        **run_provenance(command, args.model, model.manifest),
+        **provenance,
         per_class=args.per_class,
         n=int(split.subset.size),
         seed=args.seed,
