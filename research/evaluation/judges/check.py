@@ -28,10 +28,10 @@ from PIL import Image
 from app.images import labelled_grid
 from app.models import CheckpointError, load_checkpoint
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SAMPLERS
-from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
+from research.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from research.evaluation.classifier import Scored, add_classifier_arguments, score, uint8_to_model_images
 from research.evaluation.judges import load_judges
-from research.evaluation.judges.degrade import degradations
+from research.evaluation.judges.degrade import degradations, facing_as_class_mean
 from research.evaluation.judges.resnet import JudgeLoadError
 from research.evaluation.judges.scoring import JudgedMetrics, judge_reference, judge_set, real_split
 from research.evaluation.methods import draw_rows
@@ -43,6 +43,7 @@ from research.evaluation.settings import GuidanceSetting, Row, default_settings
 from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, positive_int
 
 REAL_ROW = "real test images"
+SHOES = ("Sandal", "Sneaker", "Ankle boot")  # the classes that face one way in the data set
 SAMPLED = ("cfg s=1", "cfg s=2", "cfg s=3")  # with the default request after cfg s=1
 
 
@@ -51,6 +52,7 @@ class CheckRow:
     name: str
     kind: str  # "real", "degraded" or "sampled"
     mean_pixel: float
+    shoes_facing_as_real: float  # the share of shoe images facing the way the train split's do
     judges: dict[str, JudgedMetrics]
 
 
@@ -115,6 +117,9 @@ def run_check(args: argparse.Namespace, command: str) -> tuple[JudgesCheck, list
         ]
         timings["sampling"] = time.monotonic() - t0
 
+    train_uint8, train_labels = to_uint8(train_data[0]), train_data[1].numpy()
+    class_means = np.stack([train_uint8[train_labels == c].mean(axis=0) for c in range(len(CLASS_NAMES))])
+    shoe_classes = [CLASS_NAMES.index(name) for name in SHOES]
     results = []
     for name, kind, images, requested in sets:
         x = uint8_to_model_images(images)
@@ -122,7 +127,9 @@ def run_check(args: argparse.Namespace, command: str) -> tuple[JudgesCheck, list
         for ref in references:
             scored: Scored = score(ref.judge.model, x)
             judged[ref.judge.name] = judge_set(ref, scored, requested)
-        results.append(CheckRow(name, kind, mean_grey(x), judged))
+        shoes = np.isin(requested, shoe_classes)
+        facing = float(facing_as_class_mean(images[shoes], requested[shoes], class_means).mean())
+        results.append(CheckRow(name, kind, mean_grey(x), facing, judged))
     timings["total"] = time.monotonic() - started
     check = JudgesCheck(
         **provenance,
@@ -166,14 +173,15 @@ def side_by_side(check: JudgesCheck) -> list[str]:
     names = list(check.judges)
     short = {name: check.judges[name].title.split(": ")[-1] for name in names}
     metrics = [("accuracy", "accuracy"), ("FID / real", None), ("precision", "precision"), ("coverage", "coverage")]
-    header = "| set | " + " | ".join(f"{label} {short[n]}" for label, _ in metrics for n in names) + " |"
-    lines = [header, "|---|" + "---:|" * (len(metrics) * len(names))]
+    header = "| set | " + " | ".join(f"{label} {short[n]}" for label, _ in metrics for n in names)
+    lines = [header + " | mean grey | shoes facing as real |", "|---|" + "---:|" * (len(metrics) * len(names) + 2)]
     for row in check.rows:
         cells = []
         for _, key in metrics:
             for n in names:
                 m = row.judges[n]
                 cells.append(f"{m.fid / check.rows[0].judges[n].fid:.2f}" if key is None else f"{getattr(m, key):.3f}")
+        cells += [f"{row.mean_pixel:.1f}", f"{row.shoes_facing_as_real:.2f}"]
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -215,6 +223,8 @@ def render_markdown(check: JudgesCheck, grid_png: str) -> str:
         "- **FID / real**: over the FID of the real row, the floor at this n; FIDs of the two judges are in "
         "different feature spaces and compare only as such ratios.",
         "- **precision / recall** (k = 3), **density / coverage** (k = 5): see research/evaluation/manifold.py.",
+        "- **shoes facing as real**: of the set's " + ", ".join(SHOES) + " images, the share that correlate "
+        "better with their class's mean train image than with that mean mirrored; no judge is needed for it.",
         "",
         "## The sets",
         "",

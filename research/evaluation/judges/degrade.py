@@ -38,6 +38,22 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def mirror(images: np.ndarray) -> np.ndarray:
+    """Left and right swapped: Fashion-MNIST's shoes all face one way, the diffusion model's either way."""
+    return images[:, :, ::-1].copy()
+
+
+def facing_as_class_mean(images: np.ndarray, requested: np.ndarray, class_means: np.ndarray) -> np.ndarray:
+    """For each image, whether it correlates better with its class's mean image than with that mean
+    mirrored: for the shoe classes, whether it faces the way the data set's shoes face."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    x -= x.mean(axis=1, keepdims=True)
+    means = class_means[requested].reshape(len(images), -1)
+    mirrored = class_means[requested][:, :, ::-1].reshape(len(images), -1)
+    centred = [m - m.mean(axis=1, keepdims=True) for m in (means, mirrored)]
+    return np.einsum("nd,nd->n", x, centred[0]) > np.einsum("nd,nd->n", x, centred[1])
+
+
 def other_class_partners(labels: np.ndarray, seed: int) -> np.ndarray:
     """For each image, the index of an image of another class (a random one, seeded)."""
     rng = np.random.default_rng(seed)
@@ -73,6 +89,7 @@ def degradations(seed: int) -> list[Degradation]:
     return [
         Degradation("brighter +24 (every pixel)", lambda x, y: brighten_add(x, 24)),
         Degradation("brighter x1.25 (garment only)", lambda x, y: brighten_gain(x, 1.25)),
+        Degradation("mirrored (left-right)", lambda x, y: mirror(x)),
         Degradation("blur sigma 1", lambda x, y: gaussian_blur(x, 1.0)),
         Degradation("blur sigma 2", lambda x, y: gaussian_blur(x, 2.0)),
         Degradation("mix: mean of two classes", lambda x, y: mix_average(x, y, seed)),

@@ -24,7 +24,7 @@ def test_the_judges_check_scores_real_degraded_and_sampled_sets_under_both_judge
     check = json.loads(results_json.read_text())
     rows = check["rows"]
     assert check["n"] == 20 and check["sampler"] == "dpmpp_2m_karras"
-    assert [r["kind"] for r in rows] == ["real"] + ["degraded"] * 6 + ["sampled"] * 4
+    assert [r["kind"] for r in rows] == ["real"] + ["degraded"] * 7 + ["sampled"] * 4
     assert [r["name"] for r in rows[-4:]] == [
         "cfg s=1 (dpmpp_2m_karras)",
         "default request (dpmpp_2m_karras)",
@@ -35,13 +35,18 @@ def test_the_judges_check_scores_real_degraded_and_sampled_sets_under_both_judge
         assert set(r["judges"]) == {"cnn", "resnet"}
     brighter = next(r for r in rows if r["name"].startswith("brighter +24"))
     assert brighter["mean_pixel"] == pytest.approx(min(255, rows[0]["mean_pixel"] + 24), abs=1)
+    # Both judges score an image with its mirror: a mirrored set is the real set to them, though its
+    # shoes face the other way.
+    mirrored = next(r for r in rows if r["name"] == "mirrored (left-right)")
+    assert mirrored["judges"] == rows[0]["judges"]
+    assert mirrored["shoes_facing_as_real"] == pytest.approx(1 - rows[0]["shoes_facing_as_real"])
     # The real row is the same metrics between two disjoint real sets: each judge's own.
     assert rows[0]["judges"]["cnn"]["fid"] != rows[0]["judges"]["resnet"]["fid"]
 
     text = report.read_text()
     assert "## Under judge 1: small CNN" in text and "## Under judge 2: ResNet" in text
     assert check["git_commit"] in text and "python -m research.evaluation.judges.check --model" in text
-    m = rows[5]["judges"]["resnet"]  # the two-class mean
+    m = rows[6]["judges"]["resnet"]  # the two-class mean
     assert f"| mix: mean of two classes | {m['accuracy']:.3f} | {m['fid']:.2f} |" in text.split("judge 2: ResNet")[-1]
     with Image.open(tmp_path / "img" / "judges-check.png") as grid:
         assert grid.format == "PNG" and grid.height > 11 * 56

@@ -3,7 +3,9 @@ import numpy as np
 from research.evaluation.judges.degrade import (
     brighten_add,
     brighten_gain,
+    facing_as_class_mean,
     gaussian_blur,
+    mirror,
     mix_average,
     mix_halves,
     other_class_partners,
@@ -43,3 +45,13 @@ def test_class_mixes_pair_each_image_with_another_class():
     halves = mix_halves(x, labels, seed=0)
     np.testing.assert_array_equal(halves[:, 13, 0, 0], labels * 20)  # the top half is the image's own
     np.testing.assert_array_equal(halves[:, 14, 0, 0], labels[partners] * 20)  # the bottom, its partner's
+
+
+def test_an_image_faces_the_way_of_the_class_mean_it_correlates_with_best():
+    shoe = np.zeros((1, 28, 28, 1), dtype=np.uint8)
+    shoe[0, 20:24, 4:24] = 200  # a sole
+    shoe[0, 10:20, 4:12] = 200  # a heel on the left
+    means = shoe.astype(np.float64)  # class 0's mean: heel on the left
+    both = np.concatenate([shoe, mirror(shoe)])
+    np.testing.assert_array_equal(mirror(shoe)[0, 15, 20:24, 0], [200] * 4)  # the heel moved right
+    np.testing.assert_array_equal(facing_as_class_mean(both, np.array([0, 0]), means), [True, False])
