@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +23,14 @@ from research.generate import positive_int
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
 DEFAULT_CLASSIFIER_EPOCHS = 3
 CLASSIFIER_ARCH = "cnn-32-64-64-fc128-v1"
+
+
+class FeatureClassifier(Protocol):
+    """A judge's network: features() of images, and a head that is linear in eval mode."""
+
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class FashionClassifier(nn.Module):
@@ -115,7 +124,7 @@ class Scored:
 
 
 @torch.inference_mode()
-def score(model: FashionClassifier, images: torch.Tensor, batch_size: int = 1000) -> Scored:
+def score(model: FeatureClassifier, images: torch.Tensor, batch_size: int = 1000) -> Scored:
     """Features and predicted classes of float images (N, 1, H, W) in [-1, 1], averaged over the image
     and its mirror: the diffusion model learned mirrored garments, and a mirrored shoe is a correct shoe."""
     features, logits = [], []

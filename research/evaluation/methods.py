@@ -2,8 +2,9 @@
 
 Draws --per-class images of every class with each guidance setting and sampler (the settings are in
 research/evaluation/settings.py), at the same seeds in every row: class c uses seeds seed + c * per_class + i,
-as research.evaluate does. Scores them with research.evaluate's classifier (the same cache) against the same
-reference statistics, next to the same real baseline (n = 10 * per_class real test images).
+as research.evaluate does. Scores them under both judges (research/evaluation/judges: research.evaluate's
+small CNN, the same cache, and the committed ResNet), each against its own reference statistics of the
+test split, next to the same real baseline (n = 10 * per_class real test images).
 Writes docs/guidance.md, docs/guidance.json and docs/img/guidance-grid.png (a row per setting and
 sampler, the first image of each class).
 
@@ -15,39 +16,42 @@ sampler, the first image of each class).
       --extra '{"name": "apg s=5 r=1", "guidance_scale": 5, "method": {"kind": "apg", "norm_threshold": 1.0}}'
 
 Each sampler's CFG s=1 row is always drawn: FID and diversity are also given relative to it.
+The report is written by research/evaluation/methods_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from app.images import labelled_grid
 from app.models import CheckpointError, LoadedModel, load_checkpoint
 from app.sampling import SAMPLERS
 from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
-from research.evaluation.classifier import (
-    FashionClassifier,
-    add_classifier_arguments,
-    get_classifier,
-    score,
-    uint8_to_model_images,
+from research.evaluation.classifier import add_classifier_arguments, score, uint8_to_model_images
+from research.evaluation.judges import load_judges
+from research.evaluation.judges.resnet import JudgeLoadError
+from research.evaluation.judges.scoring import (
+    JudgeReference,
+    judge_real_subset,
+    judge_reference,
+    judge_set,
+    real_split,
 )
-from research.evaluation.metrics import GaussianStats, accuracy
+from research.evaluation.methods_report import print_summary, write_outputs
+from research.evaluation.methods_table import JudgeSummary, MethodResult, MethodScores, MethodsTable, RealRow
+from research.evaluation.metrics import mean_grey
 from research.evaluation.provenance import run_provenance
-from research.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
+from research.evaluation.run import MAX_PER_CLASS
 from research.evaluation.settings import (
     REFERENCE_NAME,
     GuidanceSetting,
@@ -63,41 +67,6 @@ from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, generate, positiv
 
 DEFAULT_PER_CLASS = 32
 DEFAULT_SAMPLERS = ("dpmpp_2m", "ddim")
-
-
-@dataclass
-class MethodResult:
-    name: str
-    sampler: str
-    setting: dict  # the setting's JSON form: what --extra takes to draw it again
-    accuracy: float
-    fid: float
-    fid_vs_s1: float  # FID / FID of this sampler's CFG s=1 row
-    diversity: float
-    diversity_vs_s1: float
-    mean_pixel: float  # mean grey level, 0..255
-    accuracy_per_class: list[float]
-
-
-@dataclass
-class MethodsTable:
-    command: str
-    date_utc: str
-    machine: str
-    git_commit: str
-    checkpoint: str
-    checkpoint_sha256: str
-    checkpoint_steps: int | None
-    class_names: list[str]
-    steps: int
-    per_class: int
-    seed: int
-    classifier_test_accuracy: float
-    feature_dim: int
-    reference_size: int
-    real: RealBaseline
-    results: list[MethodResult]
-    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -120,56 +89,61 @@ def draw_rows(
 
 
 def score_rows(
-    rows: Sequence[Row],
-    images: Sequence[np.ndarray],
-    classifier: FashionClassifier,
-    reference: GaussianStats,
-    num_classes: int,
+    rows: Sequence[Row], images: Sequence[np.ndarray], references: Sequence[JudgeReference]
 ) -> list[MethodResult]:
-    """The metrics of each row, and its FID and diversity over those of its sampler's CFG s=1 row."""
-    results = []
+    """The metrics of each row under each judge, with FID and diversity over its sampler's CFG s=1 row's."""
+    scored = []
     for row, row_images in zip(rows, images, strict=True):
-        scored = score(classifier, uint8_to_model_images(row_images))
-        (r,) = score_scales([scored], [row.setting.guidance.guidance_scale], reference, num_classes)
-        results.append((row, r))
-    s1 = {row.sampler: r for row, r in results if row.setting.name == REFERENCE_NAME}
+        model_images = uint8_to_model_images(row_images)
+        requested = np.repeat(np.arange(references[0].num_classes), row_images.shape[0] // references[0].num_classes)
+        judged = {ref.judge.name: judge_set(ref, score(ref.judge.model, model_images), requested) for ref in references}
+        scored.append((row, mean_grey(model_images), judged))
+    s1 = {row.sampler: judged for row, _, judged in scored if row.setting.name == REFERENCE_NAME}
     return [
         MethodResult(
             name=row.setting.name,
             sampler=row.sampler,
             setting=setting_to_dict(row.setting),
-            accuracy=r.accuracy,
-            fid=r.fid,
-            fid_vs_s1=r.fid / s1[row.sampler].fid,
-            diversity=r.diversity,
-            diversity_vs_s1=r.diversity / s1[row.sampler].diversity,
-            mean_pixel=r.mean_pixel,
-            accuracy_per_class=r.accuracy_per_class,
+            mean_pixel=pixel,
+            judges={
+                name: MethodScores(
+                    **asdict(m),
+                    fid_vs_s1=m.fid / s1[row.sampler][name].fid,
+                    diversity_vs_s1=m.diversity / s1[row.sampler][name].diversity,
+                )
+                for name, m in judged.items()
+            },
         )
-        for row, r in results
+        for row, pixel, judged in scored
     ]
 
 
 def run_methods(
     args: argparse.Namespace, model: LoadedModel, rows: Sequence[Row], command: str
 ) -> tuple[MethodsTable, list[np.ndarray]]:
-    """Train or load the classifier, score the real baseline, then draw and score every row."""
+    """Load (or train) the judges, score the real baseline under each, then draw and score every row."""
     timings: dict[str, float] = {}
     started = time.monotonic()
     train_data = load_fashion_mnist("train", args.data_dir)
     test_images, test_labels = load_fashion_mnist("test", args.data_dir)
-    classifier = get_classifier(args.classifier_cache, args.classifier_epochs, args.classifier_train_images, train_data)
-    timings["classifier"] = time.monotonic() - started
+    judges = load_judges(args, train_data)
+    timings["judges"] = time.monotonic() - started
     labels = test_labels.numpy()
-    reference, real, test, reference_size = real_baseline(classifier, test_images, labels, args.per_class, args.seed)
-    test_accuracy = accuracy(test.predictions, labels)
-    print(f"classifier test accuracy: {test_accuracy:.4f}")
+    split = real_split(labels, args.per_class, args.seed)
+    references = [judge_reference(j, test_images, labels, split) for j in judges]
+    for ref in references:
+        print(f"{ref.judge.title} test accuracy: {ref.test_accuracy:.4f}")
+    real = RealRow(
+        n=int(split.subset.size),
+        mean_pixel=mean_grey(test_images[split.subset]),
+        judges={ref.judge.name: judge_real_subset(ref, labels, split) for ref in references},
+    )
 
     t0 = time.monotonic()
     images = draw_rows(model, rows, args.per_class, args.steps, args.seed, args.max_rows)
     timings["sampling"] = time.monotonic() - t0
     t0 = time.monotonic()
-    results = score_rows(rows, images, classifier, reference, model.manifest.num_classes)
+    results = score_rows(rows, images, references)
     timings["scoring"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
     table = MethodsTable(
@@ -177,112 +151,19 @@ def run_methods(
         steps=args.steps,
         per_class=args.per_class,
         seed=args.seed,
-        classifier_test_accuracy=test_accuracy,
-        feature_dim=int(test.features.shape[1]),
-        reference_size=reference_size,
+        judges={
+            ref.judge.name: JudgeSummary(
+                ref.judge.title, ref.judge.source, ref.test_accuracy, int(ref.test.features.shape[1])
+            )
+            for ref in references
+        },
+        reference_size=int(split.rest.size),
+        manifold_reference_size=int(split.manifold.size),
         real=real,
         results=results,
         timings_s=timings,
     )
     return table, images
-
-
-# ---- the report ----------------------------------------------------------------------------------------
-
-
-def methods_grid(images: Sequence[np.ndarray], rows: Sequence[Row], class_names: Sequence[str]) -> Image.Image:
-    """A row per table row, labelled with its setting and sampler; a column per class (its first seed)."""
-    per_class = images[0].shape[0] // len(class_names)
-    cells = np.stack([row_images[c * per_class] for row_images in images for c in range(len(class_names))])
-    col_labels = [name.split("/")[0] for name in class_names]
-    return labelled_grid(cells, len(class_names), [row.label for row in rows], col_labels, zoom=3, font_size=13)
-
-
-def render_markdown(table: MethodsTable, grid_png: str) -> str:
-    n = table.per_class * len(table.class_names)
-    real = table.real
-    lines = [
-        "# Guidance methods at the same seeds",
-        "",
-        "Written by `python -m research.evaluation.methods`; rerun it to refresh this page.",
-        "",
-        f"- command: `{table.command}`",
-        f"- date: {table.date_utc}",
-        f"- machine: {table.machine}",
-        f"- git commit: `{table.git_commit}`",
-        f"- checkpoint: `{table.checkpoint}`, weights sha256 `{table.checkpoint_sha256}`"
-        + (f", {table.checkpoint_steps} training steps" if table.checkpoint_steps is not None else ""),
-        f"- sampling: {table.steps} steps, {table.per_class} images per class (n = {n} per setting), "
-        f"seeds {table.seed}.., the same seeds in every row",
-        f"- scoring classifier: research.evaluate's (small CNN trained on the train split), test accuracy "
-        f"{table.classifier_test_accuracy:.4f}",
-        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table.timings_s.items()),
-        "",
-        "| setting | sampler | accuracy | FID | FID / s=1 | diversity | diversity / s=1 | mean grey |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in table.results:
-        lines.append(
-            f"| `{r.name}` | {r.sampler} | {r.accuracy:.3f} | {r.fid:.2f} | {r.fid_vs_s1:.2f} | "
-            f"{r.diversity:.2f} | {r.diversity_vs_s1:.2f} | {r.mean_pixel:.1f} |"
-        )
-    lines += [
-        f"| real test images (n = {real.n}) | – | {real.accuracy:.3f} | {real.fid:.2f} | – | "
-        f"{real.diversity:.2f} | – | {real.mean_pixel:.1f} |",
-        "",
-        "- **accuracy**: the classifier's accuracy on the requested class.",
-        f"- **FID**: Frechet distance in the classifier's {table.feature_dim}-d feature space to the "
-        f"{table.reference_size} test images not in the real row (as in docs/quality.md); the real row is "
-        "the floor at this n. **FID / s=1**: over the FID of the same sampler's `cfg s=1` row.",
-        "- **diversity**: mean pairwise feature distance within each class, averaged over the classes; "
-        "**/ s=1** as for FID.",
-        "- **mean grey**: the mean grey level (0..255) of the n images.",
-        "",
-        "## Settings",
-        "",
-        "Each setting as `--extra` takes it (fields left out have the defaults of `app/guidance/` and "
-        "`app/sampling/run.py`):",
-        "",
-        "| setting | JSON |",
-        "|---|---|",
-    ]
-    seen = set()
-    for r in table.results:
-        if r.name not in seen:
-            seen.add(r.name)
-            lines.append(f"| `{r.name}` | `{json.dumps(r.setting)}` |")
-    lines += [
-        "",
-        "## Samples",
-        "",
-        "Rows: settings (sampler in brackets); columns: classes, the first seed of each. Every row has the same seeds.",
-        "",
-        f"![one image per class for each guidance setting]({grid_png})",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_outputs(args: argparse.Namespace, table: MethodsTable, rows: Sequence[Row], images: list) -> None:
-    args.grid.parent.mkdir(parents=True, exist_ok=True)
-    methods_grid(images, rows, table.class_names).save(args.grid, format="PNG")
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(render_markdown(table, os.path.relpath(args.grid, args.report.parent)))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(asdict(table), indent=2) + "\n")
-
-
-def print_summary(table: MethodsTable) -> None:
-    width = max(len(r.name) for r in table.results)
-    print(f"{'setting':<{width}} {'sampler':>9} {'accuracy':>9} {'FID':>8} {'/s=1':>6} {'diversity':>10} {'pixel':>6}")
-    for r in table.results:
-        print(
-            f"{r.name:<{width}} {r.sampler:>9} {r.accuracy:>9.3f} {r.fid:>8.2f} {r.fid_vs_s1:>6.2f} "
-            f"{r.diversity:>10.2f} {r.mean_pixel:>6.1f}"
-        )
-    real = table.real
-    print(f"{'real':<{width}} {'':>9} {real.accuracy:>9.3f} {real.fid:>8.2f} {'':>6} {real.diversity:>10.2f} "
-          f"{real.mean_pixel:>6.1f}  (n = {real.n})")  # fmt: skip
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -366,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = load_checkpoint(args.model, args.device)
         table, images = run_methods(args, model, rows, command.strip())
-    except (CheckpointError, DatasetMissingError) as exc:
+    except (CheckpointError, DatasetMissingError, JudgeLoadError) as exc:
         sys.exit(f"error: {exc}")
     write_outputs(args, table, rows, images)
     print_summary(table)

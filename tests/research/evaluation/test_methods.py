@@ -24,7 +24,8 @@ def test_methods_table_on_a_tiny_config(tmp_path, capsys):
             "--classifier-cache", str(tmp_path / "clf.safetensors"),
             "--report", str(report), "--json", str(results_json)]  # fmt: skip
     main(argv)
-    assert "classifier test accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "judge 1: small CNN test accuracy" in out and "judge 2: ResNet test accuracy" in out
 
     results = json.loads(results_json.read_text())
     rows = results["results"]
@@ -34,22 +35,44 @@ def test_methods_table_on_a_tiny_config(tmp_path, capsys):
         ("apg s=5 r=1", "dpmpp_2m"),
     ]
     assert results["real"]["n"] == 20 and results["per_class"] == 2 and results["steps"] == 2
-    s1 = rows[0]
-    assert s1["fid_vs_s1"] == 1.0 and s1["diversity_vs_s1"] == 1.0
-    for r in rows:
-        assert r["fid_vs_s1"] == pytest.approx(r["fid"] / s1["fid"])
-        assert r["diversity_vs_s1"] == pytest.approx(r["diversity"] / s1["diversity"])
-        assert 0 <= r["accuracy"] <= 1 and 0 < r["mean_pixel"] < 255 and len(r["accuracy_per_class"]) == 10
+    assert results["manifold_reference_size"] == 20 and results["reference_size"] == 10000 - 20
+    # The committed ResNet, not one trained here: its recorded test accuracy is what it scores now.
+    committed = json.loads(Path("research/evaluation/judges/resnet-fmnist/manifest.json").read_text())
+    assert results["judges"]["resnet"]["test_accuracy"] == pytest.approx(committed["test_accuracy"], abs=1e-4)
+    assert set(results["judges"]) == {"cnn", "resnet"}
+    for judge in ("cnn", "resnet"):
+        s1 = rows[0]["judges"][judge]
+        assert s1["fid_vs_s1"] == 1.0 and s1["diversity_vs_s1"] == 1.0
+        for r in rows:
+            m = r["judges"][judge]
+            assert m["fid_vs_s1"] == pytest.approx(m["fid"] / s1["fid"])
+            assert m["diversity_vs_s1"] == pytest.approx(m["diversity"] / s1["diversity"])
+            assert 0 <= m["accuracy"] <= 1 and len(m["accuracy_per_class"]) == 10
+            assert all(0 <= m[k] <= 1 for k in ("precision", "recall", "coverage")) and m["density"] >= 0
+        assert (
+            rows[1]["judges"][judge]["fid"] != rows[2]["judges"][judge]["fid"]
+        )  # the norm threshold changed the images
+    # The two judges see the same images through different features.
+    assert rows[1]["judges"]["cnn"]["fid"] != rows[1]["judges"]["resnet"]["fid"]
+    assert all(0 < r["mean_pixel"] < 255 for r in rows)
     assert rows[2]["setting"]["method"]["norm_threshold"] == 1.0
     assert rows[1]["setting"]["method"]["kind"] == "apg"
-    assert rows[1]["fid"] != rows[2]["fid"]  # the norm threshold changed the images
-    assert {"classifier", "sampling", "scoring", "total"} <= set(results["timings_s"])
+    assert {"judges", "sampling", "scoring", "total"} <= set(results["timings_s"])
 
     text = report.read_text()
     assert results["checkpoint_sha256"] in text and "python -m research.evaluation.methods --model" in text
-    assert "| setting | sampler | accuracy | FID | FID / s=1 | diversity | diversity / s=1 | mean grey |" in text
-    assert f"| `apg s=5 r=1` | dpmpp_2m | {rows[2]['accuracy']:.3f} | {rows[2]['fid']:.2f} |" in text
-    assert "| real test images (n = 20) |" in text and "(n = 20 per setting)" in text
+    assert "## Under judge 1: small CNN" in text and "## Under judge 2: ResNet" in text
+    header = (
+        "| setting | sampler | accuracy | FID | FID / s=1 | diversity | diversity / s=1 | precision | recall | "
+        "density | coverage | mean grey |"
+    )
+    assert text.count(header) == 2
+    cnn_part, resnet_part = text.split("## Under judge 2: ResNet")
+    for judge, part in (("cnn", cnn_part), ("resnet", resnet_part)):
+        m = rows[2]["judges"][judge]
+        assert f"| `apg s=5 r=1` | dpmpp_2m | {m['accuracy']:.3f} | {m['fid']:.2f} |" in part
+        assert f"| {m['precision']:.3f} | {m['recall']:.3f} | {m['density']:.3f} | {m['coverage']:.3f} |" in part
+    assert text.count("| real test images (n = 20) |") == 2 and "(n = 20 per setting)" in text
     assert "](img/guidance-grid.png)" in text
 
     with Image.open(grid) as image:
