@@ -29,7 +29,7 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
     "euler_a": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
     # DPM-Solver++ 2M on Karras et al.'s (2022) sigmas: rho = 7 spacing from the largest training sigma to
-    # the smallest, denser at low noise, where this model's images take their detail (docs/steps.md).
+    # the smallest, denser at low noise, where this model's images take their detail (docs/steps-karras.md).
     "dpmpp_2m_karras": (
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},

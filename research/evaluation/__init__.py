@@ -10,6 +10,6 @@ report.py         its markdown, plot, JSON and console summary
 cli.py            its command line
 settings.py       named guidance settings for the methods table, and their JSON form
 methods.py        the guidance-methods table under both judges (python -m research.evaluation.methods:
-                  docs/guidance.md); methods_table.py its results, methods_report.py its report
+                  docs/guidance-table.md); methods_table.py its results, methods_report.py its report
 provenance.py     machine, commit and date for the reports
 """

@@ -5,7 +5,7 @@ research/evaluation/settings.py), at the same seeds in every row: class c uses s
 as research.evaluate does. Scores them under both judges (research/evaluation/judges: research.evaluate's
 small CNN, the same cache, and the committed ResNet), each against its own reference statistics of the
 test split, next to the same real baseline (n = 10 * per_class real test images).
-Writes docs/guidance.md, docs/guidance.json and docs/img/guidance-grid.png (a row per setting and
+Writes docs/guidance-table.md, docs/guidance-table.json and docs/img/guidance-table-grid.png (a row per setting and
 sampler, the first image of each class).
 
   python -m research.evaluation.methods                       # the whole table: 27 rows, 2600 forwards of 128 rows,
@@ -211,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the settings that would be drawn, and exit")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
     add_classifier_arguments(p)
-    p.add_argument("--report", type=Path, default=Path("docs/guidance.md"))
-    p.add_argument("--json", type=Path, default=Path("docs/guidance.json"))
+    p.add_argument("--report", type=Path, default=Path("docs/guidance-table.md"))
+    p.add_argument("--json", type=Path, default=Path("docs/guidance-table.json"))
     p.add_argument(
         "--grid",
         type=Path,
         default=None,
-        help="the image grid (default: img/<report's name>-grid.png beside --report, docs/img/guidance-grid.png "
+        help="the image grid (default: img/<report's name>-grid.png beside --report, docs/img/guidance-table-grid.png "
         "for the default report)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""The compose files, validated by the real docker-compose, and the README's account of them.
+"""The compose files, validated by the real docker-compose, and docs/deployment.md's account of them.
 
 No Docker engine here: `docker-compose config` checks and resolves the files, nothing is started.
 """
@@ -48,17 +48,17 @@ def comparable(service: dict) -> dict:
     return {**service, "volumes": sorted(service.get("volumes", []))}
 
 
-def readme_deployment_section() -> str:
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- deployment:start -->(.*?)<!-- deployment:end -->", readme, re.S)
-    assert match, "README.md has no <!-- deployment:start --> ... <!-- deployment:end --> section"
+def deployment_section() -> str:
+    page = (REPO / "docs" / "deployment.md").read_text()
+    match = re.search(r"<!-- deployment:start -->(.*?)<!-- deployment:end -->", page, re.S)
+    assert match, "docs/deployment.md has no <!-- deployment:start --> ... <!-- deployment:end --> section"
     return match.group(1)
 
 
-def readme_services() -> dict[str, dict]:
-    """The README's service table: | `name` | image | published port | volumes |."""
+def documented_services() -> dict[str, dict]:
+    """docs/deployment.md's service table: | `name` | image | published port | volumes |."""
     services = {}
-    for line in readme_deployment_section().splitlines():
+    for line in deployment_section().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 4 or not re.fullmatch(r"`[\w-]+`", cells[0]):
             continue
@@ -156,9 +156,9 @@ def test_mounted_files_exist() -> None:
                     assert (REPO / source).exists(), f"{compose_file} mounts missing {source}"
 
 
-def test_readme_agrees_with_the_compose_file() -> None:
+def test_the_deployment_page_agrees_with_the_compose_file() -> None:
     services = compose_config()["services"]
-    documented = readme_services()
+    documented = documented_services()
     assert set(documented) == set(services)
     for name, service in services.items():
         assert documented[name]["image"] == service["image"], name
@@ -166,8 +166,8 @@ def test_readme_agrees_with_the_compose_file() -> None:
         assert documented[name]["volumes"] == volumes(service), name
 
 
-def test_readme_override_examples_are_valid(tmp_path: Path) -> None:
-    snippets = re.findall(r"```yaml\n(.*?)```", readme_deployment_section(), re.S)
+def test_the_deployment_page_override_examples_are_valid(tmp_path: Path) -> None:
+    snippets = re.findall(r"```yaml\n(.*?)```", deployment_section(), re.S)
     assert len(snippets) >= 2
     for i, snippet in enumerate(snippets):
         override = tmp_path / f"override{i}.yml"
