@@ -9,6 +9,8 @@ from typing import Literal, get_args
 
 ScheduleKind = Literal["constant", "linear", "cosine", "interval"]
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
+IntervalWeighting = Literal["step", "span"]
+INTERVAL_WEIGHTINGS: tuple[str, ...] = get_args(IntervalWeighting)
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,12 @@ class GuidanceSchedule:
               start < end gives the increasing variant.
     interval: s_i = s where start <= i / N < end and sigma_min < sigma_i <= sigma_max, else 1 (no
               guidance): Kynkäänniemi et al. 2024, guidance in a limited interval of noise levels
-              (i / N = 0 is pure noise; a missing sigma bound is no bound).
+              (i / N = 0 is pure noise; a missing sigma bound is no bound). That is weighting "step".
+              Weighting "span": s_i = 1 + (s - 1) * f_i, where f_i is the share of step i's noise span
+              [sigma_{i+1}, sigma_i] (sigma_N = 0) inside (sigma_min, sigma_max]. A step moves x by
+              about eps * (sigma_{i+1} - sigma_i), so the guidance the interval adds, sum of
+              (s_i - 1) * (sigma_i - sigma_{i+1}), is then (s - 1) * (sigma_max - sigma_min) at any step count
+              and sampler whose steps cover the interval; with "step" it depends on which steps land inside.
     """
 
     kind: ScheduleKind = "constant"
@@ -30,6 +37,7 @@ class GuidanceSchedule:
     end: float = 1.0
     sigma_min: float | None = None
     sigma_max: float | None = None
+    weighting: IntervalWeighting = "step"
 
     def factor(self, i: int, num_steps: int) -> float:
         if self.kind == "constant":
@@ -58,6 +66,24 @@ class GuidanceSchedule:
     def scales(self, guidance_scale: float, num_steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
         """The guidance scale of every step. Without sigmas, a sigma interval counts every step as guided
         (an upper bound on the rows a request needs)."""
+        if self.kind == "interval" and self.weighting == "span" and sigmas is not None:
+            return [
+                1.0 + (guidance_scale - 1.0) * self.span_share(sigmas[i], sigmas[i + 1] if i + 1 < num_steps else 0.0)
+                if self.start <= i / num_steps < self.end
+                else 1.0
+                for i in range(num_steps)
+            ]
         return [
             self.scale_at(guidance_scale, i, num_steps, None if sigmas is None else sigmas[i]) for i in range(num_steps)
         ]
+
+    def span_share(self, sigma_from: float, sigma_to: float) -> float:
+        """The share of the noise span [sigma_to, sigma_from] that lies in (sigma_min, sigma_max]."""
+        high = sigma_from if self.sigma_max is None else min(sigma_from, self.sigma_max)
+        low = sigma_to if self.sigma_min is None else max(sigma_to, self.sigma_min)
+        if sigma_from <= sigma_to:  # a step that doesn't lower the noise: all or nothing, as "step" weighs it
+            inside = (self.sigma_min is None or sigma_from > self.sigma_min) and (
+                self.sigma_max is None or sigma_from <= self.sigma_max
+            )
+            return 1.0 if inside else 0.0
+        return max(0.0, high - low) / (sigma_from - sigma_to)
