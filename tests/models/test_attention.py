@@ -266,18 +266,19 @@ def test_a_perturbation_with_unknown_settings_is_refused(bad):
 
 
 def forward_during_a_perturbed_forward(denoiser, perturb, x, t, labels, other):
-    """A perturbed forward that runs other() in another thread in the middle of its mid-block attention (at its
-    value projection, while the perturbation's hooks are registered); returns (the perturbed eps, other())."""
+    """A perturbed forward that runs other() in another thread in the middle of its mid-block attention (before
+    its output projection, while the perturbation's hooks are registered and hold this forward's values);
+    returns (the perturbed eps, other())."""
     got = {}
 
-    def during_forward(_module, _inputs, _out):
+    def during_forward(_module, _inputs):
         if "other" not in got:
             got["other"] = None
             thread = threading.Thread(target=lambda: got.update(other=other()))
             thread.start()
             thread.join()
 
-    handle = denoiser.unet.mid_block.attentions[0].to_v.register_forward_hook(during_forward)
+    handle = denoiser.unet.mid_block.attentions[0].to_out[0].register_forward_pre_hook(during_forward)
     try:
         eps = denoiser(x, t, labels, perturb=perturb)
     finally:
@@ -288,11 +289,12 @@ def forward_during_a_perturbed_forward(denoiser, perturb, x, t, labels, other):
 def test_a_plain_forward_in_another_thread_meanwhile_is_the_plain_forward(denoiser):
     per_row = [PAG, None, SEG_2]
     x, t, labels = batch(3)
+    x2, t2, labels2 = batch(3, seed=1)  # the other thread's own inputs
     perturb = RowPerturbations.from_rows(per_row, "cpu")
-    want_plain, want_perturbed = denoiser(x, t, labels), denoiser(x, t, labels, perturb=perturb)
+    want_plain, want_perturbed = denoiser(x2, t2, labels2), denoiser(x, t, labels, perturb=perturb)
     eps, other = forward_during_a_perturbed_forward(
-        denoiser, perturb, x, t, labels, lambda: denoiser(x, t, labels).clone()
+        denoiser, perturb, x, t, labels, lambda: denoiser(x2, t2, labels2).clone()
     )
     assert torch.equal(other, want_plain)
-    assert torch.equal(eps, want_perturbed)  # nor did the other thread's pass take this forward's kept values
-    assert not torch.equal(want_plain, want_perturbed)
+    assert torch.equal(eps, want_perturbed)  # nor did the other thread's pass touch this forward's kept values
+    assert not torch.equal(denoiser(x, t, labels), want_perturbed)
