@@ -298,3 +298,13 @@ def test_a_plain_forward_in_another_thread_meanwhile_is_the_plain_forward(denois
     assert torch.equal(other, want_plain)
     assert torch.equal(eps, want_perturbed)  # nor did the other thread's pass touch this forward's kept values
     assert not torch.equal(denoiser(x, t, labels), want_perturbed)
+
+
+def test_cads_and_a_perturbation_act_together(loaded, denoiser):
+    """The perturbed row of a CADS request gets the conditional row's embedding delta too."""
+    x, t, labels = batch(2)
+    delta = torch.zeros(2, loaded.unet.class_embedding.weight.shape[1])
+    delta[0] = 1.0
+    perturb = RowPerturbations.from_rows([PAG, PAG], "cpu")
+    both, pag_only = denoiser(x, t, labels, delta, perturb=perturb), denoiser(x, t, labels, perturb=perturb)
+    assert torch.equal(both[1], pag_only[1]) and (both[0] - pag_only[0]).abs().max() > 0.01
