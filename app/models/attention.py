@@ -118,13 +118,23 @@ def transformer_blocks(network: torch.nn.Module) -> list[tuple[str, torch.nn.Mod
     return [] if blocks is None else [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
 
 
-def perturbation_support(network: torch.nn.Module, precision: str = "fp32") -> dict[str, PerturbationSupport]:
-    """For each kind in KINDS: whether `network` (a UNet2DModel or a DiTTransformer2DModel) served at
-    `precision` can run it, its layers and default layers, or the reason it cannot (for the API's 422)."""
-    dit = bool(transformer_blocks(network))
+@dataclass(frozen=True)
+class PerturbationSites:
+    """A network's perturbable modules and what it supports, found once (a walk of its modules per forward
+    costs about a millisecond): the hooks' targets. Attention processors set after it was built are not seen."""
+
+    support: dict[str, PerturbationSupport]  # at fp32: precision is the caller's (perturbation_support)
+    attention: tuple[Attention, ...]  # support["pag"].layers' modules
+    blocks: tuple[torch.nn.Module, ...]  # support["slg"].layers' modules
+
+
+def perturbation_sites(network: torch.nn.Module) -> PerturbationSites:
+    """The sites of a UNet2DModel or a DiTTransformer2DModel: its self-attention layers and transformer blocks,
+    the default layers of each kind, and why a kind cannot run."""
     attention = self_attention_layers(network)
+    blocks = transformer_blocks(network)
     names = tuple(n for n, _ in attention)
-    if dit:
+    if blocks:
         attn_default: tuple[int, ...] = (len(names) // 2,) if names else ()
     else:
         mid = tuple(i for i, n in enumerate(names) if n.startswith("mid_block."))
@@ -135,13 +145,20 @@ def perturbation_support(network: torch.nn.Module, precision: str = "fp32") -> d
     attn_reason = no_attention if not names else None
     if unknown:
         attn_reason = f"its hooks know diffusers' AttnProcessor2_0 and AttnProcessor, not {', '.join(unknown)}"
-    blocks = tuple(n for n, _ in transformer_blocks(network))
+    block_names = tuple(n for n, _ in blocks)
     slg_reason = None if blocks else f"it skips transformer blocks, and this {type(network).__name__} has none"
     support = {
         "pag": PerturbationSupport("pag", names, attn_default, attn_reason),
         "seg": PerturbationSupport("seg", names, attn_default, attn_reason),
-        "slg": PerturbationSupport("slg", blocks, (len(blocks) // 2,) if blocks else (), slg_reason),
+        "slg": PerturbationSupport("slg", block_names, (len(blocks) // 2,) if blocks else (), slg_reason),
     }
+    return PerturbationSites(support, tuple(m for _, m in attention), tuple(b for _, b in blocks))
+
+
+def perturbation_support(network: torch.nn.Module, precision: str = "fp32") -> dict[str, PerturbationSupport]:
+    """For each kind in KINDS: whether `network` (a UNet2DModel or a DiTTransformer2DModel) served at
+    `precision` can run it, its layers and default layers, or the reason it cannot (for the API's 422)."""
+    support = perturbation_sites(network).support
     if precision == "int8":
         support = {k: PerturbationSupport(k, s.layers, s.default_layers, INT8_REASON) for k, s in support.items()}
     return support
@@ -244,14 +261,10 @@ def hook_skip_block(block: torch.nn.Module, mask: torch.Tensor, owner: int) -> l
     return [block.register_forward_hook(skip, with_kwargs=True)]
 
 
-def perturbation_hooks(
-    network: torch.nn.Module, perturb: RowPerturbations, owner: int, precision: str = "fp32"
-) -> list[RemovableHandle]:
-    """The hooks that give perturb's rows their perturbations in network's next forwards in thread `owner`.
-    Every perturbation is checked before any hook is registered; the caller removes them after its forward."""
-    support = perturbation_support(network, precision)
-    attention = self_attention_layers(network)
-    blocks = transformer_blocks(network)
+def perturbation_hooks(sites: PerturbationSites, perturb: RowPerturbations, owner: int) -> list[RemovableHandle]:
+    """The hooks that give perturb's rows their perturbations in the sites' network's next forwards in thread
+    `owner`. Every perturbation is checked before any hook is registered; the caller removes them after."""
+    support, attention, blocks = sites.support, sites.attention, sites.blocks
     identity: dict[int, torch.Tensor] = {}  # layer -> the rows with identity attention
     blurs: dict[int, list[tuple[float, torch.Tensor]]] = {}  # layer -> (blur_sigma, rows)
     skips: dict[int, torch.Tensor] = {}  # block -> the rows that skip it
@@ -265,9 +278,9 @@ def perturbation_hooks(
                 skips[i] = skips[i] | mask if i in skips else mask
     hooks = []
     for i, mask in identity.items():
-        hooks += hook_identity_attention(attention[i][1], mask, owner)
+        hooks += hook_identity_attention(attention[i], mask, owner)
     for i, sigma_masks in blurs.items():
-        hooks += hook_blurred_queries(attention[i][1], sigma_masks, owner)
+        hooks += hook_blurred_queries(attention[i], sigma_masks, owner)
     for i, mask in skips.items():
-        hooks += hook_skip_block(blocks[i][1], mask, owner)
+        hooks += hook_skip_block(blocks[i], mask, owner)
     return hooks

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 
-from app.models.attention import RowPerturbations, perturbation_hooks
+from app.models.attention import PerturbationSites, RowPerturbations, perturbation_hooks, perturbation_sites
 
 
 class HookedDenoiser:
@@ -41,7 +42,7 @@ class HookedDenoiser:
         def add_delta(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
             return out + embed_delta.to(out.dtype) if threading.get_ident() == owner else out
 
-        hooks = [] if perturb is None else perturbation_hooks(self.network, perturb, owner)
+        hooks = [] if perturb is None else perturbation_hooks(self.perturbation_sites, perturb, owner)
         if embed_delta is not None:
             hooks += [e.register_forward_hook(add_delta) for e in self.label_embedders]
         try:
@@ -49,6 +50,11 @@ class HookedDenoiser:
         finally:
             for hook in hooks:
                 hook.remove()
+
+    @functools.cached_property
+    def perturbation_sites(self) -> PerturbationSites:
+        """The network's perturbable layers, found at the first perturbed forward."""
+        return perturbation_sites(self.network)
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
