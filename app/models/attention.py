@@ -63,8 +63,10 @@ class Perturbation:
             raise PerturbationError(f"perturbation kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if not self.blur_sigma > 0:
             raise PerturbationError(f"blur_sigma must be > 0, not {self.blur_sigma!r}")
-        if self.layers is not None and not self.layers:
-            raise PerturbationError("layers must name at least one layer (or be None for the model's default)")
+        if self.layers is not None:
+            if not self.layers:
+                raise PerturbationError("layers must name at least one layer (or be None for the model's default)")
+            object.__setattr__(self, "layers", tuple(self.layers))  # a list from JSON: kept hashable
 
 
 class RowPerturbations:

@@ -207,10 +207,11 @@ def test_a_perturbed_row_does_not_depend_on_its_neighbours(denoiser):
 
 
 def test_equal_perturbations_share_one_mask():
-    per = RowPerturbations.from_rows([PAG, None, Perturbation("pag"), SEG_2], "cpu")
+    seg = Perturbation("seg", layers=[0], blur_sigma=2.0)  # layers from JSON, a list: kept hashable
+    per = RowPerturbations.from_rows([PAG, None, Perturbation("pag"), seg, Perturbation("seg", (0,), 2.0)], "cpu")
     assert [(p, m.tolist()) for p, m in per.groups] == [
-        (PAG, [True, False, True, False]),
-        (SEG_2, [False, False, False, True]),
+        (PAG, [True, False, True, False, False]),
+        (seg, [False, False, False, True, True]),
     ]
 
 
