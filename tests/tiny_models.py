@@ -22,14 +22,14 @@ from diffusers import (
 IMAGENET_HEAD = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark, white shark, man-eater"]
 
 
-def tiny_dit(num_classes: int, learned_sigma: bool = True, seed: int = 0) -> DiTTransformer2DModel:
+def tiny_dit(num_classes: int, learned_sigma: bool = True, seed: int = 0, num_layers: int = 2) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
     dit = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
         out_channels=8 if learned_sigma else 4,
-        num_layers=2,
+        num_layers=num_layers,
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=num_classes,
@@ -73,7 +73,7 @@ def imagenet_like_names(count: int) -> dict[int, str]:
     return {i: IMAGENET_HEAD[i] if i < len(IMAGENET_HEAD) else f"class {i}, synonym {i}" for i in range(count)}
 
 
-def tiny_unet(num_class_embeds: int | None, seed: int = 2, channels: int = 3) -> UNet2DModel:
+def tiny_unet(num_class_embeds: int | None, seed: int = 2, channels: int = 3, attention: bool = True) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
@@ -85,6 +85,7 @@ def tiny_unet(num_class_embeds: int | None, seed: int = 2, channels: int = 3) ->
         up_block_types=("UpBlock2D",) * 2,
         num_class_embeds=num_class_embeds,
         norm_num_groups=4,
+        add_attention=attention,  # the mid block's self-attention
     )
 
 

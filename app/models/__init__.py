@@ -1,5 +1,14 @@
-"""Checkpoint loading: verify, build, move to device; and importing diffusers folders into the model store."""
+"""Checkpoint loading: verify, build, move to device; importing diffusers folders into the model store; and the
+attention perturbations a forward's rows may run with (attention.py)."""
 
+from app.models.attention import (
+    Perturbation,
+    PerturbationError,
+    PerturbationSupport,
+    RowPerturbations,
+    check_perturbation,
+    perturbation_support,
+)
 from app.models.checkpoint import (
     CheckpointError,
     LoadedModel,
@@ -24,13 +33,19 @@ __all__ = [
     "ImageDecoder",
     "LoadedModel",
     "Manifest",
+    "Perturbation",
+    "PerturbationError",
+    "PerturbationSupport",
+    "RowPerturbations",
     "UNetDenoiser",
     "build_unet",
+    "check_perturbation",
     "class_lookup",
     "decode_latents",
     "image_decoder",
     "load_checkpoint",
     "model_denoiser",
+    "perturbation_support",
     "read_manifest",
     "resolve_label",
     "save_checkpoint",

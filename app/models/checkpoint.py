@@ -122,6 +122,11 @@ class LoadedModel:
     transformer: DiTTransformer2DModel | None = None
     vae: AutoencoderKL | None = None
 
+    @property
+    def network(self) -> UNet2DModel | DiTTransformer2DModel:
+        """The denoiser's network: the one app.models.attention perturbs (perturbation_support)."""
+        return self.transformer if self.manifest.kind == "dit" else self.unet
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -297,6 +302,10 @@ class UNetDenoiser(HookedDenoiser):
         self.unet = unet
         self.eps_channels = eps_channels
         self.label_embedders = [unet.class_embedding]
+
+    @property
+    def network(self) -> UNet2DModel:
+        return self.unet
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         out = self.unet(x, timesteps, class_labels=class_labels).sample

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 
+from app.models.attention import PerturbationSites, RowPerturbations, perturbation_hooks, perturbation_sites
+
 
 class HookedDenoiser:
-    """(x, timesteps, class_labels[, embed_delta]) -> eps for a model whose class-embedding modules are
-    `label_embedders`: embed_delta (rows, D) is added to their outputs (CADS) by forward hooks held only for
-    that call. A hook is on the module, seen by every thread: it adds the delta only in the thread that holds
-    the forward, so a class embedding read elsewhere meanwhile (a request being built in the event loop) is the
-    model's own. Subclasses set label_embedders and implement _forward."""
+    """(x, timesteps, class_labels[, embed_delta], *, perturb=None) -> eps for a model whose class-embedding
+    modules are `label_embedders` and whose network is `network`.
+
+    embed_delta (rows, D) is added to the label embedders' outputs (CADS); perturb gives its rows perturbed
+    self-attention or skipped blocks (app/models/attention.py). Both work by forward hooks held only for that
+    call. A hook is on the module, seen by every thread: it acts only in the thread that holds the forward, so
+    a class embedding read elsewhere meanwhile (a request being built in the event loop), or another thread's
+    forward, is the model's own. Subclasses set label_embedders and network, and implement _forward."""
 
     label_embedders: list[torch.nn.Module]
+    network: torch.nn.Module
 
     @torch.inference_mode()
     def __call__(
@@ -23,20 +30,31 @@ class HookedDenoiser:
         timesteps: torch.Tensor,
         class_labels: torch.Tensor,
         embed_delta: torch.Tensor | None = None,
+        *,
+        perturb: RowPerturbations | None = None,
     ) -> torch.Tensor:
-        if embed_delta is None:
+        if embed_delta is None and perturb is None:
             return self._forward(x, timesteps, class_labels)
+        if perturb is not None and perturb.rows != x.shape[0]:
+            raise ValueError(f"perturb covers {perturb.rows} rows, and the forward has {x.shape[0]}")
         owner = threading.get_ident()
 
         def add_delta(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
             return out + embed_delta.to(out.dtype) if threading.get_ident() == owner else out
 
-        hooks = [e.register_forward_hook(add_delta) for e in self.label_embedders]
+        hooks = [] if perturb is None else perturbation_hooks(self.perturbation_sites, perturb, owner)
+        if embed_delta is not None:
+            hooks += [e.register_forward_hook(add_delta) for e in self.label_embedders]
         try:
             return self._forward(x, timesteps, class_labels)
         finally:
             for hook in hooks:
                 hook.remove()
+
+    @functools.cached_property
+    def perturbation_sites(self) -> PerturbationSites:
+        """The network's perturbable layers, found at the first perturbed forward."""
+        return perturbation_sites(self.network)
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,12 +4,14 @@ over a few padded row buckets.
 fast_denoiser() wraps a Denoiser callable, (x, timesteps, class_labels[, embed_delta]) -> eps, and returns
 one with the same signature, so the sampler, the engine and the latents never see the difference:
 
-  precision      bf16 or fp16: the forward runs under torch.autocast and its output is cast back to fp32.
+  precision      bf16 or fp16: the forward runs under torch.autocast and its output is cast back to fp32
+                 (perturbed forwards too: the hooks select rows in the autocast dtype).
                  Latents and every scheduler and guidance operation stay fp32.
                  int8 (CPU, UNet): the convolutions and linear layers quantized to int8, calibrated on the
                  model's own sampling at the first forward (app/models/quantize.py); implies compile, whose
                  freezing lowers them to oneDNN's int8 kernels. Buckets run 2..INT8_MAX_ROWS rows (one row is
-                 padded to two), bigger forwards in chunks of INT8_MAX_ROWS.
+                 padded to two), bigger forwards in chunks of INT8_MAX_ROWS. A forward with
+                 perturb (attention guidance, app/models/attention.py) is refused: PerturbationError.
   channels_last  the input is made NHWC before the forward (convert the network's weights with
                  to_channels_last(); the wrapper holds no module of its own).
   compile        torch.compile with inductor's freezing (weights folded as constants, oneDNN's weights
@@ -17,13 +19,14 @@ one with the same signature, so the sampler, the engine and the latents never se
                  from tick to tick, so rows are padded up to the next bucket (1, 2, 4, ... max_rows) and the
                  output sliced: at most log2(max_rows) + 2 graphs are compiled, all during the engine's
                  warmup, which calls every row count 1..max_rows before the service is ready.
-                 A call with embed_delta (CADS) runs the eager forward: its hook would change the graph.
+                 A call with embed_delta (CADS) or perturb (app/models/attention.py) runs the eager forward:
+                 their hooks would change the graph.
   cuda_graphs    (CUDA) the forward, compiled or not, captured as a CUDA graph per row bucket (the same buckets)
                  at the first call of each (the warmup's) and replayed: inputs copied into the graph's own,
                  padding rows repeating the last, the output cloned out. A small model's eager forward is bound
                  by kernel launches (~5-10 ms on an H200 at 2 to 128 rows), its replay is not (docs/benchmarks.md).
                  The graphs share one memory pool: replays never overlap and each output is cloned at once.
-                 Rows beyond the last bucket, and CADS's embed_delta, run uncaptured.
+                 Rows beyond the last bucket, CADS's embed_delta and perturb run uncaptured.
 
 All of a model's compute runs in the engine's one worker thread, compiling included.
 """
@@ -37,6 +40,7 @@ from typing import Any, Literal
 import torch
 import torch._inductor.config
 
+from app.models.attention import INT8_REASON, PerturbationError, RowPerturbations
 from app.models.precision import (
     INT8_DOT_FLAGS,
     INT8_MAX_ROWS,
@@ -145,15 +149,18 @@ class FastDenoiser:
         i = bisect.bisect_left(self.buckets, rows)
         return self.buckets[i] if i < len(self.buckets) else rows
 
-    def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra, **perturb
+    ) -> torch.Tensor:
+        """perturb: empty, or {"perturb": RowPerturbations} for an eager perturbed forward."""
         if self._int8 is not None and not extra:
             return self._int8(x, timesteps, class_labels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision in ("fp32", "int8"):  # int8 with embed_delta (CADS): the fp32 eager forward
-            return self.denoiser(x, timesteps, class_labels, *extra)
+            return self.denoiser(x, timesteps, class_labels, *extra, **perturb)
         with torch.autocast(self._device_type, dtype=DTYPES[self.precision]):
-            eps = self.denoiser(x, timesteps, class_labels, *extra)
+            eps = self.denoiser(x, timesteps, class_labels, *extra, **perturb)
         return eps.float()
 
     def _run(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -178,8 +185,15 @@ class FastDenoiser:
 
     @torch.inference_mode()
     def __call__(
-        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        *extra: torch.Tensor,
+        perturb: RowPerturbations | None = None,
     ) -> torch.Tensor:
+        if perturb is not None:
+            return self._perturbed(x, timesteps, class_labels, *extra, perturb=perturb)
         if self.cuda_graphs and not extra and x.shape[0] <= self.buckets[-1]:
             return self._replay((x, timesteps, class_labels))
         if self._compiled is None or extra:
@@ -197,6 +211,17 @@ class FastDenoiser:
             return torch.cat(parts)
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
         return self._run(*padded)[:rows].contiguous()
+
+    def _perturbed(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra, perturb: RowPerturbations
+    ) -> torch.Tensor:
+        """A forward with perturbed rows (app/models/attention.py) runs eager, as CADS's does: its hooks would
+        change a compiled graph (dynamo does not guard on hooks: one traced with them would keep them) and are
+        not in a captured one. int8 is refused: the quantized graph is not the modules the hooks are on, and an
+        fp32 forward instead would change the other rows' precision, so their images, with their batch."""
+        if self.precision == "int8":
+            raise PerturbationError(INT8_REASON)
+        return self._forward(x, timesteps, class_labels, *extra, perturb=perturb).contiguous()
 
 
 class CapturedForward:

@@ -46,6 +46,10 @@ class DiTDenoiser(HookedDenoiser):
             torch.equal(first, e.embedding_table.weight) for e in self.label_embedders[1:]
         )
 
+    @property
+    def network(self) -> DiTTransformer2DModel:
+        return self.transformer
+
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         dtype = self.transformer.dtype
         out = self.transformer(x.to(dtype), timestep=timesteps, class_labels=class_labels).sample

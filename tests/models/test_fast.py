@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from app.models import unet_denoiser
+from app.models.attention import Perturbation, PerturbationError, RowPerturbations
 from app.models.fast import FastDenoiser, PrecisionError, fast_denoiser, pad_rows, resolve_precision, row_buckets
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
 
@@ -175,3 +176,35 @@ def test_compiled_forward_reuses_its_buckets_and_matches_eager(loaded, denoiser)
         eps = fast(x, t, labels)
         assert eps.shape == x.shape and torch.allclose(eps, denoiser(x, t, labels), atol=1e-4), rows
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+# ---- perturbed forwards (app/models/attention.py) -------------------------------------------------------------
+
+
+def test_int8_refuses_a_perturbed_forward(loaded, denoiser):
+    """The int8 forward is a quantized graph the perturbation's hooks never reach; running the batch in fp32
+    instead would change its other rows' images. Refused before any quantization or calibration."""
+    fast = FastDenoiser(denoiser, CPU, "int8", calibrate=lambda: pytest.fail("a refused forward calibrates nothing"))
+    x, t, labels = random_batch(loaded, 2)
+    with pytest.raises(PerturbationError, match="precision int8 runs a quantized graph"):
+        fast(x, t, labels, perturb=RowPerturbations.from_rows([Perturbation("pag"), None], CPU))
+    assert fast._int8 is None
+
+
+@pytest.mark.slow
+def test_a_perturbed_forward_runs_eager_and_leaves_the_compiled_graph_as_it_was(loaded, denoiser):
+    """A compiled graph would not see hooks registered after it was traced (dynamo does not guard on them), so
+    a perturbed forward runs eager; the compiled forward before and after it is the same graph, unchanged.
+    About 30 s on 2 CPU cores with an empty inductor cache."""
+    from torch._dynamo.utils import counters
+
+    fast = fast_denoiser(denoiser, CPU, "fp32", compile=True, max_rows=2)
+    x, t, labels = random_batch(loaded, 2)
+    before = fast(x, t, labels)
+    graphs = counters["stats"]["unique_graphs"]
+    perturb = RowPerturbations.from_rows([Perturbation("pag"), Perturbation("seg", blur_sigma=1.0)], CPU)
+    got = fast(x, t, labels, perturb=perturb)
+    assert torch.equal(got, denoiser(x, t, labels, perturb=perturb))
+    assert (got - before).abs().max() > 0.01
+    assert torch.equal(fast(x, t, labels), before)
+    assert counters["stats"]["unique_graphs"] == graphs
