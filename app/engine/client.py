@@ -90,8 +90,8 @@ class InProcessClient:
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:  # its reader, if any, holds the queue: it reads this next
+        queue = self._streams.get(request_id)
+        if queue is not None:  # its reader reads this next and stops (the engine's own answer comes after it)
             queue.put_nowait(Failed(request_id, "cancelled", "the request was cancelled"))
 
     def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
