@@ -125,8 +125,9 @@ class InProcessClient:
             pass
 
     def _deliver(self, outputs: EngineOutputs) -> None:
-        if outputs.stats is not None and self._on_stats is not None:
-            self._on_stats(outputs.stats)
+        if self._on_stats is not None:
+            for stats in outputs.stats:
+                self._on_stats(stats)
         for output in outputs.outputs:
             queue = self._streams.get(output.request_id)
             if queue is not None:

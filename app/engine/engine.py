@@ -10,7 +10,8 @@ aborts arrive as messages, in order; each tick, in the compute thread, it:
   3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows,
      per-row timesteps);
   4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
-  5. sends the tick's outputs (progress, results, errors) and stats to the client in one message.
+  5. sends the tick's outputs (progress, results, errors) and stats to the client in one message (stats alone
+     at most every STATS_EVERY_S).
 A request therefore joins at the next tick and never waits for the current batch to finish. The compute thread
 runs the next tick at once while there is work (app/engine/compute.py): no round trip through the event loop.
 
@@ -52,6 +53,8 @@ from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, Samp
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sink = Callable[[EngineOutputs], None]
+# A tick without outputs (no request finished, none asked for progress) sends its stats at most this often.
+STATS_EVERY_S = 0.1
 
 
 class EngineClosedError(RuntimeError):
@@ -96,6 +99,8 @@ class Engine:
         self._taken = 0
         self._finals = 0
         self._queue_changed = False
+        self._stats: list[EngineStats] = []  # of the ticks since the last message to the client
+        self._sent_at = 0.0
         self._started = False
         self._stopped = False
         self._accepting = False
@@ -262,8 +267,12 @@ class Engine:
             self._error = exc
             log.exception("engine %s failed", self.name)
             self._end_all("engine", f"engine failure: {exc}", outputs)
-        if outputs or stats is not None:
-            self._sink(EngineOutputs(tuple(outputs), stats))
+        if stats is not None:
+            self._stats.append(stats)
+        now = time.monotonic()
+        if outputs or (self._stats and now - self._sent_at >= STATS_EVERY_S):
+            self._sink(EngineOutputs(tuple(outputs), tuple(self._stats)))
+            self._stats, self._sent_at = [], now
 
     def _take_messages(self, outputs: list[RequestOutput]) -> None:
         while self._messages:

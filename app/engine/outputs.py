@@ -74,10 +74,11 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineOutputs:
-    """One tick's outputs, sent to the client at once: its requests' outputs, and its stats if it ran a forward."""
+    """One message to the client: a tick's outputs, and the stats of the ticks since the last message (sent with
+    every output, else at least every STATS_EVERY_S: a tick without outputs wakes the event loop no more often)."""
 
     outputs: tuple[RequestOutput, ...]
-    stats: EngineStats | None = None
+    stats: tuple[EngineStats, ...] = ()
 
 
 @dataclass(frozen=True)
