@@ -260,6 +260,9 @@ class Engine:
                 admitted = self._scheduler.admit()
                 self._queue_changed |= bool(admitted)
                 outputs += [self._progress(r) for r in admitted if r.progress]
+                if outputs:  # admissions and ends show at once, not after the forward (a job is running from here)
+                    self._sink(EngineOutputs(tuple(outputs), ()))
+                    outputs = []
                 if self._scheduler.active:
                     stats = self._step(outputs, admitted)
                 self._send_positions(outputs)
