@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,18 @@ import torch
 from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimit
+from app.api.convert import guidance_body
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.job_store import JobStore
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
-from app.api.routes import build_router, guidance_body
+from app.api.routes import build_router
 from app.api.schemas import SAMPLER_NAMES, Limits
 from app.api.service import ServedModel, Service
 from app.config import Settings
-from app.engine import Engine, EngineStats, Job, SharedCompute
+from app.engine import Engine, EngineStats, InProcessClient, SharedCompute
 from app.engine.calibrate import model_calibrator
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
 from app.metrics import Metrics, create_metrics
@@ -54,26 +56,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _engine_hooks(metrics: Metrics, model: str):
+def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
+    """Records one model's metrics from each tick's stats."""
     step_duration, batch_rows = metrics.step_duration.labels(model=model), metrics.batch_rows.labels(model=model)
     cond_rows = metrics.forward_rows.labels(kind="conditional", model=model)
     uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
 
-    def on_step(stats: EngineStats) -> None:
-        step_duration.observe(stats.step_seconds)
+    def on_stats(stats: EngineStats) -> None:
+        step_duration.observe(stats.tick_seconds)
         batch_rows.observe(stats.rows)
         cond_rows.inc(stats.cond_rows)
         uncond_rows.inc(stats.uncond_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
             images.inc(stats.images_finished)
+        for seconds in stats.queue_waits:
+            queue_wait.observe(seconds)
 
-    def on_admit(job: Job) -> None:
-        queue_wait.observe(job.started_at - job.enqueued_at)
-
-    return on_step, on_admit
+    return on_stats
 
 
 def model_info(
@@ -136,9 +138,7 @@ async def serve_model(
     """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
     app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
     precision = resolve_precision(settings.precision, device)  # before loading: fp16 on the CPU fails here
-    loaded, model = await asyncio.get_running_loop().run_in_executor(
-        compute.executor, load_for_serving, path, device, settings.channels_last
-    )
+    loaded, model = await compute.call(load_for_serving, path, device, settings.channels_last)
     m = loaded.manifest
     channels_last = settings.channels_last and loaded.unet is not None
     # autocast, channels_last inputs and torch.compile over row buckets (app/models/fast.py); the warmup
@@ -155,7 +155,6 @@ async def serve_model(
         calibrate=calibrate,
         cuda_graphs=captures_cuda_graphs(settings, loaded),
     )
-    on_step, on_admit = _engine_hooks(metrics, m.name)
     engine = Engine(
         denoiser,
         scheduler_config=loaded.scheduler_config,
@@ -164,16 +163,15 @@ async def serve_model(
         device=device,
         max_batch_rows=settings.max_batch_rows,
         max_queue=settings.max_queue,
-        on_step=on_step,
-        on_admit=on_admit,
         class_embedding=model.class_embedding,
         compute=compute,
         name=m.name,
         decode=image_decoder(loaded),
     )
+    client = InProcessClient(engine, on_stats=stats_hook(metrics, m.name))
     metrics.add_model(m.name)
-    metrics.in_flight.labels(model=m.name).set_function(lambda: engine.active_jobs)
-    metrics.queue_depth.labels(model=m.name).set_function(lambda: engine.queue_depth)
+    metrics.in_flight.labels(model=m.name).set_function(lambda: client.active_requests)
+    metrics.queue_depth.labels(model=m.name).set_function(lambda: client.queue_depth)
     metrics.model_info.labels(model=m.name).info(
         {
             "device": str(device),
@@ -183,7 +181,7 @@ async def serve_model(
         }
     )
     return ServedModel(
-        name=m.name, engine=engine, info=model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs)
+        name=m.name, client=client, info=model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs)
     )
 
 
@@ -197,8 +195,8 @@ async def start_serving(
         service.phase = "warming up"
         for served in models:
             if settings.warmup:
-                await served.engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
-            await served.engine.start()
+                await served.client.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+            await served.client.start()
     except Exception as exc:  # a cancellation (a drain during the startup) is no failure
         service.fail_startup(exc)
         log.exception("startup failed")

@@ -38,7 +38,7 @@ import uvicorn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.api.routes import Service  # noqa: E402
+from app.api.service import Service  # noqa: E402
 from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import load_checkpoint  # noqa: E402
@@ -184,7 +184,7 @@ class WrkLoad:
         if stop:
             self.proc.send_signal(signal.SIGINT)  # wrk stops and prints its summary
         out = (await self.proc.communicate())[0].decode()
-        engine = self.service.engine
+        engine = self.service.model().client.engine
         while engine.active_jobs or engine.queue_depth:  # requests cut off by wrk's end leave the batch
             await asyncio.sleep(0.1)
         line = next(x for x in out.splitlines() if x.startswith("WRK "))
@@ -214,7 +214,7 @@ async def run(args: argparse.Namespace) -> str:
     url = f"http://127.0.0.1:{args.port}"
     settings = Settings(max_batch_rows=max_rows, max_queue=256)  # CFG_PRECISION and CFG_COMPILE from the environment
     server, serving, service = await serve(settings, args.port)
-    engine = service.engine
+    engine = service.model().client.engine
     try:
         # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
         # and OpenMP team as the service's own forwards.

@@ -159,7 +159,7 @@ async def service_async(args, report: Any) -> list[str]:
     settings = Settings(device=args.device, max_batch_rows=max(32, 2 * top), max_queue=4 * top, max_images=16)
     server, task, service = await serve(settings, args.port)
     url = f"http://127.0.0.1:{args.port}"
-    engine = service.engine
+    engine = service.model().client.engine
     if args.stand_in:
         # A forward that costs next to nothing (eps = 0), in the service and the raw loop alike: what is left
         # is the per-request cost of everything else, HTTP and sampler included (a stand-in, by design).

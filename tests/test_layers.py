@@ -67,3 +67,52 @@ def test_no_two_modules_import_each_other():
 
 def test_the_service_never_imports_the_research_tools():
     assert not [(m, t) for m, targets in imports("app").items() for t in targets if t.startswith("research")]
+
+
+def names_used(path: Path) -> set[str]:
+    """Every name a module uses: imported names, bare names and attribute names."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            found.update(alias.name.split(".")[-1] for alias in node.names)
+        elif isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+    return found
+
+
+def engine_imports(path: Path) -> set[str]:
+    """What a module imports from app.engine: 'module:name' for each name it takes from it."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("app.engine"):
+            found.update(f"{node.module}:{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(f"{a.name}:" for a in node.names if a.name.startswith("app.engine"))
+    return found
+
+
+def test_only_the_engine_touches_a_sample_run():
+    """A request's live sampler state stays in the engine's thread: no module outside app/engine/ (and
+    app/sampling/, which defines it) names SampleRun; the research tools are outside the service."""
+    inside = ("app/engine/", "app/sampling/")
+    touching = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "app").rglob("*.py"))
+        if not str(path.relative_to(REPO)).startswith(inside) and "SampleRun" in names_used(path)
+    ]
+    assert not touching
+
+
+def test_the_api_talks_to_the_engine_only_through_its_client_and_outputs():
+    """app/api/ imports from app.engine only the package's interface: the client protocol, the plain outputs and
+    the errors; never the Engine, its scheduler or its compute thread (app.main builds those)."""
+    allowed = {"EngineClient", "EngineClosedError", "Progress", "Finished", "Failed", "TraceRow", "CurvePoint"}
+    reaching = [
+        f"{path.relative_to(REPO)} -> {imported}"
+        for path in sorted((REPO / "app" / "api").rglob("*.py"))
+        for imported in engine_imports(path)
+        if imported.split(":")[0] != "app.engine" or imported.split(":")[1] not in allowed
+    ]
+    assert not reaching

@@ -124,3 +124,20 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.url.path in COUNTED_PATHS:
             count_invalid(request)
         return error_response(request.url.path, exc.status, exc.message, exc.code)
+
+
+class ApiError(Exception):
+    """A request that ends without images; the outcome is already recorded."""
+
+    def __init__(self, status: int, message: str, outcome: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.outcome, self.headers = status, message, outcome, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"detail": self.message, "outcome": self.outcome}, status_code=self.status, headers=self.headers
+        )
+
+    def event(self) -> dict[str, Any]:
+        """The body of a stream's `error` event, and of a failed job's `error`."""
+        return {"status": self.status, "detail": self.message, "outcome": self.outcome}

@@ -1,13 +1,14 @@
-"""The asynchronous jobs' records, in memory and bounded.
+"""The asynchronous jobs, in memory and bounded.
 
-At most `max_jobs` records are kept. A finished job stays for `ttl_s` after it finished; when a new
+At most `max_jobs` jobs are kept. A finished job stays for `ttl_s` after it finished; when a new
 job needs room, the job that finished first goes first. Unfinished jobs are never dropped: when every
-record is unfinished the store is full and a new job is refused. So memory is bounded by max_jobs
-records, each holding at most one result. A restart loses them all.
+job is unfinished the store is full and a new job is refused. So memory is bounded by max_jobs
+jobs, each holding at most one result. A restart loses them all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import OrderedDict
@@ -15,30 +16,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.engine import Job
-from app.sampling import SampleSpec
+from app.engine import Progress, TraceRow
+from app.sampling import Preview, SampleSpec
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 @dataclass(eq=False)
-class JobRecord:
-    """One job: the engine's Job while it runs, then its result (the /generate body) or its error."""
+class Job:
+    """One /v1/jobs job: its engine request's progress while it runs (from the request's stream), then its result
+    (the /generate body) or its error."""
 
     id: str
     spec: SampleSpec
-    job: Job
+    model: str
+    request_id: str  # the engine's request
     body: dict[str, Any]  # the validated request, for Idempotency-Key replays
     arrived: float  # time.monotonic() at submit
     created_at: float  # time.time() at submit
     idempotency_key: str | None = None
+    queue_position: int | None = None  # while queued: 1 for the next to be admitted
+    queue_wait_s: float | None = None  # once admitted: how long it waited
+    step: int = 0  # steps taken; once finished, the step it had then
+    trace: list[TraceRow] = field(default_factory=list, repr=False)  # with return_trace: the rows so far
+    preview: Preview | None = field(default=None, repr=False)  # the newest preview
     outcome: Status | None = None  # set once finished
     finished_at: float | None = None  # time.time()
     finished_mono: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    final_step: int | None = None  # the step reached when it finished
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _changed: asyncio.Future | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -48,24 +56,34 @@ class JobRecord:
     def status(self) -> Status:
         if self.outcome is not None:
             return self.outcome
-        return "queued" if self.job.queued else "running"
-
-    @property
-    def step(self) -> int:
-        """Steps taken: the engine's count while the job runs; once it has finished, the count it had then. A
-        cancelled job's rows leave the batch at the next tick, and a tick already under way when it was
-        cancelled still steps it: that step is not the job's."""
-        if self.final_step is not None:
-            return self.final_step
-        step, steps = self.job.progress
-        return min(step, steps)
+        return "queued" if self.queue_wait_s is None else "running"
 
     @property
     def started_at(self) -> float | None:
-        """Wall-clock time of admission into the batch, from the engine's monotonic stamps."""
-        if self.job.started_at is None:
-            return None
-        return self.created_at + (self.job.started_at - self.job.enqueued_at)
+        """Wall-clock time of admission into the batch."""
+        return None if self.queue_wait_s is None else self.created_at + self.queue_wait_s
+
+    def update(self, progress: Progress) -> None:
+        """The engine's progress. Ignored once finished: a cancelled job keeps the step DELETE answered with (a
+        tick under way when it was cancelled still stepped it; that step is not the job's)."""
+        if self.finished:
+            return
+        self.step = min(progress.step, progress.steps)
+        self.queue_position, self.queue_wait_s = progress.queue_position, progress.queue_wait_s
+        self.trace.extend(progress.trace)
+        if progress.preview is not None:
+            self.preview = progress.preview
+        self._notify_change()
+
+    def changed(self) -> asyncio.Future:
+        """A future resolved at the job's next update or when it finishes (an event stream's wake-up)."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def _notify_change(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     def on_finish(self, notify: Callable[[], None]) -> None:
         """Call notify once the job finishes (at once if it has)."""
@@ -77,12 +95,12 @@ class JobRecord:
     def finish(self, outcome: Status, *, result: dict | None = None, error: dict | None = None) -> None:
         if self.finished:
             return
-        self.final_step = self.step
         self.outcome, self.result, self.error = outcome, result, error
         self.finished_at, self.finished_mono = time.time(), time.monotonic()
         watchers, self._watchers = self._watchers, []
         for notify in watchers:
             notify()
+        self._notify_change()
 
 
 class StoreFullError(RuntimeError):
@@ -94,7 +112,7 @@ class JobStore:
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self._clock = clock
-        self._jobs: dict[str, JobRecord] = {}
+        self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # finished ids, first finished first
         self._by_key: dict[str, str] = {}
 
@@ -109,11 +127,11 @@ class JobStore:
     def new_id() -> str:
         return secrets.token_hex(16)
 
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str) -> Job | None:
         self.expire()
         return self._jobs.get(job_id)
 
-    def by_key(self, key: str) -> JobRecord | None:
+    def by_key(self, key: str) -> Job | None:
         self.expire()
         job_id = self._by_key.get(key)
         return None if job_id is None else self._jobs.get(job_id)
@@ -126,12 +144,12 @@ class JobStore:
         if len(self._jobs) >= self.max_jobs:
             raise StoreFullError(f"{self.unfinished} unfinished jobs: the store holds at most {self.max_jobs}")
 
-    def add(self, record: JobRecord) -> None:
+    def add(self, job: Job) -> None:
         self.reserve()
-        self._jobs[record.id] = record
-        if record.idempotency_key is not None:
-            self._by_key[record.idempotency_key] = record.id
-        record.on_finish(lambda: self._finished.__setitem__(record.id, None))
+        self._jobs[job.id] = job
+        if job.idempotency_key is not None:
+            self._by_key[job.idempotency_key] = job.id
+        job.on_finish(lambda: self._finished.__setitem__(job.id, None))
 
     def expire(self) -> None:
         """Drop the jobs that finished more than ttl_s ago."""
@@ -143,7 +161,7 @@ class JobStore:
             self._drop(oldest.id)
 
     def _drop(self, job_id: str) -> None:
-        record = self._jobs.pop(job_id)
+        job = self._jobs.pop(job_id)
         self._finished.pop(job_id, None)
-        if record.idempotency_key is not None and self._by_key.get(record.idempotency_key) == job_id:
-            del self._by_key[record.idempotency_key]
+        if job.idempotency_key is not None and self._by_key.get(job.idempotency_key) == job_id:
+            del self._by_key[job.idempotency_key]

@@ -2,7 +2,7 @@
 
 POST /v1/jobs takes the /generate body and answers 202 with the job at once; the engine runs it as it
 runs /generate's. A task per job waits for the engine and stores the result (the /generate JSON) or
-the error in the job's record (app/api/job_store.py), where GET /v1/jobs/{id} finds it until it expires.
+the error in the job (app/api/job_store.py), where GET /v1/jobs/{id} finds it until it expires.
 """
 
 import asyncio
@@ -13,8 +13,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.errors import bounded_text
-from app.api.job_store import JobRecord, StoreFullError
+from app.api.convert import to_spec
+from app.api.encoding import preview_body, progress_body, result_body
+from app.api.errors import ApiError, bounded_text
+from app.api.job_store import Job, StoreFullError
 from app.api.media import EVENT_STREAM, JSON, json_body, produces
 from app.api.responses import (
     ErrorDetail,
@@ -26,21 +28,11 @@ from app.api.responses import (
     json_errors,
     refusals,
 )
-from app.api.routes import (
-    STREAM_HEADERS,
-    ApiError,
-    Service,
-    ServiceDep,
-    failure,
-    preview_body,
-    progress_events,
-    refusal,
-    result_body,
-    sse,
-    to_spec,
-)
 from app.api.schemas import Limits, build_generate_request
-from app.engine import EngineClosedError
+from app.api.service import Service, ServiceDep
+from app.api.sse import KEEPALIVE, KEEPALIVE_S, STREAM_HEADERS, sse
+from app.api.waiting import failure, refusal
+from app.engine import EngineClosedError, Finished, Progress
 
 IdempotencyKey = Annotated[
     str | None,
@@ -51,56 +43,88 @@ IdempotencyKey = Annotated[
 CANCELLED = ApiError(499, "the job was cancelled", "cancelled")
 
 
-def job_body(service: Service, record: JobRecord) -> dict[str, Any]:
-    job = record.job
-    preview = job.run.preview
+def job_body(job: Job) -> dict[str, Any]:
     return {
-        "id": record.id,
-        "status": record.status,
-        "step": record.step,
-        "steps": record.spec.steps,
-        "queue_position": None if record.finished else service.model(job.model).engine.queue_position(job),
-        "created_at": record.created_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "preview": None if preview is None or record.finished else preview_body(preview),
-        "result": record.result,
-        "error": record.error,
+        "id": job.id,
+        "status": job.status,
+        "step": job.step,
+        "steps": job.spec.steps,
+        "queue_position": None if job.finished else job.queue_position,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "preview": None if job.preview is None or job.finished else preview_body(job.preview),
+        "result": job.result,
+        "error": job.error,
     }
 
 
-async def follow(service: Service, record: JobRecord) -> None:
-    """Wait for the engine's job; store its result, or why it has none."""
-    future = record.job.future
-    await asyncio.wait({future})
-    if future.cancelled():
-        record.finish("cancelled", error=CANCELLED.event())
-    elif future.exception() is not None:
-        record.finish("failed", error=failure(future.exception()).event())  # type: ignore[arg-type]
-    else:
-        result = result_body(service, record.job.model, record.spec, future.result(), record.arrived)
-        record.finish("succeeded", result=result)
-    service.metrics.jobs.labels(outcome=record.outcome, model=record.job.model).inc()
+async def follow(service: Service, job: Job) -> None:
+    """Read the job's engine request to its end: its progress into the job, then its result, or why it has none."""
+    client = service.model(job.model).client
+    async for output in client.stream(job.request_id):
+        if isinstance(output, Progress):
+            job.update(output)
+        elif isinstance(output, Finished):
+            job.finish("succeeded", result=result_body(service, job.model, job.spec, output, job.arrived))
+        elif output.kind == "cancelled":
+            job.finish("cancelled", error=CANCELLED.event())
+        else:
+            job.finish("failed", error=failure(output, service.retry_after_s).event())
+    service.metrics.jobs.labels(outcome=job.outcome, model=job.model).inc()
 
 
 def not_found(job_id: str) -> JSONResponse:
     return JSONResponse({"detail": f"no job {bounded_text(job_id)!r}: unknown, or expired"}, status_code=404)
 
 
-def final_event(record: JobRecord) -> str:
-    if record.result is not None:
-        return sse("result", record.result)
-    return sse("error", record.error or {})
+def final_event(job: Job) -> str:
+    if job.result is not None:
+        return sse("result", job.result)
+    return sse("error", job.error or {})
 
 
-async def job_events(service: Service, record: JobRecord) -> AsyncIterator[str]:
+class ProgressCursor:
+    """What one event stream has sent of a job: the next event carries only what is new."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, int | None] | None = None
+        self.traced = 0
+        self.previewed: int | None = None
+
+    def event(self, job: Job) -> str | None:
+        """A `progress` event if the job's step or place in the queue changed since the last; else None."""
+        if (job.step, job.queue_position) == self.last:
+            return None
+        self.last = (job.step, job.queue_position)
+        trace = None
+        if job.spec.return_trace:
+            trace, self.traced = job.trace[self.traced :], len(job.trace)
+        preview = job.preview
+        if preview is not None and preview.step != self.previewed:
+            self.previewed = preview.step
+        else:
+            preview = None
+        body = progress_body(job.step, job.spec.steps, job.queue_position, job.status == "queued", trace, preview)
+        return sse("progress", body)
+
+
+async def job_events(job: Job) -> AsyncIterator[str]:
     """`progress` events while the job runs, then one `result` or `error` (outcome `cancelled` if cancelled)."""
-    if not record.finished:
-        done = asyncio.get_running_loop().create_future()
-        record.on_finish(lambda: done.done() or done.set_result(None))
-        async for event in progress_events(service.model(record.job.model).engine, record.job, done):
-            yield event
-    yield final_event(record)
+    if not job.finished:
+        cursor = ProgressCursor()
+        sent = time.monotonic()
+        while not job.finished:
+            if (event := cursor.event(job)) is not None:
+                yield event
+                sent = time.monotonic()
+            elif time.monotonic() - sent >= KEEPALIVE_S:
+                yield KEEPALIVE
+                sent = time.monotonic()
+            await asyncio.wait({job.changed()}, timeout=KEEPALIVE_S)
+        if job.outcome == "succeeded" and (event := cursor.event(job)) is not None:
+            yield event  # its last step, read with its result
+    yield final_event(job)
 
 
 # POST /v1/jobs's links: the job's id reaches the routes that take it (clients and the fuzz test follow them).
@@ -152,36 +176,40 @@ def build_jobs_router(limits: Limits) -> APIRouter:
                 msg = "Idempotency-Key was already used with a different body: use a new key for a new request"
                 error = {"loc": ["header", "Idempotency-Key"], "msg": msg, "type": "idempotency_key_reused"}
                 return JSONResponse({"detail": [error]}, status_code=422)
-            return created(service, known, replayed=True)
+            return created(known, replayed=True)
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return refused.response()
+        client = service.model(body.model).client
+        spec = to_spec(body)
         try:
             service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
-            job = service.model(body.model).engine.submit(to_spec(body), limit_queue=False)
+            request_id = client.add(spec, progress=True, limit_queue=False)
         except (StoreFullError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
-        record = JobRecord(
+        job = Job(
             id=service.jobs.new_id(),
-            spec=job.spec,
-            job=job,
+            spec=spec,
+            model=client.name,
+            request_id=request_id,
             body=request_body,
             arrived=arrived,
             created_at=time.time(),
             idempotency_key=idempotency_key,
+            queue_position=client.queue_depth,  # its place once the engine takes it, unless it is admitted at once
         )
-        service.jobs.add(record)
-        service.job_tasks.add(task := asyncio.create_task(follow(service, record), name=f"job-{record.id}"))
+        service.jobs.add(job)
+        service.job_tasks.add(task := asyncio.create_task(follow(service, job), name=f"job-{job.id}"))
         task.add_done_callback(service.job_tasks.discard)
-        return created(service, record)
+        return created(job)
 
-    def created(service: Service, record: JobRecord, replayed: bool = False) -> JSONResponse:
-        headers = {"Location": f"/v1/jobs/{record.id}"}
+    def created(job: Job, replayed: bool = False) -> JSONResponse:
+        headers = {"Location": f"/v1/jobs/{job.id}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(job_body(service, record), status_code=202, headers=headers)
+        return JSONResponse(job_body(job), status_code=202, headers=headers)
 
     @router.get(
         "/{job_id}",
@@ -191,8 +219,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="A job's status, progress, and its result once it has succeeded",
     )
     async def get_job(job_id: str, service: ServiceDep) -> Response:
-        record = service.jobs.get(job_id)
-        return not_found(job_id) if record is None else JSONResponse(job_body(service, record))
+        job = service.jobs.get(job_id)
+        return not_found(job_id) if job is None else JSONResponse(job_body(job))
 
     @router.get(
         "/{job_id}/events",
@@ -204,10 +232,10 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="Server-sent `progress` events, then one `result` or `error`",
     )
     async def get_job_events(job_id: str, service: ServiceDep) -> Response:
-        record = service.jobs.get(job_id)
-        if record is None:
+        job = service.jobs.get(job_id)
+        if job is None:
             return not_found(job_id)
-        return StreamingResponse(job_events(service, record), media_type="text/event-stream", headers=STREAM_HEADERS)
+        return StreamingResponse(job_events(job), media_type="text/event-stream", headers=STREAM_HEADERS)
 
     @router.delete(
         "/{job_id}",
@@ -222,14 +250,14 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="Cancel a job: its rows leave the batch at the next tick",
     )
     async def cancel_job(job_id: str, service: ServiceDep) -> Response:
-        record = service.jobs.get(job_id)
-        if record is None:
+        job = service.jobs.get(job_id)
+        if job is None:
             return not_found(job_id)
-        if record.finished:
-            detail = f"job {job_id} has already finished: {record.status}"
-            return JSONResponse({"detail": detail, "status": record.status}, status_code=409)
-        service.model(record.job.model).engine.cancel(record.job)
-        record.finish("cancelled", error=CANCELLED.event())
-        return JSONResponse(job_body(service, record))
+        if job.finished:
+            detail = f"job {job_id} has already finished: {job.status}"
+            return JSONResponse({"detail": detail, "status": job.status}, status_code=409)
+        job.finish("cancelled", error=CANCELLED.event())
+        service.model(job.model).client.abort(job.request_id)
+        return JSONResponse(job_body(job))
 
     return router

@@ -17,11 +17,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from app.api.errors import openai_error
+from app.api.convert import to_spec
+from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
 from app.api.responses import ImagesResponse, OpenAIError, refusals
-from app.api.routes import ApiError, Service, ServiceDep, await_result, refusal, submit, to_spec
 from app.api.schemas import Limits, build_generate_request
+from app.api.service import Service, ServiceDep
+from app.api.waiting import await_result, refusal, submit
 from app.images import to_png_bytes
 
 # /generate's fields taken as they are. Listed, not derived: a new /generate field (a trace, previews)
@@ -216,7 +218,8 @@ def build_openai_router(limits: Limits) -> APIRouter:
             return openai_error(exc.status, exc.message, exc.param, exc.code)
         spec = to_spec(validated)
         try:
-            result = await await_result(service, submit(service, validated.model, spec, arrived), request, arrived)
+            request_id = submit(service, validated.model, spec, arrived)
+            result = await await_result(service, validated.model, request_id, request, arrived)
         except ApiError as exc:
             return openai_error(exc.status, exc.message, code=exc.outcome, headers=exc.headers)
         name = limits.class_names(validated.model)[spec.class_label]

@@ -1,18 +1,19 @@
 """The browser playground: one static page at `/`, its assets under `/static/`, and the guidance curve it
 draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather than redone in JavaScript."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
+from app.api.convert import to_spec
 from app.api.media import JSON, json_body, produces
 from app.api.responses import ValidationErrorBody, refusals
-from app.api.routes import ServiceDep, refusal, to_spec
 from app.api.schemas import Limits, build_generate_request
-from app.sampling import SampleRun
+from app.api.service import ServiceDep
+from app.api.waiting import refusal
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # The page is small and changes with the app: the browser revalidates (ETag) instead of caching blindly.
@@ -39,17 +40,6 @@ class GuidanceCurve(BaseModel):
     steps: list[CurveStep]
 
 
-def curve_steps(run: SampleRun) -> list[CurveStep]:
-    """Per step of a run: its timestep, sigma, guidance scale s_i and noise level. In the model's thread, as
-    every run is built and read (its timesteps are a tensor on the model's device)."""
-    level = run.spec.guidance.noise_level
-    rows = zip(run.timesteps.tolist(), run.sigmas, run.scales, run.noise_factors, strict=True)
-    return [
-        CurveStep(step=i, timestep=int(t), sigma=sigma, scale=scale, noise_level=level * factor)
-        for i, (t, sigma, scale, factor) in enumerate(rows)
-    ]
-
-
 def build_playground_router(limits: Limits) -> APIRouter:
     router = APIRouter()
     GenerateRequest = build_generate_request(limits)
@@ -73,12 +63,12 @@ def build_playground_router(limits: Limits) -> APIRouter:
         summary="The per-step guidance scale, sigma and noise level a /generate body would use",
     )
     async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve | Response:  # type: ignore[valid-type]
-        # The run is built in the model's thread, from the model's scheduler: refused until it is loaded.
+        # Computed by the engine, in the model's thread, from the model's scheduler: refused until it is loaded.
         if (refused := refusal(service)) is not None:
             return refused.response()
         # Seeds and image count do not change the curve: one image's run is enough.
         spec = replace(to_spec(body), seeds=(0,))
-        engine = service.model(body.model).engine
-        return GuidanceCurve(steps=await engine.run_in_worker(lambda: curve_steps(engine.make_run(spec))))
+        points = await service.model(body.model).client.guidance_curve(spec)
+        return GuidanceCurve(steps=[CurveStep(**asdict(p)) for p in points])
 
     return router

@@ -18,7 +18,7 @@ from fastapi import Depends, Request
 
 from app.api.job_store import JobStore
 from app.api.schemas import Limits
-from app.engine import Engine
+from app.engine import EngineClient
 from app.metrics import Metrics
 
 log = logging.getLogger("uvicorn.error")
@@ -38,11 +38,11 @@ REFUSALS: dict[str, str] = {
 
 @dataclass
 class ServedModel:
-    """One served model: its engine (its own batch, on the compute thread all models share) and its
-    /v1/models entry."""
+    """One served model: the client of its engine (its own batch, on the compute thread all models share) and
+    its /v1/models entry."""
 
     name: str
-    engine: Engine
+    client: EngineClient
     info: dict[str, Any]
 
     @property
@@ -75,13 +75,8 @@ class Service:
         return self.models[name] if name is not None else next(iter(self.models.values()))
 
     @property
-    def engine(self) -> Engine:
-        """The default model's engine."""
-        return self.model().engine
-
-    @property
-    def engines(self) -> list[Engine]:
-        return [m.engine for m in self.models.values()]
+    def clients(self) -> list[EngineClient]:
+        return [m.client for m in self.models.values()]
 
     @property
     def models_info(self) -> dict[str, Any]:
@@ -93,7 +88,7 @@ class Service:
 
     def refusal(self) -> str | None:
         """Why new work is refused now (the detail of a 503), or None once the service is ready. An engine
-        that failed while ready refuses its own requests (Engine.submit)."""
+        that failed while ready refuses its own requests (EngineClient.add)."""
         if self.phase == "ready":
             return None
         if self.phase == "failed":
@@ -104,7 +99,7 @@ class Service:
         """What keeps the process from ever serving: a failed startup, or an engine loop that failed."""
         if self.startup_error is not None:
             return [f"startup: {self.startup_error}"]
-        return [f"{m.name}: {m.engine.error}" for m in self.models.values() if m.engine.error is not None]
+        return [f"{m.name}: {m.client.error}" for m in self.models.values() if m.client.error is not None]
 
     def fail_startup(self, exc: BaseException) -> None:
         self.phase = "failed"
@@ -126,10 +121,10 @@ class Service:
         if self.startup is not None:
             self.startup.cancel()  # nothing if it has finished
             await asyncio.gather(self.startup, return_exceptions=True)  # its error, if any, is logged already
-        held = sum(e.active_jobs + e.queue_depth for e in self.engines)
+        held = sum(c.active_requests + c.queue_depth for c in self.clients)
         log.info("draining: new requests get 503; finishing %d request(s) and job(s), up to %g s",
                  held, self.drain_timeout_s)  # fmt: skip
-        await asyncio.gather(*(e.stop(drain=True, timeout_s=self.drain_timeout_s) for e in self.engines))
+        await asyncio.gather(*(c.shutdown(drain=True, timeout_s=self.drain_timeout_s) for c in self.clients))
         # The drained jobs' results are stored (a client following /v1/jobs/{id}/events gets its result).
         await asyncio.gather(*self.job_tasks)
         log.info("drained")

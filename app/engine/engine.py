@@ -1,29 +1,25 @@
 """Step-level batching (continuous batching, as in vLLM/Orca, at the granularity of sampler steps).
 
-One asyncio task owns the model. Each tick it:
-  1. drops cancelled jobs, so no compute is spent on them;
-  2. admits waiting jobs, in arrival order, while their rows fit under max_batch_rows at every tick to
-     come (below);
-  3. runs ONE forward over the rows of all active jobs (each job's conditional and unconditional
-     rows, per-row timesteps) in a worker thread, so the event loop stays responsive;
-  4. advances each job's own sampler, fails jobs whose latents went non-finite, resolves finished ones.
-A job therefore joins at the next tick and never waits for the current batch to finish.
+The engine lives in the compute thread, as vLLM's engine core lives behind its API server: its client
+(app/engine/client.py) hands requests in and reads plain outputs back, and nothing else crosses. Requests and
+aborts arrive as messages, in order; each tick, in the compute thread, it:
+  1. takes the messages: builds each new request's SampleRun (here, not in the event loop), refuses what cannot
+     be queued, drops aborted requests, so no compute is spent on them;
+  2. admits waiting requests, in arrival order, while their rows fit under max_batch_rows at every tick to come
+     (app/engine/scheduler.py);
+  3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows,
+     per-row timesteps);
+  4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
+  5. sends the tick's outputs (progress, results, errors) and stats to the client in one message (stats alone
+     at most every STATS_EVERY_S).
+A request therefore joins at the next tick and never waits for the current batch to finish. The compute thread
+runs the next tick at once while there is work (app/engine/compute.py): no round trip through the event loop.
 
-Admission by rows per tick. A job's rows at each of its steps are known when it is submitted: two per
-image where its guidance weight is not exactly 1, one where it is (the unconditional pass is skipped),
-one for an unconditional request. Every admitted job takes one step per tick, so the rows of the ticks to
-come are the sum of the admitted jobs' remaining profiles, aligned at the current tick (`_load`). The job
-at the head of the queue is admitted when its profile, added to that sum, stays within max_batch_rows at
-every tick; the queue is first-in first-out, so a large job at its head is never overtaken. Rows that one
-job's guidance interval frees are thereby given to another job for exactly those ticks, and no forward
-ever holds more than max_batch_rows.
-
-All of the model's compute runs in that one worker thread, the model load included (`worker()`):
-torch's CPU build uses GNU OpenMP, which gives each thread that starts a parallel region its own
-team of threads, and once the process holds more OpenMP threads than CPUs it stops spinning
-between parallel regions and puts its threads to sleep instead. Measured on 2 cores
-(docs/benchmarks.md): 23 forwards in a worker thread cost the process ~140 voluntary context
-switches, and ~11,500 once its main thread had run one large op.
+All of the model's compute runs in that one worker thread, the model load included (`worker()`): torch's CPU
+build uses GNU OpenMP, which gives each thread that starts a parallel region its own team of threads, and once
+the process holds more OpenMP threads than CPUs it stops spinning between parallel regions and puts its threads
+to sleep instead. Measured on 2 cores (docs/benchmarks.md): 23 forwards in a worker thread cost the process ~140
+voluntary context switches, and ~11,500 once its main thread had run one large op.
 """
 
 from __future__ import annotations
@@ -35,94 +31,34 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from app.engine.compute import SharedCompute
+from app.engine.outputs import (
+    CurvePoint,
+    EngineOutputs,
+    EngineStats,
+    Failed,
+    FailureKind,
+    Finished,
+    Progress,
+    RequestOutput,
+)
+from app.engine.scheduler import EngineRequest, Scheduler
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class QueueFullError(RuntimeError):
-    """The wait queue is at its limit."""
+Sink = Callable[[EngineOutputs], None]
+# A tick without outputs (no request finished, none asked for progress) sends its stats at most this often.
+STATS_EVERY_S = 0.1
 
 
 class EngineClosedError(RuntimeError):
-    """The engine is draining or stopped and admits no new jobs."""
-
-
-class NonFiniteError(RuntimeError):
-    """A job's latents became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class JobResult:
-    images: np.ndarray  # uint8 (N, H, W, C)
-    queue_wait_s: float
-    compute_s: float
-    trace: list[dict] | None = None  # with spec.return_trace: the guidance trace, one dict per step
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What one tick did; the metrics are recorded from these."""
-
-    rows: int
-    active_jobs: int
-    queue_depth: int
-    step_seconds: float
-    images_finished: int
-    cond_rows: int = 0  # rows with a class label
-    uncond_rows: int = 0  # rows with the null label
-    skipped_uncond_rows: int = 0  # unconditional rows not run: the weight of that step was exactly 1
-
-
-@dataclass(eq=False)
-class Job:
-    spec: SampleSpec
-    future: asyncio.Future
-    run: SampleRun  # built at submit, while the current forward runs, not between forwards
-    model: str  # the name of the engine's model
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None  # admitted into the batch
-    cancelled: bool = False
-    _stepped: asyncio.Future | None = field(default=None, repr=False)
-
-    @property
-    def progress(self) -> tuple[int, int]:
-        return (self.run.step_index, self.spec.steps)
-
-    @property
-    def queued(self) -> bool:
-        return self.started_at is None
-
-    def next_step(self) -> asyncio.Future:
-        """A future resolved once the job has taken its next step (a progress bar's wake-up)."""
-        if self._stepped is None or self._stepped.done():
-            self._stepped = asyncio.get_running_loop().create_future()
-        return self._stepped
-
-    def _notify_step(self) -> None:
-        if self._stepped is not None and not self._stepped.done():
-            self._stepped.set_result(None)
-
-
-StatsHook = Callable[[EngineStats], None]
-AdmitHook = Callable[[Job], None]
-
-
-@dataclass(frozen=True)
-class Tick:
-    """What one tick's compute returns to the loop."""
-
-    stats: EngineStats
-    finite: list[bool]  # per run: its latents are finite
-    images: dict[int, np.ndarray]  # id(run) -> the uint8 images of each run that finished
+    """The engine is draining, stopped or failed, and admits no new requests."""
 
 
 class Engine:
@@ -136,8 +72,6 @@ class Engine:
         device: torch.device,
         max_batch_rows: int,
         max_queue: int,
-        on_step: StatsHook | None = None,
-        on_admit: AdmitHook | None = None,
         executor: ThreadPoolExecutor | None = None,
         class_embedding: ClassEmbedding | None = None,
         compute: SharedCompute | None = None,
@@ -154,60 +88,63 @@ class Engine:
         self._image_shape = image_shape
         self._null_label = null_label
         self._device = device
-        self.max_batch_rows = max_batch_rows
-        self.max_queue = max_queue
-        self._on_step = on_step
-        self._on_admit = on_admit
-        self._waiting: deque[Job] = deque()
-        self._active: list[Job] = []
-        self._load = np.zeros(0, dtype=np.int64)  # rows at each tick to come, of the admitted jobs
-        self._wake = asyncio.Event()
+        self._scheduler = Scheduler(max_batch_rows, max_queue)
+        self._requests: dict[str, EngineRequest] = {}  # waiting and active, by id
+        self._messages: deque[tuple[Any, ...]] = deque()  # from the client, in order: add, abort, fail_all
+        self._sink: Sink = lambda outputs: None
         self._owns_compute = compute is None
         self._compute = compute or SharedCompute(executor)
-        self._task: asyncio.Task | None = None
+        # Counters, each written by one thread: adds sent (the client's), taken and finished (the compute thread's).
+        self._sent = 0
+        self._taken = 0
+        self._finals = 0
+        self._queue_changed = False
+        self._stats: list[EngineStats] = []  # of the ticks since the last message to the client
+        self._sent_at = 0.0
+        self._started = False
+        self._stopped = False
         self._accepting = False
         self._error: BaseException | None = None
 
-    # --- the interface the HTTP front end uses -------------------------------------------------
+    @property
+    def max_batch_rows(self) -> int:
+        return self._scheduler.max_batch_rows
 
     @property
     def denoiser(self) -> Denoiser:
         """The forward every tick runs (the served model's, with its precision and compiled buckets)."""
         return self._denoiser
 
-    def submit(self, spec: SampleSpec, *, limit_queue: bool = True) -> Job:
-        """Queue a job. limit_queue=False skips the max_queue check, for a caller that bounds its own
-        jobs (the jobs API's store)."""
+    # --- what the client calls, from the event loop's thread ----------------------------------------
+
+    def connect(self, sink: Sink) -> None:
+        """sink receives each tick's outputs, in the compute thread."""
+        self._sink = sink
+
+    def add_request(
+        self, request_id: str, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True
+    ) -> None:
+        """Queue a request; its run is built in the compute thread. limit_queue=False skips the max_queue check,
+        for a caller that bounds its own requests (the jobs API's store)."""
         if self._error is not None:
             raise EngineClosedError(f"the engine failed: {self.error}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
-        run = self.make_run(spec)
-        if run.rows_profile().max(initial=0) > self.max_batch_rows:
-            raise ValueError(f"a request of {spec.num_images} images cannot fit max_batch_rows")
-        room_now = not self._waiting and self._fits(run)
-        if limit_queue and len(self._waiting) >= self.max_queue and not room_now:
-            raise QueueFullError(f"queue full ({self.max_queue} waiting)")
-        job = Job(spec=spec, future=asyncio.get_running_loop().create_future(), run=run, model=self.name)
-        self._waiting.append(job)
-        self._wake.set()
-        return job
+        self._sent += 1
+        self._messages.append(("add", request_id, spec, time.monotonic(), progress, limit_queue))
+        self._compute.notify()
 
-    def cancel(self, job: Job) -> None:
-        """Drop the job: its rows leave the batch at the next tick."""
-        job.cancelled = True
-        if job in self._waiting:
-            self._waiting.remove(job)
-        if not job.future.done():
-            job.future.cancel()
-        self._wake.set()
+    def abort_request(self, request_id: str) -> None:
+        """Drop the request: its rows leave the batch at the next tick."""
+        self._messages.append(("abort", request_id))
+        self._compute.notify()
 
     def check_health(self) -> bool:
-        return self._task is not None and not self._task.done() and self._error is None
+        return self._started and not self._stopped and self._error is None
 
     @property
     def error(self) -> str | None:
-        """What stopped the engine's loop, for the health endpoints; None while it has not failed."""
+        """What stopped the engine, for the health endpoints; None while it has not failed."""
         return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
 
     @property
@@ -216,88 +153,68 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests not admitted yet: those waiting, and those sent that the compute thread has not taken."""
+        return len(self._scheduler.waiting) + self._sent - self._taken
 
     @property
-    def active_jobs(self) -> int:
-        return len(self._active)
+    def active_requests(self) -> int:
+        return len(self._scheduler.active)
 
-    def queue_position(self, job: Job) -> int | None:
-        """1 for the next job to be admitted, 2 for the one after it; None once admitted or cancelled."""
-        try:
-            return self._waiting.index(job) + 1
-        except ValueError:
-            return None
+    @property
+    def held(self) -> int:
+        """Requests sent that have not ended (finished, failed or dropped)."""
+        return self._sent - self._finals
 
-    # --- lifecycle ----------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="engine-loop")
-        self._accepting = True
+        self._accepting = self._started = True
+        self._compute.attach(self)
 
     async def stop(self, drain: bool = True, timeout_s: float = math.inf) -> None:
-        """Stop admitting; with drain, finish every admitted and waiting job first, for up to timeout_s: the
-        jobs still unfinished then fail with EngineClosedError."""
+        """Stop admitting; with drain, finish every admitted and waiting request first, for up to timeout_s: those
+        still unfinished then fail as closed."""
         self._accepting = False
-        if not drain:
-            for job in [*self._waiting, *self._active]:
-                self.cancel(job)
-        deadline = time.monotonic() + timeout_s
-        while self._task and not self._task.done() and (self._waiting or self._active):
-            if time.monotonic() >= deadline:
+        if self._started and not self._stopped:
+            if not drain:
+                self._messages.append(("fail_all", "cancelled", "the engine stopped"))
+                self._compute.notify()
+            deadline = time.monotonic() + timeout_s
+            while self.held and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.held:
                 unfinished = f"the service shut down before this finished (still running {timeout_s:g} s after)"
-                self._fail_unfinished(EngineClosedError(unfinished))
-                break
-            await asyncio.sleep(0.05)
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # the loop failed earlier: logged, and its jobs failed, when it did
-                pass
+                self._messages.append(("fail_all", "closed", unfinished))
+                self._compute.notify()
+                while self.held:  # at the next tick, once the one under way has run
+                    await asyncio.sleep(0.05)
+            self._compute.detach(self)
+        self._stopped = True
         if self._owns_compute:
             self._compute.shutdown()
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn in the model's thread, where every tick runs.
-
-        Called while the loop awaits a tick, fn runs right after that tick and the next one waits for
-        it: the batch pauses, and resumes as it was. The warmup uses it, and the benchmark times the raw
-        sampling loop with it in the service's own thread, between the service's ticks under load."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute.executor, fn, *args)
+        """Run fn in the compute thread, before its next tick: the batch pauses, and resumes as it was. The warmup
+        uses it, and the benchmarks time the raw sampling loop with it in the service's own thread."""
+        return await self._compute.call(fn, *args)
 
     async def warmup(self, spec: SampleSpec) -> None:
-        """Before the service reports ready: run one job, then one forward at every row count.
+        """Before the service reports ready: run one request, then one forward at every row count.
 
         The batch's row count changes from tick to tick, and the CPU backend (oneDNN) builds its
         kernels per input shape the first time it sees one, at up to about twice a warm forward's cost.
         Paying that here keeps it out of the first requests' latency and the batching throughput.
         """
-        run = self.make_run(spec)
-        while not run.done:
-            await self.run_in_worker(denoise_step, self._denoiser, [run])
+        await self.run_in_worker(self._sample_alone, spec)
         # One call per row count: a shutdown during the warmup waits for one forward, not for them all.
         for rows in range(1, self.max_batch_rows + 1):
             await self.run_in_worker(self._warm_rows, rows)
 
-    def _warm_rows(self, rows: int) -> None:
-        x = torch.zeros((rows, *self._image_shape), device=self._device)
-        t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
-        labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
-        self._denoiser(x, t, labels)
+    async def guidance_curve(self, spec: SampleSpec) -> list[CurvePoint]:
+        """Per step of the request's run: its timestep, sigma, guidance scale s_i and noise level."""
+        return await self.run_in_worker(self._curve, spec)
 
-    def _fail_unfinished(self, error: Exception) -> None:
-        """Fail every waiting and admitted job with error; their rows leave the batch at the next tick."""
-        for job in [*self._waiting, *self._active]:
-            job.cancelled = True
-            if not job.future.done():
-                job.future.set_exception(error)
-        self._waiting.clear()
-        self._wake.set()
-
-    # --- the loop -----------------------------------------------------------------------------
+    # --- in the compute thread ----------------------------------------------------------------
 
     def make_run(self, spec: SampleSpec) -> SampleRun:
         return SampleRun(
@@ -310,41 +227,109 @@ class Engine:
             self._decode,
         )
 
-    def _fits(self, run: SampleRun) -> bool:
-        """Whether the run's rows, added to the admitted jobs' at every tick to come, fit max_batch_rows."""
-        profile = run.rows_profile()
-        n = min(len(profile), len(self._load))
-        return bool((profile[:n] + self._load[:n]).max(initial=0) <= self.max_batch_rows) and bool(
-            profile[n:].max(initial=0) <= self.max_batch_rows
-        )
+    def _sample_alone(self, spec: SampleSpec) -> None:
+        run = self.make_run(spec)
+        while not run.done:
+            denoise_step(self._denoiser, [run])
 
-    def _add_load(self, run: SampleRun, sign: int) -> None:
-        """Add (sign 1) or take back (sign -1) the run's remaining rows at the ticks to come."""
-        profile = run.rows_profile()
-        if len(profile) > len(self._load):
-            self._load = np.pad(self._load, (0, len(profile) - len(self._load)))
-        self._load[: len(profile)] += sign * profile
+    def _warm_rows(self, rows: int) -> None:
+        x = torch.zeros((rows, *self._image_shape), device=self._device)
+        t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
+        labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
+        self._denoiser(x, t, labels)
 
-    def _drop(self, job: Job) -> None:
-        """A job leaves the batch before its last step: its rows at the ticks to come are free."""
-        self._active.remove(job)
-        self._add_load(job.run, -1)
+    def _curve(self, spec: SampleSpec) -> list[CurvePoint]:
+        run = self.make_run(spec)
+        level = spec.guidance.noise_level
+        rows = zip(run.timesteps.tolist(), run.sigmas, run.scales, run.noise_factors, strict=True)
+        return [
+            CurvePoint(step=i, timestep=int(t), sigma=sigma, scale=scale, noise_level=level * factor)
+            for i, (t, sigma, scale, factor) in enumerate(rows)
+        ]
 
-    def _admit(self) -> None:
-        while self._waiting and self._fits(self._waiting[0].run):
-            job = self._waiting.popleft()
-            job.started_at = time.monotonic()
-            self._add_load(job.run, 1)
-            self._active.append(job)
-            if self._on_admit:
-                self._on_admit(job)
+    def has_work(self) -> bool:
+        return bool(self._messages) or (self._error is None and bool(self._scheduler.active or self._scheduler.waiting))
 
-    def _tick(self, runs: list[SampleRun]) -> Tick:
-        """In the compute thread: one shared forward, one host sync for all the finiteness flags, and one
-        decode of the samples that are done (a latent model's VAE, batched over the requests)."""
+    def tick(self) -> None:
+        """One tick (the module's docstring); its outputs go to the client in one message."""
+        outputs: list[RequestOutput] = []
+        stats = None
+        try:
+            self._take_messages(outputs)
+            if self._error is None:
+                admitted = self._scheduler.admit()
+                self._queue_changed |= bool(admitted)
+                outputs += [self._progress(r) for r in admitted if r.progress]
+                if outputs:  # admissions and ends show at once, not after the forward (a job is running from here)
+                    self._sink(EngineOutputs(tuple(outputs), ()))
+                    outputs = []
+                if self._scheduler.active:
+                    stats = self._step(outputs, admitted)
+                self._send_positions(outputs)
+        except Exception as exc:  # a broken model must not leave requests hanging
+            self._error = exc
+            log.exception("engine %s failed", self.name)
+            self._end_all("engine", f"engine failure: {exc}", outputs)
+        if stats is not None:
+            self._stats.append(stats)
+        now = time.monotonic()
+        if outputs or (self._stats and now - self._sent_at >= STATS_EVERY_S):
+            self._sink(EngineOutputs(tuple(outputs), tuple(self._stats)))
+            self._stats, self._sent_at = [], now
+
+    def _take_messages(self, outputs: list[RequestOutput]) -> None:
+        while self._messages:
+            message = self._messages.popleft()
+            if message[0] == "add":
+                self._take(*message[1:], outputs=outputs)
+            elif message[0] == "abort":
+                request = self._requests.get(message[1])
+                if request is not None:
+                    self._end(request, "cancelled", "the request was cancelled", outputs)
+            else:
+                self._end_all(message[1], message[2], outputs)
+
+    def _take(
+        self, request_id: str, spec: SampleSpec, enqueued_at: float, progress: bool, limit_queue: bool, outputs: list
+    ) -> None:
+        self._taken += 1
+        if self._error is not None:
+            self._finals += 1
+            outputs.append(Failed(request_id, "engine", f"engine failure: {self._error}"))
+            return
+        run = self.make_run(spec)
+        refusal = self._scheduler.refusal(run, limit_queue)
+        if refusal is not None:
+            self._finals += 1
+            outputs.append(Failed(request_id, refusal[0], refusal[1]))  # type: ignore[arg-type]
+            return
+        request = EngineRequest(request_id, run, enqueued_at, progress)
+        self._requests[request_id] = request
+        self._scheduler.waiting.append(request)
+        self._queue_changed = True
+
+    def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
+        """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
+        self._scheduler.remove(request)
+        del self._requests[request.id]
+        self._finals += 1
+        self._queue_changed = True
+        outputs.append(Failed(request.id, kind, message))
+
+    def _end_all(self, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
+        for request in list(self._requests.values()):
+            self._end(request, kind, message, outputs)
+
+    def _step(self, outputs: list[RequestOutput], admitted: list[EngineRequest]) -> EngineStats:
+        """One shared forward, one host sync for all the finiteness flags, one decode of the samples that are done
+        (a latent model's VAE, batched over the requests); then each request's outputs."""
+        t0 = time.perf_counter()
+        requests = list(self._scheduler.active)
+        runs = [r.run for r in requests]
         cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
         skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
         rows = denoise_step(self._denoiser, runs)
+        self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
         # launch), read in the tick's one sync; a request is finite where all its images are.
         per_image = torch.cat([r.latents.flatten(1) for r in runs]).isfinite().all(dim=1).tolist()
@@ -356,66 +341,62 @@ class Engine:
             decoded = self._decode(torch.cat([r.latents for r in done]))
             offsets = np.cumsum([0] + [r.spec.num_images for r in done])
             images = {id(r): decoded[a:b] for r, a, b in zip(done, offsets[:-1], offsets[1:], strict=True)}
-        stats = EngineStats(rows, len(runs), 0, 0.0, 0, cond, rows - cond, skipped)
-        return Tick(stats, finite, images)
-
-    async def _loop(self) -> None:
-        try:
-            while True:
-                for job in [j for j in self._active if j.cancelled]:
-                    self._drop(job)
-                self._admit()
-                if not self._active:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                jobs = list(self._active)
-                t0 = time.perf_counter()
-                tick = await self._compute.run(self, self._tick, [j.run for j in jobs])
-                step_seconds = time.perf_counter() - t0
-                self._load = self._load[1:]  # every admitted job took its step
-                images_finished = self._settle(jobs, tick)
-                if self._on_step:
-                    self._on_step(
-                        replace(
-                            tick.stats,
-                            queue_depth=len(self._waiting),
-                            step_seconds=step_seconds,
-                            images_finished=images_finished,
-                        )
-                    )
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a broken model must not leave requests hanging
-            self._error = exc
-            log.exception("engine loop failed")
-            for job in [*self._waiting, *self._active]:
-                if not job.future.done():
-                    job.future.set_exception(RuntimeError(f"engine failure: {exc}"))
-            raise
-
-    def _settle(self, jobs: list[Job], tick: Tick) -> int:
-        """Fail non-finite jobs, resolve finished ones; returns the number of images finished."""
-        now = time.monotonic()
         finished = 0
-        for job, ok in zip(jobs, tick.finite, strict=True):
-            job._notify_step()
-            if job.cancelled:
-                continue
+        now = time.monotonic()
+        for request, ok in zip(requests, finite, strict=True):
+            run = request.run
             if not ok:
-                self._drop(job)
-                job.future.set_exception(
-                    NonFiniteError(f"non-finite values in the latents at step {job.run.step_index}")
-                )
-            elif job.run.done:
-                self._active.remove(job)
-                finished += job.spec.num_images
-                job.future.set_result(
-                    JobResult(
-                        images=tick.images[id(job.run)],
-                        queue_wait_s=job.started_at - job.enqueued_at,
-                        compute_s=now - job.started_at,
-                        trace=[t.to_dict() for t in job.run.trace] if job.spec.return_trace else None,
-                    )
-                )
-        return finished
+                message = f"non-finite values in the latents at step {run.step_index}"
+                self._end(request, "non_finite", message, outputs)
+                continue
+            if request.progress:
+                outputs.append(self._progress(request))
+            if run.done:
+                self._scheduler.finished(request)
+                del self._requests[request.id]
+                self._finals += 1
+                finished += run.spec.num_images
+                trace = tuple(t.to_dict() for t in run.trace) if run.spec.return_trace else None
+                assert request.started_at is not None
+                compute_s = now - request.started_at
+                wait_s = request.started_at - request.enqueued_at
+                outputs.append(Finished(request.id, images[id(run)], wait_s, compute_s, trace))
+        return EngineStats(
+            rows=rows,
+            active_requests=len(requests),
+            queue_depth=len(self._scheduler.waiting),
+            tick_seconds=time.perf_counter() - t0,
+            images_finished=finished,
+            cond_rows=cond,
+            uncond_rows=rows - cond,
+            skipped_uncond_rows=skipped,
+            queue_waits=tuple(r.queue_wait_s for r in admitted),  # type: ignore[misc]
+        )
+
+    def _progress(self, request: EngineRequest) -> Progress:
+        """The request's progress since the last one sent: its step, new trace rows (plain lists: the device sync
+        is here, in the compute thread) and a new preview."""
+        run = request.run
+        trace: tuple[dict, ...] = ()
+        if run.spec.return_trace:
+            new = run.trace[request.traced : run.step_index]
+            request.traced += len(new)
+            trace = tuple(t.to_dict() for t in new)
+        preview = run.preview
+        if preview is not None and preview.step != request.previewed:
+            request.previewed = preview.step
+        else:
+            preview = None
+        wait = request.queue_wait_s
+        position = request.position if wait is None else None
+        return Progress(request.id, run.step_index, run.spec.steps, position, wait, trace, preview)
+
+    def _send_positions(self, outputs: list[RequestOutput]) -> None:
+        """A Progress for each waiting request whose place in the queue changed."""
+        if not self._queue_changed:
+            return
+        self._queue_changed = False
+        for position, request in enumerate(self._scheduler.waiting, start=1):
+            if request.progress and request.position != position:
+                request.position = position
+                outputs.append(self._progress(request))

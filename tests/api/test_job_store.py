@@ -1,17 +1,16 @@
 """The jobs' in-memory store: its bounds, eviction order, expiry and Idempotency-Key index.
 
-The records here hold a stand-in for the engine's Job (only the fields the store reads): what is under
-test is the store's bookkeeping, which needs no model. tests/api/test_jobs.py runs real jobs through it.
+The jobs here are never given to an engine (their request ids name none): what is under test is the
+store's bookkeeping, which needs no model. tests/api/test_jobs.py runs real jobs through it.
 """
 
 import gc
 import time
 import tracemalloc
-from types import SimpleNamespace
 
 import pytest
 
-from app.api.job_store import JobRecord, JobStore, StoreFullError
+from app.api.job_store import Job, JobStore, StoreFullError
 from app.sampling import SampleSpec
 
 
@@ -23,12 +22,12 @@ class Clock:
         return self.now
 
 
-def record(store: JobStore, key: str | None = None) -> JobRecord:
-    job = SimpleNamespace(queued=True, started_at=None, enqueued_at=0.0, progress=(0, 20))
-    return JobRecord(
+def record(store: JobStore, key: str | None = None) -> Job:
+    return Job(
         id=store.new_id(),
         spec=SampleSpec(class_label=0, seeds=(0,)),
-        job=job,  # type: ignore[arg-type]
+        model="model",
+        request_id="none",
         body={},
         arrived=0.0,
         created_at=time.time(),

@@ -98,16 +98,16 @@ def test_an_unknown_or_malformed_id_is_404(client, job_id):
 
 
 def test_delete_cancels_a_running_job_and_its_rows_leave_the_batch(client):
-    engine = client.app.state.service.engine
+    engine = client.app.state.service.model().client
     before = metric(client, 'cfg_jobs_total{outcome="cancelled"}')
     job = client.post("/v1/jobs", json={"class_label": 1, "num_images": 4, "steps": 200, "seed": 1}).json()
     wait_for(client, job["id"], lambda j: j["step"] >= 2)
     r = client.delete(f"/v1/jobs/{job['id']}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     deadline = time.monotonic() + 10
-    while engine.active_jobs and time.monotonic() < deadline:
+    while engine.active_requests and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.active_jobs == 0
+    assert engine.active_requests == 0
     stopped_at = client.get(f"/v1/jobs/{job['id']}").json()
     time.sleep(0.2)
     after = client.get(f"/v1/jobs/{job['id']}").json()
@@ -123,7 +123,7 @@ def test_delete_cancels_a_running_job_and_its_rows_leave_the_batch(client):
 def test_a_cancelled_job_keeps_the_step_it_was_cancelled_at_and_never_passes_its_steps(client):
     """A tick under way when DELETE lands still steps the job; that step is not the job's: from then on the job
     reads the step DELETE answered with (it read one more, the step the tick under way took)."""
-    engine = client.app.state.service.engine
+    engine = client.app.state.service.model().client
     constant = {"schedule": {"kind": "constant"}}  # every step runs both halves: ticks long enough to land in
     for seed in range(3):
         body = {"class_label": 1, "num_images": 8, "steps": 60, "seed": seed, **constant}
@@ -131,7 +131,7 @@ def test_a_cancelled_job_keeps_the_step_it_was_cancelled_at_and_never_passes_its
         wait_for(client, job["id"], lambda j: j["step"] >= 2)
         cancelled = client.delete(f"/v1/jobs/{job['id']}").json()
         deadline = time.monotonic() + 30
-        while engine.active_jobs and time.monotonic() < deadline:
+        while engine.active_requests and time.monotonic() < deadline:
             time.sleep(0.01)
         after = client.get(f"/v1/jobs/{job['id']}").json()
         assert after["status"] == "cancelled" and after["step"] == cancelled["step"] <= after["steps"] == 60

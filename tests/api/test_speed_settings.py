@@ -38,7 +38,7 @@ def test_channels_last_puts_the_unet_in_nhwc_and_changes_no_image():
     for channels_last in (True, False):
         with TestClient(create_app(Settings(device="cpu", channels_last=channels_last, max_batch_rows=32))) as client:
             assert client.get("/v1/models").json()["data"][0]["channels_last"] is channels_last
-            denoiser = client.app.state.service.engine.denoiser
+            denoiser = client.app.state.service.model().client.engine.denoiser
             conv = denoiser.denoiser.unet.down_blocks[0].resnets[0].conv1.weight
             assert denoiser.channels_last is channels_last
             assert conv.is_contiguous(memory_format=torch.channels_last) is channels_last
@@ -63,7 +63,7 @@ def test_int8_is_served_compiled_and_batch_invariant():
     with TestClient(create_app(Settings(device="cpu", precision="int8", max_batch_rows=4, max_images=2))) as client:
         info = client.get("/v1/models").json()["data"][0]
         assert info["precision"] == "int8" and info["compile"] is True
-        denoiser = client.app.state.service.engine.denoiser
+        denoiser = client.app.state.service.model().client.engine.denoiser
         assert denoiser._int8 is not None and denoiser.buckets == (2, 4)  # quantized by the warmup
         body = {"class_label": 7, "steps": 6, "seed": 21}
         one = client.post("/generate", json={**body, "num_images": 1})

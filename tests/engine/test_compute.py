@@ -1,10 +1,11 @@
 """Several models' engines on one shared compute thread: equal shares of its time (app/engine/compute.py)."""
 
 import asyncio
+import threading
 
 from app.engine import EngineStats, SharedCompute
 from app.sampling import SampleSpec
-from tests.engine.test_engine import make_engine, until
+from tests.engine.test_engine import make_client, until
 
 
 def test_a_slow_model_and_a_fast_one_get_equal_shares_of_the_thread(loaded, denoiser):
@@ -23,21 +24,21 @@ def test_a_slow_model_and_a_fast_one_get_equal_shares_of_the_thread(loaded, deno
 
     async def main():
         compute = SharedCompute()
-        fast = make_engine(loaded, denoiser, fast_stats, compute=compute)
-        slow = make_engine(loaded, slow_denoiser, slow_stats, compute=compute)
+        fast = make_client(loaded, denoiser, fast_stats, compute=compute)
+        slow = make_client(loaded, slow_denoiser, slow_stats, compute=compute)
         await fast.start()
         await slow.start()
-        fast_job = fast.submit(SampleSpec(class_label=1, seeds=(1,), steps=200))
+        fast_request = fast.add(SampleSpec(class_label=1, seeds=(1,), steps=200))
         await until(lambda: len(fast_stats) >= 20)  # the fast model alone: it uses the whole thread
-        ticks0, used0 = len(fast_stats), (compute.used_seconds(fast), compute.used_seconds(slow))
-        slow_job = slow.submit(SampleSpec(class_label=2, seeds=(2,), steps=200))
+        ticks0, used0 = len(fast_stats), (compute.used_seconds(fast.engine), compute.used_seconds(slow.engine))
+        slow_request = slow.add(SampleSpec(class_label=2, seeds=(2,), steps=200))
         await until(lambda: len(slow_stats) >= 8)
         fast_ticks = len(fast_stats) - ticks0
-        fast_used = compute.used_seconds(fast) - used0[0]
-        slow_used = compute.used_seconds(slow) - used0[1]
-        for engine, job in ((fast, fast_job), (slow, slow_job)):
-            engine.cancel(job)
-            await engine.stop()
+        fast_used = compute.used_seconds(fast.engine) - used0[0]
+        slow_used = compute.used_seconds(slow.engine) - used0[1]
+        for client, request in ((fast, fast_request), (slow, slow_request)):
+            client.abort(request)
+            await client.shutdown()
         compute.shutdown()
         return fast_ticks, fast_used, slow_used
 
@@ -54,44 +55,49 @@ def test_one_engine_alone_waits_for_nobody(loaded, denoiser):
 
     async def main():
         compute = SharedCompute()
-        engine = make_engine(loaded, denoiser, stats, compute=compute)
-        await engine.start()
-        result = await engine.submit(SampleSpec(class_label=3, seeds=(3,), steps=5)).future
-        await engine.stop()
+        client = make_client(loaded, denoiser, stats, compute=compute)
+        await client.start()
+        result = await client.result(client.add(SampleSpec(class_label=3, seeds=(3,), steps=5)))
+        await client.shutdown()
         compute.shutdown()
-        return result, compute.used_seconds(engine)
+        return result, compute.used_seconds(client.engine)
 
     result, used = asyncio.run(main())
     assert result.images.shape == (1, 28, 28, 1) and len(stats) == 5
-    assert used >= sum(s.step_seconds for s in stats) * 0.5
+    assert used >= sum(s.tick_seconds for s in stats) * 0.5
 
 
-def test_the_thread_goes_to_the_waiting_owner_that_has_used_the_least_time():
-    """Three owners wait while a fourth holds the thread; they get it in the order of their used time, least
+class StandIn:
+    """A stand-in engine with one tick of work (the policy under test needs no model)."""
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        self.name, self.order, self.work = name, order, 1
+
+    def has_work(self) -> bool:
+        return self.work > 0
+
+    def tick(self) -> None:
+        self.work -= 1
+        self.order.append(self.name)
+
+
+def test_the_thread_goes_to_the_owner_with_work_that_has_used_the_least_time():
+    """Three owners get work while the thread is busy; they get it in the order of their used time, least
     first, whatever their order of arrival (a policy that picked the most-used owner reverses it)."""
     order: list[str] = []
 
     async def main():
         compute = SharedCompute()
-        compute._used.update({"heavy": 3.0, "middle": 2.0, "light": 1.0})
-        holding = asyncio.Event()
-        release = asyncio.Event()
-
-        async def hold():
-            loop = asyncio.get_running_loop()
-
-            def block():
-                loop.call_soon_threadsafe(holding.set)
-                asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
-
-            await compute.run("holder", block)
-
-        holder = asyncio.create_task(hold())
-        await holding.wait()
-        waiters = [asyncio.create_task(compute.run(name, order.append, name)) for name in ("heavy", "light", "middle")]
-        await asyncio.sleep(0.05)  # all three queued behind the holder
-        release.set()
-        await asyncio.gather(holder, *waiters)
+        owners = {name: StandIn(name, order) for name in ("heavy", "light", "middle")}
+        compute._used.update({owners["heavy"]: 3.0, owners["middle"]: 2.0, owners["light"]: 1.0})
+        gate = threading.Event()
+        busy = asyncio.ensure_future(compute.call(gate.wait, 30))
+        await asyncio.sleep(0.05)
+        for owner in owners.values():  # all three attached while the thread is busy
+            compute.attach(owner)
+        gate.set()
+        await busy
+        await until(lambda: len(order) == 3, timeout=10)
         compute.shutdown()
 
     asyncio.run(main())

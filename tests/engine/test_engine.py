@@ -1,30 +1,67 @@
-"""The batching engine on the real checkpoint's denoiser, driven directly through asyncio."""
+"""The batching engine on the real checkpoint's denoiser, driven through its client (app/engine/client.py)."""
 
 import asyncio
+import random
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import pytest
 import torch
 
-from app.engine import Engine, EngineClosedError, EngineStats, NonFiniteError, QueueFullError
+from app.engine import Engine, EngineClosedError, EngineStats, Failed, Finished, InProcessClient, Progress
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
 
 
-def make_engine(loaded, denoiser, stats=None, **kw) -> Engine:
+def make_client(loaded, denoiser, stats=None, **kw) -> InProcessClient:
     kw.setdefault("max_batch_rows", 32)
     kw.setdefault("max_queue", 8)
-    return Engine(
+    engine = Engine(
         denoiser,
         scheduler_config=loaded.scheduler_config,
         image_shape=(1, 28, 28),
         null_label=loaded.manifest.null_label,
         device=torch.device("cpu"),
-        on_step=stats.append if stats is not None else None,
         **kw,
     )
+    return InProcessClient(engine, on_stats=stats.append if stats is not None else None)
+
+
+class Tracked:
+    """A request followed through its stream (with progress): its newest Progress, and its end."""
+
+    def __init__(self, client: InProcessClient, spec: SampleSpec, **kw) -> None:
+        self.id = client.add(spec, progress=True, **kw)
+        self.progress: Progress | None = None
+        self.steps_seen: list[int] = []
+        self.task = asyncio.ensure_future(self._follow(client))
+
+    async def _follow(self, client: InProcessClient) -> Finished | Failed:
+        async for output in client.stream(self.id):
+            if not isinstance(output, Progress):
+                return output
+            self.progress = output
+            if not output.queued:
+                self.steps_seen.append(output.step)
+        raise AssertionError("the stream ended without a result")
+
+    @property
+    def queued(self) -> bool:
+        return self.progress is None or self.progress.queued
+
+    @property
+    def step(self) -> int:
+        return 0 if self.progress is None else self.progress.step
+
+    async def result(self) -> Finished:
+        output = await self.task
+        assert isinstance(output, Finished), output
+        return output
+
+    async def failure(self) -> Failed:
+        output = await self.task
+        assert isinstance(output, Failed), output
+        return output
 
 
 async def until(predicate, timeout=60.0):
@@ -39,21 +76,21 @@ def test_requests_join_at_the_next_tick_and_share_forwards(loaded, denoiser):
     stats: list[EngineStats] = []
 
     async def main():
-        engine = make_engine(loaded, denoiser, stats)
-        await engine.start()
-        long = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=30))
-        await until(lambda: not long.queued and long.run.step_index >= 3)
-        short = engine.submit(SampleSpec(class_label=None, seeds=(2, 3), steps=4, sampler="euler_a"))
-        short_result = await short.future
-        assert not long.future.done(), "the short request did not wait for the long one"
-        await long.future
-        await engine.stop()
+        client = make_client(loaded, denoiser, stats)
+        await client.start()
+        long = Tracked(client, SampleSpec(class_label=1, seeds=(1,), steps=30))
+        await until(lambda: not long.queued and long.step >= 3)
+        short = Tracked(client, SampleSpec(class_label=None, seeds=(2, 3), steps=4, sampler="euler_a"))
+        short_result = await short.result()
+        assert not long.task.done(), "the short request did not wait for the long one"
+        await long.result()
+        await client.shutdown()
         return short_result
 
     result = asyncio.run(main())
     assert result.images.shape == (2, 28, 28, 1) and result.images.dtype.name == "uint8"
     rows = [s.rows for s in stats]
-    assert 4 in rows  # 2 rows of the long job + 2 unguided rows of the short one, in one forward
+    assert 4 in rows  # 2 rows of the long request + 2 unguided rows of the short one, in one forward
     assert rows.count(4) == 4 and len(rows) == 30
 
 
@@ -61,13 +98,12 @@ def test_result_matches_the_request_sampled_alone(loaded, denoiser):
     spec = SampleSpec(class_label=6, seeds=(10, 11), steps=6, sampler="dpmpp_2m", guidance=GuidanceParams(2.5))
 
     async def main():
-        engine = make_engine(loaded, denoiser)
-        await engine.start()
-        jobs = [engine.submit(SampleSpec(class_label=c, seeds=(c,), steps=5 + c)) for c in range(4)]
-        job = engine.submit(spec)
-        res = await job.future
-        await asyncio.gather(*(j.future for j in jobs))
-        await engine.stop()
+        client = make_client(loaded, denoiser)
+        await client.start()
+        others = [client.add(SampleSpec(class_label=c, seeds=(c,), steps=5 + c)) for c in range(4)]
+        res = await client.result(client.add(spec))
+        await asyncio.gather(*(client.result(i) for i in others))
+        await client.shutdown()
         return res
 
     res = asyncio.run(main())
@@ -84,55 +120,65 @@ def test_non_finite_latents_fail_only_that_request(loaded, denoiser):
         return torch.where((y == 7)[:, None, None, None], torch.full_like(eps, float("nan")), eps)
 
     async def main():
-        engine = make_engine(loaded, faulty)
-        await engine.start()
-        bad = engine.submit(SampleSpec(class_label=7, seeds=(1,), steps=5))
-        good = engine.submit(SampleSpec(class_label=3, seeds=(1,), steps=5))
-        with pytest.raises(NonFiniteError, match="non-finite"):
-            await bad.future
-        res = await good.future
-        await engine.stop()
-        return res
+        client = make_client(loaded, faulty)
+        await client.start()
+        bad = client.add(SampleSpec(class_label=7, seeds=(1,), steps=5))
+        good = client.add(SampleSpec(class_label=3, seeds=(1,), steps=5))
+        failed = await client.result(bad)
+        res = await client.result(good)
+        await client.shutdown()
+        return failed, res
 
-    res = asyncio.run(main())
-    assert res.images.shape == (1, 28, 28, 1)
+    failed, res = asyncio.run(main())
+    assert isinstance(failed, Failed) and failed.kind == "non_finite" and "non-finite" in failed.message
+    assert isinstance(res, Finished) and res.images.shape == (1, 28, 28, 1)
 
 
-def test_cancel_removes_rows_at_the_next_tick(loaded, denoiser):
+def test_an_abort_drops_the_request_before_the_next_tick(loaded, denoiser):
+    """The abort lands while a tick may be under way: that forward (at most one) still holds the request's
+    rows, every later one holds only the other request's."""
     stats: list[EngineStats] = []
+    aborted = threading.Event()
+    forwards: list[tuple[int, bool]] = []  # (rows, started after the abort was sent)
+
+    def recording(x, t, labels, *rest):
+        forwards.append((x.shape[0], aborted.is_set()))
+        return denoiser(x, t, labels, *rest)
 
     async def main():
-        engine = make_engine(loaded, denoiser, stats)
-        await engine.start()
-        keep = engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=12))
-        drop = engine.submit(SampleSpec(class_label=4, seeds=(1, 2, 3), steps=200))
-        await until(lambda: not drop.queued and drop.run.step_index >= 2)
-        engine.cancel(drop)
-        n_before = len(stats)
-        await keep.future
-        await engine.stop()
-        return n_before
+        client = make_client(loaded, recording, stats)
+        await client.start()
+        keep = Tracked(client, SampleSpec(class_label=2, seeds=(1,), steps=12))
+        drop = Tracked(client, SampleSpec(class_label=4, seeds=(1, 2, 3), steps=200))
+        await until(lambda: not drop.queued and drop.step >= 2)
+        aborted.set()
+        client.abort(drop.id)
+        failed = await drop.failure()
+        await keep.result()
+        await client.shutdown()
+        return failed
 
-    n_before = asyncio.run(main())
-    after = [s.rows for s in stats[n_before + 1 :]]
-    assert after and all(r == 2 for r in after), after
-    assert stats[-1].active_jobs == 1
+    failed = asyncio.run(main())
+    assert failed.kind == "cancelled"
+    after = [rows for rows, late in forwards if late]
+    assert after[0] in (2, 8) and after[1:] and all(r == 2 for r in after[1:]), after
+    assert stats[-1].active_requests == 1
 
 
 def test_queue_limit_rejects_and_drain_finishes_in_flight(loaded, denoiser):
     async def main():
-        engine = make_engine(loaded, denoiser, max_batch_rows=2, max_queue=1)
-        await engine.start()
-        running = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=15))
+        client = make_client(loaded, denoiser, max_batch_rows=2, max_queue=1)
+        await client.start()
+        running = Tracked(client, SampleSpec(class_label=0, seeds=(1,), steps=15))
         await until(lambda: not running.queued)
-        waiting = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=3))
-        with pytest.raises(QueueFullError):
-            engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=3))
-        await engine.stop(drain=True)  # finishes both admitted and waiting jobs
-        assert running.future.done() and waiting.future.done()
-        assert running.future.result().images.shape[0] == 1
+        waiting = Tracked(client, SampleSpec(class_label=1, seeds=(1,), steps=3))
+        refused = await client.result(client.add(SampleSpec(class_label=2, seeds=(1,), steps=3)))
+        assert isinstance(refused, Failed) and refused.kind == "rejected" and "queue full" in refused.message
+        await client.shutdown(drain=True)  # finishes both admitted and waiting requests
+        assert (await running.result()).images.shape[0] == 1
+        await waiting.result()
         with pytest.raises(EngineClosedError):
-            engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=3))
+            client.add(SampleSpec(class_label=2, seeds=(1,), steps=3))
 
     asyncio.run(main())
 
@@ -141,11 +187,11 @@ def test_rows_per_forward_never_exceed_the_limit(loaded, denoiser):
     stats: list[EngineStats] = []
 
     async def main():
-        engine = make_engine(loaded, denoiser, stats, max_batch_rows=8)
-        await engine.start()
-        jobs = [engine.submit(SampleSpec(class_label=c, seeds=(c, c + 1), steps=3)) for c in range(5)]
-        await asyncio.gather(*(j.future for j in jobs))
-        await engine.stop()
+        client = make_client(loaded, denoiser, stats, max_batch_rows=8)
+        await client.start()
+        ids = [client.add(SampleSpec(class_label=c, seeds=(c, c + 1), steps=3)) for c in range(5)]
+        await asyncio.gather(*(client.result(i) for i in ids))
+        await client.shutdown()
 
     asyncio.run(main())
     assert max(s.rows for s in stats) == 8
@@ -159,43 +205,29 @@ def test_warmup_runs_a_forward_at_every_row_count_the_batch_can_have(loaded, den
         return denoiser(x, t, labels)
 
     async def main():
-        engine = make_engine(loaded, recording, max_batch_rows=6)
-        await engine.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
-        await engine.stop()
+        client = make_client(loaded, recording, max_batch_rows=6)
+        await client.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
+        await client.shutdown()
 
     asyncio.run(main())
     assert seen[:2] == [2, 2]  # the sampler warmup: one guided image, two steps
     assert sorted(set(seen)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_waiting_job_is_queued_until_admitted(loaded, denoiser):
+def test_a_waiting_request_is_told_its_place_until_admitted(loaded, denoiser):
     async def main():
-        engine = make_engine(loaded, denoiser, max_batch_rows=2)
-        await engine.start()
-        first = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=6))
-        second = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=2))
-        await until(lambda: not first.queued)
-        assert second.queued and second.progress == (0, 2)
-        await asyncio.gather(first.future, second.future)
-        assert not second.queued
-        await engine.stop()
+        client = make_client(loaded, denoiser, max_batch_rows=2)
+        await client.start()
+        first = Tracked(client, SampleSpec(class_label=0, seeds=(1,), steps=6))
+        second = Tracked(client, SampleSpec(class_label=1, seeds=(1,), steps=2))
+        await until(lambda: not first.queued and second.progress is not None)
+        assert second.queued and second.progress.queue_position == 1
+        assert (second.progress.step, second.progress.steps) == (0, 2)
+        await asyncio.gather(first.result(), second.result())
+        assert not second.queued and second.progress.queue_position is None
+        await client.shutdown()
 
     asyncio.run(main())
-
-
-class SignallingExecutor(ThreadPoolExecutor):
-    """The engine's one model thread, as worker() makes it, that also says when work is queued on it."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=1, thread_name_prefix="engine-forward")
-        self.queued_after: Callable | None = None  # set queued once something other than this is queued
-        self.queued = threading.Event()
-
-    def submit(self, fn, /, *args, **kwargs):
-        future = super().submit(fn, *args, **kwargs)
-        if self.queued_after is not None and fn is not self.queued_after:
-            self.queued.set()
-        return future
 
 
 def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded, denoiser):
@@ -203,58 +235,98 @@ def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded
     batch resumes as it was (the result equals the request sampled alone)."""
     spec = SampleSpec(class_label=4, seeds=(5,), steps=8, sampler="ddpm")
     forward_threads = set()
+    forwards = [0]
 
     def recording(x, t, labels):
         forward_threads.add(threading.get_ident())
+        forwards[0] += 1
         return denoiser(x, t, labels)
 
+    def probe():
+        before = forwards[0]
+        time.sleep(0.3)  # room for a tick that could run beside fn
+        return threading.get_ident(), forwards[0] - before
+
     async def main():
-        executor = SignallingExecutor()
-        engine = make_engine(loaded, recording, executor=executor)
-        await engine.start()
-        job = engine.submit(spec)
-        await until(lambda: job.run.step_index >= 2)
+        client = make_client(loaded, recording)
+        await client.start()
+        request = Tracked(client, spec)
+        await until(lambda: request.step >= 2)
+        thread, forwards_during = await client.engine.run_in_worker(probe)
+        result = await request.result()
+        await client.shutdown()
+        return thread, forwards_during, result
 
-        def probe():
-            step = job.run.step_index
-            # The engine has asked for its next tick by the time this is set: a tick that could run
-            # beside fn would have advanced the job. No clock: on a loaded machine a tick may take seconds.
-            assert executor.queued.wait(timeout=120), "the engine never asked for its next tick"
-            return threading.get_ident(), job.run.step_index - step
-
-        executor.queued_after = probe
-        thread, steps_during = await engine.run_in_worker(probe)
-        result = await job.future
-        await engine.stop()
-        return thread, steps_during, result
-
-    thread, steps_during, result = asyncio.run(main())
-    assert forward_threads == {thread} and steps_during == 0
+    thread, forwards_during, result = asyncio.run(main())
+    assert forward_threads == {thread} and forwards_during == 0
     alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
     sample(denoiser, [alone])
     assert (result.images == alone.images()).all()
 
 
-def test_next_step_wakes_a_waiter_after_every_step(loaded, denoiser):
-    """The event-stream progress bar waits on job.next_step() instead of polling: one wake-up per step."""
+def test_a_request_asking_for_progress_gets_one_output_per_step(loaded, denoiser):
+    async def main():
+        client = make_client(loaded, denoiser)
+        await client.start()
+        request = Tracked(client, SampleSpec(class_label=3, seeds=(1,), steps=6, sampler="euler_a"))
+        await request.result()
+        await client.shutdown()
+        return request.steps_seen
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4, 5, 6]  # admitted, then after each step
+
+
+def test_ticks_run_back_to_back_in_the_compute_thread_while_the_event_loop_is_busy(loaded, denoiser):
+    """The compute thread runs its next tick at once: a tick needs no turn of the event loop (a loop that
+    handed every tick to the thread and waited for it would stop while the event loop is blocked)."""
+    forwards = [0]
+
+    def counting(x, t, labels):
+        forwards[0] += 1
+        return denoiser(x, t, labels)
 
     async def main():
-        engine = make_engine(loaded, denoiser)
-        await engine.start()
-        job = engine.submit(SampleSpec(class_label=3, seeds=(1,), steps=6, sampler="euler_a"))
-        seen = []
-        while not job.future.done():
-            await asyncio.wait({job.future, job.next_step()}, return_when=asyncio.FIRST_COMPLETED)
-            seen.append(job.progress[0])
-        await engine.stop()
-        return seen
+        client = make_client(loaded, counting)
+        await client.start()
+        request = Tracked(client, SampleSpec(class_label=5, seeds=(1,), steps=400))
+        await until(lambda: request.step >= 1)
+        before = forwards[0]
+        deadline = time.monotonic() + 60
+        while forwards[0] < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the event loop blocked: no callback, no task runs
+        ran = forwards[0] - before
+        client.abort(request.id)
+        await client.shutdown()
+        return ran
 
-    assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
+    assert asyncio.run(main()) >= 3
 
 
-def test_a_failing_model_fails_running_and_waiting_jobs_and_the_engine_says_why(loaded, denoiser):
+def test_each_request_is_built_in_the_compute_thread(loaded, denoiser):
+    """No torch op in the event loop's thread (app/engine/engine.py on OpenMP teams): a request's SampleRun
+    (its noise, its scheduler) is built in the compute thread."""
+    threads: list[str] = []
+
+    async def main():
+        client = make_client(loaded, denoiser)
+        real = client.engine.make_run
+
+        def recording(spec):
+            threads.append(threading.current_thread().name)
+            return real(spec)
+
+        client.engine.make_run = recording
+        await client.start()
+        await client.result(client.add(SampleSpec(class_label=1, seeds=(1, 2), steps=2)))
+        await client.shutdown()
+
+    asyncio.run(main())
+    assert threads and all(name.startswith("engine-forward") for name in threads), threads
+
+
+def test_a_failing_model_fails_running_and_waiting_requests_and_the_engine_says_why(loaded, denoiser):
     """Stand-in fault: the real model, whose forward raises once the test says so (a real network
-    does not fail on demand), while one job runs and another waits for its rows."""
+    does not fail on demand), while one request runs and another waits for its rows."""
     fail = threading.Event()
 
     def failing(x, t, y):
@@ -263,22 +335,23 @@ def test_a_failing_model_fails_running_and_waiting_jobs_and_the_engine_says_why(
         return denoiser(x, t, y)
 
     async def main():
-        engine = make_engine(loaded, failing, max_batch_rows=2)
-        await engine.start()
-        running = engine.submit(SampleSpec(class_label=0, seeds=(1,), steps=200))
+        client = make_client(loaded, failing, max_batch_rows=2)
+        await client.start()
+        running = Tracked(client, SampleSpec(class_label=0, seeds=(1,), steps=200))
         await until(lambda: not running.queued)
-        waiting = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=3))
-        assert waiting.queued and engine.check_health() and engine.error is None
+        waiting = Tracked(client, SampleSpec(class_label=1, seeds=(1,), steps=3))
+        await until(lambda: waiting.progress is not None)
+        assert waiting.queued and client.check_health() and client.error is None
         fail.set()
-        for job in (running, waiting):
+        for request in (running, waiting):
             # A bound, not a timing window: without the engine's error handling these never resolve.
-            with pytest.raises(RuntimeError, match="engine failure: injected fault: device lost"):
-                await asyncio.wait_for(job.future, timeout=120)
-        assert not engine.check_health()
-        assert engine.error == "RuntimeError: injected fault: device lost"
+            failed = await asyncio.wait_for(request.failure(), timeout=120)
+            assert failed.kind == "engine" and failed.message == "engine failure: injected fault: device lost"
+        assert not client.check_health()
+        assert client.error == "RuntimeError: injected fault: device lost"
         with pytest.raises(EngineClosedError, match="failed: RuntimeError: injected fault"):
-            engine.submit(SampleSpec(class_label=2, seeds=(1,), steps=3))
-        await engine.stop()  # after a failed loop too: no exception, the worker thread is shut down
+            client.add(SampleSpec(class_label=2, seeds=(1,), steps=3))
+        await client.shutdown()  # after a failed engine too: no exception, the worker thread is shut down
 
     asyncio.run(main())
 
@@ -288,33 +361,32 @@ def interval(start: float, end: float) -> GuidanceParams:
     return GuidanceParams(3.0, GuidanceSchedule("interval", start=start, end=end))
 
 
-def test_admission_by_rows_per_tick_fits_jobs_whose_guidance_intervals_differ(loaded, denoiser):
-    """With 12 rows, two 4-image jobs guided in opposite halves of their 8 steps need 12 rows at every tick
+def test_admission_by_rows_per_tick_fits_requests_whose_guidance_intervals_differ(loaded, denoiser):
+    """With 12 rows, two 4-image requests guided in opposite halves of their 8 steps need 12 rows at every tick
     (8 + 4, then 4 + 8): they run together, where reserving 2 rows per image (16) would serialize them. A
-    third job, which would need 16 rows at some tick, waits until it fits at every tick to come."""
+    third request, which would need 16 rows at some tick, waits until it fits at every tick to come."""
     stats: list[EngineStats] = []
     early, late = interval(0.0, 0.5), interval(0.5, 1.0)
 
     async def main():
-        engine = make_engine(loaded, denoiser, stats, max_batch_rows=12)
-        await engine.start()
-        a = engine.submit(SampleSpec(class_label=1, seeds=(1, 2, 3, 4), steps=8, guidance=late))  # rows 4x4, 4x8
-        b = engine.submit(SampleSpec(class_label=2, seeds=(5, 6, 7, 8), steps=8, guidance=early))  # 4x8, 4x4
-        c = engine.submit(SampleSpec(class_label=3, seeds=(9, 10), steps=8, guidance=early))  # 4x4, 4x2
-        await asyncio.sleep(0)
+        client = make_client(loaded, denoiser, stats, max_batch_rows=12)
+        await client.start()
+        a = Tracked(client, SampleSpec(class_label=1, seeds=(1, 2, 3, 4), steps=8, guidance=late))  # rows 4x4, 4x8
+        b = Tracked(client, SampleSpec(class_label=2, seeds=(5, 6, 7, 8), steps=8, guidance=early))  # 4x8, 4x4
+        c = Tracked(client, SampleSpec(class_label=3, seeds=(9, 10), steps=8, guidance=early))  # 4x4, 4x2
         await until(lambda: not a.queued and not b.queued)
-        admitted_together = b.started_at is not None and not a.future.done()
+        admitted_together = a.step == b.step
         c_waited = c.queued
-        await asyncio.gather(a.future, b.future, c.future)
-        await engine.stop()
-        return a, b, c, admitted_together, c_waited
+        results = await asyncio.gather(a.result(), b.result(), c.result())
+        await client.shutdown()
+        return results, admitted_together, c_waited
 
-    a, b, c, admitted_together, c_waited = asyncio.run(main())
+    (a, b, c), admitted_together, c_waited = asyncio.run(main())
     assert admitted_together, "b waited for a, as with a reservation of two rows per image"
     assert c_waited, "c was admitted though at a tick to come it would have made 16 rows"
     rows = [s.rows for s in stats]
     assert max(rows) <= 12 and rows[:8] == [12] * 8, rows
-    assert c.started_at >= a.started_at and a.run.done and b.run.done and c.run.done
+    assert c.queue_wait_s > a.queue_wait_s
     # Forward rows by kind: every image has a conditional row at every step; unconditional rows only where
     # guided; the skipped ones are the rest.
     assert sum(s.cond_rows for s in stats) == (4 + 4 + 2) * 8
@@ -324,25 +396,25 @@ def test_admission_by_rows_per_tick_fits_jobs_whose_guidance_intervals_differ(lo
 
 
 def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded, denoiser):
-    """Jobs of 1-4 images with random intervals, submitted and cancelled at random: the engine's row
-    bookkeeping (`_load`) equals the rows of the next tick, and no forward exceeds max_batch_rows."""
-    import random
-
+    """Requests of 1-4 images with random intervals, added and aborted at random: the scheduler's row
+    bookkeeping (`load`) equals the rows of the next tick, and no forward exceeds max_batch_rows."""
     rng = random.Random(3)
     stats: list[EngineStats] = []
     checks: list[tuple[int, int]] = []
 
     async def main():
-        engine = make_engine(loaded, denoiser, stats, max_batch_rows=10, max_queue=100)
-        original = engine._tick
+        client = make_client(loaded, denoiser, stats, max_batch_rows=10, max_queue=100)
+        engine = client.engine
+        original = engine._step
 
-        def tick(runs):  # in the worker thread, before the forward: the bookkeeping against the truth
-            checks.append((int(engine._load[0]), sum(r.rows_needed() for r in runs)))
-            return original(runs)
+        def step(outputs, admitted):  # in the compute thread, before the forward: the bookkeeping against the truth
+            active = engine._scheduler.active
+            checks.append((int(engine._scheduler.load[0]), sum(r.run.rows_needed() for r in active)))
+            return original(outputs, admitted)
 
-        engine._tick = tick
-        await engine.start()
-        jobs = []
+        engine._step = step
+        await client.start()
+        ids, waiters = [], []
         for i in range(24):
             start = rng.choice([0.0, 0.25, 0.5])
             spec = SampleSpec(
@@ -351,21 +423,22 @@ def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded
                 steps=rng.randint(2, 8),
                 guidance=interval(start, rng.choice([start + 0.25, 1.0])),
             )
-            jobs.append(engine.submit(spec))
+            ids.append(client.add(spec))
+            waiters.append(asyncio.ensure_future(client.result(ids[-1])))
             if i % 5 == 4:
-                engine.cancel(jobs[rng.randrange(len(jobs))])
+                client.abort(ids[rng.randrange(len(ids))])
             await asyncio.sleep(rng.random() * 0.02)
-        await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
-        await engine.stop()
+        await asyncio.gather(*waiters)
+        await client.shutdown()
 
     asyncio.run(main())
     assert max(s.rows for s in stats) <= 10
     assert checks and all(load == rows for load, rows in checks), checks
 
 
-def test_a_job_cancelled_during_its_last_step_leaves_the_loop_serving(loaded, denoiser):
-    """Cancelled while its last forward runs, a job is done when the loop drops it: its rows to come are
-    none (an empty profile), and the loop goes on serving."""
+def test_a_request_aborted_during_its_last_step_leaves_the_engine_serving(loaded, denoiser):
+    """Aborted while its last forward runs, a request has finished when the engine takes the abort: the abort
+    finds nothing to drop, and the engine goes on serving."""
     started, gate = threading.Event(), threading.Event()
 
     def held(x, t, labels, *rest):
@@ -374,16 +447,16 @@ def test_a_job_cancelled_during_its_last_step_leaves_the_loop_serving(loaded, de
         return denoiser(x, t, labels, *rest)
 
     async def main():
-        engine = make_engine(loaded, held)
-        await engine.start()
-        job = engine.submit(SampleSpec(class_label=1, seeds=(1,), steps=1))
+        client = make_client(loaded, held)
+        await client.start()
+        request = client.add(SampleSpec(class_label=1, seeds=(1,), steps=1))
         await until(started.is_set)
-        engine.cancel(job)
+        client.abort(request)
         gate.set()
-        result = await engine.submit(SampleSpec(class_label=2, seeds=(2,), steps=2)).future
-        healthy = engine.check_health()
-        await engine.stop()
+        result = await client.result(client.add(SampleSpec(class_label=2, seeds=(2,), steps=2)))
+        healthy = client.check_health()
+        await client.shutdown()
         return result, healthy
 
     result, healthy = asyncio.run(main())
-    assert healthy and result.images.shape == (1, 28, 28, 1)
+    assert healthy and isinstance(result, Finished) and result.images.shape == (1, 28, 28, 1)

@@ -1,0 +1,42 @@
+"""A validated request body as the engine's SampleSpec, and the guidance settings as a response echoes them."""
+
+import secrets
+from dataclasses import asdict
+from typing import Any
+
+from app.api.schemas import request_fields
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.sampling import GuidanceParams, SampleSpec
+
+
+def to_spec(body: Any) -> SampleSpec:
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - body.num_images)
+    return SampleSpec(
+        class_label=body.class_label,
+        seeds=tuple(seed + i for i in range(body.num_images)),
+        steps=body.steps,
+        sampler=body.sampler,
+        guidance=GuidanceParams(
+            guidance_scale=body.guidance_scale,
+            schedule=GuidanceSchedule(**body.schedule.model_dump()),
+            noise_level=body.noise_level,
+            noise_schedule=body.noise_schedule,
+            guidance_rescale=body.guidance_rescale,
+            method=GuidanceMethod(**body.method.model_dump()),
+            cads=None if body.cads is None else Cads(**body.cads.model_dump()),
+        ),
+        return_trace=body.return_trace,
+        preview_every=(body.preview_every or max(1, body.steps // 10)) if body.preview else None,
+    )
+
+
+def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
+    """The guidance settings a response echoes, method and schedule as a request would send them."""
+    return {
+        "method": request_fields(guidance.method),
+        "schedule": request_fields(guidance.schedule),
+        "noise_level": guidance.noise_level,
+        "noise_schedule": guidance.noise_schedule,
+        "guidance_rescale": guidance.guidance_rescale,
+        "cads": None if guidance.cads is None else asdict(guidance.cads),
+    }
