@@ -71,7 +71,8 @@ def _engine_hooks(metrics: Metrics, model: str):
             images.inc(stats.images_finished)
 
     def on_admit(job: Job) -> None:
-        queue_wait.observe(job.started_at - job.enqueued_at)
+        if job.started_at is not None:  # the engine sets it as it admits the job
+            queue_wait.observe(job.started_at - job.enqueued_at)
 
     return on_step, on_admit
 

@@ -12,7 +12,7 @@ class HookedDenoiser:
     `label_embedders`: embed_delta (rows, D) is added to their outputs (CADS) by forward hooks held only for
     that call. A hook is on the module, seen by every thread: it adds the delta only in the thread that holds
     the forward, so a class embedding read elsewhere meanwhile (a request being built in the event loop) is the
-    model's own. Subclasses set label_embedders and implement _forward."""
+    model's own. Subclasses set label_embedders and implement _forward and class_embedding."""
 
     label_embedders: list[torch.nn.Module]
 
@@ -39,4 +39,8 @@ class HookedDenoiser:
                 hook.remove()
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def class_embedding(self, label: int) -> torch.Tensor:
+        """The model's embedding of one class label, shape (D,), as CADS perturbs it."""
         raise NotImplementedError
