@@ -27,6 +27,8 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.slow  # pip resolves in subprocesses: tens of seconds
+
 INSTALL = REPO / "scripts" / "install.sh"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 TEST_TOOLS = {"pytest", "playwright", "ruff", "matplotlib", "torchao", "openai", "pytest-timeout"}
