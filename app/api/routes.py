@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -200,7 +200,7 @@ async def progress_events(engine: Engine, job: Job, until: asyncio.Future) -> As
         position = engine.queue_position(job)
         if (step, position) != last:
             last = (step, position)
-            event = {
+            event: dict[str, Any] = {
                 "step": step,
                 "steps": steps,
                 "queued": job.queued,
@@ -248,7 +248,10 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def build_router(limits: Limits) -> APIRouter:
     router = APIRouter()
-    GenerateRequest = build_generate_request(limits)
+    if TYPE_CHECKING:  # the model is built per Limits at runtime: the type checker reads what routes use of it
+        from app.api.schemas import GenerateBody as GenerateRequest
+    else:
+        GenerateRequest = build_generate_request(limits)
 
     @router.post(
         "/generate",
@@ -279,7 +282,7 @@ def build_router(limits: Limits) -> APIRouter:
         summary="Draw images of a class with classifier-free guidance",
     )
     async def generate(
-        body: GenerateRequest,  # type: ignore[valid-type]
+        body: GenerateRequest,
         request: Request,
         service: ServiceDep,
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],

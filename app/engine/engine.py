@@ -410,11 +410,12 @@ class Engine:
             elif job.run.done:
                 self._active.remove(job)
                 finished += job.spec.num_images
+                started_at = now if job.started_at is None else job.started_at  # set when it was admitted
                 job.future.set_result(
                     JobResult(
                         images=tick.images[id(job.run)],
-                        queue_wait_s=job.started_at - job.enqueued_at,
-                        compute_s=now - job.started_at,
+                        queue_wait_s=started_at - job.enqueued_at,
+                        compute_s=now - started_at,
                         trace=[t.to_dict() for t in job.run.trace] if job.spec.return_trace else None,
                     )
                 )
