@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import app.models.checkpoint
 from app.config import DEFAULT_MODEL_PATH
@@ -43,6 +44,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         real = fixtures & REAL_CHECKPOINT_FIXTURES and item.get_closest_marker("stand_in") is None
         if real or fixtures & SERVER_FIXTURES:
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run of fast-tier tests only runs torch on one thread. Its models are tiny, and OpenMP's teams (one per
+    thread that runs torch: the test's, the engine's) sleep between parallel regions once they outnumber the
+    cores: on the shared 2-core machine a 0.8 s jobs test took 36 s with two threads. The whole suite keeps
+    torch's default, which the real checkpoint's tests and the service run with."""
+    if session.items and all(in_fast_tier(item) for item in session.items):
+        torch.set_num_threads(1)
 
 
 def in_fast_tier(item: pytest.Item) -> bool:
