@@ -245,7 +245,7 @@ def test_the_readme_serves_after_the_serve_install_and_tests_after_the_test_inst
     # CI runs the README's test command, its install and its suite, with the lint, format and type checks between
     install, suite = test.split(" && ")
     assert install in ci and ci[-1] == suite and ci.index(install) < ci.index("python3 -m mypy") < len(ci) - 1
-    assert {"ruff check .", "ruff format --check ."} <= set(ci[ci.index(install) : -1])
+    assert {"python3 -m ruff check .", "python3 -m ruff format --check ."} <= set(ci[ci.index(install) : -1])
 
 
 def test_ci_fails_when_pytest_collects_no_test(tmp_path: Path) -> None:
