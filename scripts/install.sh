@@ -5,7 +5,7 @@
 #   scripts/install.sh            the serve install: PyTorch (below), the runtime dependencies, the project
 #                                 (editable); nothing for tests, benchmarks or research
 #   scripts/install.sh --system   the test install (the README's test command and CI): also the extras test
-#                                 (pytest, httpx, Playwright, the OpenAI client, PyYAML, ruff), int8 (torchao)
+#                                 (pytest, httpx, Playwright, the OpenAI client, PyYAML, ruff, mypy), int8 (torchao)
 #                                 and research (matplotlib), which the suite exercises, and the Debian packages
 #                                 it drives: dataset, nginx, prometheus, docker-compose, chromium
 #   scripts/install.sh --deps     PyTorch and the runtime dependencies only, without the project's source (the

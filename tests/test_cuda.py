@@ -18,7 +18,7 @@ from app.models.fast import FastDenoiser, resolve_precision
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
 from tests.pngs import decode, level_diff
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.integration]
 
 CUDA_FP32_LEVELS = 2
 CUDA_DEFAULT_LEVELS = 8

@@ -27,9 +27,11 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.slow  # pip resolves in subprocesses: tens of seconds
+
 INSTALL = REPO / "scripts" / "install.sh"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-TEST_TOOLS = {"pytest", "playwright", "ruff", "matplotlib", "torchao", "openai", "pytest-timeout"}
+TEST_TOOLS = {"pytest", "playwright", "ruff", "mypy", "matplotlib", "torchao", "openai", "pytest-timeout"}
 
 # What `nvidia-smi -L` prints and exits with: on a GPU machine; with a driver and no GPU; with no driver loaded.
 NVIDIA_SMI = {
@@ -165,7 +167,7 @@ def test_the_serve_extras_leave_out_the_test_and_research_tools() -> None:
     runtime = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["dependencies"]}
     assert not runtime & TEST_TOOLS
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert {"pytest", "playwright", "ruff"} <= {Requirement(r).name for r in extras["test"]}
+    assert {"pytest", "playwright", "ruff", "mypy"} <= {Requirement(r).name for r in extras["test"]}
     assert "torchao" in {Requirement(r).name for r in extras["int8"]}
     assert "matplotlib" in {Requirement(r).name for r in extras["research"]}
 
@@ -240,12 +242,19 @@ def test_the_readme_serves_after_the_serve_install_and_tests_after_the_test_inst
     assert serve.startswith("bash scripts/install.sh && python3 -m app.serve ")
     assert test == "bash scripts/install.sh --system && python3 -m pytest -q"
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert ci[-1] == test  # CI runs the README's test command
+    # CI runs the README's test command, its install and its suite, with the lint, format and type checks between
+    install, suite = test.split(" && ")
+    assert install in ci and ci[-1] == suite and ci.index(install) < ci.index("python3 -m mypy") < len(ci) - 1
+    assert {"python3 -m ruff check .", "python3 -m ruff format --check ."} <= set(ci[ci.index(install) : -1])
 
 
 def test_ci_fails_when_pytest_collects_no_test(tmp_path: Path) -> None:
-    """.ci/run in a copy of the repository whose install does nothing and whose tests folder is empty."""
+    """.ci/run in a copy of the repository whose install does nothing, whose app is one empty module (ruff and
+    mypy pass) and whose tests folder is empty."""
     (tmp_path / ".ci").mkdir()
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
     (tmp_path / ".ci" / "run").write_text((REPO / ".ci" / "run").read_text())
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "install.sh").write_text('echo "$@" > install-args\n')

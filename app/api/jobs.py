@@ -8,7 +8,7 @@ the error in the job (app/api/job_store.py), where GET /v1/jobs/{id} finds it un
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -133,7 +133,9 @@ JOB_LINKS = {
     for name, operation in (("GetJob", "get_job"), ("JobEvents", "get_job_events"), ("CancelJob", "cancel_job"))
 }
 EVENTS = "`progress` events while the job runs, then one `result` or `error` (at once for a finished job)"
-UNKNOWN_JOB = {404: {"model": ErrorDetail, "description": "no such job: unknown, or expired"}}
+UNKNOWN_JOB: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "no such job: unknown, or expired"}
+}
 
 
 class EventStreamResponse(StreamingResponse):
@@ -142,7 +144,10 @@ class EventStreamResponse(StreamingResponse):
 
 def build_jobs_router(limits: Limits) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-    GenerateRequest = build_generate_request(limits)
+    if TYPE_CHECKING:  # the model is built per Limits at runtime: the type checker reads what routes use of it
+        from app.api.schemas import GenerateBody as GenerateRequest
+    else:
+        GenerateRequest = build_generate_request(limits)
 
     @router.post(
         "",
@@ -165,7 +170,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="Submit a generation job (the /generate body); returns at once",
     )
     async def create_job(
-        body: GenerateRequest,  # type: ignore[valid-type]
+        body: GenerateRequest,
         service: ServiceDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:

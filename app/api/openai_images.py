@@ -11,7 +11,7 @@ import json
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -21,7 +21,7 @@ from app.api.convert import to_spec
 from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
 from app.api.responses import ImagesResponse, OpenAIError, refusals
-from app.api.schemas import Limits, build_generate_request
+from app.api.schemas import GenerateBody, Limits, build_generate_request
 from app.api.service import Service, ServiceDep
 from app.api.waiting import await_result, refusal, submit
 from app.images import to_png_bytes
@@ -175,14 +175,14 @@ def build_openai_router(limits: Limits) -> APIRouter:
     if missing := set(GUIDANCE_FIELDS) - generate_fields:
         raise RuntimeError(f"/generate no longer has {sorted(missing)}: update GUIDANCE_FIELDS")
 
-    def read_request(raw: bytes, service: Service) -> BaseModel:
+    def read_request(raw: bytes, service: Service) -> GenerateBody:
         body = parse_json_object(raw)
         model = body.get("model")
         model = model if isinstance(model, str) and model in service.models else None
         check_openai_fields(body, service, served_size(service, model))
         class_names = limits.class_names(model)
         fields = to_generate_fields(body, generate_fields, class_names)
-        return validate(GenerateRequest, fields, class_names)
+        return cast(GenerateBody, validate(GenerateRequest, fields, class_names))  # an instance of GenerateRequest
 
     @router.post(
         "/v1/images/generations",
@@ -222,7 +222,8 @@ def build_openai_router(limits: Limits) -> APIRouter:
             result = await await_result(service, validated.model, request_id, request, arrived)
         except ApiError as exc:
             return openai_error(exc.status, exc.message, code=exc.outcome, headers=exc.headers)
-        name = limits.class_names(validated.model)[spec.class_label]
+        # The prompt names a class (to_generate_fields): never unconditional here.
+        name = None if spec.class_label is None else limits.class_names(validated.model)[spec.class_label]
         return JSONResponse(
             {
                 "created": int(time.time()),

@@ -3,6 +3,7 @@ draws, computed by the sampler's own code (`POST /v1/guidance/curve`) rather tha
 
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.responses import FileResponse
@@ -42,7 +43,10 @@ class GuidanceCurve(BaseModel):
 
 def build_playground_router(limits: Limits) -> APIRouter:
     router = APIRouter()
-    GenerateRequest = build_generate_request(limits)
+    if TYPE_CHECKING:  # the model is built per Limits at runtime: the type checker reads what routes use of it
+        from app.api.schemas import GenerateBody as GenerateRequest
+    else:
+        GenerateRequest = build_generate_request(limits)
 
     @router.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -62,7 +66,7 @@ def build_playground_router(limits: Limits) -> APIRouter:
         dependencies=[Depends(json_body), Depends(produces(JSON))],
         summary="The per-step guidance scale, sigma and noise level a /generate body would use",
     )
-    async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve | Response:  # type: ignore[valid-type]
+    async def guidance_curve(body: GenerateRequest, service: ServiceDep) -> GuidanceCurve | Response:
         # Computed by the engine, in the model's thread, from the model's scheduler: refused until it is loaded.
         if (refused := refusal(service)) is not None:
             return refused.response()

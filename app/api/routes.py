@@ -3,7 +3,7 @@ client and wait (waiting.py), encode (encoding.py) or stream (sse.py)."""
 
 import math
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -23,7 +23,10 @@ from app.images import make_grid, to_png_bytes
 
 def build_router(limits: Limits) -> APIRouter:
     router = APIRouter()
-    GenerateRequest = build_generate_request(limits)
+    if TYPE_CHECKING:  # the model is built per Limits at runtime: the type checker reads what routes use of it
+        from app.api.schemas import GenerateBody as GenerateRequest
+    else:
+        GenerateRequest = build_generate_request(limits)
 
     @router.post(
         "/generate",
@@ -54,7 +57,7 @@ def build_router(limits: Limits) -> APIRouter:
         summary="Draw images of a class with classifier-free guidance",
     )
     async def generate(
-        body: GenerateRequest,  # type: ignore[valid-type]
+        body: GenerateRequest,
         request: Request,
         service: ServiceDep,
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Protocol, get_args, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -154,6 +154,10 @@ def _request_fields(value: GuidanceSchedule | GuidanceMethod) -> tuple[tuple[str
     return tuple((k, v) for k, v in asdict(value).items() if k in schema_fields and v is not None)
 
 
+@overload
+def _schema_default(value: GuidanceSchedule) -> Schedule: ...
+@overload
+def _schema_default(value: GuidanceMethod) -> Method: ...
 def _schema_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
     """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE),
     validated once and copied for each request that leaves it out."""
@@ -187,6 +191,15 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded PNGs")
     seeds: list[int] = Field(description="per-image seeds: seed=seeds[i], num_images=1 redraws image i")
     timings: Timings
+
+
+class GenerateBody(Protocol):
+    """What the routes read of build_generate_request's model, for the type checker: that model is built per
+    Limits at runtime (its `model` a Literal of the served names), which no static annotation can name."""
+
+    model: str
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
 
 @functools.cache  # one model per Limits: every route that takes this body shares it (and its OpenAPI schema)
@@ -278,7 +291,7 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
 
         @field_validator("class_label")
         @classmethod
-        def _known_class(cls, v: int | str | None, info: ValidationInfo) -> int | None:
+        def _known_class(cls, v: int | str | None, info: ValidationInfo) -> int | str | None:
             if v is None or "model" not in info.data:  # no class, or an unknown model (its own error)
                 return v
             return resolve_label(v, limits.class_names(info.data["model"]))

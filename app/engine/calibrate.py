@@ -17,7 +17,11 @@ class _Recorder:
         self.denoiser = denoiser
         self.inputs: list[Inputs] = []
 
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
+        if extra:  # calibration samples plain CFG: no CADS embed_delta
+            raise ValueError("calibration records the three-input forward only")
         self.inputs.append((x.clone(), timesteps.clone(), class_labels.clone()))
         return self.denoiser(x, timesteps, class_labels)
 
@@ -38,13 +42,12 @@ def calibration_inputs(
     count = min(num_classes, max_classes)
     labels = sorted({round(i * num_classes / count) for i in range(count)})
     recorder = _Recorder(denoiser)
-    spec = dict(steps=steps, sampler=DEFAULT_SAMPLER, guidance=GuidanceParams(guidance_scale=3.0))
-    runs = [
-        SampleRun(
-            SampleSpec(class_label=c, seeds=(seed + i,), **spec), scheduler_config, image_shape, null_label, device
-        )
+    guidance = GuidanceParams(guidance_scale=3.0)
+    specs = [
+        SampleSpec(class_label=c, seeds=(seed + i,), steps=steps, sampler=DEFAULT_SAMPLER, guidance=guidance)
         for i, c in enumerate(labels)
     ]
+    runs = [SampleRun(spec, scheduler_config, image_shape, null_label, device) for spec in specs]
     sample(recorder, runs)
     return recorder.inputs
 

@@ -281,7 +281,8 @@ class Engine:
         while self._messages:
             message = self._messages.popleft()
             if message[0] == "add":
-                self._take(*message[1:], outputs=outputs)
+                _, request_id, spec, enqueued_at, progress, limit_queue = message
+                self._take(request_id, spec, enqueued_at, progress, limit_queue, outputs)
             elif message[0] == "abort":
                 request = self._requests.get(message[1])
                 if request is not None:

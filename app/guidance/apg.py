@@ -43,7 +43,7 @@ def apg_combine(
     dims = row_dims(diff)
     if norm_threshold > 0:
         diff = diff * torch.clamp(norm_threshold / torch.linalg.vector_norm(diff, dim=dims, keepdim=True), max=1.0)
-    unit = F.normalize(pred_cond.double(), dim=dims)
+    unit = F.normalize(pred_cond.double(), dim=dims)  # type: ignore[arg-type]  # torch's stub says int; it takes a tuple
     parallel = (diff.double() * unit).sum(dim=dims, keepdim=True) * unit
     orthogonal = diff.double() - parallel
     update = (orthogonal + eta * parallel).to(diff.dtype)

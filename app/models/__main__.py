@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot import {args.src}: {exc}", file=sys.stderr)
         return 1
-    shape = "x".join(map(str, m.image_shape))
-    latents = f", latents {'x'.join(map(str, m.latent_shape))}" if m.latent else ""
+    shape = "x".join(map(str, m.output_shape))
+    latents = f", latents {'x'.join(map(str, m.sample_shape))}" if m.latent else ""
     classes = f"{m.num_classes} classes (null label {m.null_label})"
     print(f"imported {args.src} as {dst}: {m.kind}, {classes}, images {shape}{latents}")
     for note in m.source.get("notes", []):

@@ -74,10 +74,12 @@ class Manifest:
         if self.learned_sigma not in LEARNED_SIGMA:
             raise ValueError(f"learned_sigma must be one of {LEARNED_SIGMA}, not {self.learned_sigma!r}")
         # Frozen: the defaults that depend on other fields are filled here, once.
-        if self.latent_shape is None:
-            object.__setattr__(self, "latent_shape", [self.in_channels, self.image_size, self.image_size])
+        latent_shape = self.latent_shape
+        if latent_shape is None:
+            latent_shape = [self.in_channels, self.image_size, self.image_size]
+        object.__setattr__(self, "latent_shape", latent_shape)
         if self.image_shape is None:
-            object.__setattr__(self, "image_shape", list(self.latent_shape))
+            object.__setattr__(self, "image_shape", list(latent_shape))
         if not self.files:
             object.__setattr__(self, "files", {f"{self.denoiser_folder}/{WEIGHTS_NAME}": self.weights_sha256})
 
@@ -93,8 +95,12 @@ class Manifest:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one sample as the sampler and the denoiser see it: SampleRun's image_shape."""
-        c, h, w = self.latent_shape
-        return (c, h, w)
+        return _chw(self.latent_shape)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image served: the samples themselves, or a latent model's decoded images."""
+        return _chw(self.image_shape)
 
     @property
     def denoiser_folder(self) -> str:
@@ -107,6 +113,13 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _chw(shape: list[int] | None) -> tuple[int, int, int]:
+    if shape is None:  # Manifest.__post_init__ fills both shapes
+        raise ValueError("a manifest's shape was read before __post_init__ filled it")
+    c, h, w = shape
+    return (c, h, w)
 
 
 @dataclass
@@ -335,8 +348,8 @@ def model_denoiser(model: LoadedModel) -> UNetDenoiser | DiTDenoiser:
 def image_decoder(model: LoadedModel) -> ImageDecoder:
     """finished samples (N, C, h, w) -> uint8 images (N, H, W, C'): the VAE's decode for a latent model,
     else the samples themselves. Runs the VAE: call it in the model's thread."""
-    if model.manifest.latent:
-        vae, scaling_factor = model.vae, model.manifest.vae_scaling_factor
+    vae, scaling_factor = model.vae, model.manifest.vae_scaling_factor
+    if scaling_factor is not None:  # manifest.latent
 
         def decode(latents: torch.Tensor) -> np.ndarray:
             return decode_latents(vae, latents, scaling_factor)

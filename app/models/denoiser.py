@@ -18,10 +18,15 @@ class HookedDenoiser:
     self-attention or skipped blocks (app/models/attention.py). Both work by forward hooks held only for that
     call. A hook is on the module, seen by every thread: it acts only in the thread that holds the forward, so
     a class embedding read elsewhere meanwhile (a request being built in the event loop), or another thread's
-    forward, is the model's own. Subclasses set label_embedders and network, and implement _forward."""
+    forward, is the model's own. Subclasses set label_embedders, and implement network, _forward and
+    class_embedding."""
 
     label_embedders: list[torch.nn.Module]
-    network: torch.nn.Module
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The network whose layers perturbations hook (app/models/attention.py)."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def __call__(
@@ -40,6 +45,7 @@ class HookedDenoiser:
         owner = threading.get_ident()
 
         def add_delta(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            assert embed_delta is not None  # registered only with a delta
             return out + embed_delta.to(out.dtype) if threading.get_ident() == owner else out
 
         hooks = [] if perturb is None else perturbation_hooks(self.perturbation_sites, perturb, owner)
@@ -57,4 +63,8 @@ class HookedDenoiser:
         return perturbation_sites(self.network)
 
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def class_embedding(self, label: int) -> torch.Tensor:
+        """The model's embedding of one class label, shape (D,), as CADS perturbs it."""
         raise NotImplementedError

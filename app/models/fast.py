@@ -198,7 +198,7 @@ class FastDenoiser:
             return self._replay((x, timesteps, class_labels))
         if self._compiled is None or extra:
             return self._forward(x, timesteps, class_labels, *extra).contiguous()
-        if self.precision == "int8" and self._int8 is None:
+        if self.precision == "int8" and self._int8 is None and self._calibrate is not None:  # set for int8
             from app.models.quantize import quantize_int8  # imports torchao's quantization: only for int8
 
             self._int8 = quantize_int8(self.denoiser, self._calibrate())

@@ -332,8 +332,11 @@ def plan_import(
         raise ImportRefused(f"a DiT works in a VAE's latents: import its DiTPipeline folder, with vae/ (not {src})")
     learned_sigma = _learned_sigma(denoiser_config, denoiser_dir)
     latent_shape = [denoiser_config["in_channels"], *_sample_hw(denoiser_config, denoiser_dir)]
-    vae_config = _json(vae_dir / "config.json") if vae_dir is not None else None
-    image_shape = _vae_image_shape(vae_config, vae_dir, latent_shape) if vae_dir is not None else list(latent_shape)
+    vae_config: dict[str, Any] | None = None
+    image_shape = list(latent_shape)
+    if vae_dir is not None:
+        vae_config = _json(vae_dir / "config.json")
+        image_shape = _vae_image_shape(vae_config, vae_dir, latent_shape)
     names, null_label = _class_names_and_null(kind, denoiser_config, folders.class_names, denoiser_dir, notes)
     return ImportPlan(
         kind=kind,

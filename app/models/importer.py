@@ -61,7 +61,7 @@ def write_checkpoint(plan: ImportPlan, dst: Path, name: str) -> Manifest:
     dst.mkdir()
     folder = plan.denoiser_folder
     files = _copy_component(plan.denoiser_dir, plan.denoiser_config, plan.denoiser_weights, dst / folder, folder)
-    if plan.vae_dir is not None:
+    if plan.vae_dir is not None and plan.vae_config is not None:  # both or neither
         files |= _copy_component(plan.vae_dir, plan.vae_config, plan.vae_weights, dst / "vae", "vae")
     (dst / "scheduler").mkdir()
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(plan.scheduler_config, indent=2) + "\n")
@@ -88,10 +88,12 @@ def write_checkpoint(plan: ImportPlan, dst: Path, name: str) -> Manifest:
 def _check_null_embedding(model: LoadedModel) -> None:
     """The null label must have its own row in the class-embedding table."""
     m = model.manifest
-    if m.kind == "dit":
+    if model.transformer is not None:  # a DiT
         rows = model.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
-    else:
+    elif model.unet is not None:
         rows = model.unet.class_embedding.num_embeddings
+    else:
+        raise ImportRefused(f"{model.path} holds no denoiser (manifest kind {m.kind!r})")
     if rows != m.null_label + 1:
         raise ImportRefused(
             f"{NEEDS_CLASSES} with a null label: its class embedding has {rows} rows for null label {m.null_label}"

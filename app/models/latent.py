@@ -40,11 +40,11 @@ class DiTDenoiser(HookedDenoiser):
     def __init__(self, transformer: DiTTransformer2DModel, eps_channels: int | None = None) -> None:
         self.transformer = transformer
         self.eps_channels = eps_channels
-        self.label_embedders = [block.norm1.emb.class_embedder for block in transformer.transformer_blocks]
-        first = self.label_embedders[0].embedding_table.weight
-        self.shared_class_embedding = all(
-            torch.equal(first, e.embedding_table.weight) for e in self.label_embedders[1:]
-        )
+        embedders = [block.norm1.emb.class_embedder for block in transformer.transformer_blocks]
+        self.label_embedders = embedders
+        self.embedding_tables: list[torch.nn.Embedding] = [e.embedding_table for e in embedders]
+        first = self.embedding_tables[0].weight
+        self.shared_class_embedding = all(torch.equal(first, table.weight) for table in self.embedding_tables[1:])
 
     @property
     def network(self) -> DiTTransformer2DModel:
@@ -63,4 +63,4 @@ class DiTDenoiser(HookedDenoiser):
         (a DiT not converted from one y_embedder): CADS's rescaling is defined for one embedding."""
         if not self.shared_class_embedding:
             raise ValueError("CADS needs one class embedding; this DiT has a different one in each block")
-        return self.label_embedders[0].embedding_table.weight[label].float().clone()
+        return self.embedding_tables[0].weight[label].float().clone()

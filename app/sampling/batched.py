@@ -58,7 +58,7 @@ class BatchedRun(Protocol):
     """What this module reads and writes of a request (app.sampling.run.SampleRun, which imports this module)."""
 
     spec: Any
-    table: StepTable
+    table: StepTable | None  # this module steps only runs that have one: table_of
     guider: Guider
     rng: StackedRandom
     latents: torch.Tensor
@@ -75,6 +75,13 @@ class BatchedRun(Protocol):
     def needs_uncond(self) -> bool: ...
 
     def finish_step(self, latents: torch.Tensor, eps_guided: torch.Tensor) -> None: ...
+
+
+def table_of(run: BatchedRun) -> StepTable:
+    """The run's step table; ValueError for a run stepped alone (SampleRun.table None), which never comes here."""
+    if run.table is None:
+        raise ValueError("app.sampling.batched steps only runs that have a step table")
+    return run.table
 
 
 @functools.lru_cache(maxsize=256)
@@ -101,11 +108,12 @@ def inputs_together(runs: Sequence[BatchedRun]) -> tuple[torch.Tensor, torch.Ten
     index: list[int] = []
     timesteps: list[float] = []
     labels: list[int] = []
-    scaled = any(r.table.input_divisors is not None for r in runs)
+    tables = [table_of(r) for r in runs]
+    scaled = any(t.input_divisors is not None for t in tables)
     divisors: list[float] = []
     start = 0
-    for r in runs:
-        n, i, table = r.spec.num_images, r.step_index, r.table
+    for r, table in zip(runs, tables, strict=True):
+        n, i = r.spec.num_images, r.step_index
         rows = list(range(start, start + n))
         guided = r.needs_uncond()
         index += rows + rows if guided else rows
@@ -121,20 +129,22 @@ def inputs_together(runs: Sequence[BatchedRun]) -> tuple[torch.Tensor, torch.Ten
         x = latents * d if latents.is_cuda else latents / d
     for r, view in zip(runs, x.split([r.spec.num_images for r in runs]), strict=True):
         r.scaled_input = view
-    dtype = functools.reduce(torch.promote_types, {r.table.timestep_dtype for r in runs})
+    dtype = functools.reduce(torch.promote_types, {t.timestep_dtype for t in tables})
     device = latents.device
-    rows = x.index_select(0, to_device(torch.tensor(index), device))
-    return rows, to_device(torch.tensor(timesteps, dtype=dtype), device), to_device(torch.tensor(labels), device)
+    x_rows = x.index_select(0, to_device(torch.tensor(index), device))
+    return x_rows, to_device(torch.tensor(timesteps, dtype=dtype), device), to_device(torch.tensor(labels), device)
 
 
 def advance_together(runs: Sequence[BatchedRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
     """Advance runs that have a step table (SampleRun.table) by one step, each solver's runs all at once.
     offsets[k] is where runs[k]'s rows start in eps, the shared forward's output (its conditional rows, then
     its unconditional)."""
-    groups: dict[tuple[str, type], list[tuple[BatchedRun, int]]] = {}
+    groups: dict[tuple[str, type[Guider]], list[tuple[BatchedRun, int]]] = {}
     for run, offset in zip(runs, offsets, strict=True):
-        groups.setdefault((run.table.solver, type(run.guider)), []).append((run, offset))
+        groups.setdefault((table_of(run).solver, type(run.guider)), []).append((run, offset))
     for (name, guider), members in groups.items():
+        if guider.combine_rows is None:
+            raise ValueError(f"{guider.__name__} has no combine_rows: its requests are stepped alone")
         _advance(SOLVERS[name], guider.combine_rows, members, eps)
 
 
@@ -143,7 +153,7 @@ def step_noise(run: BatchedRun, column: int) -> torch.Tensor:
     generator, as diffusers' step draws it (randn_tensor with the generator list); zeros where the table's
     noise scale (column) is 0 and the step adds none: DDPM draws nothing there either (t = 0), and Euler
     ancestral's draw at its last step (sigma_up = 0) only moves generators that nothing reads again."""
-    if run.table[run.step_index][column] == 0:
+    if table_of(run)[run.step_index][column] == 0:
         return torch.zeros(tuple(run.latents.shape), dtype=run.latents.dtype)
     return run.rng.randn(run.latents.shape[1:], dtype=run.latents.dtype)
 
@@ -158,7 +168,7 @@ def _advance(
         i = run.step_index
         guided = run.needs_uncond()
         scale, shift = (run.scales[i], n) if guided else (1.0, 0)
-        coefs = run.table[i]
+        coefs = table_of(run)[i]
         per_row += [[offset + j, offset + j + shift, scale, *coefs] for j in range(n)]
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step

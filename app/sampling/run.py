@@ -287,7 +287,8 @@ class SampleRun:
                 self.trace.append(StepTrace(i, scale))
             return eps_cond
         eps_uncond = eps[n:]
-        guided = self.guider.combine(GuidanceStep(eps_cond, eps_uncond, scale, self.scaled_input, self.alpha_bars[i]))
+        step = GuidanceStep(eps_cond, eps_uncond, scale, self._step_input(), self.alpha_bars[i])
+        guided = self.guider.combine(step)
         if self.spec.return_trace:
             self.trace.append(StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond), **guided.norms))
         return rescale_guidance(guided.eps, eps_cond, self.spec.guidance.guidance_rescale)
@@ -310,8 +311,14 @@ class SampleRun:
         self.latents = latents
         self.step_index += 1
         if self._preview_due():
-            x0 = eps_to_x0(self.scaled_input, eps_guided, self.alpha_bars[i])
+            x0 = eps_to_x0(self._step_input(), eps_guided, self.alpha_bars[i])
             self.preview = Preview(self.step_index, self.decode(x0))
+
+    def _step_input(self) -> torch.Tensor:
+        """This step's scaled model input, kept by model_input or app.sampling.batched.inputs_together."""
+        if self.scaled_input is None:
+            raise RuntimeError("a step's output came back before its model input was built")
+        return self.scaled_input
 
     def _preview_due(self) -> bool:
         """Every preview_every steps, except the last: the finished images follow it at once."""

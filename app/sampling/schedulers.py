@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from typing import Any
+from typing import Any, Final
 
 import torch
 from diffusers import (
@@ -52,7 +52,7 @@ def step_kwargs(sampler: str) -> dict[str, Any]:
 # 1.38x off at 20 steps; on Karras sigmas the same solver is within it at 15 and 20 steps (FID 8.03 and 8.84
 # against 9.44) and not at 10. 20 it is: at 15 only 2 steps fall in the guidance interval and accuracy drops to
 # 0.966, under issue 13's 0.97 (docs/steps-karras.md, docs/steps-dpmpp_2m.md, docs/benchmarks.md).
-DEFAULT_SAMPLER = "dpmpp_2m_karras"
+DEFAULT_SAMPLER: Final = "dpmpp_2m_karras"
 
 
 def make_scheduler(sampler: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:

@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 
+pytestmark = pytest.mark.stand_in  # the subject is the API, not the model (tests/stand_in.py)
+
 LIMIT = 4096
 
 

@@ -19,6 +19,8 @@ from app.config import Settings
 from app.main import create_app
 from tests.metrics import metric_value
 
+pytestmark = pytest.mark.stand_in  # the subject is the API, not the model (tests/stand_in.py)
+
 FAULT = "injected fault: device lost"
 
 

@@ -33,6 +33,8 @@ from schemathesis.specs.openapi.checks import (
 from app.config import Settings
 from app.main import create_app
 
+pytestmark = pytest.mark.integration  # generates with the shipped checkpoint, over a minute
+
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 FUZZ_SETTINGS = settings(

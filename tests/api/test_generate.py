@@ -18,6 +18,8 @@ from app.sampling import DEFAULT_SAMPLER
 from tests.metrics import metric_value
 from tests.pngs import decode
 
+pytestmark = pytest.mark.integration  # the shipped model through the API
+
 
 @pytest.fixture(scope="module")
 def client():

@@ -17,6 +17,8 @@ from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec
 from tests.metrics import metric_value
 from tests.pngs import decode
 
+pytestmark = pytest.mark.integration  # the API equal to the library
+
 LABEL, SEED, STEPS, N = 3, 5, 6, 2
 
 # (request fields, the same guidance as the engine's dataclasses)

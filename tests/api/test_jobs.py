@@ -12,6 +12,8 @@ from app.main import create_app
 from tests.metrics import metric_value
 from tests.pngs import decode, same_images
 
+pytestmark = pytest.mark.stand_in  # the subject is the API, not the model (tests/stand_in.py)
+
 BODY = {"class_label": "sneaker", "num_images": 2, "steps": 6, "seed": 11}
 
 

@@ -15,6 +15,8 @@ import pytest
 from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
 from tests.pngs import decode
 
+pytestmark = pytest.mark.integration
+
 
 def wait_until(predicate, timeout=60.0):
     deadline = time.monotonic() + timeout

@@ -68,6 +68,7 @@ def test_an_unknown_model_or_a_class_of_another_model_is_a_422_naming_what_is_se
     assert client.post("/generate", json={"model": "tiny-dit", "class_label": 1000}).status_code == 422
 
 
+@pytest.mark.integration  # batch invariance
 def test_concurrent_requests_to_both_models_match_each_sampled_alone(client, store):
     """Each model batches its own rows on the shared thread; the latent path's images (decoded by the VAE,
     batched over the requests that finish together) equal those of the request sampled alone."""

@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.pngs import level_diff, same_images
 
+pytestmark = pytest.mark.integration
+
 MODEL = "fashion-mnist-cfg"
 GUIDANCE = {"guidance_scale": 3.0, "steps": 4, "seed": 1}
 

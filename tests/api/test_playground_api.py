@@ -9,6 +9,8 @@ from app.guidance import GuidanceSchedule
 from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, GuidanceParams, SampleRun, SampleSpec
 
+pytestmark = pytest.mark.stand_in  # the subject is the API, not the model (tests/stand_in.py)
+
 
 @pytest.fixture(scope="module")
 def client():

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.api.test_live import wait_until
+
+pytestmark = pytest.mark.integration  # real server processes
 
 BODY = {"class_label": 3, "steps": 2, "seed": 1}
 

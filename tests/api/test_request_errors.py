@@ -9,6 +9,8 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 
+pytestmark = pytest.mark.stand_in  # the subject is the API, not the model (tests/stand_in.py)
+
 BODY_ROUTES = ["/generate", "/v1/jobs", "/v1/guidance/curve"]
 OPENAI = "/v1/images/generations"
 JSON = {"content-type": "application/json"}

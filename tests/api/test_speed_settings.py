@@ -10,6 +10,8 @@ from app.models.fast import PrecisionError
 from app.models.precision import cpu_has_int8_dot
 from tests.pngs import level_diff
 
+pytestmark = pytest.mark.integration  # precisions and layouts of the real model
+
 
 def test_bf16_is_served_and_listed():
     with TestClient(create_app(Settings(device="cpu", precision="bf16", max_batch_rows=32))) as client:

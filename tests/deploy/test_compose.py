@@ -16,6 +16,8 @@ from app.serve import CLOSE_TIMEOUT_S
 
 from .support import REPO, compose_config
 
+pytestmark = pytest.mark.deploy
+
 SERVICES = {"app", "gateway", "prometheus", "grafana"}
 
 

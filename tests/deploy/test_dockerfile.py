@@ -13,7 +13,11 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .support import REPO
+
+pytestmark = pytest.mark.deploy
 
 
 def instructions(dockerfile: Path = REPO / "Dockerfile") -> list[tuple[str, str]]:

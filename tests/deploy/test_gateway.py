@@ -13,7 +13,7 @@ import pytest
 
 from .support import Replica, StubDNS, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 GENERATE = {
     "class_label": "Sneaker",

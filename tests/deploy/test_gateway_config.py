@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from app.config import Settings
 
 from .support import (
@@ -14,6 +16,8 @@ from .support import (
     nginx_test,
     render_gateway,
 )
+
+pytestmark = pytest.mark.deploy
 
 
 def rendered_compose_gateway(tmp_path: Path) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from .support import Gateway, Replica, start_replica, stop_process, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 LOAD = 6  # concurrent clients; 50 steps each keep them all in the replicas until the kill
 

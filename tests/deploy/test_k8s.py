@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from app.metrics import create_metrics
 from app.serve import CLOSE_TIMEOUT_S
 
 from .support import REPO
+
+pytestmark = pytest.mark.deploy
 
 K8S = REPO / "deploy" / "k8s"
 

@@ -23,6 +23,8 @@ from app.metrics import create_metrics
 
 from .support import REPO, Replica, free_port, require_tool, stop_process, wait_for
 
+pytestmark = pytest.mark.deploy
+
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "cfg-serve.json"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

@@ -12,6 +12,10 @@ from app.engine import Engine, EngineClosedError, EngineStats, Failed, Finished,
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
 
+# Queueing, admission, cancellation and failures: tests/stand_in.py's model. The tests that compare the
+# engine's images with a run sampled alone are marked integration: those keep the real checkpoint.
+pytestmark = pytest.mark.stand_in
+
 
 def make_client(loaded, denoiser, stats=None, **kw) -> InProcessClient:
     kw.setdefault("max_batch_rows", 32)
@@ -94,6 +98,7 @@ def test_requests_join_at_the_next_tick_and_share_forwards(loaded, denoiser):
     assert rows.count(4) == 4 and len(rows) == 30
 
 
+@pytest.mark.integration
 def test_result_matches_the_request_sampled_alone(loaded, denoiser):
     spec = SampleSpec(class_label=6, seeds=(10, 11), steps=6, sampler="dpmpp_2m", guidance=GuidanceParams(2.5))
 
@@ -230,6 +235,7 @@ def test_a_waiting_request_is_told_its_place_until_admitted(loaded, denoiser):
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded, denoiser):
     """What the benchmark relies on: fn runs in the engine's thread, no tick runs meanwhile, and the
     batch resumes as it was (the result equals the request sampled alone)."""

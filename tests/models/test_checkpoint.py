@@ -9,6 +9,8 @@ import torch
 from app.models import CheckpointError, load_checkpoint, sha256_file, verify_checkpoint
 from app.models.checkpoint import WEIGHTS_NAME
 
+pytestmark = pytest.mark.integration  # the shipped checkpoint itself
+
 
 def copy(checkpoint_path, tmp_path):
     dst = tmp_path / "ckpt"

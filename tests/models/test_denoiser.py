@@ -7,9 +7,12 @@ hook). These tests hold another thread's read in the middle of a hooked forward,
 
 import threading
 
+import pytest
 import torch
 
 from app.models.checkpoint import UNetDenoiser
+
+pytestmark = pytest.mark.integration
 
 
 def read_during_a_cads_forward(denoiser: UNetDenoiser, read):

@@ -9,6 +9,8 @@ from app.models.attention import Perturbation, PerturbationError, RowPerturbatio
 from app.models.fast import FastDenoiser, PrecisionError, fast_denoiser, pad_rows, resolve_precision, row_buckets
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
 
+pytestmark = pytest.mark.integration  # compiled forwards, bit-equal to eager
+
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
 # bf16 keeps 8 bits of mantissa: eps differs from fp32's by up to ~0.03 on this model, and a 20-step run's

@@ -228,6 +228,7 @@ def test_an_existing_name_is_not_overwritten(dit_source, dit_checkpoint, capsys)
     assert sha256_file(dit_checkpoint / "manifest.json") == before
 
 
+@pytest.mark.slow  # python -m app.models in subprocesses
 def test_the_command_line_refuses_without_a_traceback(tmp_path):
     src = pickle_unet_folder(tmp_path / "src")
     cmd = [sys.executable, "-m", "app.models", "import", str(src), "--name", "x", "--store", str(tmp_path / "store")]

@@ -31,6 +31,7 @@ def make_run(loaded, spec: SampleSpec, denoiser=None) -> SampleRun:
     return SampleRun(spec, loaded.scheduler_config, m.sample_shape, m.null_label, class_embedding=embedding)
 
 
+@pytest.mark.integration  # image equality with DiTPipeline
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_sampling_matches_dit_pipeline(dit_source, dit_loaded, guidance_scale):
     """SampleRun + sample() + the DiT denoiser + the VAE decode give DiTPipeline's images.

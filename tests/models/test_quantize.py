@@ -14,6 +14,8 @@ from app.models.quantize import Int8Unavailable, quantize_int8
 from app.sampling import DEFAULT_GUIDANCE, SampleSpec, sample
 from tests.models.test_fast import SHAPE, make_run, random_batch
 
+pytestmark = pytest.mark.integration  # int8 numerics
+
 CPU = torch.device("cpu")
 # int8 activations and weights, conv_in and conv_out fp32: eps within ~0.05% of fp32's in mean square on
 # this model (measured 3e-5 to 4.5e-4 on random inputs at 1 to 4 rows; 1e-4 to 1e-3 with conv_in and conv_out
@@ -31,8 +33,9 @@ needs_int8_dot = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def int8(loaded, denoiser) -> FastDenoiser:
+def int8(real_loaded, real_denoiser) -> FastDenoiser:
     """The int8 denoiser at max_rows 4: buckets of 2 and 4 rows, both compiled by the calls below."""
+    loaded, denoiser = real_loaded, real_denoiser  # module-scoped: the session's real model
     return fast_denoiser(denoiser, CPU, "int8", max_rows=4, calibrate=model_calibrator(loaded, denoiser))
 
 

@@ -41,6 +41,7 @@ def test_autocast_dtype_follows_the_precision_flag():
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
 
 
+@pytest.mark.slow  # trains for real: half a minute on the shared 2 cores
 def test_tiny_run_writes_a_loadable_checkpoint_that_records_its_history(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--steps", "2", "--batch-size", "8", "--channels", "8,16,32", "--warmup", "1", "--save-every", "0"]

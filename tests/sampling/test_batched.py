@@ -16,6 +16,8 @@ from app.sampling import (
 from app.sampling.batched import inputs_together
 from app.sampling.run import steps_together
 
+pytestmark = pytest.mark.integration  # bit-equal to diffusers' step
+
 
 def make(loaded, spec: SampleSpec, per_request: bool = False) -> SampleRun:
     m = loaded.manifest

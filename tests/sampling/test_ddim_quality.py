@@ -12,6 +12,8 @@ from research.data import load_fashion_mnist
 from research.evaluation.classifier import score, train_classifier, uint8_to_model_images
 from research.generate import generate
 
+pytestmark = pytest.mark.integration
+
 PER_CLASS = 6
 
 

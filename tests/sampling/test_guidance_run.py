@@ -6,6 +6,8 @@ import torch
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule, apg_combine, eps_to_x0, row_norm, x0_to_eps
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
 
+pytestmark = pytest.mark.integration
+
 SHAPE = (1, 28, 28)
 BATCH_ATOL = 1e-4
 BATCH_RTOL = 1e-4

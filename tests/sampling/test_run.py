@@ -18,6 +18,8 @@ from app.sampling import (
     to_uint8,
 )
 
+pytestmark = pytest.mark.integration
+
 SHAPE = (1, 28, 28)
 # Batched and unbatched convolutions round differently; this bounds the latent difference we accept
 # (relative, since euler_a latents start at sigma_max of the training schedule).

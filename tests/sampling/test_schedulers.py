@@ -2,7 +2,11 @@
 
 import copy
 
+import pytest
+
 from app.sampling.schedulers import config_key
+
+pytestmark = pytest.mark.integration
 
 
 def test_config_key_follows_the_dicts_content(loaded):

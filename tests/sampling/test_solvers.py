@@ -21,6 +21,8 @@ from app.sampling.solvers import (
     euler_a_update,
 )
 
+pytestmark = pytest.mark.integration  # bit-equal to diffusers' step
+
 STEPS = (1, 2, 10, 20)
 
 

@@ -3,7 +3,10 @@ the API from the service's own files, and ask no other host for anything (a CDN,
 
 from urllib.parse import urlsplit
 
+import pytest
 from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
 
 
 def record_other_hosts(page: Page) -> dict[str, str | None]:

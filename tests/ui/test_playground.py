@@ -7,9 +7,12 @@ import shlex
 import subprocess
 
 import httpx
+import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from tests.pngs import level_diff
+
+pytestmark = pytest.mark.browser
 
 FAST = {"steps": 4, "num_images": 2}  # a few seconds a job on 2 CPU cores
 

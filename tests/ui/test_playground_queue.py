@@ -11,6 +11,8 @@ from playwright.sync_api import Page, expect
 from tests.conftest import LiveServer
 from tests.ui.test_playground import column, control, open_page, wait_done
 
+pytestmark = pytest.mark.browser
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:

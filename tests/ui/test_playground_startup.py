@@ -2,9 +2,12 @@
 
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import expect
 
 from tests.ui.conftest import TIMEOUT_MS
+
+pytestmark = pytest.mark.browser
 
 
 def test_the_page_opened_during_startup_says_so_and_loads_once_ready(browser, launch_server, tmp_path: Path):

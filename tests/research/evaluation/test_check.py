@@ -7,6 +7,8 @@ from PIL import Image
 
 from research.evaluation.judges.check import main
 
+pytestmark = pytest.mark.integration  # the shipped checkpoint and the judges
+
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
 
 

@@ -8,6 +8,8 @@ from PIL import Image
 from app.sampling import DEFAULT_SAMPLER
 from research.evaluation.cli import main
 
+pytestmark = pytest.mark.integration  # the shipped checkpoint
+
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
 

@@ -11,6 +11,8 @@ from research.evaluation.judges.resnet import JUDGE_DIR, JudgeLoadError, file_sh
 from research.evaluation.judges.train import main as train_main
 from research.evaluation.metrics import accuracy
 
+pytestmark = pytest.mark.integration  # the committed judges' numerics on the test split
+
 
 def test_the_committed_judge_scores_the_test_split_as_its_manifest_records():
     model, manifest = load_resnet_judge()

@@ -7,6 +7,8 @@ from PIL import Image
 
 from research.evaluation.methods import main
 
+pytestmark = pytest.mark.integration  # the shipped checkpoint
+
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
 EXTRA = '{"name": "apg s=5 r=1", "guidance_scale": 5, "method": {"kind": "apg", "norm_threshold": 1.0}}'

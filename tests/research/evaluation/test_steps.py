@@ -6,6 +6,8 @@ import pytest
 
 from research.evaluation.steps import StepsResult, fewest_steps, main
 
+pytestmark = pytest.mark.integration  # the shipped checkpoint
+
 # The shipped checkpoint. CFG_TEST_CHECKPOINT points elsewhere only for local work before it is copied in.
 CHECKPOINT = Path(os.environ.get("CFG_TEST_CHECKPOINT", "model_store/fashion-mnist-cfg"))
 
