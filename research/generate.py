@@ -26,7 +26,16 @@ from tqdm import tqdm
 from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule
 from app.images import labelled_grid, make_grid, to_pil, upscale
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
-from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SAMPLERS, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    Denoiser,
+    GuidanceParams,
+    SampleRun,
+    SampleSpec,
+    sample,
+)
 
 DEFAULT_MODEL = Path("model_store/fashion-mnist-cfg")
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
@@ -81,8 +90,10 @@ def generate(
     specs: Sequence[SampleSpec],
     max_rows: int = DEFAULT_MAX_ROWS,
     on_step: Callable[[], None] | None = None,
+    forward: Denoiser | None = None,
 ) -> list[np.ndarray]:
-    """The images of each spec, uint8 (N, H, W, C), in spec order. on_step is called after each forward."""
+    """The images of each spec, uint8 (N, H, W, C), in spec order: the one function the research tools draw
+    with. on_step is called after each forward; forward replaces the model's fp32 forward (another precision)."""
     denoiser = unet_denoiser(model.unet)
     m = model.manifest
     image_shape = (m.in_channels, m.image_size, m.image_size)
@@ -92,7 +103,7 @@ def generate(
             SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device, denoiser.class_embedding)
             for c in batch
         ]
-        sample(denoiser, runs, on_step)
+        sample(forward or denoiser, runs, on_step)
         for chunk, run in zip(batch, runs, strict=True):
             parts[chunk.spec_index].append(run.images())
     return [np.concatenate(p) for p in parts]

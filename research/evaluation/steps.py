@@ -33,13 +33,13 @@ from tqdm import tqdm
 from app.engine.calibrate import model_calibrator
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
 from app.models.fast import PrecisionError, fast_denoiser, resolve_precision
-from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleSpec
 from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from research.evaluation.classifier import add_classifier_arguments, get_classifier, score, uint8_to_model_images
 from research.evaluation.metrics import accuracy
 from research.evaluation.provenance import run_provenance
 from research.evaluation.run import MAX_PER_CLASS, RealBaseline, real_baseline, score_scales
-from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, plan_batches, positive_int, sweep_specs, total_steps
+from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, generate, positive_int, sweep_specs, total_steps
 
 DEFAULT_SAMPLERS = tuple(sorted(SAMPLERS))
 DEFAULT_STEPS = (5, 8, 10, 15, 20, 30, 50)
@@ -106,16 +106,8 @@ def draw(
     base = unet_denoiser(model.unet)
     # int8 as the service runs it: calibrated on the model's own sampling, compiled over row buckets.
     calibrate = model_calibrator(model, base) if precision == "int8" else None
-    denoiser = fast_denoiser(base, model.device, precision, max_rows=max_rows, calibrate=calibrate)
-    m = model.manifest
-    shape = (m.in_channels, m.image_size, m.image_size)
-    parts: list[list[np.ndarray]] = [[] for _ in specs]
-    for batch in plan_batches(specs, max_rows):
-        runs = [SampleRun(c.spec, model.scheduler_config, shape, m.null_label, model.device) for c in batch]
-        sample(denoiser, runs, on_step)
-        for chunk, run in zip(batch, runs, strict=True):
-            parts[chunk.spec_index].append(run.images())
-    return [np.concatenate(p) for p in parts]
+    forward = fast_denoiser(base, model.device, precision, max_rows=max_rows, calibrate=calibrate)
+    return generate(model, specs, max_rows, on_step, forward=forward)
 
 
 def fewest_steps(results: Sequence[StepsResult], tolerance: float) -> list[FewestSteps]:
