@@ -158,6 +158,7 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
 def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -> type[BaseModel]:
     Method = method_union(methods)  # noqa: N806 (a type)
     kinds = [m.model_fields["kind"].default for m in methods]
+    kind_list = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
     models = limits.model_names
     names = limits.class_names()
     class_doc = (
@@ -208,7 +209,7 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         method: Method = Field(  # type: ignore[valid-type]
             # Frozen: the one default instance serves every request that leaves method out.
             default_factory=lambda: DEFAULT_GUIDANCE.method,
-            description=f"how eps_c and eps_u combine: {', '.join(kinds)} (each kind's fields: its schema)",
+            description=f"how eps_c and eps_u combine: {kind_list} (each kind's fields: its schema)",
         )
         cads: CadsOptions | None = Field(
             None if DEFAULT_GUIDANCE.cads is None else CadsOptions(**asdict(DEFAULT_GUIDANCE.cads)),

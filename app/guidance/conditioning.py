@@ -68,9 +68,9 @@ _CADS = Cads()
 
 class CadsOptions(BaseModel):
     """Condition-annealed sampling (Sadat et al., ICLR 2024): noise on the class embedding of the
-    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise).
-    A request's CADS settings, as the API takes them (its defaults: Cads's); Cads(**options.model_dump())."""
+    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise)."""
 
+    # A request's CADS settings as the API takes them, with Cads's defaults: Cads(**options.model_dump()).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tau1: float = Field(_CADS.tau1, ge=0, le=1, description="no condition noise at t <= tau1")
