@@ -29,7 +29,7 @@ from app.api.service import ServedModel, Service
 from app.config import Settings
 from app.engine import Engine, EngineStats, InProcessClient, SharedCompute
 from app.engine.calibrate import model_calibrator
-from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS
+from app.guidance import NOISE_SCHEDULE_KINDS, method_kinds
 from app.metrics import Metrics, create_metrics
 from app.models import (
     CheckpointError,
@@ -98,7 +98,7 @@ def model_info(
         "cuda_graphs": cuda_graphs,
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
-        "guidance_methods": list(METHOD_KINDS),
+        "guidance_methods": list(method_kinds()),
         "noise_schedules": list(NOISE_SCHEDULE_KINDS),
         "default_steps": settings.default_steps,
         "default_sampler": DEFAULT_SAMPLER,

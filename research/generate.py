@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
-from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule
+from app.guidance import NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule, MethodParams, method_models
 from app.images import labelled_grid, make_grid, to_pil, upscale
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
 from app.sampling import (
@@ -194,6 +196,35 @@ def unit_float(text: str) -> float:
     return value
 
 
+def method_fields() -> list[tuple[str, str, FieldInfo]]:
+    """(kind, field name, field) of every registered guidance method's settings but its kind: a flag each."""
+    return [
+        (model.model_fields["kind"].default, name, field)
+        for model in method_models()
+        for name, field in model.model_fields.items()
+        if name != "kind"
+    ]
+
+
+def field_type(field: FieldInfo) -> Callable[[str], object]:
+    """A method field's argparse type: a float field's number checked against its ge/le bounds here (a usage
+    error naming them); other fields' text goes to the method's model, which validates it."""
+    if field.annotation is not float:
+        return str
+    low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else None
+            bounds = bounds or (f"{low:g} or more" if low is not None else f"{high:g} or less")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value:g}")
+        return value
+
+    return parse
+
+
 def scale_list(text: str) -> tuple[float, ...]:
     """'0,1,2.5' -> (0.0, 1.0, 2.5); every scale finite and >= 0."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -241,10 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "guidance (each left out takes the service's default request, app.sampling.DEFAULT_GUIDANCE)"
     )
     g.add_argument("--scale", type=non_negative_float, default=None, help="guidance scale s (1: no guidance)")
-    g.add_argument("--method", choices=METHOD_KINDS, default=None, help="how eps_cond and eps_uncond combine")
-    g.add_argument("--apg-eta", type=unit_float, default=None, help="APG: weight of the parallel part")
-    g.add_argument("--apg-momentum", type=finite_float, default=None, help="APG: momentum (-1..1)")
-    g.add_argument("--apg-norm-threshold", type=non_negative_float, default=None, help="APG: |dD| clamp (0: off)")
+    kinds = [m.model_fields["kind"].default for m in method_models()]
+    g.add_argument("--method", choices=kinds, default=None, help="how eps_cond and eps_uncond combine")
+    for kind, name, field in method_fields():  # --apg-eta, --apg-momentum, --apg-norm-threshold, ...
+        flag = f"--{kind}-{name}".replace("_", "-")
+        help_text = f"{kind}: {field.description}".replace("%", "%%")
+        g.add_argument(flag, dest=f"{kind}_{name}", type=field_type(field), default=None, help=help_text)
     g.add_argument("--schedule", choices=SCHEDULE_KINDS, default=None, help="guidance weight schedule")
     g.add_argument(
         "--schedule-start",
@@ -269,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_from_args(args: argparse.Namespace, default: MethodParams) -> MethodParams:
+    """--method's settings (default's kind without it) with its own flags; a flag of another method is an
+    error (ValueError), as is a value its model refuses (pydantic's ValidationError)."""
+    method = default if args.method is None or args.method == default.kind else GuidanceMethod(args.method)
+    given = {(kind, name): getattr(args, f"{kind}_{name}") for kind, name, _ in method_fields()}
+    given = {key: value for key, value in given.items() if value is not None}
+    foreign = [f"--{kind}-{name}".replace("_", "-") for kind, name in given if kind != method.kind]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} set another method's field; the method is {method.kind} (--method)")
+    if not given:
+        return method
+    fields = {**method.model_dump(), **{name: value for (_, name), value in given.items()}}
+    return GuidanceMethod(**fields)
+
+
 def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
     """The service's default guidance with what the flags set."""
     base = DEFAULT_GUIDANCE
@@ -279,11 +327,7 @@ def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
         start = args.schedule_start if args.schedule_start is not None else (0.0 if kind == "interval" else 1.0)
         end = args.schedule_end if args.schedule_end is not None else 1.0
         schedule = GuidanceSchedule(kind=kind, start=start, end=end, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
-    method = base.method
-    if args.method is not None and args.method != method.kind:
-        method = GuidanceMethod(kind=args.method)
-    apg = {"eta": args.apg_eta, "momentum": args.apg_momentum, "norm_threshold": args.apg_norm_threshold}
-    method = replace(method, **{k: v for k, v in apg.items() if v is not None})
+    method = method_from_args(args, base.method)
     cads = base.cads if args.cads is None else (Cads() if args.cads else None)
 
     def pick(value, default):
@@ -312,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         model = load_checkpoint(args.model, args.device)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
+    try:
+        method_from_args(args, DEFAULT_GUIDANCE.method)
+    except (ValueError, ValidationError) as exc:
+        parser.error(str(exc))
     class_names = model.manifest.class_names
     try:
         class_label = None if args.class_name is None else resolve_class(args.class_name, class_names)

@@ -3,10 +3,15 @@ import math
 import pytest
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from pydantic import ValidationError
 
 from app.guidance import (
     GUIDERS,
+    Apg,
+    ApgMethod,
     Cads,
+    CfgMethod,
+    GuidanceMethod,
     GuidanceSchedule,
     add_condition_noise,
     apg_combine,
@@ -14,6 +19,7 @@ from app.guidance import (
     cfg_combine,
     cfg_zero_star_combine,
     eps_to_x0,
+    make_guider,
     noise_factors,
     rescale_guidance,
     sigma_of,
@@ -64,7 +70,16 @@ def test_noise_per_row_depends_only_on_its_generator(eps):
 def test_every_guidance_method_is_one_registered_guider():
     """The API's, the CLI's and the engine's methods all come from GUIDERS; each guider is built per request."""
     assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star")
-    assert all(kind == cls.kind for kind, cls in GUIDERS.items())
+    assert all(kind == cls.kind == cls.params_model().kind for kind, cls in GUIDERS.items())
+    assert GuidanceMethod("apg", eta=0.5) == ApgMethod(eta=0.5)
+    guider = make_guider(ApgMethod(eta=0.5), [3.0, 1.0])
+    assert type(guider) is Apg and guider.params.eta == 0.5 and guider.needs_uncond(0) and not guider.needs_uncond(1)
+    with pytest.raises(ValueError, match="unknown guidance method 'pag'; choose one of cfg, apg, cfg_zero_star"):
+        GuidanceMethod("pag")
+    with pytest.raises(ValidationError, match="eta"):
+        GuidanceMethod("cfg", eta=0.5)  # a field of another method
+    with pytest.raises(TypeError, match="Apg takes ApgMethod, got CfgMethod"):
+        Apg(CfgMethod(), [3.0])
 
 
 def test_rescale_is_lin_et_als_formula_and_phi_zero_is_identity(eps):

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from typing import Any
 
 from app.api.schemas import request_fields
-from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.guidance import Cads, GuidanceSchedule
 from app.sampling import GuidanceParams, SampleSpec
 
 
@@ -22,7 +22,7 @@ def to_spec(body: Any) -> SampleSpec:
             noise_level=body.noise_level,
             noise_schedule=body.noise_schedule,
             guidance_rescale=body.guidance_rescale,
-            method=GuidanceMethod(**body.method.model_dump()),
+            method=body.method,  # the method's own settings model, as the guider takes it
             cads=None if body.cads is None else Cads(**body.cads.model_dump()),
         ),
         return_trace=body.return_trace,

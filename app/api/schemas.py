@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal, Protocol, get_args, overload
+from typing import Annotated, Any, Literal, Protocol, Union, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.guidance import CadsOptions, GuidanceSchedule, MethodParams, method_models
 from app.models.labels import resolve_label
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
@@ -85,89 +85,44 @@ class IntervalSchedule(_Strict):
 
 Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | IntervalSchedule, Field(discriminator="kind")]
 
-_APG = GuidanceMethod(kind="apg")
-
-
-class CfgMethod(_Strict):
-    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)."""
-
-    kind: Literal["cfg"] = "cfg"
-
-
-class ApgMethod(_Strict):
-    """Adaptive projected guidance (Sadat et al. 2024) on the x0 prediction D:
-    D_c + (s - 1) (dD_orth + eta dD_par), dD = D_c - D_u with momentum and a norm clamp."""
-
-    kind: Literal["apg"]
-    eta: float = Field(_APG.eta, ge=0, le=1, description="weight of the part of dD parallel to D_c (1: CFG's)")
-    momentum: float = Field(_APG.momentum, ge=-1, le=1, description="dD + momentum * previous dD (0: off)")
-    norm_threshold: float = Field(
-        _APG.norm_threshold, ge=0, le=1000, description="clamp |dD| per image to this (0: off); x0 in [-1, 1]"
-    )
-
-
-class CfgZeroStarMethod(_Strict):
-    """CFG-Zero* (Fan et al. 2025): eps_u scaled by <eps_c, eps_u> / |eps_u|^2 per image before the combine."""
-
-    kind: Literal["cfg_zero_star"]
-
-
-Method = Annotated[CfgMethod | ApgMethod | CfgZeroStarMethod, Field(discriminator="kind")]
-
-_CADS = Cads()
-
-
-class CadsOptions(_Strict):
-    """Condition-annealed sampling (Sadat et al., ICLR 2024): noise on the class embedding of the
-    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise)."""
-
-    tau1: float = Field(_CADS.tau1, ge=0, le=1, description="no condition noise at t <= tau1")
-    tau2: float = Field(_CADS.tau2, ge=0, le=1, description="full condition noise at t >= tau2")
-    noise_scale: float = Field(_CADS.noise_scale, ge=0, le=10, description="s: std of the embedding noise")
-    psi: float = Field(_CADS.psi, ge=0, le=1, description="mix of the rescaled embedding (1: fully rescaled)")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> CadsOptions:
-        if self.tau1 > self.tau2:
-            raise ValueError(f"cads.tau1 ({self.tau1:g}) must not exceed cads.tau2 ({self.tau2:g})")
-        return self
-
 
 def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return {get_args(m.model_fields["kind"].annotation)[0]: m for m in models}
 
 
 SCHEDULE_MODELS = _by_kind(ConstantSchedule, LinearSchedule, CosineSchedule, IntervalSchedule)
-METHOD_MODELS = _by_kind(CfgMethod, ApgMethod, CfgZeroStarMethod)
 
 
-def request_fields(value: GuidanceSchedule | GuidanceMethod) -> dict[str, Any]:
+def method_union(models: tuple[type[MethodParams], ...]) -> Any:
+    """The request's `method`: one of the registered methods' settings models, chosen by its kind."""
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007 (a Union of a runtime tuple)
+
+
+def request_fields(value: GuidanceSchedule | MethodParams) -> dict[str, Any]:
     """The fields of an engine schedule or method that its kind's request schema has (None left out): what a
     request would send for it. Every response echoes two of them: kept per (frozen, hashable) value."""
     return dict(_request_fields(value))
 
 
 @functools.lru_cache(maxsize=256)
-def _request_fields(value: GuidanceSchedule | GuidanceMethod) -> tuple[tuple[str, Any], ...]:
-    models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
-    schema_fields = models[value.kind].model_fields
+def _request_fields(value: GuidanceSchedule | MethodParams) -> tuple[tuple[str, Any], ...]:
+    if isinstance(value, MethodParams):  # the method's settings are its request schema
+        return tuple(value.model_dump(exclude_none=True).items())
+    schema_fields = SCHEDULE_MODELS[value.kind].model_fields
     return tuple((k, v) for k, v in asdict(value).items() if k in schema_fields and v is not None)
 
 
-@overload
-def _schema_default(value: GuidanceSchedule) -> Schedule: ...
-@overload
-def _schema_default(value: GuidanceMethod) -> Method: ...
-def _schema_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
+def _schedule_default(value: GuidanceSchedule) -> Schedule:
     """The request schema's default built from the engine's dataclass default (one source: DEFAULT_GUIDANCE),
     validated once and copied for each request that leaves it out."""
-    return _validated_default(value).model_copy()
+    return cast(Schedule, _validated_default(value).model_copy())
 
 
 @functools.lru_cache(maxsize=8)
-def _validated_default(value: GuidanceSchedule | GuidanceMethod) -> BaseModel:
-    models = SCHEDULE_MODELS if isinstance(value, GuidanceSchedule) else METHOD_MODELS
-    return models[value.kind].model_validate(request_fields(value))
+def _validated_default(value: GuidanceSchedule) -> BaseModel:
+    return SCHEDULE_MODELS[value.kind].model_validate(request_fields(value))
 
 
 class Timings(BaseModel):
@@ -202,8 +157,17 @@ class GenerateBody(Protocol):
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
 
-@functools.cache  # one model per Limits: every route that takes this body shares it (and its OpenAPI schema)
 def build_generate_request(limits: Limits) -> type[BaseModel]:
+    """The request model of POST /generate (and the routes that take its body) for these limits and the
+    guidance methods registered now (app.guidance.GUIDERS)."""
+    return _generate_request(limits, method_models())
+
+
+@functools.cache  # one model per Limits and methods: every route that takes this body shares it (and its schema)
+def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -> type[BaseModel]:
+    Method = method_union(methods)  # noqa: N806 (a type)
+    kinds = [m.model_fields["kind"].default for m in methods]
+    kind_list = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
     models = limits.model_names
     names = limits.class_names()
     class_doc = (
@@ -248,12 +212,13 @@ def build_generate_request(limits: Limits) -> type[BaseModel]:
             "sampler's noise level, to ~0 at the end) or guidance (with the guidance schedule, s_i / s)",
         )
         schedule: Schedule = Field(
-            default_factory=lambda: _schema_default(DEFAULT_GUIDANCE.schedule),
+            default_factory=lambda: _schedule_default(DEFAULT_GUIDANCE.schedule),
             description="how the scale varies over the steps: constant, linear, cosine or interval",
         )
-        method: Method = Field(
-            default_factory=lambda: _schema_default(DEFAULT_GUIDANCE.method),
-            description="how eps_c and eps_u combine: cfg, apg (adaptive projected guidance) or cfg_zero_star",
+        method: Method = Field(  # type: ignore[valid-type]
+            # Frozen: the one default instance serves every request that leaves method out.
+            default_factory=lambda: DEFAULT_GUIDANCE.method,
+            description=f"how eps_c and eps_u combine: {kind_list} (each kind's fields: its schema)",
         )
         cads: CadsOptions | None = Field(
             None if DEFAULT_GUIDANCE.cads is None else CadsOptions(**asdict(DEFAULT_GUIDANCE.cads)),

@@ -1,23 +1,23 @@
-"""Classifier-free guidance: one Guider per method (a module each, registered in GUIDERS), the noise on
-the condition (Conditioners: the seed's noise on eps and CADS), and guidance-weight schedules.
+"""Classifier-free guidance: one Guider per method (a module each, with its settings model, registered in
+GUIDERS in registry.py), the noise on the condition (Conditioners: the seed's noise on eps and CADS), and
+guidance-weight schedules.
 
-Adding a method: a module with a Guider subclass (its combine, and its state if any), one line in GUIDERS,
-and its tests; for now also its fields in GuidanceMethod (params.py) and its request schema in
-app/api/schemas.py, which are still shared by every method. The engine builds one guider per request
-(make_guider), so a method's state never leaks between requests.
+Adding a method: a module with its settings model (a MethodParams) and its Guider (its combine, and its state
+if any), one entry in GUIDERS, and its tests; the API, the engine and the research tools read it from the
+registry (docs/guidance-methods.md). The engine builds one guider per request (make_guider), so a method's
+state never leaks between requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from app.guidance.apg import Apg, ApgOutput, apg_combine
-from app.guidance.cfg import Cfg, cfg_combine, cfg_rows
-from app.guidance.cfg_zero_star import CfgZeroStar, cfg_zero_star_combine
+from app.guidance.apg import Apg, ApgMethod, ApgOutput, apg_combine
+from app.guidance.cfg import Cfg, CfgMethod, cfg_combine, cfg_rows
+from app.guidance.cfg_zero_star import CfgZeroStar, CfgZeroStarMethod, cfg_zero_star_combine
 from app.guidance.conditioning import (
     NOISE_SCHEDULE_KINDS,
     Cads,
     CadsConditioner,
+    CadsOptions,
     Conditioner,
     ConditionNoise,
     NoiseScheduleKind,
@@ -26,35 +26,33 @@ from app.guidance.conditioning import (
     noise_factors,
 )
 from app.guidance.core import eps_to_x0, rescale_guidance, row_norm, sigma_of, x0_to_eps
-from app.guidance.guider import GuidanceStep, Guided, Guider, RowsCombine
-from app.guidance.params import GuidanceMethod
+from app.guidance.guider import GuidanceStep, Guided, Guider, MethodParams, RowsCombine
+from app.guidance.registry import (
+    GUIDERS,
+    GuidanceMethod,
+    guider_class,
+    make_guider,
+    method_kinds,
+    method_models,
+    register_guider,
+    unregister_guider,
+)
 from app.guidance.schedules import SCHEDULE_KINDS, GuidanceSchedule, ScheduleKind
-
-# Every guidance method, by the `kind` a request names it with.
-GUIDERS: dict[str, type[Guider]] = {g.kind: g for g in (Cfg, Apg, CfgZeroStar)}
-METHOD_KINDS: tuple[str, ...] = tuple(GUIDERS)
-
-
-def make_guider(method: GuidanceMethod, scales: Sequence[float]) -> Guider:
-    """A new guider for one request: its method's class, with the request's per-step scales."""
-    try:
-        cls = GUIDERS[method.kind]
-    except KeyError:
-        raise ValueError(f"unknown guidance method {method.kind!r}; choose one of {', '.join(METHOD_KINDS)}") from None
-    return cls(method, scales)
-
 
 __all__ = [
     "GUIDERS",
-    "METHOD_KINDS",
     "NOISE_SCHEDULE_KINDS",
     "SCHEDULE_KINDS",
     "Apg",
+    "ApgMethod",
     "ApgOutput",
     "Cads",
     "CadsConditioner",
+    "CadsOptions",
     "Cfg",
+    "CfgMethod",
     "CfgZeroStar",
+    "CfgZeroStarMethod",
     "ConditionNoise",
     "Conditioner",
     "GuidanceMethod",
@@ -62,6 +60,7 @@ __all__ = [
     "GuidanceStep",
     "Guided",
     "Guider",
+    "MethodParams",
     "NoiseScheduleKind",
     "RowsCombine",
     "ScheduleKind",
@@ -72,10 +71,15 @@ __all__ = [
     "cfg_rows",
     "cfg_zero_star_combine",
     "eps_to_x0",
+    "guider_class",
     "make_guider",
+    "method_kinds",
+    "method_models",
     "noise_factors",
+    "register_guider",
     "rescale_guidance",
     "row_norm",
     "sigma_of",
+    "unregister_guider",
     "x0_to_eps",
 ]

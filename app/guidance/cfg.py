@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from app.guidance.guider import GuidanceStep, Guided, Guider
+from app.guidance.guider import GuidanceStep, Guided, Guider, MethodParams
 
 
 def cfg_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance_scale: float | torch.Tensor) -> torch.Tensor:
@@ -20,8 +22,14 @@ def cfg_rows(eps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scales
     return cfg_combine(eps.index_select(0, cond), eps.index_select(0, uncond), s)
 
 
+class CfgMethod(MethodParams):
+    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)."""
+
+    kind: Literal["cfg"] = "cfg"
+
+
 class Cfg(Guider):
-    kind = "cfg"
+    params_model = CfgMethod
     combine_rows = staticmethod(cfg_rows)
 
     def combine(self, step: GuidanceStep) -> Guided:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
 
 from app.guidance.cfg import cfg_combine
-from app.guidance.guider import GuidanceStep, Guided, Guider
+from app.guidance.guider import GuidanceStep, Guided, Guider, MethodParams
 
 
 def cfg_zero_star_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -18,8 +20,14 @@ def cfg_zero_star_combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guid
     return cfg_combine(eps_cond, alpha * eps_uncond, guidance_scale)
 
 
+class CfgZeroStarMethod(MethodParams):
+    """CFG-Zero* (Fan et al. 2025): eps_u scaled by <eps_c, eps_u> / |eps_u|^2 per image before the combine."""
+
+    kind: Literal["cfg_zero_star"] = "cfg_zero_star"
+
+
 class CfgZeroStar(Guider):
-    kind = "cfg_zero_star"
+    params_model = CfgZeroStarMethod
 
     def combine(self, step: GuidanceStep) -> Guided:
         return Guided(cfg_zero_star_combine(step.eps_cond, step.eps_uncond, step.scale))

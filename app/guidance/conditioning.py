@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.rng import StackedRandom
 
@@ -60,6 +61,28 @@ class Cads:
         if t >= self.tau2:
             return 0.0
         return (self.tau2 - t) / (self.tau2 - self.tau1)
+
+
+_CADS = Cads()
+
+
+class CadsOptions(BaseModel):
+    """Condition-annealed sampling (Sadat et al., ICLR 2024): noise on the class embedding of the
+    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise)."""
+
+    # A request's CADS settings as the API takes them, with Cads's defaults: Cads(**options.model_dump()).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    tau1: float = Field(_CADS.tau1, ge=0, le=1, description="no condition noise at t <= tau1")
+    tau2: float = Field(_CADS.tau2, ge=0, le=1, description="full condition noise at t >= tau2")
+    noise_scale: float = Field(_CADS.noise_scale, ge=0, le=10, description="s: std of the embedding noise")
+    psi: float = Field(_CADS.psi, ge=0, le=1, description="mix of the rescaled embedding (1: fully rescaled)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CadsOptions:
+        if self.tau1 > self.tau2:
+            raise ValueError(f"cads.tau1 ({self.tau1:g}) must not exceed cads.tau2 ({self.tau2:g})")
+        return self
 
 
 def cads_condition(y: torch.Tensor, gamma: float, noise: torch.Tensor, noise_scale: float, psi: float) -> torch.Tensor:

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from app.guidance import (
-    GUIDERS,
     Cads,
     CadsConditioner,
+    CfgMethod,
     Conditioner,
     ConditionNoise,
-    GuidanceMethod,
     GuidanceSchedule,
     GuidanceStep,
+    MethodParams,
     NoiseScheduleKind,
     eps_to_x0,
+    guider_class,
     make_guider,
     noise_factors,
     rescale_guidance,
@@ -70,8 +71,12 @@ class GuidanceParams:
     noise_level: float = 0.0
     noise_schedule: NoiseScheduleKind = "constant"
     guidance_rescale: float = 0.0
-    method: GuidanceMethod = field(default_factory=GuidanceMethod)
+    method: MethodParams = field(default_factory=CfgMethod)  # a registered method's settings (app.guidance)
     cads: Cads | None = None
+
+    def to_dict(self) -> dict:
+        """Plain values all through (the method's settings are a pydantic model, which asdict leaves whole)."""
+        return {**asdict(self), "method": self.method.model_dump()}
 
 
 # The guidance of a request that sets none: the API's defaults and research.generate's. GuidanceParams()
@@ -383,7 +388,7 @@ def steps_together(spec: SampleSpec) -> bool:
     app.sampling.batched.step_table)."""
     g = spec.guidance
     return (
-        GUIDERS[g.method.kind].combine_rows is not None
+        guider_class(g.method.kind).combine_rows is not None
         and g.noise_level == 0
         and g.guidance_rescale == 0
         and g.cads is None

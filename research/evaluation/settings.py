@@ -21,7 +21,18 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from app.guidance import METHOD_KINDS, NOISE_SCHEDULE_KINDS, SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule
+from pydantic import ValidationError
+
+from app.guidance import (
+    NOISE_SCHEDULE_KINDS,
+    SCHEDULE_KINDS,
+    Cads,
+    GuidanceMethod,
+    GuidanceSchedule,
+    MethodParams,
+    guider_class,
+    method_kinds,
+)
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
 
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
@@ -34,7 +45,6 @@ _RANGES: dict[tuple[type, str], tuple[float | None, float | None]] = {
     (GuidanceParams, "guidance_rescale"): (0.0, 1.0),
     (GuidanceSchedule, "sigma_min"): (0.0, None),
     (GuidanceSchedule, "sigma_max"): (0.0, None),
-    (GuidanceMethod, "norm_threshold"): (0.0, None),
     (Cads, "tau1"): (0.0, 1.0),
     (Cads, "tau2"): (0.0, 1.0),
     (Cads, "noise_scale"): (0.0, None),
@@ -43,9 +53,9 @@ _RANGES: dict[tuple[type, str], tuple[float | None, float | None]] = {
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (GuidanceParams, "noise_schedule"): NOISE_SCHEDULE_KINDS,
     (GuidanceSchedule, "kind"): SCHEDULE_KINDS,
-    (GuidanceMethod, "kind"): METHOD_KINDS,
 }
-_NESTED: dict[str, type] = {"schedule": GuidanceSchedule, "method": GuidanceMethod, "cads": Cads}
+# The nested dataclasses; "method" is nested too, as its kind's settings model (_method).
+_NESTED: dict[str, type] = {"schedule": GuidanceSchedule, "cads": Cads}
 
 
 class SettingError(ValueError):
@@ -154,7 +164,32 @@ def _build(cls: type, values: object, where: str) -> Any:
     return built
 
 
+def _method(values: object, where: str) -> MethodParams:
+    """A method's settings model from its JSON form: kind (default cfg) and the fields of its kind, validated
+    with the ranges its model declares (the API's)."""
+    if not isinstance(values, dict):
+        raise SettingError(
+            f"{where}: expected an object of GuidanceMethod fields (a kind and its fields), got {json.dumps(values)}"
+        )
+    kind = values.get("kind", "cfg")  # as GuidanceMethod() and the API's default method kind
+    kinds = method_kinds()
+    if kind not in kinds:
+        raise SettingError(f"{where}: kind must be one of {', '.join(kinds)}, got {json.dumps(kind)}")
+    known = list(guider_class(kind).params_model.model_fields)
+    for key in values:
+        if key not in known:
+            raise SettingError(f"{where}: unknown field {key!r}; expected one of {', '.join(known)}")
+    try:
+        return guider_class(kind).params_model.model_validate(values, strict=True)  # no "5" for 5
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(map(str, error["loc"]))
+        raise SettingError(f"{where}: {field}: {error['msg']}, got {json.dumps(error['input'])}") from None
+
+
 def _value(cls: type, key: str, value: object, default: object, where: str) -> object:
+    if cls is GuidanceParams and key == "method":
+        return _method(value, where)
     if cls is GuidanceParams and key in _NESTED:
         if key == "cads" and value in (None, False):
             return None
@@ -199,6 +234,8 @@ def setting_to_dict(setting: GuidanceSetting) -> dict[str, Any]:
     for f in fields(GuidanceParams):
         value = getattr(setting.guidance, f.name)
         if value != getattr(default, f.name) or f.name == "guidance_scale":
+            if isinstance(value, MethodParams):
+                value = value.model_dump()
             out[f.name] = asdict(value) if f.name in _NESTED and value is not None else value
     if setting.samplers:
         out["samplers"] = list(setting.samplers)

@@ -168,7 +168,7 @@ def run_steps(args: argparse.Namespace, model: LoadedModel, command: str) -> Ste
     timings["total"] = time.monotonic() - started
     return StepsTable(
         **run_provenance(command, args.model, model.manifest),
-        guidance=f"DEFAULT_GUIDANCE: {json.dumps(asdict(g))}",
+        guidance=f"DEFAULT_GUIDANCE: {json.dumps(g.to_dict())}",
         per_class=args.per_class,
         seed=args.seed,
         fid_tolerance=args.fid_tolerance,

@@ -1,4 +1,8 @@
-"""app.api.schemas: the request schema's guidance defaults, validated once and handed out as copies."""
+"""app.api.schemas: the request schema's guidance defaults, validated once and handed out as copies (or, for
+the frozen method settings, shared)."""
+
+import pytest
+from pydantic import ValidationError
 
 from app.api.schemas import Limits, build_generate_request, request_fields
 from app.sampling import DEFAULT_GUIDANCE
@@ -12,7 +16,9 @@ def test_each_request_gets_its_own_copy_of_the_default_schedule_and_method():
     GenerateRequest = build_generate_request(LIMITS)
     first, second = GenerateRequest.model_validate({}), GenerateRequest.model_validate({})
     assert first.schedule == second.schedule and first.schedule is not second.schedule
-    assert first.method is not second.method
+    with pytest.raises(ValidationError, match="frozen"):  # the one default method is shared, and cannot change
+        first.method.kind = "apg"
+    assert first.method == DEFAULT_GUIDANCE.method
     assert first.schedule.model_dump(exclude_none=True) == request_fields(DEFAULT_GUIDANCE.schedule)
     first.schedule.sigma_max = 9.0  # a request that changed its copy leaves the next request's default alone
     assert GenerateRequest.model_validate({}).schedule.sigma_max == DEFAULT_GUIDANCE.schedule.sigma_max

@@ -90,7 +90,9 @@ def test_sweep_grid_has_a_cell_per_class_and_scale(checkpoint, tmp_path):
         (["--sweep", "--scales", "1,,x"], "expected a number"),
         (["--method", "pag"], "invalid choice"),
         (["--noise-schedule", "cosine"], "invalid choice"),
-        (["--apg-norm-threshold", "-1"], "must be 0 or more"),
+        (["--apg-norm-threshold", "-1"], "must be between 0 and 1000"),
+        (["--apg-eta", "2"], "must be between 0 and 1"),  # the bounds ApgMethod declares
+        (["--apg-eta", "0.5"], "--apg-eta set another method's field; the method is cfg"),
     ],
 )
 def test_bad_arguments_are_usage_errors(checkpoint, argv, message, capsys):
@@ -174,7 +176,7 @@ def test_guidance_flags_set_every_option():
         noise_level=0.2,
         noise_schedule="sigma",
         guidance_rescale=0.5,
-        method=GuidanceMethod("apg", eta=GuidanceMethod().eta, momentum=0.0, norm_threshold=2.0),
+        method=GuidanceMethod("apg", momentum=0.0, norm_threshold=2.0),  # eta: ApgMethod's default
         cads=Cads(),
     )
     plain = guidance_from_args(build_parser().parse_args(["--method", "cfg", "--no-cads", "--schedule", "constant"]))

@@ -1,0 +1,56 @@
+"""Every guidance method, by the kind a request names it with: the one place that maps a kind to its settings
+model and its Guider. The API's `method` union, its 422s, GET /v1/models' list, the engine's guider and the
+research tools' flags are all read from here, so a method is its module, one entry in GUIDERS, and its tests
+(docs/guidance-methods.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from app.guidance.apg import Apg
+from app.guidance.cfg import Cfg
+from app.guidance.cfg_zero_star import CfgZeroStar
+from app.guidance.guider import Guider, MethodParams
+
+# kind -> Guider (its params_model is the method's settings). The order is the API's and /v1/models'.
+GUIDERS: dict[str, type[Guider]] = {g.kind: g for g in (Cfg, Apg, CfgZeroStar)}
+
+
+def register_guider(guider: type[Guider]) -> None:
+    """Serve `guider` under its kind from now on (an app built after this takes it in its request schema)."""
+    if guider.kind in GUIDERS:
+        raise ValueError(f"guidance method {guider.kind!r} is already registered")
+    GUIDERS[guider.kind] = guider
+
+
+def unregister_guider(kind: str) -> None:
+    """Stop serving the method `kind` (apps built before keep their request schema)."""
+    del GUIDERS[kind]
+
+
+def method_kinds() -> tuple[str, ...]:
+    return tuple(GUIDERS)
+
+
+def method_models() -> tuple[type[MethodParams], ...]:
+    """Each registered method's settings model, in GUIDERS' order."""
+    return tuple(g.params_model for g in GUIDERS.values())
+
+
+def guider_class(kind: str) -> type[Guider]:
+    try:
+        return GUIDERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown guidance method {kind!r}; choose one of {', '.join(GUIDERS)}") from None
+
+
+def GuidanceMethod(kind: str = "cfg", **fields: Any) -> MethodParams:  # noqa: N802 (reads as the settings' type)
+    """The settings of guidance method `kind`: its params model, validated (pydantic's ValidationError names
+    a field out of its range or foreign to the method; ValueError an unknown kind)."""
+    return guider_class(kind).params_model(kind=kind, **fields)
+
+
+def make_guider(method: MethodParams, scales: Sequence[float]) -> Guider:
+    """A new guider for one request: its method's class, with the request's per-step scales."""
+    return guider_class(method.kind)(method, scales)
