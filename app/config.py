@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         pattern=r"^(memory|rediss?://.+)$",
         description="where the /v1/jobs jobs are kept: memory (this process: a restart loses them, other replicas "
         "don't see them) or a Redis URL (redis://host:6379/0): every replica reads, follows and cancels every job, "
-        "and finished jobs outlive restarts (docs/fleet.md)",
+        "and finished jobs outlive restarts (docs/deployment.md, A fleet)",
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
     retry_after_s: int = Field(
