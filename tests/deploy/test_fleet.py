@@ -192,3 +192,17 @@ def test_with_redis_stopped_jobs_are_refused_and_generate_answers_and_a_restart_
     again = httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=30)
     assert again.status_code == 200 and again.json() == finished
     assert httpx.post(f"{b.url}/v1/jobs", json=BODY, timeout=30).status_code == 202
+
+
+def test_a_job_whose_replica_was_killed_is_failed_when_read_once_its_heartbeat_expires(fleet):
+    """Last in this module: it kills replica A. Its job is not re-run (the shared backlog is not built):
+    it is failed, with a message that says to submit it again, instead of staying `running` for ever."""
+    a, b = fleet
+    job_id = httpx.post(f"{a.url}/v1/jobs", json={**BODY, "num_images": 8, "steps": 200}, timeout=30).json()["id"]
+    wait_job(b.url, job_id, lambda j: j["status"] == "running")
+    a.proc.kill()  # SIGKILL: no drain, no last write
+    a.proc.wait()
+    assert httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "running"  # its heartbeat holds
+    failed = wait_job(b.url, job_id, lambda j: j["status"] != "running", timeout=60)
+    assert failed["status"] == "failed" and failed["result"] is None
+    assert "stopped before it finished" in failed["error"]["detail"]
