@@ -63,8 +63,15 @@ class Settings(BaseSettings):
     max_jobs: int = Field(
         1000,
         ge=1,
-        description="most jobs held in memory; the first finished go first, and when all are unfinished "
-        "POST /v1/jobs gets 503",
+        description="most jobs held (in memory, or in the Redis store); the first finished go first, and when all "
+        "are unfinished POST /v1/jobs gets 503",
+    )
+    job_store: str = Field(
+        "memory",
+        pattern=r"^(memory|rediss?://.+)$",
+        description="where the /v1/jobs jobs are kept: memory (this process: a restart loses them, other replicas "
+        "don't see them) or a Redis URL (redis://host:6379/0): every replica reads, follows and cancels every job, "
+        "and finished jobs outlive restarts (docs/deployment.md, A fleet)",
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
     retry_after_s: int = Field(

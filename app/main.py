@@ -16,15 +16,15 @@ import torch
 from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimit
-from app.api.convert import guidance_body
+from app.api.convert import guidance_body, to_spec
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
-from app.api.job_store import JobStore
+from app.api.job_store import JobBackend, JobStore, MemoryJobs
 from app.api.jobs import build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
 from app.api.routes import build_router
-from app.api.schemas import SAMPLER_NAMES, Limits
+from app.api.schemas import SAMPLER_NAMES, Limits, build_generate_request
 from app.api.service import ServedModel, Service
 from app.config import Settings
 from app.engine import Engine, EngineStats, InProcessClient, SharedCompute
@@ -205,6 +205,24 @@ async def start_serving(
     log.info("models %s ready on %s", ", ".join(service.models), device)
 
 
+def job_backend(settings: Settings, limits: Limits, metrics: Metrics) -> JobBackend:
+    """CFG_JOB_STORE: memory, or the Redis server at its URL (listening from here on)."""
+    if settings.job_store == "memory":
+        return MemoryJobs(JobStore(settings.max_jobs, settings.job_ttl_s))
+    from app.api.redis_jobs import RedisJobs  # the fleet extra: only a Redis store needs it
+
+    request_model = build_generate_request(limits)
+    store = RedisJobs(
+        settings.job_store,
+        settings.max_jobs,
+        settings.job_ttl_s,
+        spec_of=lambda body: to_spec(request_model.model_validate(body)),
+        on_error=metrics.job_store_errors.inc,
+    )
+    store.start()
+    return store
+
+
 def create_app(settings: Settings | None = None, *, load_in_background: bool = False) -> FastAPI:
     """The app. load_in_background: the lifespan starts loading the models and returns at once, so that a
     server opens its port at once and /readyz tells loading, warming up and ready apart (app/serve.py);
@@ -231,17 +249,18 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         resolve_precision(settings.precision, device)  # fp16 on a CPU fails here, before the port opens
         compute = SharedCompute()
         metrics = create_metrics()
+        jobs = job_backend(settings, limits, metrics)
         service = Service(
             metrics=metrics,
             limits=limits,
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
-            jobs=JobStore(settings.max_jobs, settings.job_ttl_s),
+            jobs=jobs,
             on_scrape=lambda: metrics.update_device_memory(device),
             drain_timeout_s=settings.drain_timeout_s,
         )
-        metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.unfinished)
-        metrics.jobs_stored.labels(state="finished").set_function(lambda: len(service.jobs) - service.jobs.unfinished)
+        metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.counts()[0])
+        metrics.jobs_stored.labels(state="finished").set_function(lambda: service.jobs.counts()[1])
         app.state.service = service
         service.startup = asyncio.create_task(start_serving(service, settings, paths, device, compute), name="startup")
         try:
@@ -250,6 +269,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
             yield
         finally:
             await service.drain()
+            await service.jobs.close()
             compute.shutdown()
             log.info("engine stopped")
 

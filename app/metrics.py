@@ -38,6 +38,7 @@ class Metrics:
     device_memory: Gauge
     jobs: Counter
     jobs_stored: Gauge
+    job_store_errors: Counter
     forward_rows: Counter
     skipped_rows: Counter
 
@@ -113,7 +114,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         jobs=Counter(
             "cfg_jobs", "Asynchronous jobs (POST /v1/jobs) by outcome", ["outcome", "model"], registry=registry
         ),
-        jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in memory, by state", ["state"], registry=registry),
+        jobs_stored=Gauge("cfg_jobs_stored", "Jobs held in the job store, by state", ["state"], registry=registry),
+        job_store_errors=Counter(
+            "cfg_job_store_errors",
+            "Calls to the job store (Redis) that failed: unreachable, or timed out",
+            registry=registry,
+        ),
         forward_rows=Counter(
             "cfg_engine_forward_rows",
             "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",

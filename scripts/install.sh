@@ -5,9 +5,10 @@
 #   scripts/install.sh            the serve install: PyTorch (below), the runtime dependencies, the project
 #                                 (editable); nothing for tests, benchmarks or research
 #   scripts/install.sh --system   the test install (the README's test command and CI): also the extras test
-#                                 (pytest, httpx, Playwright, the OpenAI client, PyYAML, ruff, mypy), int8 (torchao)
-#                                 and research (matplotlib), which the suite exercises, and the Debian packages
-#                                 it drives: dataset, nginx, prometheus, docker-compose, chromium
+#                                 (pytest, httpx, Playwright, the OpenAI client, PyYAML, ruff, mypy), int8 (torchao),
+#                                 research (matplotlib) and fleet (redis), which the suite exercises, and the
+#                                 Debian packages it drives: dataset, nginx, prometheus, docker-compose, chromium,
+#                                 redis-server
 #   scripts/install.sh --deps     PyTorch and the runtime dependencies only, without the project's source (the
 #                                 Dockerfile's cached layer: it needs nothing but pyproject.toml and this script)
 #   scripts/install.sh --plan     print what the other options would install and why; install nothing
@@ -26,8 +27,8 @@ cd "$(dirname "$0")/.."
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 CPU_TORCH=2.13.0     # the CPU build this project is tested with
 CUDA_TORCH=">=2.4,<2.15"
-TEST_EXTRAS=test,int8,research
-DEBIAN_PACKAGES=(dataset-fashion-mnist nginx-light prometheus docker-compose chromium)
+TEST_EXTRAS=test,int8,research,fleet
+DEBIAN_PACKAGES=(dataset-fashion-mnist nginx-light prometheus docker-compose chromium redis-server)
 
 system=0
 deps_only=0

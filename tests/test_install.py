@@ -149,9 +149,11 @@ def test_the_serve_install_is_the_project_without_extras_and_the_test_install_ad
     env = install_env(stub_nvidia_smi(tmp_path / "bin", "no_driver"), PYTHON=sys.executable)
     assert plan(env)[1] == [f"{sys.executable} -m pip install -q -e ."]
     commands = plan(env, "--system")[1]
-    assert commands[-1] == f"{sys.executable} -m pip install -q -e '.[test,int8,research]'"
+    assert commands[-1] == f"{sys.executable} -m pip install -q -e '.[test,int8,research,fleet]'"
     apt = next(c for c in commands if c.startswith("apt-get install"))
-    assert {"dataset-fashion-mnist", "nginx-light", "prometheus", "docker-compose", "chromium"} <= set(apt.split())
+    assert {"dataset-fashion-mnist", "nginx-light", "prometheus", "docker-compose", "chromium", "redis-server"} <= set(
+        apt.split()
+    )
 
 
 def test_the_image_install_is_torch_and_the_runtime_dependencies_only(tmp_path: Path) -> None:
@@ -219,14 +221,17 @@ def test_every_package_the_code_imports_comes_with_the_install_that_runs_it() ->
     extras = PYPROJECT["project"]["optional-dependencies"]
     runtime = PYPROJECT["project"]["dependencies"]
     serve = requirement_closure(runtime)
-    # app/: the service; int8 imports from its own extra, lazily.
-    optional = {"torchao": requirement_closure(extras["int8"])}
+    # app/: the service; int8 and a Redis job store (fleet) import from their own extras, lazily.
+    optional = {"torchao": requirement_closure(extras["int8"]), "redis": requirement_closure(extras["fleet"])}
     for dist, files in imported_distributions("app").items():
         assert dist in optional.get(dist, serve), f"{dist} (imported by {sorted(files)}) comes with no install of app/"
     for folder, installed in (
         ("research", requirement_closure(runtime + extras["research"] + extras["int8"])),
         ("bench", requirement_closure(runtime + extras["research"])),
-        ("tests", requirement_closure(runtime + extras["test"] + extras["int8"] + extras["research"])),
+        (
+            "tests",
+            requirement_closure(runtime + extras["test"] + extras["int8"] + extras["research"] + extras["fleet"]),
+        ),
     ):
         for dist, files in imported_distributions(folder).items():
             assert dist in installed, f"{dist} (imported by {sorted(files)}) is not installed for {folder}/"

@@ -1,4 +1,8 @@
-"""The asynchronous jobs, in memory and bounded.
+"""The asynchronous jobs, and where they are kept: `JobBackend` is what the routes use; `MemoryJobs` (over
+`JobStore`, below) keeps them in this process (CFG_JOB_STORE=memory, the default), `RedisJobs`
+(app/api/redis_jobs.py) on a Redis server every replica shares.
+
+In memory, bounded:
 
 At most `max_jobs` jobs are kept. A finished job stays for `ttl_s` after it finished; when a new
 job needs room, the job that finished first goes first. Unfinished jobs are never dropped: when every
@@ -9,12 +13,13 @@ jobs, each holding at most one result. A restart loses them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from app.engine import Progress, TraceRow
 from app.sampling import Preview, SampleSpec
@@ -45,6 +50,7 @@ class Job:
     finished_mono: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    abort: Callable[[], None] | None = field(default=None, repr=False)  # stops its engine request, where it runs here
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _changed: asyncio.Future | None = field(default=None, repr=False)
 
@@ -103,8 +109,16 @@ class Job:
         self._notify_change()
 
 
+def new_job_id() -> str:
+    return secrets.token_hex(16)
+
+
 class StoreFullError(RuntimeError):
     """Every stored job is unfinished."""
+
+
+class StoreUnavailableError(RuntimeError):
+    """The job store can't be reached now (the message names it)."""
 
 
 class JobStore:
@@ -125,7 +139,7 @@ class JobStore:
 
     @staticmethod
     def new_id() -> str:
-        return secrets.token_hex(16)
+        return new_job_id()
 
     def get(self, job_id: str) -> Job | None:
         self.expire()
@@ -165,3 +179,86 @@ class JobStore:
         self._finished.pop(job_id, None)
         if job.idempotency_key is not None and self._by_key.get(job.idempotency_key) == job_id:
             del self._by_key[job.idempotency_key]
+
+
+class JobBackend(Protocol):
+    """Where the jobs are kept, as the routes use it. A job submitted here is `add`ed, then `saved` after each
+    change its engine request makes; `get` and `by_key` find any job in the store, wherever it runs."""
+
+    name: str  # the store, for messages and /readyz: "memory", or the Redis URL without its password
+
+    async def reserve(self) -> None:
+        """Room for one more job now; StoreFullError, or StoreUnavailableError."""
+
+    async def add(self, job: Job) -> Job:
+        """Store a new job; the job its Idempotency-Key already names where another request took the key first."""
+
+    async def saved(self, job: Job) -> None:
+        """The job (one running here) changed: its progress, or its end."""
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def by_key(self, key: str) -> Job | None: ...
+
+    async def cancel(self, job: Job, error: dict[str, Any]) -> bool:
+        """Cancel the job wherever it runs; False if it had already finished."""
+
+    def watch(self, job: Job) -> contextlib.AbstractAsyncContextManager[Job]:
+        """The job, kept up to date while the context is open (an event stream follows it)."""
+
+    async def check(self) -> str | None:
+        """Why the store can't be used now, or None."""
+
+    def counts(self) -> tuple[int, int]:
+        """(unfinished, finished) jobs, as last known."""
+
+    async def close(self) -> None: ...
+
+
+class MemoryJobs:
+    """The jobs in this process's memory (a JobStore): a restart loses them, another replica doesn't see them."""
+
+    name = "memory"
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    async def reserve(self) -> None:
+        self.store.reserve()
+
+    async def add(self, job: Job) -> Job:
+        self.store.add(job)
+        return job
+
+    async def saved(self, job: Job) -> None:
+        pass
+
+    async def get(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    async def by_key(self, key: str) -> Job | None:
+        return self.store.by_key(key)
+
+    async def cancel(self, job: Job, error: dict[str, Any]) -> bool:
+        if job.finished:
+            return False
+        job.finish("cancelled", error=error)
+        if job.abort is not None:
+            job.abort()
+        return True
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job: Job) -> AsyncIterator[Job]:
+        yield job
+
+    async def check(self) -> str | None:
+        return None
+
+    def counts(self) -> tuple[int, int]:
+        return self.store.unfinished, len(self.store) - self.store.unfinished
+
+    async def close(self) -> None:
+        pass

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.api.convert import to_spec
 from app.api.encoding import preview_body, progress_body, result_body
 from app.api.errors import ApiError, bounded_text
-from app.api.job_store import Job, StoreFullError
+from app.api.job_store import Job, StoreFullError, StoreUnavailableError, new_job_id
 from app.api.media import EVENT_STREAM, JSON, json_body, produces
 from app.api.responses import (
     ErrorDetail,
@@ -71,11 +71,16 @@ async def follow(service: Service, job: Job) -> None:
             job.finish("cancelled", error=CANCELLED.event())
         else:
             job.finish("failed", error=failure(output, service.retry_after_s).event())
+        await service.jobs.saved(job)
     service.metrics.jobs.labels(outcome=job.outcome, model=job.model).inc()
 
 
 def not_found(job_id: str) -> JSONResponse:
     return JSONResponse({"detail": f"no job {bounded_text(job_id)!r}: unknown, or expired"}, status_code=404)
+
+
+def store_unavailable(service: Service, exc: StoreUnavailableError) -> Response:
+    return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
 
 
 def final_event(job: Job) -> str:
@@ -176,26 +181,26 @@ def build_jobs_router(limits: Limits) -> APIRouter:
     ) -> Response:
         arrived = time.monotonic()
         request_body = body.model_dump(mode="json")
-        if idempotency_key is not None and (known := service.jobs.by_key(idempotency_key)) is not None:
-            if known.body != request_body:
-                msg = "Idempotency-Key was already used with a different body: use a new key for a new request"
-                error = {"loc": ["header", "Idempotency-Key"], "msg": msg, "type": "idempotency_key_reused"}
-                return JSONResponse({"detail": [error]}, status_code=422)
-            return created(known, replayed=True)
+        try:
+            if idempotency_key is not None and (known := await service.jobs.by_key(idempotency_key)) is not None:
+                return replay(known, request_body)
+        except StoreUnavailableError as exc:
+            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
+            return store_unavailable(service, exc)
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return refused.response()
         client = service.model(body.model).client
         spec = to_spec(body)
         try:
-            service.jobs.reserve()
+            await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
             request_id = client.add(spec, progress=True, limit_queue=False)
-        except (StoreFullError, EngineClosedError) as exc:
+        except (StoreFullError, StoreUnavailableError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
         job = Job(
-            id=service.jobs.new_id(),
+            id=new_job_id(),
             spec=spec,
             model=client.name,
             request_id=request_id,
@@ -204,11 +209,27 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             created_at=time.time(),
             idempotency_key=idempotency_key,
             queue_position=client.queue_depth,  # its place once the engine takes it, unless it is admitted at once
+            abort=lambda: client.abort(request_id),
         )
-        service.jobs.add(job)
+        try:
+            stored = await service.jobs.add(job)
+        except (StoreFullError, StoreUnavailableError) as exc:
+            client.abort(request_id)
+            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
+            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
+        if stored is not job:  # another replica took this Idempotency-Key meanwhile
+            client.abort(request_id)
+            return replay(stored, request_body)
         service.job_tasks.add(task := asyncio.create_task(follow(service, job), name=f"job-{job.id}"))
         task.add_done_callback(service.job_tasks.discard)
         return created(job)
+
+    def replay(known: Job, request_body: dict[str, Any]) -> JSONResponse:
+        if known.body != request_body:
+            msg = "Idempotency-Key was already used with a different body: use a new key for a new request"
+            error = {"loc": ["header", "Idempotency-Key"], "msg": msg, "type": "idempotency_key_reused"}
+            return JSONResponse({"detail": [error]}, status_code=422)
+        return created(known, replayed=True)
 
     def created(job: Job, replayed: bool = False) -> JSONResponse:
         headers = {"Location": f"/v1/jobs/{job.id}"}
@@ -224,7 +245,10 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="A job's status, progress, and its result once it has succeeded",
     )
     async def get_job(job_id: str, service: ServiceDep) -> Response:
-        job = service.jobs.get(job_id)
+        try:
+            job = await service.jobs.get(job_id)
+        except StoreUnavailableError as exc:
+            return store_unavailable(service, exc)
         return not_found(job_id) if job is None else JSONResponse(job_body(job))
 
     @router.get(
@@ -237,10 +261,19 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="Server-sent `progress` events, then one `result` or `error`",
     )
     async def get_job_events(job_id: str, service: ServiceDep) -> Response:
-        job = service.jobs.get(job_id)
+        try:
+            job = await service.jobs.get(job_id)
+        except StoreUnavailableError as exc:
+            return store_unavailable(service, exc)
         if job is None:
             return not_found(job_id)
-        return StreamingResponse(job_events(job), media_type="text/event-stream", headers=STREAM_HEADERS)
+
+        async def stream(job: Job) -> AsyncIterator[str]:
+            async with service.jobs.watch(job) as watched:
+                async for event in job_events(watched):
+                    yield event
+
+        return StreamingResponse(stream(job), media_type="text/event-stream", headers=STREAM_HEADERS)
 
     @router.delete(
         "/{job_id}",
@@ -255,14 +288,16 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         summary="Cancel a job: its rows leave the batch at the next tick",
     )
     async def cancel_job(job_id: str, service: ServiceDep) -> Response:
-        job = service.jobs.get(job_id)
-        if job is None:
-            return not_found(job_id)
-        if job.finished:
-            detail = f"job {job_id} has already finished: {job.status}"
-            return JSONResponse({"detail": detail, "status": job.status}, status_code=409)
-        job.finish("cancelled", error=CANCELLED.event())
-        service.model(job.model).client.abort(job.request_id)
-        return JSONResponse(job_body(job))
+        try:
+            job = await service.jobs.get(job_id)
+            if job is None:
+                return not_found(job_id)
+            if not job.finished and await service.jobs.cancel(job, CANCELLED.event()):
+                return JSONResponse(job_body(job))
+            job = await service.jobs.get(job_id) or job  # it finished meanwhile: as it ended
+        except StoreUnavailableError as exc:
+            return store_unavailable(service, exc)
+        detail = f"job {job_id} has already finished: {job.status}"
+        return JSONResponse({"detail": detail, "status": job.status}, status_code=409)
 
     return router

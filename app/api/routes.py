@@ -99,13 +99,19 @@ def build_router(limits: Limits) -> APIRouter:
     )
     async def readyz(service: ServiceDep) -> Response:
         """503 with a `reason` while loading, warming up or draining, or after a failure; new requests get 503
-        with Retry-After then too."""
+        with Retry-After then too. With a Redis job store, `job_store` says whether it is reachable."""
         failures = service.failures()
         if service.phase != "ready" or failures:
             reason = "failed" if failures else service.phase
             error = "; ".join(failures) or None
             return JSONResponse({"status": "not ready", "reason": reason, "error": error}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        if service.jobs.name == "memory":
+            return JSONResponse({"status": "ready"})
+        # A shared job store that can't be reached is reported, not a reason to stop serving: /generate
+        # needs no store, so the replica stays in its load balancer (POST /v1/jobs answers 503 meanwhile).
+        problem = await service.jobs.check()
+        store = {"url": service.jobs.name, "reachable": problem is None, "error": problem}
+        return JSONResponse({"status": "ready", "job_store": store})
 
     @router.get(
         "/v1/models",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 
-from app.api.job_store import JobStore
+from app.api.job_store import JobBackend
 from app.api.schemas import Limits
 from app.engine import EngineClient
 from app.metrics import Metrics
@@ -60,7 +60,7 @@ class Service:
     limits: Limits
     request_timeout_s: float
     retry_after_s: int
-    jobs: JobStore
+    jobs: JobBackend
     models: dict[str, ServedModel] = field(default_factory=dict)  # CFG_MODELS order, once loaded; first: default
     on_scrape: Callable[[], None] = lambda: None  # refreshes gauges read at scrape time
     drain_timeout_s: float = 300.0

@@ -1,0 +1,393 @@
+"""The jobs on a Redis server every replica shares (CFG_JOB_STORE=redis://host:6379/0).
+
+A job runs on the replica that took its POST (its engine request is there); every change is written to
+Redis and announced on the job's channel, so any replica reads it (GET), follows it (/events: it subscribes to
+the channel) and cancels it (DELETE: the outcome is set in Redis, once, by a script, and announced on the
+`cancel` channel, which the replica running it hears: it aborts the engine request at its next tick).
+
+Keys, under `cfg:`: `job:{id}` (a hash: meta, state, outcome, final), `job:{id}:trace` (the guidance trace rows),
+`jobs:unfinished` (a set), `jobs:finished` (a sorted set by finish time), `key:{Idempotency-Key}` (the job id),
+`replica:{id}` (a replica's heartbeat). The bounds are the memory store's: at most max_jobs jobs, the first
+finished dropped first, a finished job kept ttl_s. A job whose replica stopped heartbeating (OWNER_TIMEOUT_S)
+before it finished is failed when it is next read: re-running it elsewhere is the shared backlog's (not built).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.api.job_store import Job, StoreFullError, StoreUnavailableError
+from app.sampling import Preview, SampleSpec
+
+log = logging.getLogger("uvicorn.error")
+
+PREFIX = "cfg:"
+UNFINISHED, FINISHED, CANCEL = PREFIX + "jobs:unfinished", PREFIX + "jobs:finished", PREFIX + "cancel"
+HEARTBEAT_S = 5.0  # a replica renews its heartbeat this often
+OWNER_TIMEOUT_S = 20.0  # a job whose replica has not renewed it for this long is failed when read
+RETRY_FINAL_S = 1.0  # a result that could not be written is retried this often, for up to ttl_s
+
+T = TypeVar("T")
+
+# Makes room (expired jobs, then the first finished) and adds the job, atomically; or names the job its
+# Idempotency-Key already has.
+ADD = """
+local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local id, prefix, idem = ARGV[4], ARGV[7], ARGV[8]
+if idem ~= '' then
+  local known = redis.call('GET', idem)
+  if known and redis.call('EXISTS', prefix .. 'job:' .. known) == 1 then return {'known', known} end
+end
+local function drop(old)
+  redis.call('DEL', prefix .. 'job:' .. old, prefix .. 'job:' .. old .. ':trace')
+  redis.call('ZREM', KEYS[2], old)
+end
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do drop(old) end
+while redis.call('SCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= max and redis.call('ZCARD', KEYS[2]) > 0 do
+  drop(redis.call('ZRANGE', KEYS[2], 0, 0)[1])
+end
+local unfinished = redis.call('SCARD', KEYS[1])
+if unfinished >= max then return {'full', tostring(unfinished)} end
+redis.call('HSET', prefix .. 'job:' .. id, 'meta', ARGV[5], 'state', ARGV[6])
+redis.call('SADD', KEYS[1], id)
+if idem ~= '' then redis.call('SET', idem, id) end
+redis.call('SET', ARGV[9], '1', 'EX', ARGV[10])
+return {'added', id}
+"""
+
+# Ends a job once: the first outcome stands (a cancel from another replica, or the result).
+FINISH = """
+if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('HEXISTS', KEYS[3], 'outcome') == 1 then return 0 end
+redis.call('HSET', KEYS[3], 'outcome', ARGV[2], 'final', ARGV[3])
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[3] .. ':trace', ARGV[5])
+if ARGV[6] ~= '' then redis.call('EXPIRE', ARGV[6], ARGV[5]) end
+redis.call('PUBLISH', KEYS[3], 'finished')
+return 1
+"""
+
+
+def public_url(url: str) -> str:
+    """The URL without its password (for messages and /readyz)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def preview_record(preview: Preview | None) -> dict[str, Any] | None:
+    if preview is None:
+        return None
+    images = np.ascontiguousarray(preview.images)
+    return {"step": preview.step, "shape": list(images.shape), "data": base64.b64encode(images.tobytes()).decode()}
+
+
+def preview_from(record: dict[str, Any] | None) -> Preview | None:
+    if record is None:
+        return None
+    images = np.frombuffer(base64.b64decode(record["data"]), dtype=np.uint8).reshape(record["shape"])
+    return Preview(step=record["step"], images=images)
+
+
+class RedisJobs:
+    """The JobBackend on Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        max_jobs: int,
+        ttl_s: float,
+        spec_of: Callable[[dict[str, Any]], SampleSpec],
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = public_url(url)
+        self.max_jobs, self.ttl_s = max_jobs, ttl_s
+        self.spec_of = spec_of  # a stored request body -> its SampleSpec
+        self.on_error = on_error  # counts the store's errors
+        self.redis = aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.owner = secrets.token_hex(8)  # this replica
+        self.local: dict[str, Job] = {}  # the jobs running here, until their end is written
+        self._traced: dict[str, int] = {}  # trace rows written, per local job
+        self._counts = (0, 0)
+        self._add, self._finish = self.redis.register_script(ADD), self.redis.register_script(FINISH)
+        self._tasks: set[asyncio.Task] = set()
+        self._listener: asyncio.Task | None = None
+
+    def unreachable(self, exc: BaseException) -> StoreUnavailableError:
+        self.on_error()
+        return StoreUnavailableError(f"the job store ({self.name}) is unreachable: {type(exc).__name__}: {exc}")
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            raise self.unreachable(exc) from exc
+
+    def start(self) -> None:
+        """Listen for cancellations and renew this replica's heartbeat, in the background."""
+        self._listener = asyncio.create_task(self._listen(), name="job-store")
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(CANCEL)
+                beat = 0.0
+                while True:
+                    if time.monotonic() - beat >= HEARTBEAT_S:
+                        await self.redis.set(f"{PREFIX}replica:{self.owner}", "1", ex=int(OWNER_TIMEOUT_S))
+                        unfinished, finished = await self.redis.scard(UNFINISHED), await self.redis.zcard(FINISHED)
+                        self._counts, beat = (unfinished, finished), time.monotonic()
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self._cancelled(json.loads(message["data"]))
+            except (RedisError, OSError) as exc:
+                self.on_error()
+                log.warning("job store %s: %s; retrying in 1 s", self.name, exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    def _cancelled(self, message: dict[str, Any]) -> None:
+        job = self.local.get(message["id"])
+        if job is not None and not job.finished:
+            job.finish("cancelled", error=message["error"])
+            if job.abort is not None:
+                job.abort()
+
+    async def reserve(self) -> None:
+        unfinished = await self._call(lambda: self.redis.scard(UNFINISHED))
+        if unfinished >= self.max_jobs:
+            raise StoreFullError(f"{unfinished} unfinished jobs: the store holds at most {self.max_jobs}")
+
+    async def add(self, job: Job) -> Job:
+        meta = {
+            "id": job.id,
+            "model": job.model,
+            "body": job.body,
+            "created_at": job.created_at,
+            "idempotency_key": job.idempotency_key,
+            "owner": self.owner,
+        }
+        idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
+        args: list[str | float] = [time.time(), self.ttl_s, self.max_jobs, job.id, json.dumps(meta)]
+        args += [json.dumps(self._state(job)), PREFIX, idem, f"{PREFIX}replica:{self.owner}", int(OWNER_TIMEOUT_S)]
+        answer, value = await self._call(lambda: self._add(keys=[UNFINISHED, FINISHED], args=args))
+        if answer == "full":
+            raise StoreFullError(f"{value} unfinished jobs: the store holds at most {self.max_jobs}")
+        if answer == "known":
+            known = await self.get(value)
+            if known is not None:
+                return known
+        self.local[job.id] = job
+        self._traced[job.id] = 0
+        return job
+
+    @staticmethod
+    def _state(job: Job) -> dict[str, Any]:
+        return {
+            "step": job.step,
+            "queue_position": job.queue_position,
+            "queue_wait_s": job.queue_wait_s,
+            "preview": preview_record(job.preview),
+        }
+
+    async def saved(self, job: Job) -> None:
+        if job.finished:
+            if not await self._write_final(job):
+                self._keep(self._retry_final(job))
+            return
+        traced = self._traced.get(job.id, 0)
+        rows = job.trace[traced:]
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(job_key(job.id), "state", json.dumps(self._state(job)))
+                if rows:
+                    pipe.rpush(f"{job_key(job.id)}:trace", *(json.dumps(row) for row in rows))
+                pipe.publish(job_key(job.id), "progress")
+                await pipe.execute()
+            self._traced[job.id] = traced + len(rows)
+        except (RedisError, OSError) as exc:  # progress is dropped; the result is retried
+            self.on_error()
+            log.warning("job %s: its progress was not stored: %s", job.id, exc)
+
+    async def _write_final(self, job: Job) -> bool:
+        """Write the job's end (it stands unless another outcome was written first); False if Redis failed."""
+        final = {"step": job.step, "finished_at": job.finished_at, "result": job.result, "error": job.error}
+        idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
+        args: list[str | float] = [job.id, job.outcome or "", json.dumps(final), time.time(), int(self.ttl_s), idem]
+        try:
+            await self._finish(keys=[UNFINISHED, FINISHED, job_key(job.id)], args=args)
+        except (RedisError, OSError) as exc:
+            self.on_error()
+            log.warning("job %s: its %s end was not stored yet: %s", job.id, job.outcome, exc)
+            return False
+        self.local.pop(job.id, None)
+        self._traced.pop(job.id, None)
+        return True
+
+    async def _retry_final(self, job: Job) -> None:
+        deadline = time.monotonic() + self.ttl_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RETRY_FINAL_S)
+            if await self._write_final(job):
+                return
+
+    def _keep(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def get(self, job_id: str) -> Job | None:
+        if (job := self.local.get(job_id)) is not None:
+            return job
+        return await self._load(job_id)
+
+    async def _load(self, job_id: str) -> Job | None:
+        async def read() -> tuple[dict[str, str], list[str], bool]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(job_key(job_id))
+                pipe.lrange(f"{job_key(job_id)}:trace", 0, -1)
+                record, trace = await pipe.execute()
+            alive = True
+            if record and "outcome" not in record:
+                owner = json.loads(record["meta"])["owner"]
+                alive = owner == self.owner or bool(await self.redis.exists(f"{PREFIX}replica:{owner}"))
+            return record, trace, alive
+
+        record, trace, alive = await self._call(read)
+        if not record:
+            return None
+        job = self._job(record, trace)
+        if not alive:  # its replica stopped before it finished
+            job.finish("failed", error={"status": 503, "outcome": "error", "detail": self.ORPHANED})
+            await self._call(lambda: self._write_final(job))
+            return await self._load(job_id)
+        return job
+
+    ORPHANED = "the replica that ran this job stopped before it finished: submit it again"
+
+    def _job(self, record: dict[str, str], trace: list[str]) -> Job:
+        meta, state = json.loads(record["meta"]), json.loads(record["state"])
+        job = Job(
+            id=meta["id"],
+            spec=self.spec_of(meta["body"]),
+            model=meta["model"],
+            request_id="",  # on another replica, or finished
+            body=meta["body"],
+            arrived=0.0,
+            created_at=meta["created_at"],
+            idempotency_key=meta["idempotency_key"],
+            queue_position=state["queue_position"],
+            queue_wait_s=state["queue_wait_s"],
+            step=state["step"],
+            trace=[json.loads(row) for row in trace],
+            preview=preview_from(state["preview"]),
+        )
+        if "outcome" in record:
+            final = json.loads(record["final"])
+            job.outcome = record["outcome"]  # type: ignore[assignment]  # written from a Status
+            job.step, job.finished_at = final["step"], final["finished_at"]
+            job.result, job.error = final["result"], final["error"]
+        return job
+
+    async def by_key(self, key: str) -> Job | None:
+        job_id = await self._call(lambda: self.redis.get(f"{PREFIX}key:{key}"))
+        return None if job_id is None else await self.get(str(job_id))
+
+    async def cancel(self, job: Job, error: dict[str, Any]) -> bool:
+        local = self.local.get(job.id)
+        finished_at = time.time()
+        final = {"step": job.step, "finished_at": finished_at, "result": None, "error": error}
+        idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
+        args: list[str | float] = [job.id, "cancelled", json.dumps(final), finished_at, int(self.ttl_s), idem]
+        keys = [UNFINISHED, FINISHED, job_key(job.id)]
+
+        if not await self._call(lambda: self._finish(keys=keys, args=args)):
+            return False
+        job.finish("cancelled", error=error)
+        job.finished_at = finished_at
+        if local is not None:
+            self._cancelled({"id": job.id, "error": error})
+            self.local.pop(job.id, None)
+        else:
+            await self._call(lambda: self.redis.publish(CANCEL, json.dumps({"id": job.id, "error": error})))
+        return True
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job: Job) -> AsyncIterator[Job]:
+        if job.id in self.local or job.finished:
+            yield job
+            return
+        pubsub = self.redis.pubsub()
+        await self._call(lambda: pubsub.subscribe(job_key(job.id)))
+
+        async def refresh() -> None:
+            while not job.finished:
+                if (loaded := await self._load(job.id)) is None:
+                    return
+                self._apply(job, loaded)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+
+        task = asyncio.create_task(refresh())
+        try:
+            yield job
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    @staticmethod
+    def _apply(job: Job, loaded: Job) -> None:
+        """Bring a job read earlier up to date with the store."""
+        job.step, job.queue_position, job.queue_wait_s = loaded.step, loaded.queue_position, loaded.queue_wait_s
+        job.trace, job.preview = loaded.trace, loaded.preview
+        if loaded.outcome is not None:
+            job.finish(loaded.outcome, result=loaded.result, error=loaded.error)
+            job.finished_at = loaded.finished_at
+        else:
+            job._notify_change()
+
+    async def check(self) -> str | None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            return str(self.unreachable(exc))
+        return None
+
+    def counts(self) -> tuple[int, int]:
+        return self._counts
+
+    async def close(self) -> None:
+        """Stop listening; the results still unwritten get a few more seconds."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+            for task in self._tasks:
+                task.cancel()
+        await self.redis.aclose()
