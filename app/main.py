@@ -163,6 +163,7 @@ async def serve_model(
         device=device,
         max_batch_rows=settings.max_batch_rows,
         max_queue=settings.max_queue,
+        max_preempted_bytes=int(settings.max_preempted_mb * 2**20),
         class_embedding=model.class_embedding,
         compute=compute,
         name=m.name,
