@@ -297,7 +297,8 @@ class Engine:
         while self._messages:
             message = self._messages.popleft()
             if message[0] == "add":
-                self._take(*message[1:], outputs)
+                _, request_id, spec, enqueued_at, progress, limit_queue, priority = message
+                self._take(request_id, spec, enqueued_at, progress, limit_queue, priority, outputs)
             elif message[0] == "abort":
                 request = self._requests.get(message[1])
                 if request is not None:
