@@ -31,13 +31,13 @@ def images(body: dict) -> np.ndarray:
 def test_preempted_batch_requests_resume_with_the_images_they_draw_unpreempted():
     # Two batch requests of 2 guided images fill the 8 rows; two interactive ones of 2 images each need 4 rows.
     batch = [
-        {"class_label": 1, "num_images": 2, "steps": 30, "seed": 11, "guidance_scale": 3.0, "priority": "batch"},
-        {"class_label": 7, "num_images": 2, "steps": 30, "seed": 23, "guidance_scale": 5.0, "sampler": "ddim",
+        {"class_label": 1, "num_images": 2, "steps": 12, "seed": 11, "guidance_scale": 3.0, "priority": "batch"},
+        {"class_label": 7, "num_images": 2, "steps": 12, "seed": 23, "guidance_scale": 5.0, "sampler": "ddim",
          "schedule": {"kind": "linear", "start": 1.0, "end": 0.2}, "priority": "batch"},
     ]  # fmt: skip
     interactive = [
-        {"class_label": 3, "num_images": 2, "steps": 8, "seed": 5, "guidance_scale": 2.0},
-        {"class_label": 5, "num_images": 2, "steps": 8, "seed": 6, "guidance_scale": 4.0, "sampler": "ddpm"},
+        {"class_label": 3, "num_images": 2, "steps": 4, "seed": 5, "guidance_scale": 2.0},
+        {"class_label": 5, "num_images": 2, "steps": 4, "seed": 6, "guidance_scale": 4.0, "sampler": "ddpm"},
     ]
     settings = Settings(request_timeout_s=300, warmup=False, max_batch_rows=8, max_images=4)
     with TestClient(create_app(settings)) as c:
