@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     max_batch_rows: int = Field(32, ge=1, description="most rows (images x cond/uncond) in one forward")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the running ones; more get 503")
+    max_preempted_mb: float = Field(
+        256, ge=0, description="memory that batch requests preempted for interactive ones may hold (docs/engine.md)"
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this gets 504")
     max_images: int = Field(16, ge=1, description="most images per request")
     max_steps: int = Field(200, ge=1, description="most sampling steps per request")

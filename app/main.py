@@ -63,6 +63,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
+    preemptions = metrics.preemptions.labels(model=model)
 
     def on_stats(stats: EngineStats) -> None:
         step_duration.observe(stats.tick_seconds)
@@ -74,6 +75,15 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
             images.inc(stats.images_finished)
         for seconds in stats.queue_waits:
             queue_wait.observe(seconds)
+        for priority, seconds in stats.class_queue_waits:
+            metrics.class_queue_wait.labels(priority=priority, model=model).observe(seconds)
+        for priority, seconds in stats.latencies:
+            metrics.class_latency.labels(priority=priority, model=model).observe(seconds)
+        for priority, rows in stats.class_rows:
+            if rows:
+                metrics.class_rows.labels(priority=priority, model=model).inc(rows)
+        if stats.preemptions:
+            preemptions.inc(stats.preemptions)
 
     return on_stats
 
@@ -163,6 +173,7 @@ async def serve_model(
         device=device,
         max_batch_rows=settings.max_batch_rows,
         max_queue=settings.max_queue,
+        max_preempted_bytes=int(settings.max_preempted_mb * 2**20),
         class_embedding=model.class_embedding,
         compute=compute,
         name=m.name,

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+# app/engine/policy.py's PRIORITIES (metrics does not import the engine: tests/test_layers.py).
+PRIORITY_CLASSES = ("interactive", "batch")
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 
@@ -41,6 +43,10 @@ class Metrics:
     job_store_errors: Counter
     forward_rows: Counter
     skipped_rows: Counter
+    class_queue_wait: Histogram
+    class_latency: Histogram
+    class_rows: Counter
+    preemptions: Counter
 
     def observe_request(self, outcome: str, seconds: float | None = None, model: str = NO_MODEL) -> None:
         self.requests.labels(outcome=outcome, model=model).inc()
@@ -58,6 +64,10 @@ class Metrics:
             self.forward_rows.labels(kind=kind, model=model)
         for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
             metric.labels(model=model)
+        for priority in PRIORITY_CLASSES:
+            for metric in (self.class_queue_wait, self.class_latency, self.class_rows):
+                metric.labels(priority=priority, model=model)
+        self.preemptions.labels(model=model)
         for gauge in (self.in_flight, self.queue_depth):
             gauge.labels(model=model)
 
@@ -129,6 +139,32 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         skipped_rows=Counter(
             "cfg_engine_skipped_uncond_rows",
             "Unconditional rows not run because the step's guidance weight was exactly 1 (interval schedules)",
+            ["model"],
+            registry=registry,
+        ),
+        class_queue_wait=Histogram(
+            "cfg_class_queue_wait_seconds",
+            "Time a request waited before its first forward, by priority class (a resumed request: its first wait)",
+            ["priority", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        class_latency=Histogram(
+            "cfg_class_latency_seconds",
+            "Time from a request's arrival at the engine to its last step, by priority class (preemptions included)",
+            ["priority", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        class_rows=Counter(
+            "cfg_class_forward_rows",
+            "Rows run through the model, by priority class (per tick: divide by the step count's rate)",
+            ["priority", "model"],
+            registry=registry,
+        ),
+        preemptions=Counter(
+            "cfg_engine_preemptions",
+            "Requests that left the batch at a step boundary for more urgent work (each resumes later)",
             ["model"],
             registry=registry,
         ),

@@ -49,16 +49,22 @@ def progress_body(
     queued: bool,
     trace: list[TraceRow] | None,
     preview: Preview | None,
+    preempted: bool = False,
+    change: str | None = None,
 ) -> dict[str, Any]:
     """A `progress` event: the step, the place in the queue, the trace rows of the steps taken since the last event
-    (with return_trace), and a preview newer than the last event's."""
+    (with return_trace), and a preview newer than the last event's. status: queued, running, or preempted (out of
+    the batch for interactive work, in the queue again); event: "preempted" or "resumed" on the event at that
+    change."""
     event: dict[str, Any] = {
         "step": step,
         "steps": steps,
         "queued": queued,
-        "status": "queued" if queued else "running",
+        "status": "preempted" if preempted else "queued" if queued else "running",
         "queue_position": queue_position,
     }
+    if change is not None:
+        event["event"] = change
     if trace is not None:
         event["trace"] = trace
     if preview is not None:

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from app.engine import Progress, TraceRow
 from app.sampling import Preview, SampleSpec
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = Literal["queued", "running", "preempted", "succeeded", "failed", "cancelled"]
 
 
 @dataclass(eq=False)
@@ -42,6 +42,7 @@ class Job:
     idempotency_key: str | None = None
     queue_position: int | None = None  # while queued: 1 for the next to be admitted
     queue_wait_s: float | None = None  # once admitted: how long it waited
+    preempted: bool = False  # out of the batch for interactive work, its state kept, queued again
     step: int = 0  # steps taken; once finished, the step it had then
     trace: list[TraceRow] = field(default_factory=list, repr=False)  # with return_trace: the rows so far
     preview: Preview | None = field(default=None, repr=False)  # the newest preview
@@ -62,6 +63,8 @@ class Job:
     def status(self) -> Status:
         if self.outcome is not None:
             return self.outcome
+        if self.preempted:
+            return "preempted"
         return "queued" if self.queue_wait_s is None else "running"
 
     @property
@@ -76,6 +79,7 @@ class Job:
             return
         self.step = min(progress.step, progress.steps)
         self.queue_position, self.queue_wait_s = progress.queue_position, progress.queue_wait_s
+        self.preempted = progress.preempted
         self.trace.extend(progress.trace)
         if progress.preview is not None:
             self.preview = progress.preview

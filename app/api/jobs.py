@@ -93,15 +93,18 @@ class ProgressCursor:
     """What one event stream has sent of a job: the next event carries only what is new."""
 
     def __init__(self) -> None:
-        self.last: tuple[int, int | None] | None = None
+        self.last: tuple[int, int | None, bool] | None = None
         self.traced = 0
         self.previewed: int | None = None
 
     def event(self, job: Job) -> str | None:
         """A `progress` event if the job's step or place in the queue changed since the last; else None."""
-        if (job.step, job.queue_position) == self.last:
+        if (job.step, job.queue_position, job.preempted) == self.last:
             return None
-        self.last = (job.step, job.queue_position)
+        change = None
+        if self.last is not None and self.last[2] != job.preempted:
+            change = "preempted" if job.preempted else "resumed"
+        self.last = (job.step, job.queue_position, job.preempted)
         trace = None
         if job.spec.return_trace:
             trace, self.traced = job.trace[self.traced :], len(job.trace)
@@ -110,7 +113,10 @@ class ProgressCursor:
             self.previewed = preview.step
         else:
             preview = None
-        body = progress_body(job.step, job.spec.steps, job.queue_position, job.status == "queued", trace, preview)
+        queued = job.queue_wait_s is None
+        body = progress_body(
+            job.step, job.spec.steps, job.queue_position, queued, trace, preview, job.preempted, change
+        )
         return sse("progress", body)
 
 
@@ -195,7 +201,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         try:
             await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
-            request_id = client.add(spec, progress=True, limit_queue=False)
+            # A job is batch work unless its body says otherwise (docs/api.md).
+            request_id = client.add(spec, progress=True, limit_queue=False, priority=body.priority or "batch")
         except (StoreFullError, StoreUnavailableError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()

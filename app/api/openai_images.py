@@ -218,7 +218,7 @@ def build_openai_router(limits: Limits) -> APIRouter:
             return openai_error(exc.status, exc.message, exc.param, exc.code)
         spec = to_spec(validated)
         try:
-            request_id = submit(service, validated.model, spec, arrived)
+            request_id = submit(service, validated.model, spec, arrived, priority=validated.priority)
             result = await await_result(service, validated.model, request_id, request, arrived)
         except ApiError as exc:
             return openai_error(exc.status, exc.message, code=exc.outcome, headers=exc.headers)

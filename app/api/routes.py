@@ -66,7 +66,9 @@ def build_router(limits: Limits) -> APIRouter:
         spec = to_spec(body)
         model = body.model
         try:
-            request_id = submit(service, model, spec, arrived, progress=media_type == EVENT_STREAM)
+            request_id = submit(
+                service, model, spec, arrived, progress=media_type == EVENT_STREAM, priority=body.priority
+            )
             if media_type == EVENT_STREAM:
                 stream = generate_events(service, model, request_id, request, spec, arrived)
                 return StreamingResponse(stream, media_type=EVENT_STREAM, headers=STREAM_HEADERS)

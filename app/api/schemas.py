@@ -14,6 +14,7 @@ from app.models.labels import resolve_label
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a")
+Priority = Literal["interactive", "batch"]  # app/engine/policy.py's PRIORITIES
 Sampler = Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a"]
 
 
@@ -153,6 +154,7 @@ class GenerateBody(Protocol):
     Limits at runtime (its `model` a Literal of the served names), which no static annotation can name."""
 
     model: str
+    priority: Priority | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
@@ -234,6 +236,12 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
             False, description="return per step the scale used and |eps_c - eps_u| per image (APG: its parts)"
         )
         seed: int | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; random when omitted")
+        priority: Priority | None = Field(
+            None,
+            description="interactive: admitted before batch work, which leaves the batch for it at a step boundary "
+            "and resumes later with the same images; batch: waits for interactive work. Default: interactive for "
+            "/generate and /v1/images/generations, batch for /v1/jobs (docs/engine.md)",
+        )
         preview: bool = Field(
             False, description="progress events carry the current x0 prediction as PNGs every preview_every steps"
         )

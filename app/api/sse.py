@@ -28,7 +28,14 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def progress_event(progress: Progress, spec: SampleSpec) -> str:
     trace = list(progress.trace) if spec.return_trace else None
     body = progress_body(
-        progress.step, progress.steps, progress.queue_position, progress.queued, trace, progress.preview
+        progress.step,
+        progress.steps,
+        progress.queue_position,
+        progress.queued,
+        trace,
+        progress.preview,
+        progress.preempted,
+        progress.event,
     )
     return sse("progress", body)
 

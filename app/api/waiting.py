@@ -26,13 +26,22 @@ def refusal(service: Service) -> ApiError | None:
     return ApiError(503, reason, "rejected", {"Retry-After": str(service.retry_after_s)})
 
 
-def submit(service: Service, model: str, spec: SampleSpec, arrived: float, *, progress: bool = False) -> str:
-    """The request's id at its model's engine; ApiError (503, counted as rejected) where it is refused now."""
+def submit(
+    service: Service,
+    model: str,
+    spec: SampleSpec,
+    arrived: float,
+    *,
+    progress: bool = False,
+    priority: str | None = None,
+) -> str:
+    """The request's id at its model's engine; ApiError (503, counted as rejected) where it is refused now.
+    priority: the body's, where it set one; else interactive (these are the synchronous endpoints)."""
     if (refused := refusal(service)) is not None:
         service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
         raise refused
     try:
-        return service.model(model).client.add(spec, progress=progress)
+        return service.model(model).client.add(spec, progress=progress, priority=priority or "interactive")
     except EngineClosedError as exc:
         service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
         raise ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}) from exc

@@ -12,11 +12,14 @@ from app.engine.outputs import (
     FailureKind,
     Finished,
     Progress,
+    ProgressEvent,
     RequestOutput,
     TraceRow,
 )
+from app.engine.policy import PRIORITIES
 
 __all__ = [
+    "PRIORITIES",
     "CurvePoint",
     "Engine",
     "EngineClient",
@@ -28,6 +31,7 @@ __all__ = [
     "Finished",
     "InProcessClient",
     "Progress",
+    "ProgressEvent",
     "RequestOutput",
     "SharedCompute",
     "TraceRow",

@@ -27,9 +27,12 @@ _ids = itertools.count()
 class EngineClient(Protocol):
     name: str
 
-    def add(self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True) -> str:
+    def add(
+        self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True, priority: str = "interactive"
+    ) -> str:
         """Queue a request and return its id; EngineClosedError while the engine is not accepting. progress: the
-        stream carries Progress outputs; limit_queue=False: the caller bounds its own requests (the jobs API)."""
+        stream carries Progress outputs; limit_queue=False: the caller bounds its own requests (the jobs API);
+        priority: its class (app/engine/policy.py's PRIORITIES), interactive before batch."""
         ...
 
     def abort(self, request_id: str) -> None:
@@ -77,12 +80,14 @@ class InProcessClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         engine.connect(self._receive)
 
-    def add(self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True) -> str:
+    def add(
+        self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True, priority: str = "interactive"
+    ) -> str:
         self._loop = self._loop or asyncio.get_running_loop()
         request_id = f"{self.name}-{next(_ids)}"
         self._streams[request_id] = asyncio.Queue()  # before the engine can answer
         try:
-            self.engine.add_request(request_id, spec, progress=progress, limit_queue=limit_queue)
+            self.engine.add_request(request_id, spec, progress=progress, limit_queue=limit_queue, priority=priority)
         except BaseException:
             del self._streams[request_id]
             raise

@@ -5,8 +5,9 @@ The engine lives in the compute thread, as vLLM's engine core lives behind its A
 aborts arrive as messages, in order; each tick, in the compute thread, it:
   1. takes the messages: builds each new request's SampleRun (here, not in the event loop), refuses what cannot
      be queued, drops aborted requests, so no compute is spent on them;
-  2. admits waiting requests, in arrival order, while their rows fit under max_batch_rows at every tick to come
-     (app/engine/scheduler.py);
+  2. admits waiting requests by class and arrival where their rows fit under max_batch_rows at every tick to
+     come, and preempts less urgent running requests where that makes room (app/engine/scheduler.py): a
+     preempted request keeps its SampleRun and resumes at a later tick where it stopped;
   3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows,
      per-row timesteps);
   4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
@@ -45,8 +46,10 @@ from app.engine.outputs import (
     FailureKind,
     Finished,
     Progress,
+    ProgressEvent,
     RequestOutput,
 )
+from app.engine.policy import PRIORITIES
 from app.engine.scheduler import EngineRequest, Scheduler
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
 
@@ -72,6 +75,7 @@ class Engine:
         device: torch.device,
         max_batch_rows: int,
         max_queue: int,
+        max_preempted_bytes: int = 256 << 20,
         executor: ThreadPoolExecutor | None = None,
         class_embedding: ClassEmbedding | None = None,
         compute: SharedCompute | None = None,
@@ -88,7 +92,7 @@ class Engine:
         self._image_shape = image_shape
         self._null_label = null_label
         self._device = device
-        self._scheduler = Scheduler(max_batch_rows, max_queue)
+        self._scheduler = Scheduler(max_batch_rows, max_queue, max_preempted_bytes)
         self._requests: dict[str, EngineRequest] = {}  # waiting and active, by id
         self._messages: deque[tuple[Any, ...]] = deque()  # from the client, in order: add, abort, fail_all
         self._sink: Sink = lambda outputs: None
@@ -99,6 +103,7 @@ class Engine:
         self._taken = 0
         self._finals = 0
         self._queue_changed = False
+        self._preemptions = 0  # since the last tick's stats
         self._stats: list[EngineStats] = []  # of the ticks since the last message to the client
         self._sent_at = 0.0
         self._started = False
@@ -122,16 +127,24 @@ class Engine:
         self._sink = sink
 
     def add_request(
-        self, request_id: str, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True
+        self,
+        request_id: str,
+        spec: SampleSpec,
+        *,
+        progress: bool = False,
+        limit_queue: bool = True,
+        priority: str = PRIORITIES[0],
     ) -> None:
         """Queue a request; its run is built in the compute thread. limit_queue=False skips the max_queue check,
-        for a caller that bounds its own requests (the jobs API's store)."""
+        for a caller that bounds its own requests (the jobs API's store). priority: one of PRIORITIES."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         if self._error is not None:
             raise EngineClosedError(f"the engine failed: {self.error}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
         self._sent += 1
-        self._messages.append(("add", request_id, spec, time.monotonic(), progress, limit_queue))
+        self._messages.append(("add", request_id, spec, time.monotonic(), progress, limit_queue, priority))
         self._compute.notify()
 
     def abort_request(self, request_id: str) -> None:
@@ -257,9 +270,12 @@ class Engine:
         try:
             self._take_messages(outputs)
             if self._error is None:
-                admitted = self._scheduler.admit()
-                self._queue_changed |= bool(admitted)
-                outputs += [self._progress(r) for r in admitted if r.progress]
+                decision = self._scheduler.schedule()
+                admitted = decision.admitted
+                self._queue_changed |= bool(admitted or decision.preempted)
+                self._preemptions += len(decision.preempted)
+                outputs += [self._progress(r, "preempted") for r in decision.preempted if r.progress]
+                outputs += [self._progress(r, "resumed" if r.preemptions else None) for r in admitted if r.progress]
                 if outputs:  # admissions and ends show at once, not after the forward (a job is running from here)
                     self._sink(EngineOutputs(tuple(outputs), ()))
                     outputs = []
@@ -281,8 +297,8 @@ class Engine:
         while self._messages:
             message = self._messages.popleft()
             if message[0] == "add":
-                _, request_id, spec, enqueued_at, progress, limit_queue = message
-                self._take(request_id, spec, enqueued_at, progress, limit_queue, outputs)
+                _, request_id, spec, enqueued_at, progress, limit_queue, priority = message
+                self._take(request_id, spec, enqueued_at, progress, limit_queue, priority, outputs)
             elif message[0] == "abort":
                 request = self._requests.get(message[1])
                 if request is not None:
@@ -291,7 +307,14 @@ class Engine:
                 self._end_all(message[1], message[2], outputs)
 
     def _take(
-        self, request_id: str, spec: SampleSpec, enqueued_at: float, progress: bool, limit_queue: bool, outputs: list
+        self,
+        request_id: str,
+        spec: SampleSpec,
+        enqueued_at: float,
+        progress: bool,
+        limit_queue: bool,
+        priority: str,
+        outputs: list,
     ) -> None:
         self._taken += 1
         if self._error is not None:
@@ -304,7 +327,7 @@ class Engine:
             self._finals += 1
             outputs.append(Failed(request_id, refusal[0], refusal[1]))  # type: ignore[arg-type]
             return
-        request = EngineRequest(request_id, run, enqueued_at, progress)
+        request = EngineRequest(request_id, run, enqueued_at, progress, priority)
         self._requests[request_id] = request
         self._scheduler.waiting.append(request)
         self._queue_changed = True
@@ -328,6 +351,9 @@ class Engine:
         requests = list(self._scheduler.active)
         runs = [r.run for r in requests]
         cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
+        class_rows = dict.fromkeys(PRIORITIES, 0)
+        for request in requests:
+            class_rows[request.priority] += int(request.run.rows_profile()[0])
         skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
         rows = denoise_step(self._denoiser, runs)
         self._scheduler.stepped()
@@ -343,6 +369,7 @@ class Engine:
             offsets = np.cumsum([0] + [r.spec.num_images for r in done])
             images = {id(r): decoded[a:b] for r, a, b in zip(done, offsets[:-1], offsets[1:], strict=True)}
         finished = 0
+        latencies: list[tuple[str, float]] = []
         now = time.monotonic()
         for request, ok in zip(requests, finite, strict=True):
             run = request.run
@@ -361,6 +388,7 @@ class Engine:
                 assert request.started_at is not None
                 compute_s = now - request.started_at
                 wait_s = request.started_at - request.enqueued_at
+                latencies.append((request.priority, now - request.enqueued_at))
                 outputs.append(Finished(request.id, images[id(run)], wait_s, compute_s, trace))
         return EngineStats(
             rows=rows,
@@ -371,10 +399,18 @@ class Engine:
             cond_rows=cond,
             uncond_rows=rows - cond,
             skipped_uncond_rows=skipped,
-            queue_waits=tuple(r.queue_wait_s for r in admitted),  # type: ignore[misc]
+            queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
+            class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]
+            class_rows=tuple(class_rows.items()),
+            latencies=tuple(latencies),
+            preemptions=self._take_preemptions(),
         )
 
-    def _progress(self, request: EngineRequest) -> Progress:
+    def _take_preemptions(self) -> int:
+        count, self._preemptions = self._preemptions, 0
+        return count
+
+    def _progress(self, request: EngineRequest, event: ProgressEvent | None = None) -> Progress:
         """The request's progress since the last one sent: its step, new trace rows (plain lists: the device sync
         is here, in the compute thread) and a new preview."""
         run = request.run
@@ -389,15 +425,17 @@ class Engine:
         else:
             preview = None
         wait = request.queue_wait_s
-        position = request.position if wait is None else None
-        return Progress(request.id, run.step_index, run.spec.steps, position, wait, trace, preview)
+        position = request.position if wait is None or request.preempted else None
+        return Progress(
+            request.id, run.step_index, run.spec.steps, position, wait, trace, preview, request.preempted, event
+        )
 
     def _send_positions(self, outputs: list[RequestOutput]) -> None:
         """A Progress for each waiting request whose place in the queue changed."""
         if not self._queue_changed:
             return
         self._queue_changed = False
-        for position, request in enumerate(self._scheduler.waiting, start=1):
+        for position, request in enumerate(self._scheduler.ordered(), start=1):
             if request.progress and request.position != position:
                 request.position = position
                 outputs.append(self._progress(request))

@@ -18,6 +18,8 @@ from app.sampling import Preview
 # was not accepting; non_finite: its latents went NaN or infinite; engine: the engine's loop failed; invalid: it
 # can never fit max_batch_rows; cancelled: its client aborted it.
 FailureKind = Literal["rejected", "closed", "non_finite", "engine", "invalid", "cancelled"]
+# A Progress at a change of state: preempted (the request left the batch, its run kept), resumed (it came back).
+ProgressEvent = Literal["preempted", "resumed"]
 TraceRow = dict[str, Any]  # one step of the guidance trace: step, scale and per-image norms as plain lists
 
 
@@ -32,6 +34,8 @@ class Progress:
     queue_wait_s: float | None = None  # from add to admission; None while queued
     trace: tuple[TraceRow, ...] = ()  # with return_trace: the rows of the steps taken since the last Progress
     preview: Preview | None = None  # a preview newer than the last Progress's, if any
+    preempted: bool = False  # out of the batch for more urgent work, in the queue again at queue_position
+    event: ProgressEvent | None = None  # set on the Progress sent at the change
 
     @property
     def queued(self) -> bool:
@@ -69,7 +73,11 @@ class EngineStats:
     cond_rows: int = 0  # rows with a class label
     uncond_rows: int = 0  # rows with the null label
     skipped_uncond_rows: int = 0  # unconditional rows not run: the weight of that step was exactly 1
-    queue_waits: tuple[float, ...] = ()  # seconds each request admitted at this tick waited
+    queue_waits: tuple[float, ...] = ()  # seconds each request admitted at this tick waited (resumed ones aside)
+    class_queue_waits: tuple[tuple[str, float], ...] = ()  # the same, each with its request's priority class
+    class_rows: tuple[tuple[str, int], ...] = ()  # rows of this forward per priority class
+    latencies: tuple[tuple[str, float], ...] = ()  # per request finished at this tick: class, seconds from add
+    preemptions: int = 0  # requests preempted at this tick
 
 
 @dataclass(frozen=True)

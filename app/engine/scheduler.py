@@ -1,12 +1,25 @@
-"""Admission by rows per tick: which requests wait, which run, and the rows of every tick to come.
+"""Admission by rows per tick, by priority class: which requests wait, which run, which leave the batch for a
+while, and the rows of every tick to come.
 
 A request's rows at each of its steps are known when it arrives: two per image where its guidance weight is not
 exactly 1, one where it is (the unconditional pass is skipped), one for an unconditional request. Every admitted
 request takes one step per tick, so the rows of the ticks to come are the sum of the admitted requests' remaining
-profiles, aligned at the current tick (`load`). The request at the head of the queue is admitted when its
-profile, added to that sum, stays within max_batch_rows at every tick; the queue is first-in first-out, so a large
-request at its head is never overtaken. Rows that one request's guidance interval frees are thereby given to
-another for exactly those ticks, and no forward ever holds more than max_batch_rows.
+profiles, aligned at the current tick (`load`). A request is admitted when its profile, added to that sum, stays
+within max_batch_rows at every tick; no forward ever holds more than max_batch_rows.
+
+Each tick (`schedule`), the waiting requests are taken in order: by class (`interactive` before `batch`), then by
+arrival. Every request that fits is admitted, so a large request that does not fit does not hold back smaller ones
+behind it (no head-of-line blocking). It is not starved either: once requests behind it have been admitted at
+STARVATION_PASSES ticks while it waited, it holds a reservation at the first tick from which it fits over the
+admitted load, and requests behind it are admitted only where they leave that reservation whole (backfilling,
+as EASY backfilling in batch-job schedulers). The admitted load only shrinks at the reserved tick's rows, so it is
+admitted at that tick at the latest. Across classes the order is strict: batch work behind a steady stream of
+interactive work that alone fills the budget waits.
+
+A waiting request that does not fit may preempt running requests of a less urgent class, the last admitted first:
+they leave the batch at this tick, keep their whole state in their SampleRun (latents, sampler, generators,
+guidance state), go back to the queue at their place (by arrival), and resume when they fit. Preempted state is
+bounded: at most max_preempted_bytes, counted as PREEMPTED_STATE_FACTOR latent-sized tensors per request.
 
 The scheduler decides and never executes (as vLLM's): the engine runs the ticks. It lives in the compute thread.
 """
@@ -14,12 +27,23 @@ The scheduler decides and never executes (as vLLM's): the engine runs the ticks.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.engine.policy import PRIORITIES, add_profile, earliest_start, fits_at, rank, victims
 from app.sampling import SampleRun
+
+# Ticks at which requests behind a waiting request are admitted before it holds a reservation.
+STARVATION_PASSES = 8
+# A preempted run holds its latents and, at most, about three more latent-sized tensors: the solver's history
+# (DPM-Solver++ 2M's previous x0), the guider's state (APG's momentum) and the last scaled model input.
+PREEMPTED_STATE_FACTOR = 4
+
+
+def state_bytes(run: SampleRun) -> int:
+    """What a preempted run holds in memory, as counted against max_preempted_bytes."""
+    return PREEMPTED_STATE_FACTOR * run.latents.nelement() * run.latents.element_size()
 
 
 @dataclass(eq=False)
@@ -30,7 +54,11 @@ class EngineRequest:
     run: SampleRun
     enqueued_at: float  # time.monotonic() at add
     progress: bool  # send Progress outputs (steps, queue position, trace rows, previews)
-    started_at: float | None = None  # admitted into the batch
+    priority: str = PRIORITIES[0]
+    started_at: float | None = None  # first admitted into the batch
+    preempted: bool = False  # out of the batch, in the queue again, its run kept
+    preemptions: int = 0
+    passed_over: int = field(default=0, repr=False)  # ticks at which requests behind it were admitted
     position: int | None = field(default=None, repr=False)  # the queue position last sent
     traced: int = field(default=0, repr=False)  # trace rows sent
     previewed: int | None = field(default=None, repr=False)  # the step of the last preview sent
@@ -40,13 +68,23 @@ class EngineRequest:
         return None if self.started_at is None else self.started_at - self.enqueued_at
 
 
+@dataclass
+class Decision:
+    """A tick's changes: requests admitted (new or resumed) and running requests preempted."""
+
+    admitted: list[EngineRequest]
+    preempted: list[EngineRequest]
+
+
 class Scheduler:
-    def __init__(self, max_batch_rows: int, max_queue: int) -> None:
+    def __init__(self, max_batch_rows: int, max_queue: int, max_preempted_bytes: int = 256 << 20) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
-        self.waiting: deque[EngineRequest] = deque()
-        self.active: list[EngineRequest] = []
+        self.max_preempted_bytes = max_preempted_bytes
+        self.waiting: list[EngineRequest] = []  # in arrival order; ordered() is the admission order
+        self.active: list[EngineRequest] = []  # in admission order
         self.load = np.zeros(0, dtype=np.int64)  # rows at each tick to come, of the admitted requests
+        self.preempted_bytes = 0
 
     def refusal(self, run: SampleRun, limit_queue: bool) -> tuple[str, str] | None:
         """(kind, message) where a new request cannot be queued: it can never fit, or the queue is full (unless it
@@ -60,37 +98,82 @@ class Scheduler:
 
     def fits(self, run: SampleRun) -> bool:
         """Whether the run's rows, added to the admitted requests' at every tick to come, fit max_batch_rows."""
-        profile = run.rows_profile()
-        n = min(len(profile), len(self.load))
-        return bool((profile[:n] + self.load[:n]).max(initial=0) <= self.max_batch_rows) and bool(
-            profile[n:].max(initial=0) <= self.max_batch_rows
-        )
+        return fits_at(run.rows_profile(), self.load, self.max_batch_rows)
 
-    def _add_load(self, run: SampleRun, sign: int) -> None:
-        """Add (sign 1) or take back (sign -1) the run's remaining rows at the ticks to come."""
-        profile = run.rows_profile()
-        if len(profile) > len(self.load):
-            self.load = np.pad(self.load, (0, len(profile) - len(self.load)))
-        self.load[: len(profile)] += sign * profile
+    def ordered(self) -> list[EngineRequest]:
+        """The waiting requests in admission order: by class, then by arrival (a preempted one keeps its place)."""
+        return sorted(self.waiting, key=lambda r: (rank(r.priority), r.enqueued_at))
 
-    def admit(self) -> list[EngineRequest]:
-        """Admit from the head of the queue while the head fits; returns the requests admitted."""
-        admitted = []
-        while self.waiting and self.fits(self.waiting[0].run):
-            request = self.waiting.popleft()
+    def schedule(self) -> Decision:
+        """Admit every waiting request that fits, in order, preempting less urgent work where that makes room;
+        behind a reserved request, only those that leave its reservation whole (the module's docstring)."""
+        decision = Decision([], [])
+        passed: list[EngineRequest] = []  # waiting requests that did not fit, in order
+        overtaken = 0  # how many of them a later request was admitted before
+        reserved: tuple[np.ndarray, int] | None = None  # a starving request's profile and the tick it is held at
+        for request in self.ordered():
+            profile = request.run.rows_profile()
+            if reserved is not None:
+                held, at = reserved
+                if fits_at(profile, self.load, self.max_batch_rows) and fits_at(
+                    held, add_profile(self.load, profile), self.max_batch_rows, at
+                ):
+                    self._admit(request, decision)
+                    overtaken = len(passed)
+                continue
+            if fits_at(profile, self.load, self.max_batch_rows) or self._preempt_for(request, profile, decision):
+                self._admit(request, decision)
+                overtaken = len(passed)
+                continue
+            passed.append(request)
+            if request.passed_over >= STARVATION_PASSES:
+                reserved = (profile, earliest_start(profile, self.load, self.max_batch_rows))
+        for request in passed[:overtaken]:
+            request.passed_over += 1
+        return decision
+
+    def _preempt_for(self, request: EngineRequest, profile: np.ndarray, decision: Decision) -> bool:
+        """Preempt running requests of less urgent classes, the last admitted first, where that lets the request
+        fit now within the bound on preempted state; whether it did."""
+        candidates = [r for r in reversed(self.active) if rank(r.priority) > rank(request.priority)]
+        if not candidates:
+            return False
+        room = self.max_preempted_bytes - self.preempted_bytes - np.cumsum([state_bytes(r.run) for r in candidates])
+        profiles = [r.run.rows_profile() for r in candidates]
+        count = victims(profile, self.load, self.max_batch_rows, profiles, room.tolist())
+        if count is None:
+            return False
+        for victim, victim_profile in zip(candidates[:count], profiles, strict=False):
+            self.active.remove(victim)
+            self.load = add_profile(self.load, victim_profile, -1)
+            victim.preempted = True
+            victim.preemptions += 1
+            self.preempted_bytes += state_bytes(victim.run)
+            self.waiting.append(victim)
+            decision.preempted.append(victim)
+        return True
+
+    def _admit(self, request: EngineRequest, decision: Decision) -> None:
+        self.waiting.remove(request)
+        if request.preempted:
+            request.preempted = False
+            self.preempted_bytes -= state_bytes(request.run)
+        else:
             request.started_at = time.monotonic()
-            self._add_load(request.run, 1)
-            self.active.append(request)
-            admitted.append(request)
-        return admitted
+        request.passed_over = 0
+        self.load = add_profile(self.load, request.run.rows_profile())
+        self.active.append(request)
+        decision.admitted.append(request)
 
     def remove(self, request: EngineRequest) -> None:
         """A request leaves before its last step (cancelled, failed): its rows at the ticks to come are free."""
         if request in self.active:
             self.active.remove(request)
-            self._add_load(request.run, -1)
+            self.load = add_profile(self.load, request.run.rows_profile(), -1)
         elif request in self.waiting:
             self.waiting.remove(request)
+            if request.preempted:
+                self.preempted_bytes -= state_bytes(request.run)
 
     def stepped(self) -> None:
         """Every admitted request took its step."""
