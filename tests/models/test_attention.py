@@ -43,7 +43,7 @@ def batch(rows: int, seed: int = 0, shape=(1, 28, 28)) -> tuple[torch.Tensor, to
 # ---- one attention layer, by hand -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def mid_attention(loaded):
     """The shipped UNet's mid-block self-attention: 128 channels over a 7x7 grid, 16 heads, a residual."""
     return loaded.unet.mid_block.attentions[0]

@@ -14,6 +14,7 @@ from research.data import DatasetMissingError, load_fashion_mnist
 from tests.pngs import decode
 
 GUIDE_PATH = DEFAULT_MODEL_PATH.parent / "fashion-mnist-guide"
+pytestmark = pytest.mark.integration  # the shipped checkpoints themselves
 
 
 @pytest.fixture(scope="module")
