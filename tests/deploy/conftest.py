@@ -10,15 +10,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from .support import (
-    REPO,
     TEST_UPSTREAM,
     Gateway,
     Replica,
@@ -28,6 +25,7 @@ from .support import (
     nginx_test,
     render_gateway,
     require_tool,
+    running_replicas,
     stop_process,
     wait_for,
 )
@@ -38,34 +36,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]
     """Two app replicas, started once for all the deployment tests that need the real app."""
     logs = tmp_path_factory.mktemp("replicas")
     env = {**os.environ, "CFG_DEVICE": "cpu"}
-    started: list[Replica] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            log_path = logs / f"replica{i}.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)],
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append(Replica(f"http://127.0.0.1:{port}", proc, log_path))
-        for replica in started:
-            try:
-                wait_for(
-                    lambda r=replica: httpx.get(f"{r.url}/readyz", timeout=2).status_code == 200,
-                    240,
-                    f"replica {replica.url}",
-                    replica.proc,
-                )
-            except (TimeoutError, RuntimeError) as exc:
-                pytest.fail(f"{exc}\n{replica.log()}")
+    with running_replicas(logs, env) as started:
         yield started
-    finally:
-        for replica in started:
-            stop_process(replica.proc, timeout=60)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -248,3 +249,37 @@ class StubDNS:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sock.close()
+
+
+@contextmanager
+def running_replicas(logs: Path, env: dict[str, str], count: int = 2) -> Iterator[list[Replica]]:
+    """`count` real `python -m app.serve` replicas on free 127.0.0.1 ports, each ready (its /readyz 200), stopped
+    (SIGTERM) on leaving; each one's log in `logs`."""
+    started: list[Replica] = []
+    try:
+        for i in range(count):
+            port = free_port()
+            log_path = logs / f"replica{i}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            started.append(Replica(f"http://127.0.0.1:{port}", proc, log_path))
+        for replica in started:
+            try:
+                wait_for(
+                    lambda r=replica: httpx.get(f"{r.url}/readyz", timeout=2).status_code == 200,
+                    240,
+                    f"replica {replica.url}",
+                    replica.proc,
+                )
+            except (TimeoutError, RuntimeError) as exc:
+                pytest.fail(f"{exc}\n{replica.log()}")
+        yield started
+    finally:
+        for replica in started:
+            stop_process(replica.proc, timeout=60)

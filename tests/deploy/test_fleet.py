@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pytest
 
 from tests.metrics import metric_value
 
-from .support import REPO, Replica, free_port, require_tool, stop_process, wait_for
+from .support import Replica, free_port, require_tool, running_replicas, stop_process, wait_for
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 
@@ -66,34 +65,8 @@ def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     """Two replicas on the one store."""
     logs = tmp_path_factory.mktemp("fleet")
     env = {**os.environ, "CFG_DEVICE": "cpu", "CFG_WARMUP": "false", "CFG_JOB_STORE": redis_server.url}
-    started: list[Replica] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            log_path = logs / f"replica{i}.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)],
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append(Replica(f"http://127.0.0.1:{port}", proc, log_path))
-        for replica in started:
-            try:
-                wait_for(
-                    lambda r=replica: httpx.get(f"{r.url}/readyz", timeout=2).status_code == 200,
-                    240,
-                    f"replica {replica.url}",
-                    replica.proc,
-                )
-            except (TimeoutError, RuntimeError) as exc:
-                pytest.fail(f"{exc}\n{replica.log()}")
+    with running_replicas(logs, env) as started:
         yield started
-    finally:
-        for replica in started:
-            stop_process(replica.proc, timeout=60)
 
 
 def events(url: str, job_id: str) -> list[tuple[str, dict]]:
