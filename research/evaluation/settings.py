@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.guidance import (
+    INTERVAL_WEIGHTINGS,
     NOISE_SCHEDULE_KINDS,
     SCHEDULE_KINDS,
     Cads,
@@ -53,6 +54,7 @@ _RANGES: dict[tuple[type, str], tuple[float | None, float | None]] = {
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (GuidanceParams, "noise_schedule"): NOISE_SCHEDULE_KINDS,
     (GuidanceSchedule, "kind"): SCHEDULE_KINDS,
+    (GuidanceSchedule, "weighting"): INTERVAL_WEIGHTINGS,
 }
 # The nested dataclasses; "method" is nested too, as its kind's settings model (_method).
 _NESTED: dict[str, type] = {"schedule": GuidanceSchedule, "cads": Cads}
