@@ -27,6 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from app.api.job_store import Job, StoreFullError, StoreUnavailableError
@@ -124,7 +126,12 @@ class RedisJobs:
         self.max_jobs, self.ttl_s = max_jobs, ttl_s
         self.spec_of = spec_of  # a stored request body -> its SampleSpec
         self.on_error = on_error  # counts the store's errors
-        self.redis = aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # Two retries on a fresh connection: after a Redis restart the pooled connections are closed by the server,
+        # and a read must not fail for that (redis-py's from_url retries nothing by default).
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        self.redis = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, retry=retry
+        )
         self.owner = secrets.token_hex(8)  # this replica
         self.local: dict[str, Job] = {}  # the jobs running here, until their end is written
         self._traced: dict[str, int] = {}  # trace rows written, per local job

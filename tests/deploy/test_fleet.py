@@ -167,6 +167,22 @@ def test_with_redis_stopped_jobs_are_refused_and_generate_answers_and_a_restart_
     assert httpx.post(f"{b.url}/v1/jobs", json=BODY, timeout=30).status_code == 202
 
 
+def test_right_after_a_redis_restart_the_first_reads_answer(fleet, redis_server):
+    """The replicas' pooled connections are closed by the restarted server; the first read on each must
+    reconnect and answer, not 503 (it did, once, in CI: redis-py's from_url retries nothing by default)."""
+    a, b = fleet
+    job_id = httpx.post(f"{a.url}/v1/jobs", json=BODY, timeout=30).json()["id"]
+    finished = wait_job(b.url, job_id, lambda j: j["status"] == "succeeded")
+    for replica in (a, b):  # a pooled connection on each replica
+        assert httpx.get(f"{replica.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+    redis_server.stop()
+    redis_server.start()
+    for replica in (a, b):  # no request in between: the pool still holds the closed connections
+        r = httpx.get(f"{replica.url}/v1/jobs/{job_id}", timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json() == finished
+
+
 def test_a_job_whose_replica_was_killed_is_failed_when_read_once_its_heartbeat_expires(fleet):
     """Last in this module: it kills replica A. Its job is not re-run (the shared backlog is not built):
     it is failed, with a message that says to submit it again, instead of staying `running` for ever."""
