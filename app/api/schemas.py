@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Protocol, Union, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from app.guidance import CadsOptions, GuidanceSchedule, MethodParams, method_models
+from app.guidance import CadsOptions, GuidanceSchedule, IntervalWeighting, MethodParams, method_models
 from app.models.labels import resolve_label
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
@@ -74,6 +74,12 @@ class IntervalSchedule(_Strict):
     end: float = Field(1.0, ge=0, le=1, description="fraction of the trajectory where guidance stops")
     sigma_min: float | None = Field(None, ge=0, le=1000, description="no guidance at sigma <= sigma_min")
     sigma_max: float | None = Field(None, ge=0, le=1000, description="no guidance at sigma > sigma_max")
+    weighting: IntervalWeighting = Field(
+        "step",
+        description="step: the whole scale on each step whose sigma lies in the interval (how much a request is "
+        "guided then depends on which steps land inside); span: each step's scale weighted by the share of its "
+        "noise span inside the interval, the same guidance at every step count and sampler",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> IntervalSchedule:

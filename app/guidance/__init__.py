@@ -37,12 +37,19 @@ from app.guidance.registry import (
     register_guider,
     unregister_guider,
 )
-from app.guidance.schedules import INTERVAL_WEIGHTINGS, SCHEDULE_KINDS, GuidanceSchedule, ScheduleKind
+from app.guidance.schedules import (
+    INTERVAL_WEIGHTINGS,
+    SCHEDULE_KINDS,
+    GuidanceSchedule,
+    IntervalWeighting,
+    ScheduleKind,
+)
 
 __all__ = [
     "GUIDERS",
     "NOISE_SCHEDULE_KINDS",
     "INTERVAL_WEIGHTINGS",
+    "IntervalWeighting",
     "SCHEDULE_KINDS",
     "Apg",
     "ApgMethod",

@@ -14,6 +14,8 @@ from app.config import Settings
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling.run import schedule_values
+from app.sampling.schedulers import config_key
 from tests.metrics import metric_value
 from tests.pngs import decode
 
@@ -35,6 +37,15 @@ CASES = {
     "interval-sigma": (
         {"guidance_scale": 5.0, "schedule": {"kind": "interval", "sigma_min": 0.5, "sigma_max": 10}},
         GuidanceParams(5.0, schedule=GuidanceSchedule("interval", 0.0, 1.0, sigma_min=0.5, sigma_max=10.0)),
+    ),
+    "interval-span": (
+        {
+            "guidance_scale": 5.0,
+            "schedule": {"kind": "interval", "sigma_min": 0.5, "sigma_max": 10, "weighting": "span"},
+        },
+        GuidanceParams(
+            5.0, schedule=GuidanceSchedule("interval", 0.0, 1.0, sigma_min=0.5, sigma_max=10.0, weighting="span")
+        ),
     ),
     "noise": ({"guidance_scale": 3.0, "noise_level": 0.3}, GuidanceParams(3.0, noise_level=0.3)),
     "noise-sigma": (
@@ -105,7 +116,8 @@ def test_default_request_uses_the_default_guidance(client, loaded, denoiser, def
 def test_response_echoes_the_guidance_settings(client):
     _, body = api_images(client, {**CASES["apg"][0], "schedule": {"kind": "interval", "sigma_max": 10}})
     assert body["guidance"]["method"] == {"kind": "apg", "eta": 0.1, "momentum": -0.3, "norm_threshold": 1.5}
-    assert body["guidance"]["schedule"] == {"kind": "interval", "start": 0.0, "end": 1.0, "sigma_max": 10.0}
+    schedule = {"kind": "interval", "start": 0.0, "end": 1.0, "sigma_max": 10.0, "weighting": "step"}
+    assert body["guidance"]["schedule"] == schedule
     assert body["guidance"]["cads"] is None and body["trace"] is None
 
 
@@ -193,3 +205,75 @@ def test_several_cads_requests_in_one_tick_each_draw_what_they_draw_alone(loaded
         want = direct_images(loaded, denoiser, spec.guidance, spec)
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= 1, f"class {body['class_label']}: max pixel difference {diff}"
+
+
+SPAN = {"kind": "interval", "sigma_min": 0.25, "sigma_max": 1.5, "weighting": "span"}
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("dpmpp_2m_karras", 10), ("dpmpp_2m_karras", 30), ("ddim", 15)])
+def test_span_weighting_guides_as_much_at_any_step_count_and_sampler(client, loaded, sampler, steps):
+    """The guidance an interval adds, sum of (s_i - 1) (sigma_i - sigma_(i+1)), is (s - 1) (sigma_max - sigma_min)
+    with weighting span, read from the trace of real requests; with weighting step it is not."""
+    fields = {"guidance_scale": 3.5, "sampler": sampler, "steps": steps, "num_images": 1, "return_trace": True}
+    doses = {}
+    for weighting in ("span", "step"):
+        _, body = api_images(client, {**fields, "schedule": {**SPAN, "weighting": weighting}})
+        scales = [t["scale"] for t in body["trace"]]
+        assert len(scales) == steps
+        _, sigmas = schedule_values(sampler, config_key(loaded.scheduler_config), steps)
+        ends = [*sigmas[1:], 0.0]
+        doses[weighting] = sum((s - 1) * (hi - lo) for s, hi, lo in zip(scales, sigmas, ends, strict=True))
+    assert doses["span"] == pytest.approx(2.5 * 1.25, rel=1e-6)
+    assert abs(doses["step"] - 2.5 * 1.25) > 0.05, doses  # the steps that land inside decide it
+
+
+def test_an_unknown_weighting_is_a_422_naming_the_allowed_values(client):
+    r = client.post("/generate", json={"class_label": 1, "schedule": {**SPAN, "weighting": "area"}})
+    assert r.status_code == 422
+    error = r.json()["detail"][0]
+    assert error["loc"][-1] == "weighting" and "'step' or 'span'" in error["msg"]
+
+
+def test_several_span_weighted_requests_in_one_tick_each_draw_what_they_draw_alone(loaded, denoiser):
+    """Five span-weighted requests (different scales, intervals, samplers, step counts, classes, seeds) and two
+    plain ones, sent at once, share forwards; each equals the same request sampled alone."""
+    cases = [
+        (3.5, 0.25, 1.5, "dpmpp_2m_karras", 10),
+        (2.0, 0.25, 5.0, "dpmpp_2m_karras", 10),
+        (4.0, 0.1, 1.0, "dpmpp_2m_karras", 12),
+        (3.0, 0.5, 3.0, "ddim", 10),
+        (3.5, 0.25, 1.5, "ddim", 10),
+    ]
+    bodies = [
+        {
+            "class_label": k,
+            "seed": 11 + 5 * k,
+            "num_images": 3,
+            "steps": steps,
+            "sampler": sampler,
+            "guidance_scale": s,
+            "schedule": {"kind": "interval", "sigma_min": lo, "sigma_max": hi, "weighting": "span"},
+        }
+        for k, (s, lo, hi, sampler, steps) in enumerate(cases)
+    ]
+    bodies += [{"class_label": 7, "seed": 3, "num_images": 3, "steps": 10, "sampler": "ddim"}] * 2
+    with TestClient(create_app(Settings(request_timeout_s=120, warmup=False, max_batch_rows=64))) as c:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: c.post("/generate", json=b), bodies))
+        metrics = c.get("/metrics").text
+    rows = metric_value(metrics, "cfg_engine_batch_rows_sum") / metric_value(metrics, "cfg_engine_batch_rows_count")
+    assert rows > 6, f"the requests hardly shared forwards ({rows:.1f} rows per forward)"
+    for body, r in zip(bodies, responses, strict=True):
+        assert r.status_code == 200, r.text
+        got = np.stack([decode(b) for b in r.json()["images"]])
+        schedule = body.get("schedule")
+        guidance = (
+            GuidanceParams(body["guidance_scale"], schedule=GuidanceSchedule(start=0.0, end=1.0, **schedule))
+            if schedule
+            else DEFAULT_GUIDANCE
+        )
+        seeds = tuple(body["seed"] + i for i in range(3))
+        spec = SampleSpec(body["class_label"], seeds, body["steps"], body["sampler"], guidance)
+        want = direct_images(loaded, denoiser, guidance, spec)
+        diff = np.abs(got.astype(int) - want.astype(int)).max()
+        assert diff <= 1, f"{body}: max pixel difference {diff}"
