@@ -1,11 +1,10 @@
 """A validated request body as the engine's SampleSpec, and the guidance settings as a response echoes them."""
 
 import secrets
-from dataclasses import asdict
 from typing import Any
 
 from app.api.schemas import request_fields
-from app.guidance import Cads, GuidanceSchedule
+from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleSpec
 
 
@@ -23,7 +22,7 @@ def to_spec(body: Any) -> SampleSpec:
             noise_schedule=body.noise_schedule,
             guidance_rescale=body.guidance_rescale,
             method=body.method,  # the method's own settings model, as the guider takes it
-            cads=None if body.cads is None else Cads(**body.cads.model_dump()),
+            cads=body.cads,
         ),
         return_trace=body.return_trace,
         preview_every=(body.preview_every or max(1, body.steps // 10)) if body.preview else None,
@@ -38,5 +37,5 @@ def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:
         "noise_level": guidance.noise_level,
         "noise_schedule": guidance.noise_schedule,
         "guidance_rescale": guidance.guidance_rescale,
-        "cads": None if guidance.cads is None else asdict(guidance.cads),
+        "cads": None if guidance.cads is None else guidance.cads.model_dump(),
     }

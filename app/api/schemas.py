@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Protocol, Union, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from app.guidance import CadsOptions, GuidanceSchedule, IntervalWeighting, MethodParams, method_models
+from app.guidance import Cads, GuidanceSchedule, IntervalWeighting, MethodParams, method_models
 from app.models.labels import resolve_label
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
@@ -228,8 +228,8 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
             default_factory=lambda: DEFAULT_GUIDANCE.method,
             description=f"how eps_c and eps_u combine: {kind_list} (each kind's fields: its schema)",
         )
-        cads: CadsOptions | None = Field(
-            None if DEFAULT_GUIDANCE.cads is None else CadsOptions(**asdict(DEFAULT_GUIDANCE.cads)),
+        cads: Cads | None = Field(
+            DEFAULT_GUIDANCE.cads,
             description="condition-annealed sampling: noise on the class embedding early in sampling; null: off",
         )
         guidance_rescale: float = Field(

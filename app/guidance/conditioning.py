@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -44,15 +43,23 @@ def noise_factors(
     raise ValueError(f"unknown noise schedule {kind!r}; choose one of {', '.join(NOISE_SCHEDULE_KINDS)}")
 
 
-@dataclass(frozen=True)
-class Cads:
-    """Condition-annealed sampling (Sadat et al., ICLR 2024, arXiv 2310.17347): noise on the class
-    embedding, full before tau2, annealed linearly to none at tau1 (t in [0, 1], 1 = pure noise)."""
+class Cads(BaseModel):
+    """Condition-annealed sampling (Sadat et al., ICLR 2024, arXiv 2310.17347): noise on the class embedding
+    of the conditional rows, full where t >= tau2, annealed linearly to none at t <= tau1 (t = timestep / 1000,
+    1 = pure noise). One model for the engine and the API (a request's `cads`): frozen, validated, hashable."""
 
-    tau1: float = 0.6
-    tau2: float = 0.9
-    noise_scale: float = 0.25
-    psi: float = 1.0
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    tau1: float = Field(0.6, ge=0, le=1, description="no condition noise at t <= tau1")
+    tau2: float = Field(0.9, ge=0, le=1, description="full condition noise at t >= tau2")
+    noise_scale: float = Field(0.25, ge=0, le=10, description="s: std of the embedding noise")
+    psi: float = Field(1.0, ge=0, le=1, description="mix of the rescaled embedding (1: fully rescaled)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Cads:
+        if self.tau1 > self.tau2:
+            raise ValueError(f"cads.tau1 ({self.tau1:g}) must not exceed cads.tau2 ({self.tau2:g})")
+        return self
 
     def gamma(self, t: float) -> float:
         """gamma(t) of eq. 2: 1 (clean) for t <= tau1, 0 for t >= tau2, linear between."""
@@ -61,28 +68,6 @@ class Cads:
         if t >= self.tau2:
             return 0.0
         return (self.tau2 - t) / (self.tau2 - self.tau1)
-
-
-_CADS = Cads()
-
-
-class CadsOptions(BaseModel):
-    """Condition-annealed sampling (Sadat et al., ICLR 2024): noise on the class embedding of the
-    conditional rows, full where t >= tau2, none where t <= tau1 (t = timestep / 1000, 1 = pure noise)."""
-
-    # A request's CADS settings as the API takes them, with Cads's defaults: Cads(**options.model_dump()).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    tau1: float = Field(_CADS.tau1, ge=0, le=1, description="no condition noise at t <= tau1")
-    tau2: float = Field(_CADS.tau2, ge=0, le=1, description="full condition noise at t >= tau2")
-    noise_scale: float = Field(_CADS.noise_scale, ge=0, le=10, description="s: std of the embedding noise")
-    psi: float = Field(_CADS.psi, ge=0, le=1, description="mix of the rescaled embedding (1: fully rescaled)")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> CadsOptions:
-        if self.tau1 > self.tau2:
-            raise ValueError(f"cads.tau1 ({self.tau1:g}) must not exceed cads.tau2 ({self.tau2:g})")
-        return self
 
 
 def cads_condition(y: torch.Tensor, gamma: float, noise: torch.Tensor, noise_scale: float, psi: float) -> torch.Tensor:

@@ -76,7 +76,8 @@ class GuidanceParams:
 
     def to_dict(self) -> dict:
         """Plain values all through (the method's settings are a pydantic model, which asdict leaves whole)."""
-        return {**asdict(self), "method": self.method.model_dump()}
+        cads = None if self.cads is None else self.cads.model_dump()
+        return {**asdict(self), "method": self.method.model_dump(), "cads": cads}
 
 
 # The guidance of a request that sets none: the API's defaults and research.generate's. GuidanceParams()

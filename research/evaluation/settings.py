@@ -19,9 +19,9 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.guidance import (
     INTERVAL_WEIGHTINGS,
@@ -46,10 +46,6 @@ _RANGES: dict[tuple[type, str], tuple[float | None, float | None]] = {
     (GuidanceParams, "guidance_rescale"): (0.0, 1.0),
     (GuidanceSchedule, "sigma_min"): (0.0, None),
     (GuidanceSchedule, "sigma_max"): (0.0, None),
-    (Cads, "tau1"): (0.0, 1.0),
-    (Cads, "tau2"): (0.0, 1.0),
-    (Cads, "noise_scale"): (0.0, None),
-    (Cads, "psi"): (0.0, 1.0),
 }
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (GuidanceParams, "noise_schedule"): NOISE_SCHEDULE_KINDS,
@@ -57,7 +53,8 @@ _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (GuidanceSchedule, "weighting"): INTERVAL_WEIGHTINGS,
 }
 # The nested dataclasses; "method" is nested too, as its kind's settings model (_method).
-_NESTED: dict[str, type] = {"schedule": GuidanceSchedule, "cads": Cads}
+_NESTED: dict[str, type] = {"schedule": GuidanceSchedule}
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 
 class SettingError(ValueError):
@@ -177,26 +174,36 @@ def _method(values: object, where: str) -> MethodParams:
     kinds = method_kinds()
     if kind not in kinds:
         raise SettingError(f"{where}: kind must be one of {', '.join(kinds)}, got {json.dumps(kind)}")
-    known = list(guider_class(kind).params_model.model_fields)
+    return _validated(guider_class(kind).params_model, values, where)
+
+
+def _validated(model: type[BaseModelT], values: object, where: str) -> BaseModelT:
+    """A pydantic settings model (a method's, CADS's) from its JSON form, with the ranges it declares (the
+    API's) and no coercion ("5" is not 5)."""
+    if not isinstance(values, dict):
+        raise SettingError(f"{where}: expected an object of {model.__name__} fields, got {json.dumps(values)}")
+    known = list(model.model_fields)
     for key in values:
         if key not in known:
             raise SettingError(f"{where}: unknown field {key!r}; expected one of {', '.join(known)}")
     try:
-        return guider_class(kind).params_model.model_validate(values, strict=True)  # no "5" for 5
+        return model.model_validate(values, strict=True)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(map(str, error["loc"]))
+        field = ".".join(map(str, error["loc"])) or "value"
         raise SettingError(f"{where}: {field}: {error['msg']}, got {json.dumps(error['input'])}") from None
 
 
 def _value(cls: type, key: str, value: object, default: object, where: str) -> object:
     if cls is GuidanceParams and key == "method":
         return _method(value, where)
-    if cls is GuidanceParams and key in _NESTED:
+    if cls is GuidanceParams and key in (*_NESTED, "cads"):
         if key == "cads" and value in (None, False):
             return None
         if key == "cads" and value is True:
             return Cads()
+        if key == "cads":
+            return _validated(Cads, value, where)
         return _build(_NESTED[key], value, where)
     choices = _CHOICES.get((cls, key))
     if choices is not None:
@@ -221,8 +228,6 @@ def _check_consistent(built: object, where: str) -> None:
             raise SettingError(f"{where}: sigma_min ({lo:g}) must be below sigma_max ({hi:g})")
         if built.kind == "interval" and not 0 <= built.start < built.end <= 1:
             raise SettingError(f"{where}: an interval needs 0 <= start < end <= 1, got {built.start:g}, {built.end:g}")
-    if isinstance(built, Cads) and built.tau1 > built.tau2:
-        raise SettingError(f"{where}: tau1 ({built.tau1:g}) must not exceed tau2 ({built.tau2:g})")
 
 
 # ---- GuidanceSetting -> JSON ---------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def setting_to_dict(setting: GuidanceSetting) -> dict[str, Any]:
     for f in fields(GuidanceParams):
         value = getattr(setting.guidance, f.name)
         if value != getattr(default, f.name) or f.name == "guidance_scale":
-            if isinstance(value, MethodParams):
+            if isinstance(value, BaseModel):  # a method's settings, CADS's
                 value = value.model_dump()
             out[f.name] = asdict(value) if f.name in _NESTED and value is not None else value
     if setting.samplers:
