@@ -29,7 +29,7 @@ from app.api.service import ServedModel, Service
 from app.config import Settings
 from app.engine import Engine, EngineStats, InProcessClient, SharedCompute
 from app.engine.calibrate import model_calibrator
-from app.guidance import NOISE_SCHEDULE_KINDS, method_kinds
+from app.guidance import NOISE_SCHEDULE_KINDS, method_fields, method_kinds
 from app.metrics import Metrics, create_metrics
 from app.models import (
     CheckpointError,
@@ -109,6 +109,7 @@ def model_info(
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
         "guidance_methods": list(method_kinds()),
+        "guidance_method_fields": method_fields(),
         "noise_schedules": list(NOISE_SCHEDULE_KINDS),
         "default_steps": settings.default_steps,
         "default_sampler": DEFAULT_SAMPLER,

@@ -54,3 +54,39 @@ def GuidanceMethod(kind: str = "cfg", **fields: Any) -> MethodParams:  # noqa: N
 def make_guider(method: MethodParams, scales: Sequence[float]) -> Guider:
     """A new guider for one request: its method's class, with the request's per-step scales."""
     return guider_class(method.kind)(method, scales)
+
+
+def method_fields() -> dict[str, list[dict[str, Any]]]:
+    """Each method's settings as a form builds its inputs (GET /v1/models, the playground): per kind, its fields
+    in declaration order, each with name, type (JSON Schema's: number, integer, boolean, string, array),
+    default, and where its model declares them minimum, maximum, enum, items (an array's item type),
+    nullable and description. `kind` itself is left out."""
+    return {
+        kind: [_field(name, prop) for name, prop in _properties(guider) if name != "kind"]
+        for kind, guider in GUIDERS.items()
+    }
+
+
+def _properties(guider: type[Guider]) -> list[tuple[str, dict[str, Any]]]:
+    return list(guider.params_model.model_json_schema()["properties"].items())
+
+
+def _field(name: str, prop: dict[str, Any]) -> dict[str, Any]:
+    variants = prop.get("anyOf", [prop])
+    concrete = [v for v in variants if v.get("type") != "null"]
+    kind = concrete[0] if len(concrete) == 1 else {}
+    field: dict[str, Any] = {"name": name, "type": kind.get("type", "string"), "default": prop.get("default")}
+    for key in ("minimum", "maximum", "enum"):
+        if key in kind:
+            field[key] = kind[key]
+    if "exclusiveMinimum" in kind:
+        field["minimum"] = kind["exclusiveMinimum"]
+    if "exclusiveMaximum" in kind:
+        field["maximum"] = kind["exclusiveMaximum"]
+    if "items" in kind:
+        field["items"] = kind["items"].get("type", "string")
+    if len(concrete) < len(variants):
+        field["nullable"] = True
+    if "description" in prop:
+        field["description"] = prop["description"]
+    return field

@@ -4,15 +4,15 @@
 import { apiUrl, describeFailure, hasApiKey, readEvents, readJson, request, setApiKey } from "./api.js";
 import { drawChart, drawMessage, formatNumber } from "./chart.js";
 
-// The request schemas' per-kind defaults (app/api/schemas.py). The default request's own schedule and method
-// come from /v1/models' default_guidance and override these.
+// The schedules' per-kind defaults (app/api/schemas.py); the methods' come with their fields from /v1/models
+// (guidance_method_fields). The default request's own schedule and method come from /v1/models'
+// default_guidance and override these.
 const SCHEDULE_DEFAULTS = {
   constant: {},
   linear: { start: 1, end: 0 },
   cosine: { start: 1, end: 0 },
   interval: { start: 0, end: 1, sigma_min: "", sigma_max: "" },
 };
-const METHOD_DEFAULTS = { cfg: {}, apg: { eta: 0, momentum: -0.5, norm_threshold: 0.25 }, cfg_zero_star: {} };
 const CURVE_DELAY_MS = 250; // debounce of the curve's request while the user types
 const POLL_MS = 500; // a job is polled only when its event stream breaks off
 const SEED_RANGE = 1_000_000; // "New seed": short numbers, easy to note down
@@ -92,7 +92,7 @@ function defaultState() {
   };
   const kinds = [
     ["schedule", SCHEDULE_DEFAULTS, g.schedule],
-    ["method", METHOD_DEFAULTS, g.method],
+    ["method", methodDefaults(), g.method],
   ];
   for (const [group, defaults, chosen] of kinds) {
     for (const [kind, params] of Object.entries(defaults)) {
@@ -103,6 +103,89 @@ function defaultState() {
     }
   }
   return state;
+}
+
+// ---- a method's inputs, from its settings model (GET /v1/models: guidance_method_fields) ------------------
+
+const methodFields = () => model.guidance_method_fields ?? {};
+
+function methodDefaults() {
+  const defaults = {};
+  for (const [kind, fields] of Object.entries(methodFields())) {
+    defaults[kind] = Object.fromEntries(fields.map((f) => [f.name, fieldText(f, f.default)]));
+  }
+  return defaults;
+}
+
+// A setting's value as its input holds it: a list as comma-separated values, none as blank.
+function fieldText(field, value) {
+  if (value === null || value === undefined) return field.type === "boolean" ? false : "";
+  return Array.isArray(value) ? value.join(", ") : value;
+}
+
+const kindTitle = (kind) => kind.toUpperCase().replaceAll("_", " ");
+
+// One grid of inputs per method kind with settings, hidden until its kind is chosen (showKinds).
+function buildMethodInputs(root) {
+  const box = root.querySelector('[data-id="method-params"]');
+  for (const [kind, fields] of Object.entries(methodFields())) {
+    if (!fields.length) continue;
+    const grid = document.createElement("div");
+    grid.className = "grid";
+    grid.dataset.kindOf = "method";
+    grid.dataset.kind = kind;
+    grid.hidden = true;
+    for (const field of fields) grid.append(methodInput(kind, field));
+    box.append(grid);
+  }
+}
+
+function methodInput(kind, field) {
+  const box = document.createElement("div");
+  box.className = "field";
+  const id = `${kind}-${field.name}`;
+  const label = document.createElement("label");
+  label.dataset.for = id;
+  label.textContent = `${kindTitle(kind)} ${field.name.replaceAll("_", " ")}`;
+  let input;
+  if (field.enum) {
+    input = document.createElement("select");
+    if (field.nullable) input.append(new Option("(default)", ""));
+    for (const value of field.enum) input.append(new Option(String(value), String(value)));
+  } else {
+    input = document.createElement("input");
+    if (field.type === "boolean") input.type = "checkbox";
+    else if (field.type === "number" || field.type === "integer") {
+      input.type = "number";
+      input.step = field.type === "integer" ? "1" : "any";
+      if (field.minimum !== undefined) input.min = field.minimum;
+      if (field.maximum !== undefined) input.max = field.maximum;
+    } else {
+      input.type = "text";
+      if (field.type === "array") input.placeholder = field.nullable ? "default, or e.g. 0, 1" : "e.g. 0, 1";
+    }
+  }
+  input.dataset.id = id;
+  input.dataset.field = `method.${kind}.${field.name}`;
+  input.dataset.type = field.type;
+  if (field.items) input.dataset.items = field.items;
+  if (field.description) input.title = field.description;
+  box.append(label, input);
+  return box;
+}
+
+// A method input's value for the request body: undefined where blank (the server's default applies).
+function methodValue(el) {
+  const type = el.dataset.type;
+  if (type === "boolean") return el.checked;
+  if (type === "number" || type === "integer") return numberOf(el, { optional: true });
+  const text = el.value.trim();
+  if (text === "") return undefined;
+  if (type !== "array") return text;
+  const items = text.split(",").map((v) => v.trim());
+  const numeric = el.dataset.items === "number" || el.dataset.items === "integer";
+  // A value that is not a number goes as it is: the server's 422 names the field.
+  return numeric ? items.map((v) => (v !== "" && Number.isFinite(Number(v)) ? Number(v) : v)) : items;
 }
 
 function getState(col) {
@@ -143,6 +226,7 @@ function showKinds(col) {
 
 function createColumn(state, after) {
   const root = $("#column-template").content.firstElementChild.cloneNode(true);
+  buildMethodInputs(root);
   const prefix = `c${++columnCounter}`;
   root.id = prefix;
   for (const el of root.querySelectorAll("[data-id]")) el.id = `${prefix}-${el.dataset.id}`;
@@ -209,7 +293,7 @@ function kindParams(col, group, kind) {
   const params = { kind };
   const prefix = `${group}.${kind}.`;
   for (const el of col.root.querySelectorAll(`[data-field^="${prefix}"]`)) {
-    const value = numberOf(el, { optional: true });
+    const value = group === "method" ? methodValue(el) : numberOf(el, { optional: true });
     if (value !== undefined) params[el.dataset.field.slice(prefix.length)] = value;
   }
   return params;

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule, method_fields
 from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
 from app.sampling.run import schedule_values
@@ -158,6 +158,8 @@ def test_models_lists_the_guidance_options_and_the_default(client):
     model = client.get("/v1/models").json()["data"][0]
     assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star"]
     assert model["noise_schedules"] == ["constant", "sigma", "guidance"]
+    assert model["guidance_method_fields"] == method_fields()  # the playground builds its inputs from it
+    assert [f["name"] for f in model["guidance_method_fields"]["apg"]] == ["eta", "momentum", "norm_threshold"]
     default = model["default_guidance"]
     assert default["guidance_scale"] == DEFAULT_GUIDANCE.guidance_scale
     assert default["method"]["kind"] == DEFAULT_GUIDANCE.method.kind

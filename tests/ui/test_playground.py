@@ -308,3 +308,39 @@ def test_a_gateway_that_asks_for_a_key(page: Page, console):
     expect(page.locator("#api_key-error")).to_be_hidden()
     expect(api_key).not_to_have_attribute("aria-invalid", "true")
     expect(page.locator("#c1-curve path.line.scale")).to_have_count(1)
+
+
+def test_every_method_s_inputs_come_from_its_settings_model_and_each_method_runs(page: Page, server):
+    """One column per guidance method the model lists; each method's inputs are built from its settings model
+    (/v1/models' guidance_method_fields: bounds and defaults), and a Generate runs every column's method."""
+    info = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    kinds, fields = info["guidance_methods"], info["guidance_method_fields"]
+    assert set(fields) == set(kinds) and any(fields.values())
+    open_page(page)
+    set_shared(page, **FAST)
+    for i in range(len(kinds) - 1):
+        letter = chr(ord("A") + i)
+        column(page, letter).get_by_role("button", name=f"Duplicate setting {letter}").click()
+    letters = [chr(ord("A") + i) for i in range(len(kinds))]
+    for letter, kind in zip(letters, kinds, strict=True):
+        col = column(page, letter)
+        control(col, "method").select_option(kind)
+        for field in fields[kind]:
+            el = control(col, f"{kind}-{field['name']}")
+            expect(el).to_be_visible()
+            if field["type"] in ("number", "integer"):
+                assert float(el.input_value()) == field["default"], (kind, field)
+                for bound in ("minimum", "maximum"):
+                    if bound in field:
+                        assert float(el.get_attribute(bound[:3])) == field[bound], (kind, field)
+            elif field["type"] == "boolean":
+                assert el.is_checked() == bool(field["default"]), (kind, field)
+        others = [k for k in kinds if k != kind and fields[k]]
+        for other in others:  # another method's inputs are hidden
+            expect(control(col, f"{other}-{fields[other][0]['name']}")).to_be_hidden()
+    page.click("#generate")
+    for letter, kind in zip(letters, kinds, strict=True):
+        col = column(page, letter)
+        wait_done(col)
+        job = httpx.get(f"{server.url}/v1/jobs/{col.get_attribute('data-job-id')}").json()
+        assert job["result"]["guidance"]["method"]["kind"] == kind
