@@ -17,6 +17,8 @@ ARG TORCH_FLAVOR=cuda
 # Empty: the script's own choice, PyPI's CUDA build for cuda and PyTorch's CPU index for cpu (PyPI has no
 # CPU build of torch for Linux).
 ARG TORCH_INDEX_URL=
+# pyproject.toml's extras the image serves with: fleet (redis) for CFG_JOB_STORE=redis://... (a shared job store).
+ARG SERVE_EXTRAS=fleet
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHON=/opt/venv/bin/python
@@ -24,7 +26,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
 COPY scripts/install.sh scripts/install.sh
-RUN TORCH_FLAVOR="$TORCH_FLAVOR" TORCH_INDEX_URL="$TORCH_INDEX_URL" scripts/install.sh --deps
+RUN TORCH_FLAVOR="$TORCH_FLAVOR" TORCH_INDEX_URL="$TORCH_INDEX_URL" SERVE_EXTRAS="$SERVE_EXTRAS" scripts/install.sh --deps
 
 # Runtime: the environment, the code and the checkpoint; no compilers, no pip cache, not root.
 FROM ${PYTHON_IMAGE} AS runtime

@@ -12,6 +12,9 @@
 #   scripts/install.sh --deps     PyTorch and the runtime dependencies only, without the project's source (the
 #                                 Dockerfile's cached layer: it needs nothing but pyproject.toml and this script)
 #   scripts/install.sh --plan     print what the other options would install and why; install nothing
+#   SERVE_EXTRAS=fleet scripts/install.sh [--deps]
+#                                 the serve install with these extras of pyproject.toml too (comma-separated):
+#                                 the image takes fleet (redis), for CFG_JOB_STORE=redis://...
 #
 # Which PyTorch (a bare "torch" requirement on Linux pulls PyPI's CUDA build: ~2.7 GB with its nvidia-*
 # packages, useless without an NVIDIA GPU):
@@ -111,11 +114,20 @@ fi
 install_torch
 
 if [[ $deps_only == 1 ]]; then
-  # The runtime dependencies as pyproject.toml lists them, without the project's source.
-  mapfile -t deps < <($PY -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")')
+  # The runtime dependencies and those of SERVE_EXTRAS, as pyproject.toml lists them.
+  mapfile -t deps < <(SERVE_EXTRAS="${SERVE_EXTRAS:-}" $PY -c '
+import os, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = [e for e in os.environ["SERVE_EXTRAS"].split(",") if e]
+unknown = [e for e in extras if e not in project["optional-dependencies"]]
+if unknown:
+    raise SystemExit(f"SERVE_EXTRAS: no extra {unknown} in pyproject.toml")
+print(*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e]), sep="\n")')
   run $PY -m pip install -q "${deps[@]}"
 elif [[ $system == 1 ]]; then
   run $PY -m pip install -q -e ".[$TEST_EXTRAS]"
+elif [[ -n ${SERVE_EXTRAS:-} ]]; then
+  run $PY -m pip install -q -e ".[$SERVE_EXTRAS]"
 else
   run $PY -m pip install -q -e .
 fi

@@ -165,6 +165,15 @@ def test_the_image_install_is_torch_and_the_runtime_dependencies_only(tmp_path: 
     assert requirements == PYPROJECT["project"]["dependencies"]
 
 
+def test_serve_extras_add_their_requirements_to_the_image_install(tmp_path: Path) -> None:
+    env = install_env(stub_nvidia_smi(tmp_path / "bin", "no_driver"), PYTHON=sys.executable, SERVE_EXTRAS="fleet")
+    (command,) = plan(env, "--deps")[1]
+    requirements = [arg.strip("'") for arg in command.split(" install -q ", 1)[1].split()]
+    fleet = PYPROJECT["project"]["optional-dependencies"]["fleet"]
+    assert requirements == PYPROJECT["project"]["dependencies"] + fleet
+    assert plan(env)[1] == [f"{sys.executable} -m pip install -q -e '.[fleet]'"]
+
+
 def test_the_serve_extras_leave_out_the_test_and_research_tools() -> None:
     runtime = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["dependencies"]}
     assert not runtime & TEST_TOOLS

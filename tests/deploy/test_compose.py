@@ -18,7 +18,7 @@ from .support import REPO, compose_config
 
 pytestmark = pytest.mark.deploy
 
-SERVICES = {"app", "gateway", "prometheus", "grafana"}
+SERVICES = {"app", "gateway", "redis", "prometheus", "grafana"}
 
 
 def published_ports(service: dict) -> list[str]:
@@ -148,6 +148,18 @@ def test_services_find_each_other() -> None:
     datasources = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     (datasource,) = datasources["datasources"]
     assert datasource["url"] == f"http://prometheus:{services['prometheus']['expose'][0]}"
+
+
+def test_replicas_share_the_redis_job_store_which_persists_its_jobs() -> None:
+    services = compose_config()["services"]
+    store = services["app"]["environment"]["CFG_JOB_STORE"]
+    assert store == f"redis://redis:{services['redis']['expose'][0]}/0"
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server" and command[command.index("--appendonly") + 1] == "yes"
+    assert ("redis-data", "/data") in volumes(redis)  # the append-only file on a volume
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    assert not redis.get("ports")  # the compose network only
 
 
 def test_mounted_files_exist() -> None:

@@ -65,6 +65,10 @@ def test_the_image_installs_the_serve_set_only() -> None:
     installs = [run for run in runs if "scripts/install.sh" in run]
     assert installs and all(re.search(r"install\.sh --deps\s*$", run) for run in installs), installs
     assert not any("pip install" in run for run in runs), runs
+    # ... with the fleet extra (redis), so that CFG_JOB_STORE=redis://... works in the image
+    assert all('SERVE_EXTRAS="$SERVE_EXTRAS"' in run for run in installs), installs
+    args = [a for keyword, a in instructions() if keyword == "ARG"]
+    assert "SERVE_EXTRAS=fleet" in args, args
 
 
 def test_ci_installs_through_the_same_script() -> None:
