@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -13,10 +14,15 @@ from .support import REPO
 pytestmark = pytest.mark.deploy
 
 K8S = REPO / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.30"  # the oldest minor version the manifests are checked against
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((K8S / name).read_text())
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
 
 
 def app_container() -> dict:
@@ -81,3 +87,25 @@ def test_autoscaler_metric_is_one_the_app_exports() -> None:
 def test_kustomization_lists_every_manifest() -> None:
     listed = set(load("kustomization.yaml")["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_every_manifest_is_valid_against_the_kubernetes_schemas(name: str) -> None:
+    """kubernetes-validate (PyPI) bundles the API's schemas: strict, so an unknown or misplaced field fails."""
+    for document in documents(name):
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_replicas_share_the_redis_job_store_which_keeps_its_file_on_a_volume() -> None:
+    env = {e["name"]: e.get("value") for e in app_container()["env"]}
+    service, statefulset = documents("redis.yaml")
+    port = service["spec"]["ports"][0]["port"]
+    assert env["CFG_JOB_STORE"] == f"redis://{service['metadata']['name']}:{port}/0"
+    assert service["spec"]["type"] == "ClusterIP"  # the cluster only
+    pod = statefulset["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][container["args"].index("--appendonly") + 1] == "yes"
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/data"
+    assert [t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]] == [mount["name"]]
