@@ -12,10 +12,10 @@ and s the method's own `scale`; without CFG (cfg false, or a step whose w is 1),
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from app.guidance.cfg import cfg_combine
 from app.guidance.core import row_norm
@@ -52,6 +52,12 @@ class PerturbedMethod(MethodParams):
         description="combine with CFG at the request's guidance_scale and schedule (3 rows per image); "
         "false: eps_c + s (eps_c - eps_p) alone (2 rows per image)",
     )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        """A JSON list of layers is the tuple, in strict validation too (the research tools' settings files)."""
+        return tuple(value) if isinstance(value, list) else value
 
 
 class PagMethod(PerturbedMethod):

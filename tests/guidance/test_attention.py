@@ -112,6 +112,6 @@ def test_settings_out_of_range_or_foreign_are_refused_naming_the_field(kind, fie
 
 
 def test_layers_from_json_are_a_hashable_tuple():
-    method = PagMethod.model_validate({"kind": "pag", "layers": [0, 2]})
+    method = PagMethod.model_validate({"kind": "pag", "layers": [0, 2]}, strict=True)
     assert method.layers == (0, 2)
     assert hash(method) == hash(PagMethod(layers=(0, 2)))
