@@ -370,7 +370,12 @@ class Engine:
         class_rows = dict.fromkeys(PRIORITIES, 0)
         for request in requests:
             class_rows[request.priority] += int(request.run.rows_profile()[0])
-        skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
+        # Skipped: a class, and this step's weight is 1 (attention guidance without CFG never asks for the rows).
+        skipped = sum(
+            r.spec.num_images
+            for r in runs
+            if r.spec.class_label is not None and not r.needs_uncond() and r.scales[r.step_index] == 1.0
+        )
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         rows = denoise_step(self._denoiser, runs)
         self._scheduler.stepped()

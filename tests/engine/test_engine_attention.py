@@ -40,6 +40,7 @@ def test_each_tick_counts_its_perturbed_rows(loaded, denoiser):
     assert full, "the four requests never shared a tick"
     for s in full:
         assert (s.rows, s.cond_rows, s.uncond_rows, s.perturbed_rows) == (12, 4, 4, 4)
+        assert s.skipped_uncond_rows == 0  # cfg false skips nothing: its weight is 3
 
 
 @pytest.mark.parametrize(
