@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from app.models import (
     model_denoiser,
     verify_checkpoint,
 )
+from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
@@ -61,6 +62,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     step_duration, batch_rows = metrics.step_duration.labels(model=model), metrics.batch_rows.labels(model=model)
     cond_rows = metrics.forward_rows.labels(kind="conditional", model=model)
     uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
+    perturbed_rows = metrics.forward_rows.labels(kind="perturbed", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
     preemptions = metrics.preemptions.labels(model=model)
@@ -70,6 +72,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
         batch_rows.observe(stats.rows)
         cond_rows.inc(stats.cond_rows)
         uncond_rows.inc(stats.uncond_rows)
+        perturbed_rows.inc(stats.perturbed_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
             images.inc(stats.images_finished)
@@ -95,8 +98,21 @@ def model_info(
     precision: str,
     channels_last: bool,
     cuda_graphs: bool = False,
+    perturbations: Mapping[str, PerturbationSupport] | None = None,
 ) -> dict[str, Any]:
-    """A served model's entry in GET /v1/models."""
+    """A served model's entry in GET /v1/models. perturbations: the model's perturbation_support at its precision
+    (its attention-guidance methods' layers, or why it cannot run them); the methods it cannot run are not
+    listed in guidance_methods, and the API refuses them (app/api/methods.py)."""
+    attention = {
+        kind: {
+            "supported": support.supported,
+            "layers": list(support.layers),
+            "default_layers": list(support.default_layers),
+            "reason": support.reason,
+        }
+        for kind, support in (perturbations or {}).items()
+    }
+    unsupported = {kind for kind, entry in attention.items() if not entry["supported"]}
     return {
         **manifest.to_dict(),
         "id": manifest.name,
@@ -108,8 +124,9 @@ def model_info(
         "cuda_graphs": cuda_graphs,
         "samplers": list(SAMPLER_NAMES),
         "schedules": ["constant", "linear", "cosine", "interval"],
-        "guidance_methods": list(method_kinds()),
-        "guidance_method_fields": method_fields(),
+        "guidance_methods": [kind for kind in method_kinds() if kind not in unsupported],
+        "guidance_method_fields": {k: v for k, v in method_fields().items() if k not in unsupported},
+        "attention_guidance": attention,
         "noise_schedules": list(NOISE_SCHEDULE_KINDS),
         "default_steps": settings.default_steps,
         "default_sampler": DEFAULT_SAMPLER,
@@ -156,6 +173,7 @@ async def serve_model(
     # compiles every bucket.
     # int8: calibrated on the model's own sampling at the warmup's first forward (app/models/quantize.py).
     calibrate = model_calibrator(loaded, model) if precision == "int8" else None
+    perturbations = perturbation_support(loaded.network, precision)  # which attention methods it runs, and where
     denoiser = fast_denoiser(
         model,
         device,
@@ -179,6 +197,7 @@ async def serve_model(
         compute=compute,
         name=m.name,
         decode=image_decoder(loaded),
+        perturbations=perturbations,
     )
     client = InProcessClient(engine, on_stats=stats_hook(metrics, m.name))
     metrics.add_model(m.name)
@@ -192,9 +211,8 @@ async def serve_model(
             "torch": torch.__version__,
         }
     )
-    return ServedModel(
-        name=m.name, client=client, info=model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs)
-    )
+    info = model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs, perturbations)
+    return ServedModel(name=m.name, client=client, info=info)
 
 
 async def start_serving(

@@ -17,6 +17,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 PRIORITY_CLASSES = ("interactive", "batch")
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
+FORWARD_ROW_KINDS = ("conditional", "unconditional", "perturbed")  # cfg_engine_forward_rows_total's kinds
 
 
 # The model label of a request refused before its model was known (an invalid body).
@@ -60,7 +61,7 @@ class Metrics:
             self.request_duration.labels(outcome=outcome, model=model)
         for outcome in JOB_OUTCOMES:
             self.jobs.labels(outcome=outcome, model=model)
-        for kind in ("conditional", "unconditional"):
+        for kind in FORWARD_ROW_KINDS:
             self.forward_rows.labels(kind=kind, model=model)
         for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
             metric.labels(model=model)
@@ -132,7 +133,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         forward_rows=Counter(
             "cfg_engine_forward_rows",
-            "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",
+            "Rows run through the model, by kind: conditional (a class label), unconditional (the null label) or "
+            "perturbed (perturbed attention, for attention guidance)",
             ["kind", "model"],
             registry=registry,
         ),

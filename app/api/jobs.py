@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.convert import to_spec
@@ -18,6 +19,7 @@ from app.api.encoding import preview_body, progress_body, result_body
 from app.api.errors import ApiError, bounded_text
 from app.api.job_store import Job, StoreFullError, StoreUnavailableError, new_job_id
 from app.api.media import EVENT_STREAM, JSON, json_body, produces
+from app.api.methods import served_method_error
 from app.api.responses import (
     ErrorDetail,
     JobConflict,
@@ -196,6 +198,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return refused.response()
+        if (error := served_method_error(service, body.model, body.method)) is not None:
+            raise RequestValidationError([error])  # the schema's 422: this model cannot run the method as asked
         client = service.model(body.model).client
         spec = to_spec(body)
         try:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from app.api.convert import to_spec
 from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
+from app.api.methods import served_method_error
 from app.api.responses import ImagesResponse, OpenAIError, refusals
 from app.api.schemas import GenerateBody, Limits, build_generate_request
 from app.api.service import Service, ServiceDep
@@ -216,6 +217,9 @@ def build_openai_router(limits: Limits) -> APIRouter:
         except InvalidRequest as exc:
             service.metrics.observe_request("invalid")
             return openai_error(exc.status, exc.message, exc.param, exc.code)
+        if (error := served_method_error(service, validated.model, validated.method)) is not None:
+            service.metrics.observe_request("invalid")
+            return openai_error(400, error["msg"], "method")
         spec = to_spec(validated)
         try:
             request_id = submit(service, validated.model, spec, arrived, priority=validated.priority)

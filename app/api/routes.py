@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -13,6 +14,7 @@ from app.api.convert import to_spec
 from app.api.encoding import result_body
 from app.api.errors import ApiError
 from app.api.media import EVENT_STREAM, JSON, PNG, json_body, produces
+from app.api.methods import served_method_error
 from app.api.responses import RequestError, ValidationErrorBody, event_stream_content, json_errors, refusals
 from app.api.schemas import GenerateResponse, Limits, build_generate_request
 from app.api.service import ServiceDep
@@ -63,6 +65,8 @@ def build_router(limits: Limits) -> APIRouter:
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],
     ) -> Response:
         arrived = time.monotonic()
+        if (error := served_method_error(service, body.model, body.method)) is not None:
+            raise RequestValidationError([error])  # the schema's 422: this model cannot run the method as asked
         spec = to_spec(body)
         model = body.model
         try:

@@ -161,6 +161,7 @@ class GenerateBody(Protocol):
 
     model: str
     priority: Priority | None
+    method: MethodParams
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 

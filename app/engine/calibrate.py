@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from app.models.attention import RowPerturbations
 from app.models.precision import Calibrator, Inputs
 from app.models.quantize import Int8Unavailable, torchao_pt2e
 from app.sampling import DEFAULT_SAMPLER, GuidanceParams, SampleRun, SampleSpec, sample
@@ -18,9 +19,14 @@ class _Recorder:
         self.inputs: list[Inputs] = []
 
     def __call__(
-        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        *extra: torch.Tensor,
+        perturb: RowPerturbations | None = None,
     ) -> torch.Tensor:
-        if extra:  # calibration samples plain CFG: no CADS embed_delta
+        if extra or perturb is not None:  # calibration samples plain CFG: no CADS embed_delta, no perturbed rows
             raise ValueError("calibration records the three-input forward only")
         self.inputs.append((x.clone(), timesteps.clone(), class_labels.clone()))
         return self.denoiser(x, timesteps, class_labels)

@@ -8,8 +8,8 @@ aborts arrive as messages, in order; each tick, in the compute thread, it:
   2. admits waiting requests by class and arrival where their rows fit under max_batch_rows at every tick to
      come, and preempts less urgent running requests where that makes room (app/engine/scheduler.py): a
      preempted request keeps its SampleRun and resumes at a later tick where it stopped;
-  3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows,
-     per-row timesteps);
+  3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows, and
+     its rows with perturbed attention where its method has them; per-row timesteps);
   4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
   5. sends the tick's outputs (progress, results, errors) and stats to the client in one message (stats alone
      at most every STATS_EVERY_S).
@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from app.engine.outputs import (
 )
 from app.engine.policy import PRIORITIES
 from app.engine.scheduler import EngineRequest, Scheduler
+from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,12 @@ class Engine:
         compute: SharedCompute | None = None,
         name: str = "model",
         decode: ImageDecoder | None = None,
+        perturbations: Mapping[str, PerturbationSupport] | None = None,
     ) -> None:
         """compute: the thread shared with other models' engines (it outlives this engine); without it,
-        the engine runs its own on executor (or a new worker()) and shuts it down when it stops."""
+        the engine runs its own on executor (or a new worker()) and shuts it down when it stops.
+        perturbations: the model's perturbation_support at its precision (app/models/attention.py); a request
+        whose method's perturbation it cannot run is refused as invalid (without it, none is checked)."""
         self.name = name
         self._denoiser = denoiser
         self._decode = decode or to_uint8  # finished samples -> uint8 images, in the compute thread
@@ -92,6 +96,7 @@ class Engine:
         self._image_shape = image_shape
         self._null_label = null_label
         self._device = device
+        self._perturbations = perturbations
         self._scheduler = Scheduler(max_batch_rows, max_queue, max_preempted_bytes)
         self._requests: dict[str, EngineRequest] = {}  # waiting and active, by id
         self._messages: deque[tuple[Any, ...]] = deque()  # from the client, in order: add, abort, fail_all
@@ -322,7 +327,7 @@ class Engine:
             outputs.append(Failed(request_id, "engine", f"engine failure: {self._error}"))
             return
         run = self.make_run(spec)
-        refusal = self._scheduler.refusal(run, limit_queue)
+        refusal = self._perturbation_refusal(run) or self._scheduler.refusal(run, limit_queue)
         if refusal is not None:
             self._finals += 1
             outputs.append(Failed(request_id, refusal[0], refusal[1]))  # type: ignore[arg-type]
@@ -331,6 +336,17 @@ class Engine:
         self._requests[request_id] = request
         self._scheduler.waiting.append(request)
         self._queue_changed = True
+
+    def _perturbation_refusal(self, run: SampleRun) -> tuple[str, str] | None:
+        """("invalid", why) where this model cannot run the run's perturbed rows: checked here, since a forward
+        that raised would fail the whole tick (the API refuses these first, naming the fields)."""
+        if run.perturbation is None or self._perturbations is None:
+            return None
+        try:
+            resolve_layers(self._perturbations[run.perturbation.kind], run.perturbation)
+        except PerturbationError as exc:
+            return "invalid", f"model {self.name}: {exc}"
+        return None
 
     def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
         """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
@@ -354,7 +370,13 @@ class Engine:
         class_rows = dict.fromkeys(PRIORITIES, 0)
         for request in requests:
             class_rows[request.priority] += int(request.run.rows_profile()[0])
-        skipped = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.needs_uncond())
+        # Skipped: a class, and this step's weight is 1 (attention guidance without CFG never asks for the rows).
+        skipped = sum(
+            r.spec.num_images
+            for r in runs
+            if r.spec.class_label is not None and not r.needs_uncond() and r.scales[r.step_index] == 1.0
+        )
+        perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         rows = denoise_step(self._denoiser, runs)
         self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
@@ -397,7 +419,8 @@ class Engine:
             tick_seconds=time.perf_counter() - t0,
             images_finished=finished,
             cond_rows=cond,
-            uncond_rows=rows - cond,
+            uncond_rows=rows - cond - perturbed,
+            perturbed_rows=perturbed,
             skipped_uncond_rows=skipped,
             queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]

@@ -11,6 +11,17 @@ state never leaks between requests.
 from __future__ import annotations
 
 from app.guidance.apg import Apg, ApgMethod, ApgOutput, apg_combine
+from app.guidance.attention import (
+    Pag,
+    PagMethod,
+    PerturbedGuider,
+    PerturbedMethod,
+    Seg,
+    SegMethod,
+    Slg,
+    SlgMethod,
+    perturbed_combine,
+)
 from app.guidance.cfg import Cfg, CfgMethod, cfg_combine, cfg_rows
 from app.guidance.cfg_zero_star import CfgZeroStar, CfgZeroStarMethod, cfg_zero_star_combine
 from app.guidance.conditioning import (
@@ -25,7 +36,7 @@ from app.guidance.conditioning import (
     noise_factors,
 )
 from app.guidance.core import eps_to_x0, rescale_guidance, row_norm, sigma_of, x0_to_eps
-from app.guidance.guider import GuidanceStep, Guided, Guider, MethodParams, RowsCombine
+from app.guidance.guider import Branch, GuidanceStep, Guided, Guider, MethodParams, RowsCombine
 from app.guidance.registry import (
     GUIDERS,
     GuidanceMethod,
@@ -54,6 +65,7 @@ __all__ = [
     "Apg",
     "ApgMethod",
     "ApgOutput",
+    "Branch",
     "Cads",
     "CadsConditioner",
     "Cfg",
@@ -69,8 +81,16 @@ __all__ = [
     "Guider",
     "MethodParams",
     "NoiseScheduleKind",
+    "Pag",
+    "PagMethod",
+    "PerturbedGuider",
+    "PerturbedMethod",
     "RowsCombine",
     "ScheduleKind",
+    "Seg",
+    "SegMethod",
+    "Slg",
+    "SlgMethod",
     "add_condition_noise",
     "apg_combine",
     "cads_condition",
@@ -84,6 +104,7 @@ __all__ = [
     "method_kinds",
     "method_models",
     "noise_factors",
+    "perturbed_combine",
     "register_guider",
     "rescale_guidance",
     "row_norm",

@@ -4,21 +4,26 @@ A method's settings are a small frozen pydantic model (MethodParams) with a `kin
 with their ranges and descriptions, and no other fields: the engine takes it as a request's settings and the
 API takes it as the request's `method` (app/api builds its union from the registry, app/guidance/registry.py).
 
-A guider says at which steps it needs the unconditional rows and combines a step's conditional and
-unconditional predictions into the guided eps. State that belongs to one request (APG's momentum) lives on
-its instance, never on a shared object (diffusers' guiders are shared; these are not). A guider whose combine
-is elementwise with a per-row scale may offer combine_rows, the same combine over the gathered rows of many
-requests at once: the engine's batched step then uses it (app/sampling/batched.py).
+A guider says which predictions each step needs beside the conditional one (its branches: the unconditional
+rows, rows with perturbed attention, a guide model's rows) and combines them into the guided eps. State that
+belongs to one request (APG's momentum) lives on its instance, never on a shared object (diffusers' guiders are
+shared; these are not). A guider whose combine is elementwise with a per-row scale may offer combine_rows, the
+same combine over the gathered rows of many requests at once: the engine's batched step then uses it
+(app/sampling/batched.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+# A prediction a step may take beside eps_cond: the unconditional rows (the null label), the conditional rows
+# with perturbed attention (app/guidance/attention.py), or a guide model's conditional rows (autoguidance).
+Branch = Literal["uncond", "perturbed", "guide"]
 
 
 class MethodParams(BaseModel):
@@ -31,14 +36,16 @@ class MethodParams(BaseModel):
 
 @dataclass(frozen=True)
 class GuidanceStep:
-    """What a combine reads at one step of one request: the two predictions, the step's scale, and the model
-    input x at that step's alpha_bar (for methods that work on the x0 prediction)."""
+    """What a combine reads at one step of one request: the predictions, the step's scale, and the model input
+    x at that step's alpha_bar (for methods that work on the x0 prediction). A step without an "uncond" branch
+    passes eps_cond as eps_uncond; others holds the step's "perturbed" and "guide" predictions."""
 
     eps_cond: torch.Tensor
     eps_uncond: torch.Tensor
     scale: float
     x: torch.Tensor
     alpha_bar: float
+    others: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class Guider:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if getattr(cls, "params_model", None) is None:  # a base its methods share: each of them names its model
+            return
         kinds = get_args(cls.params_model.model_fields["kind"].annotation)
         if len(kinds) != 1 or cls.params_model.model_fields["kind"].default != kinds[0]:
             raise TypeError(f"{cls.params_model.__name__}.kind must be a Literal of one kind, with it as its default")
@@ -80,6 +89,11 @@ class Guider:
     def needs_uncond(self, step: int) -> bool:
         """Step `step` runs the unconditional rows: not where its weight is exactly 1 (eps_cond alone)."""
         return self.scales[step] != 1.0
+
+    def branches(self, step: int) -> tuple[Branch, ...]:
+        """The predictions step `step` needs beside eps_cond, in the order their rows follow the conditional rows
+        of the request."""
+        return ("uncond",) if self.needs_uncond(step) else ()
 
     def combine(self, step: GuidanceStep) -> Guided:
         raise NotImplementedError

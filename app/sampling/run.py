@@ -1,15 +1,16 @@
 """One request's sampling state, and one denoiser call shared by many requests.
 
-Every step puts the conditional and unconditional rows of all requests in ONE tensor, with
-per-row timesteps and labels, so requests at different steps (and with different samplers)
-share a forward pass. Each request keeps its own scheduler instance and its own generators
-(one per image), so an image never depends on what it was batched with (as in NVlabs/edm's
-StackedRandomGenerator).
+Every step puts the conditional rows of all requests, and the rows of the branches their guidance takes
+(unconditional rows, rows with perturbed attention), in ONE tensor, with per-row timesteps and labels, so
+requests at different steps (and with different samplers) share a forward pass. Each request keeps its own
+scheduler instance and its own generators (one per image), so an image never depends on what it was batched
+with (as in NVlabs/edm's StackedRandomGenerator).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from app.guidance import (
+    Branch,
     Cads,
     CadsConditioner,
     CfgMethod,
@@ -27,6 +29,7 @@ from app.guidance import (
     GuidanceStep,
     MethodParams,
     NoiseScheduleKind,
+    PerturbedMethod,
     eps_to_x0,
     guider_class,
     make_guider,
@@ -35,6 +38,7 @@ from app.guidance import (
     row_norm,
     sigma_of,
 )
+from app.models.attention import Perturbation, RowPerturbations
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import advance_together, inputs_together, step_table
@@ -50,14 +54,25 @@ from app.sampling.schedulers import (
 
 
 class Denoiser(Protocol):
-    """(x, timesteps, class_labels[, embed_delta]) -> eps, all with the same leading row dimension.
+    """(x, timesteps, class_labels[, embed_delta], *, perturb=None) -> eps, all with the same leading row dimension.
 
-    embed_delta, where given, is added to the class embedding of each row (CADS's condition noise);
-    it is passed only when a request in the batch uses it, so a three-argument callable also serves."""
+    embed_delta, where given, is added to the class embedding of each row (CADS's condition noise); perturb gives
+    chosen rows perturbed attention (app/models/attention.py). Each is passed only when a request in the batch
+    uses it, so a three-argument callable also serves a batch without them."""
 
     def __call__(
-        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, /, *args: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        /,
+        *args: torch.Tensor,
+        perturb: RowPerturbations | None = None,
     ) -> torch.Tensor: ...
+
+
+# The branches whose rows ride in the main model's forward, after the request's conditional rows.
+MAIN_BRANCHES: tuple[Branch, ...] = ("uncond", "perturbed")
 
 
 # label -> the model's class embedding of that label, shape (D,).
@@ -115,6 +130,7 @@ class ModelInput:
     timesteps: torch.Tensor
     class_labels: torch.Tensor
     embed_delta: torch.Tensor | None = None  # (rows, D), CADS only
+    perturbed: tuple[Perturbation | None, ...] | None = None  # per row, where some row is perturbed
 
     @property
     def rows(self) -> int:
@@ -139,6 +155,7 @@ class StepTrace:
     diff_norm: torch.Tensor | None = None  # |eps_c - eps_u|
     parallel_norm: torch.Tensor | None = None  # APG: |dD_par|, in the x0 space it works in
     orthogonal_norm: torch.Tensor | None = None  # APG: |dD_orth|
+    perturbed_norm: torch.Tensor | None = None  # attention guidance: |eps_c - eps_p|
 
     def to_dict(self) -> dict:
         def values(t: torch.Tensor | None) -> list[float] | None:
@@ -150,6 +167,7 @@ class StepTrace:
             "diff_norm": values(self.diff_norm),
             "parallel_norm": values(self.parallel_norm),
             "orthogonal_norm": values(self.orthogonal_norm),
+            "perturbed_norm": values(self.perturbed_norm),
         }
 
 
@@ -199,6 +217,7 @@ class SampleRun:
         self.alpha_bars, self.sigmas = list(alpha_bars), list(sigmas)
         self.scales = list(guidance_scales(g.schedule, g.guidance_scale, spec.steps, sigmas))
         self.guider = make_guider(g.method, self.scales)
+        self.perturbation = perturbation_of(g.method)  # what the "perturbed" rows get, if the method has them
         self.noise_factors = noise_factors(g.noise_schedule, self.sigmas, self.scales, g.guidance_scale)
         self._num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.label = null_label if spec.class_label is None else spec.class_label
@@ -226,6 +245,12 @@ class SampleRun:
     def done(self) -> bool:
         return self.step_index >= self.spec.steps
 
+    def branches(self, i: int) -> tuple[Branch, ...]:
+        """The predictions step i takes beside eps_cond, in their rows' order: the guider's, without the
+        unconditional one for a request without a class."""
+        branches = self.guider.branches(i)
+        return branches if self.spec.class_label is not None else tuple(b for b in branches if b != "uncond")
+
     def _guided(self, i: int) -> bool:
         """Step i runs the unconditional rows: where the guider needs them, and only with a class."""
         return self.spec.class_label is not None and self.guider.needs_uncond(i)
@@ -233,14 +258,21 @@ class SampleRun:
     def needs_uncond(self) -> bool:
         return self._guided(self.step_index)
 
+    def needs_perturbed(self) -> bool:
+        """This step runs rows with perturbed attention (an attention-guidance method's)."""
+        return "perturbed" in self.branches(self.step_index)
+
+    def _rows(self, i: int) -> int:
+        """The rows step i takes in the main model's forward: the conditional ones and those of MAIN_BRANCHES."""
+        return self.spec.num_images * (1 + sum(b in MAIN_BRANCHES for b in self.branches(i)))
+
     def rows_needed(self) -> int:
-        return self.spec.num_images * (2 if self.needs_uncond() else 1)
+        return self._rows(self.step_index)
 
     def rows_profile(self) -> np.ndarray:
         """The rows of each step still to take, known in advance from the weight schedule."""
-        n = self.spec.num_images
         steps = range(self.step_index, len(self.scales))
-        return np.array([n * (2 if self._guided(i) else 1) for i in steps], dtype=np.int64)
+        return np.array([self._rows(i) for i in steps], dtype=np.int64)
 
     @functools.cached_property
     def _cond_labels(self) -> torch.Tensor:
@@ -260,15 +292,26 @@ class SampleRun:
         else:
             x = self.scheduler.scale_model_input(self.latents, t)
         self.scaled_input = x
-        labels = self._cond_labels
         delta = self._embed_delta(t)
-        if self.needs_uncond():
-            x = torch.cat([x, x])
-            labels = torch.cat([self._cond_labels, self._null_labels])
+        # The conditional rows, then each branch's: the null label's, and the conditional rows again (with CADS's
+        # delta, if any) with perturbed attention.
+        kinds = ["cond", *(b for b in self.branches(self.step_index) if b in MAIN_BRANCHES)]
+        labels = self._cond_labels
+        if len(kinds) > 1:
+            x = torch.cat([x] * len(kinds))
+            labels = torch.cat([self._null_labels if k == "uncond" else self._cond_labels for k in kinds])
             if delta is not None:
-                delta = torch.cat([delta, torch.zeros_like(delta)])
+                delta = torch.cat([torch.zeros_like(delta) if k == "uncond" else delta for k in kinds])
+        per_row = None
+        if "perturbed" in kinds:
+            if self.perturbation is None:
+                raise ValueError(
+                    f"method {self.spec.guidance.method.kind} asks for perturbed rows and has no perturbation"
+                )
+            n = self.spec.num_images
+            per_row = tuple(self.perturbation if k == "perturbed" else None for k in kinds for _ in range(n))
         timesteps = t.expand(x.shape[0]).to(x.device)
-        return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta)
+        return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta, perturbed=per_row)
 
     def _embed_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
         """The conditioners' change to the conditional rows' class embedding at this step, or None where they
@@ -288,15 +331,19 @@ class SampleRun:
         eps_cond = eps[:n]
         for conditioner in self.conditioners:
             eps_cond = conditioner.eps_cond(i, eps_cond)
-        if eps.shape[0] == n:
+        branches = [b for b in self.branches(i) if b in MAIN_BRANCHES]
+        if not branches:
             if self.spec.return_trace:
                 self.trace.append(StepTrace(i, scale))
             return eps_cond
-        eps_uncond = eps[n:]
-        step = GuidanceStep(eps_cond, eps_uncond, scale, self._step_input(), self.alpha_bars[i])
+        # Each branch's rows follow the conditional ones, in the order model_input put them.
+        preds: dict[str, torch.Tensor] = {b: eps[n * (k + 1) : n * (k + 2)] for k, b in enumerate(branches)}
+        eps_uncond = preds.pop("uncond", eps_cond)
+        step = GuidanceStep(eps_cond, eps_uncond, scale, self._step_input(), self.alpha_bars[i], others=preds)
         guided = self.guider.combine(step)
         if self.spec.return_trace:
-            self.trace.append(StepTrace(i, scale, diff_norm=row_norm(eps_cond - eps_uncond), **guided.norms))
+            diff = row_norm(eps_cond - eps_uncond) if "uncond" in branches else None
+            self.trace.append(StepTrace(i, scale, diff_norm=diff, **guided.norms))
         return rescale_guidance(guided.eps, eps_cond, self.spec.guidance.guidance_rescale)
 
     def advance(self, eps: torch.Tensor) -> None:
@@ -370,7 +417,11 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
         width = next(d for d in deltas if d is not None).shape[1]
         zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
         args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
-    eps = denoiser(*args)
+    if any(i.perturbed is not None for i in inputs):  # only then: the other ticks keep their exact path
+        per_row = [p for i in inputs for p in (i.perturbed or (None,) * i.rows)]
+        eps = denoiser(*args, perturb=RowPerturbations.from_rows(per_row, args[0].device))
+    else:
+        eps = denoiser(*args)
     offsets, offset = [], 0
     for run in together:
         offsets.append(offset)
@@ -381,6 +432,14 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
     if together:
         advance_together(together, eps, offsets)
     return offset
+
+
+def perturbation_of(method: MethodParams) -> Perturbation | None:
+    """The perturbation an attention-guidance method's "perturbed" rows get; None for any other method."""
+    if not isinstance(method, PerturbedMethod):
+        return None
+    blur_sigma = getattr(method, "blur_sigma", None)  # seg's; None: infinite
+    return Perturbation(method.kind, method.layers, math.inf if blur_sigma is None else blur_sigma)  # type: ignore[arg-type]
 
 
 def steps_together(spec: SampleSpec) -> bool:

@@ -156,7 +156,7 @@ def test_progress_events_carry_the_trace(client):
 
 def test_models_lists_the_guidance_options_and_the_default(client):
     model = client.get("/v1/models").json()["data"][0]
-    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star"]
+    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "pag", "seg"]  # no slg: a UNet
     assert model["noise_schedules"] == ["constant", "sigma", "guidance"]
     assert model["guidance_method_fields"] == method_fields()  # the playground builds its inputs from it
     assert [f["name"] for f in model["guidance_method_fields"]["apg"]] == ["eta", "momentum", "norm_threshold"]

@@ -97,6 +97,8 @@ def test_concurrent_requests_to_both_models_match_each_sampled_alone(client, sto
         {"schedule": {"kind": "cosine", "start": 1, "end": 0}, "noise_level": 0.2, "noise_schedule": "sigma"},
         {"cads": {}, "guidance_rescale": 0.7, "sampler": "euler_a"},
         {"sampler": "ddpm", "return_trace": True, "preview": True, "preview_every": 2},
+        {"method": {"kind": "slg", "layers": [0, 1]}, "schedule": {"kind": "constant"}},  # a DiT's blocks
+        {"method": {"kind": "pag", "cfg": False}, "return_trace": True},
     ],
 )
 def test_guidance_methods_schedules_noise_and_samplers_work_on_the_latent_model(client, guidance):
@@ -167,3 +169,16 @@ def test_each_model_is_loaded_and_adapted_in_the_compute_thread(store, monkeypat
         assert c.get("/readyz").status_code == 200
     assert sorted(name for name, _ in calls) == ["load_checkpoint"] * 2 + ["model_denoiser"] * 2
     assert all(thread.startswith("engine-forward") for _, thread in calls), calls
+
+
+def test_each_model_lists_the_attention_methods_it_runs_and_the_other_refuses_slg(client):
+    """The DiT runs slg on its transformer blocks, the UNet does not: each model's entry says so, and the 422
+    names the model asked for."""
+    unet, dit = client.get("/v1/models").json()["data"]
+    assert dit["guidance_methods"][-3:] == ["pag", "seg", "slg"] and "slg" not in unet["guidance_methods"]
+    assert dit["attention_guidance"]["slg"]["layers"] == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert dit["attention_guidance"]["pag"]["default_layers"] == [1]
+    r = client.post("/generate", json={"model": "fashion-mnist-cfg", "class_label": 1, "method": {"kind": "slg"}})
+    assert r.status_code == 422 and "model fashion-mnist-cfg" in r.json()["detail"][0]["msg"]
+    r = client.post("/generate", json={"model": "tiny-dit", "class_label": 1, "method": {"kind": "slg", "layers": [2]}})
+    assert r.status_code == 422 and "0..1 (0: transformer_blocks.0, 1: transformer_blocks.1)" in r.text

@@ -26,6 +26,9 @@ SETTINGS = {
     # a second request of each kind, other settings and sampler: kinds must not leak into each other in one forward
     "cads-psi0": (GuidanceParams(4.0, cads=Cads(tau1=0.3, tau2=0.7, noise_scale=1.0, psi=0.0)), "dpmpp_2m"),
     "sigma-interval": (GuidanceParams(4.0, schedule=SIGMA_INTERVAL), "dpmpp_2m"),
+    # attention guidance: its perturbed rows in the same forward, with CFG and alone
+    "pag": (GuidanceParams(3.0, method=GuidanceMethod(kind="pag", scale=2.0)), "ddim"),
+    "seg-alone": (GuidanceParams(3.0, method=GuidanceMethod(kind="seg", blur_sigma=2.0, cfg=False)), "dpmpp_2m"),
     "noise-sigma": (GuidanceParams(3.0, noise_level=0.3, noise_schedule="sigma"), "ddim"),
     "noise-guidance-cosine": (
         GuidanceParams(3.0, schedule=GuidanceSchedule("cosine", 1.0, 0.0), noise_level=0.3, noise_schedule="guidance"),

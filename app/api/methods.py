@@ -1,0 +1,41 @@
+"""Whether the served model can run a request's guidance method: the attention methods (pag, seg, slg) need
+self-attention layers or transformer blocks that some models lack, and layer indices that the model has.
+
+Read from the model's GET /v1/models entry (`attention_guidance`, written at load from
+app.models.attention.perturbation_support), so this module knows nothing of torch. A body that passes its
+schema and fails here gets a 422 in the schema's own error shape, naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.api.service import Service
+from app.guidance import MethodParams
+
+
+def method_error(info: dict[str, Any], method: MethodParams) -> dict[str, Any] | None:
+    """A validation error (FastAPI's shape: loc, msg, type, input) where the model of `info` cannot run `method`
+    as asked; None where it can, or where the method needs nothing of the model."""
+    support = info.get("attention_guidance", {}).get(method.kind)
+    if support is None:
+        return None
+    model = info["id"]
+    if not support["supported"]:
+        runs = ", ".join(info["guidance_methods"])
+        msg = f"method {method.kind} can't run on model {model}: {support['reason']}. {model} runs {runs}"
+        return {"loc": ["body", "method", "kind"], "msg": msg, "type": "value_error", "input": method.kind}
+    layers: tuple[int, ...] | None = getattr(method, "layers", None)
+    names = support["layers"]
+    bad = [i for i in layers or () if i >= len(names)]
+    if bad:
+        allowed = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
+        msg = f"{method.kind} layers {bad} are not layers of model {model}, which has 0..{len(names) - 1} ({allowed})"
+        return {"loc": ["body", "method", "layers"], "msg": msg, "type": "value_error", "input": list(layers or ())}
+    return None
+
+
+def served_method_error(service: Service, model: str, method: MethodParams) -> dict[str, Any] | None:
+    """method_error for a served model; None while it is not loaded (the request is refused as starting)."""
+    served = service.models.get(model)
+    return None if served is None else method_error(served.info, method)
