@@ -15,6 +15,8 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 # app/engine/policy.py's PRIORITIES (metrics does not import the engine: tests/test_layers.py).
 PRIORITY_CLASSES = ("interactive", "batch")
+# cfg_engine_forward_rows' kinds: a class label, the null label, and rows through a guide model (autoguidance).
+FORWARD_ROW_KINDS = ("conditional", "unconditional", "guide")
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 
@@ -60,7 +62,7 @@ class Metrics:
             self.request_duration.labels(outcome=outcome, model=model)
         for outcome in JOB_OUTCOMES:
             self.jobs.labels(outcome=outcome, model=model)
-        for kind in ("conditional", "unconditional"):
+        for kind in FORWARD_ROW_KINDS:
             self.forward_rows.labels(kind=kind, model=model)
         for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
             metric.labels(model=model)
@@ -132,7 +134,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         forward_rows=Counter(
             "cfg_engine_forward_rows",
-            "Rows run through the model, by kind: conditional (a class label) or unconditional (the null label)",
+            "Rows run through the model, by kind: conditional (a class label), unconditional (the null label) or "
+            "guide (an autoguidance request's rows through its guide model, counted under the guided model)",
             ["kind", "model"],
             registry=registry,
         ),

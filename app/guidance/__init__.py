@@ -11,6 +11,7 @@ state never leaks between requests.
 from __future__ import annotations
 
 from app.guidance.apg import Apg, ApgMethod, ApgOutput, apg_combine
+from app.guidance.autoguidance import Autoguidance, AutoguidanceMethod, autoguidance_combine
 from app.guidance.cfg import Cfg, CfgMethod, cfg_combine, cfg_rows
 from app.guidance.cfg_zero_star import CfgZeroStar, CfgZeroStarMethod, cfg_zero_star_combine
 from app.guidance.conditioning import (
@@ -26,7 +27,7 @@ from app.guidance.conditioning import (
     noise_factors,
 )
 from app.guidance.core import eps_to_x0, rescale_guidance, row_norm, sigma_of, x0_to_eps
-from app.guidance.guider import GuidanceStep, Guided, Guider, MethodParams, RowsCombine
+from app.guidance.guider import Branch, GuidanceStep, Guided, Guider, MethodParams, RowsCombine
 from app.guidance.registry import (
     GUIDERS,
     GuidanceMethod,
@@ -47,6 +48,9 @@ __all__ = [
     "Apg",
     "ApgMethod",
     "ApgOutput",
+    "Autoguidance",
+    "AutoguidanceMethod",
+    "Branch",
     "Cads",
     "CadsConditioner",
     "CadsOptions",
@@ -67,6 +71,7 @@ __all__ = [
     "ScheduleKind",
     "add_condition_noise",
     "apg_combine",
+    "autoguidance_combine",
     "cads_condition",
     "cfg_combine",
     "cfg_rows",

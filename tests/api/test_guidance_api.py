@@ -144,7 +144,7 @@ def test_progress_events_carry_the_trace(client):
 
 def test_models_lists_the_guidance_options_and_the_default(client):
     model = client.get("/v1/models").json()["data"][0]
-    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star"]
+    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "autoguidance"]
     assert model["noise_schedules"] == ["constant", "sigma", "guidance"]
     default = model["default_guidance"]
     assert default["guidance_scale"] == DEFAULT_GUIDANCE.guidance_scale
