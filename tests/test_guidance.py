@@ -74,7 +74,8 @@ def test_every_guidance_method_is_one_registered_guider():
     assert GuidanceMethod("apg", eta=0.5) == ApgMethod(eta=0.5)
     guider = make_guider(ApgMethod(eta=0.5), [3.0, 1.0])
     assert type(guider) is Apg and guider.params.eta == 0.5 and guider.needs_uncond(0) and not guider.needs_uncond(1)
-    with pytest.raises(ValueError, match="unknown guidance method 'pag'; choose one of cfg, apg, cfg_zero_star, autoguidance"):
+    kinds = "cfg, apg, cfg_zero_star, autoguidance"
+    with pytest.raises(ValueError, match=f"unknown guidance method 'pag'; choose one of {kinds}"):
         GuidanceMethod("pag")
     with pytest.raises(ValidationError, match="eta"):
         GuidanceMethod("cfg", eta=0.5)  # a field of another method

@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Literal, Protocol, get_args
 import torch
 from pydantic import BaseModel, ConfigDict
 
-
 # A prediction a step may need beside eps_cond: the main model's unconditional rows, its perturbed rows (attention
 # guidance), or the request's conditional rows through the guide model (autoguidance).
 Branch = Literal["uncond", "perturbed", "guide"]

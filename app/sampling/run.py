@@ -410,9 +410,7 @@ def guidance_scales(
     return tuple(schedule.scales(guidance_scale, steps, sigmas))
 
 
-def denoise_step(
-    denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[str, Denoiser] | None = None
-) -> int:
+def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[str, Denoiser] | None = None) -> int:
     """ONE forward over the rows of all runs, then each run advances its own sampler. Returns the main forward's
     rows.
 

@@ -73,7 +73,9 @@ MIXED = [
 ]
 
 
-def test_several_autoguidance_and_cfg_requests_in_one_batch_each_draw_what_they_draw_alone(loaded, denoiser, guide_denoiser):
+def test_several_autoguidance_and_cfg_requests_in_one_batch_each_draw_what_they_draw_alone(
+    loaded, denoiser, guide_denoiser
+):
     """Bit-equal, every request, with every forward (main and guide) run row by row (one_row_at_a_time)."""
     main, guides = one_row_at_a_time(denoiser), {GUIDE: one_row_at_a_time(guide_denoiser)}
     together = [make_run(loaded, spec) for spec in MIXED]

@@ -81,7 +81,10 @@ def test_parse_setting_fills_the_dataclass_defaults():
             "setting 'x': unknown field 'scale'; expected one of name, samplers, guidance_scale",
         ),
         ('{"name": "x", "method": {"kind": "apg", "norm": 1}}', "setting 'x': method: unknown field 'norm'"),
-        ('{"name": "x", "method": {"kind": "pag"}}', 'method: kind must be one of cfg, apg, cfg_zero_star, autoguidance, got "pag"'),
+        (
+            '{"name": "x", "method": {"kind": "pag"}}',
+            'method: kind must be one of cfg, apg, cfg_zero_star, autoguidance, got "pag"',
+        ),
         ('{"name": "x", "method": "apg"}', "method: expected an object of GuidanceMethod fields"),
         (
             '{"name": "x", "schedule": {"kind": "step"}}',
