@@ -279,13 +279,14 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         @model_validator(mode="after")
         def _served_guide(self) -> GenerateRequest:
             # A method's `guide` names the served model that guides this one (autoguidance).
-            guide = getattr(self.method, "guide", None)
+            method: MethodParams = self.method
+            guide = getattr(method, "guide", None)
             if guide is None:
                 return self
             if (refusal := limits.guide_refusal(self.model, guide)) is not None:
                 raise field_error(("method", "guide"), "guide_not_served", refusal, guide)
             if self.cads is not None:  # its noise is on the main model's class embedding, which the guide lacks
-                message = f"cads does not combine with method {self.method.kind}: the guide has its own class embedding"
+                message = f"cads does not combine with method {method.kind}: the guide has its own class embedding"
                 raise field_error(("cads",), "cads_with_guide", message, self.cads.model_dump())
             return self
 
