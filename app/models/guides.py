@@ -6,9 +6,9 @@ request's sampler come from the main model's scheduler, and mean the same noise 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from app.models.checkpoint import VerifiedCheckpoint
+from app.models.checkpoint import Manifest
 
 # The scheduler settings that fix the training noise schedule (alpha_bar at each timestep).
 NOISE_SCHEDULE_KEYS = (
@@ -22,7 +22,17 @@ NOISE_SCHEDULE_KEYS = (
 )
 
 
-def guide_mismatch(main: VerifiedCheckpoint, guide: VerifiedCheckpoint) -> str | None:
+class Checkpoint(Protocol):
+    """What the check reads of a checkpoint: a VerifiedCheckpoint (before loading) or a LoadedModel."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]: ...
+
+
+def guide_mismatch(main: Checkpoint, guide: Checkpoint) -> str | None:
     """Why `guide` cannot guide `main`, in a few words; None where it can."""
     m, g = main.manifest, guide.manifest
     if m.name == g.name:
@@ -42,7 +52,7 @@ def guide_mismatch(main: VerifiedCheckpoint, guide: VerifiedCheckpoint) -> str |
     return None
 
 
-def guide_pairs(checkpoints: Sequence[VerifiedCheckpoint]) -> dict[str, dict[str, str | None]]:
+def guide_pairs(checkpoints: Sequence[Checkpoint]) -> dict[str, dict[str, str | None]]:
     """main name -> {other served name: why it cannot guide main, or None where it can}."""
     return {
         main.manifest.name: {
