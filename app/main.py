@@ -35,6 +35,7 @@ from app.models import (
     CheckpointError,
     LoadedModel,
     Manifest,
+    guide_pairs,
     image_decoder,
     load_checkpoint,
     model_denoiser,
@@ -63,6 +64,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     cond_rows = metrics.forward_rows.labels(kind="conditional", model=model)
     uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
     perturbed_rows = metrics.forward_rows.labels(kind="perturbed", model=model)
+    guide_rows = metrics.forward_rows.labels(kind="guide", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
     preemptions = metrics.preemptions.labels(model=model)
@@ -73,6 +75,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
         cond_rows.inc(stats.cond_rows)
         uncond_rows.inc(stats.uncond_rows)
         perturbed_rows.inc(stats.perturbed_rows)
+        guide_rows.inc(stats.guide_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
             images.inc(stats.images_finished)
@@ -162,7 +165,7 @@ def captures_cuda_graphs(settings: Settings, loaded: LoadedModel) -> bool:
 
 async def serve_model(
     settings: Settings, path: Path, device: torch.device, compute: SharedCompute, metrics: Metrics
-) -> ServedModel:
+) -> tuple[ServedModel, Engine]:
     """Load a checkpoint in the compute thread (no torch compute may run in the event loop's thread: see
     app/engine/engine.py on OpenMP teams) and give it an engine of its own on the shared thread."""
     precision = resolve_precision(settings.precision, device)  # before loading: fp16 on the CPU fails here
@@ -212,7 +215,20 @@ async def serve_model(
         }
     )
     info = model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs, perturbations)
-    return ServedModel(name=m.name, client=client, info=info)
+    return ServedModel(name=m.name, client=client, info=info), engine
+
+
+def pair_guides(served: list[ServedModel], engines: dict[str, Engine], limits: Limits) -> None:
+    """Give each engine the denoisers of the served models that can guide it (autoguidance: Limits.guides),
+    and list them in its /v1/models entry. A guide's forward runs in the same compute thread as every model's,
+    with the guide's own precision, compiled buckets and CUDA graphs."""
+    for model in served:
+        model.info["guides"] = list(limits.guides_of(model.name))
+        for guide in model.info["guides"]:
+            engines[model.name].add_guide(guide, engines[guide].denoiser)
+        if not model.info["guides"]:  # nothing served can guide it: autoguidance is not among its methods
+            model.info["guidance_methods"] = [k for k in model.info["guidance_methods"] if k != "autoguidance"]
+            model.info["guidance_method_fields"].pop("autoguidance", None)
 
 
 async def start_serving(
@@ -220,7 +236,9 @@ async def start_serving(
 ) -> None:
     """Load every model, warm each up and start its engine: the service is ready when this returns."""
     try:
-        models = [await serve_model(settings, path, device, compute, service.metrics) for path in paths]
+        loaded = [await serve_model(settings, path, device, compute, service.metrics) for path in paths]
+        models = [served for served, _ in loaded]
+        pair_guides(models, {served.name: engine for served, engine in loaded}, service.limits)
         service.models.update((m.name, m) for m in models)
         service.phase = "warming up"
         for served in models:
@@ -261,11 +279,14 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     settings = settings or Settings()
     # Fails fast, with one line naming the file, before the server starts listening.
     paths = settings.model_paths()
-    manifests = [verify_checkpoint(path).manifest for path in paths]
+    checkpoints = [verify_checkpoint(path) for path in paths]
+    manifests = [c.manifest for c in checkpoints]
     if len({m.name for m in manifests}) != len(manifests):
         raise CheckpointError(f"two served checkpoints have the same name: {[m.name for m in manifests]}")
+    pairs = guide_pairs(checkpoints)
     limits = Limits(
         models=tuple((m.name, tuple(m.class_names)) for m in manifests),
+        guides=tuple((name, tuple(others.items())) for name, others in pairs.items()),
         max_images=settings.max_images,
         max_steps=settings.max_steps,
         default_steps=settings.default_steps,

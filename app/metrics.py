@@ -17,7 +17,9 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 PRIORITY_CLASSES = ("interactive", "batch")
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
-FORWARD_ROW_KINDS = ("conditional", "unconditional", "perturbed")  # cfg_engine_forward_rows_total's kinds
+# cfg_engine_forward_rows_total's kinds: a class label, the null label, perturbed attention (attention guidance),
+# and rows through a guide model (autoguidance).
+FORWARD_ROW_KINDS = ("conditional", "unconditional", "perturbed", "guide")
 
 
 # The model label of a request refused before its model was known (an invalid body).
@@ -134,7 +136,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         forward_rows=Counter(
             "cfg_engine_forward_rows",
             "Rows run through the model, by kind: conditional (a class label), unconditional (the null label) or "
-            "perturbed (perturbed attention, for attention guidance)",
+            "perturbed (perturbed attention, for attention guidance) or guide (an autoguidance request's rows through "
+            "its guide model, counted under the guided model)",
             ["kind", "model"],
             registry=registry,
         ),

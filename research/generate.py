@@ -2,6 +2,8 @@
 
   python -m research.generate --class Sneaker --num-images 16 --scale 3 --out sneakers.png
   python -m research.generate --sweep --scales 0,1,2,3,5,7.5 --out sweep.png
+  python -m research.generate --class Shirt --method autoguidance --autoguidance-guide fashion-mnist-guide \
+      --guide model_store/fashion-mnist-guide --out shirts.png
 
 Image i uses seed --seed + i, so an image is the same whatever it is batched with.
 The sweep draws --num-images (default 1) per class at each of --scales, with the other guidance
@@ -14,7 +16,7 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from app.guidance import NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule, MethodParams, method_models
 from app.images import labelled_grid, make_grid, to_pil, upscale
-from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
+from app.models import CheckpointError, LoadedModel, guide_mismatch, load_checkpoint, unet_denoiser
 from app.sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -82,6 +84,18 @@ def plan_batches(specs: Sequence[SampleSpec], max_rows: int = DEFAULT_MAX_ROWS) 
     return [b for b in batches if b]
 
 
+def load_guides(main: LoadedModel, paths: Sequence[Path]) -> dict[str, Denoiser]:
+    """The guide checkpoints at paths (autoguidance), loaded beside main, by name; ValueError for one that
+    cannot guide main (app.models.guide_mismatch)."""
+    guides: dict[str, Denoiser] = {}
+    for path in paths:
+        guide = load_checkpoint(path, main.device)
+        if (why_not := guide_mismatch(main, guide)) is not None:
+            raise ValueError(f"{guide.manifest.name} cannot guide {main.manifest.name}: {why_not}")
+        guides[guide.manifest.name] = unet_denoiser(guide.unet)
+    return guides
+
+
 def total_steps(specs: Sequence[SampleSpec], max_rows: int = DEFAULT_MAX_ROWS) -> int:
     """The number of forward passes generate() makes: one per step of each batch's longest run."""
     return sum(max(c.spec.steps for c in batch) for batch in plan_batches(specs, max_rows))
@@ -93,9 +107,11 @@ def generate(
     max_rows: int = DEFAULT_MAX_ROWS,
     on_step: Callable[[], None] | None = None,
     forward: Denoiser | None = None,
+    guides: Mapping[str, Denoiser] | None = None,
 ) -> list[np.ndarray]:
     """The images of each spec, uint8 (N, H, W, C), in spec order: the one function the research tools draw
-    with. on_step is called after each forward; forward replaces the model's fp32 forward (another precision)."""
+    with. on_step is called after each forward; forward replaces the model's fp32 forward (another precision);
+    guides are the guide models autoguidance specs name, by name (load_guides)."""
     denoiser = unet_denoiser(model.unet)
     m = model.manifest
     image_shape = (m.in_channels, m.image_size, m.image_size)
@@ -105,7 +121,7 @@ def generate(
             SampleRun(c.spec, model.scheduler_config, image_shape, m.null_label, model.device, denoiser.class_embedding)
             for c in batch
         ]
-        sample(forward or denoiser, runs, on_step)
+        sample(forward or denoiser, runs, on_step, guides)
         for chunk, run in zip(batch, runs, strict=True):
             parts[chunk.spec_index].append(run.images())
     return [np.concatenate(p) for p in parts]
@@ -298,23 +314,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="one grid: rows are classes, columns guidance scales")
     p.add_argument("--scales", type=scale_list, default=DEFAULT_SCALES, help="sweep scales (default 0,1,2,3,5,7.5)")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
+    add_guide_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
+def add_guide_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guide",
+        type=Path,
+        action="append",
+        default=[],
+        help="a guide checkpoint folder for autoguidance, named by its manifest's name in --autoguidance-guide "
+        "(repeatable)",
+    )
+
+
 def method_from_args(args: argparse.Namespace, default: MethodParams) -> MethodParams:
     """--method's settings (default's kind without it) with its own flags; a flag of another method is an
-    error (ValueError), as is a value its model refuses (pydantic's ValidationError)."""
-    method = default if args.method is None or args.method == default.kind else GuidanceMethod(args.method)
-    given = {(kind, name): getattr(args, f"{kind}_{name}") for kind, name, _ in method_fields()}
+    error (ValueError), as is a value its model refuses (pydantic's ValidationError), a required field left
+    out included (autoguidance's --autoguidance-guide)."""
+    same = args.method is None or args.method == default.kind
+    kind = default.kind if same else args.method
+    given = {(k, name): getattr(args, f"{k}_{name}") for k, name, _ in method_fields()}
     given = {key: value for key, value in given.items() if value is not None}
-    foreign = [f"--{kind}-{name}".replace("_", "-") for kind, name in given if kind != method.kind]
+    foreign = [f"--{k}-{name}".replace("_", "-") for k, name in given if k != kind]
     if foreign:
-        raise ValueError(f"{', '.join(foreign)} set another method's field; the method is {method.kind} (--method)")
-    if not given:
-        return method
-    fields = {**method.model_dump(), **{name: value for (_, name), value in given.items()}}
-    return GuidanceMethod(**fields)
+        raise ValueError(f"{', '.join(foreign)} set another method's field; the method is {kind} (--method)")
+    if same and not given:
+        return default
+    base = default.model_dump() if same else {"kind": kind}
+    return GuidanceMethod(**{**base, **{name: value for (_, name), value in given.items()}})
 
 
 def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
@@ -344,9 +374,11 @@ def guidance_from_args(args: argparse.Namespace) -> GuidanceParams:
     )
 
 
-def run_with_progress(model: LoadedModel, specs: list[SampleSpec], max_rows: int) -> list[np.ndarray]:
+def run_with_progress(
+    model: LoadedModel, specs: list[SampleSpec], max_rows: int, guides: Mapping[str, Denoiser] | None = None
+) -> list[np.ndarray]:
     with tqdm(total=total_steps(specs, max_rows), desc="sampling", unit="step", dynamic_ncols=True) as bar:
-        return generate(model, specs, max_rows, on_step=bar.update)
+        return generate(model, specs, max_rows, on_step=bar.update, guides=guides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,12 +386,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         model = load_checkpoint(args.model, args.device)
-    except CheckpointError as exc:
+        guides = load_guides(model, args.guide)
+    except (CheckpointError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     try:
-        method_from_args(args, DEFAULT_GUIDANCE.method)
+        method = method_from_args(args, DEFAULT_GUIDANCE.method)
     except (ValueError, ValidationError) as exc:
         parser.error(str(exc))
+    guide = getattr(method, "guide", None)
+    if guide is not None and guide not in guides:
+        parser.error(f"the method's guide {guide!r} is not loaded: give its checkpoint folder with --guide")
     class_names = model.manifest.class_names
     try:
         class_label = None if args.class_name is None else resolve_class(args.class_name, class_names)
@@ -371,13 +407,13 @@ def main(argv: list[str] | None = None) -> None:
         per_class = args.num_images or 1
         guidance = guidance_from_args(args)
         specs = sweep_specs(labels, args.scales, args.seed, per_class, args.steps, args.sampler, guidance)
-        images = run_with_progress(model, specs, args.max_rows)
+        images = run_with_progress(model, specs, args.max_rows, guides)
         picture = sweep_image(images, [class_names[c] for c in labels], args.scales, zoom=args.zoom or 3)
         out = args.out or Path("sweep.png")
     else:
         seeds = tuple(args.seed + i for i in range(args.num_images or 16))
         spec = SampleSpec(class_label, seeds, args.steps, args.sampler, guidance_from_args(args))
-        (images,) = run_with_progress(model, [spec], args.max_rows)
+        (images,) = run_with_progress(model, [spec], args.max_rows, guides)
         if len(images) == 1:
             grid = images[0]
         else:

@@ -174,3 +174,24 @@ def test_building_a_request_does_not_wait_for_the_gpu(models, sampler):
     assert run.timesteps.is_cuda and run.latents.is_cuda
     sample(model_denoiser(loaded), [run])
     assert run.latents.isfinite().all()
+
+
+def test_autoguidance_replays_the_guides_cuda_graphs_and_draws_what_its_eager_forward_draws():
+    """The default model guided by its guide, both served on the GPU: the guide's rows run through the guide's
+    own captured graphs (warmed up as a served model), and the images equal those of the eager forwards (CUDA
+    graphs off) within CUDA_FP32_LEVELS. Not run yet: no GPU was lent to the session that wrote it."""
+    method = {"kind": "autoguidance", "guide": "fashion-mnist-guide", "scale": 2.0, "cfg": True}
+    body = {"class_label": 6, "num_images": 3, "seed": 4, "guidance_scale": 2.0, "method": method}
+    images = {}
+    for graphs in (True, False):
+        settings = Settings(device="cuda", models="fashion-mnist-cfg,fashion-mnist-guide", cuda_graphs=graphs)
+        with TestClient(create_app(settings)) as client:
+            info = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+            assert info["fashion-mnist-guide"]["cuda_graphs"] is graphs
+            assert info["fashion-mnist-cfg"]["guides"] == ["fashion-mnist-guide"]
+            r = client.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            images[graphs] = r.json()["images"]
+            rows = client.get("/metrics").text
+            assert 'cfg_engine_forward_rows_total{kind="guide",model="fashion-mnist-cfg"} 60.0' in rows  # 3 x 20
+    assert max(level_diff(a, b) for a, b in zip(images[True], images[False], strict=True)) <= CUDA_FP32_LEVELS

@@ -69,12 +69,13 @@ def test_noise_per_row_depends_only_on_its_generator(eps):
 
 def test_every_guidance_method_is_one_registered_guider():
     """The API's, the CLI's and the engine's methods all come from GUIDERS; each guider is built per request."""
-    assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star", "pag", "seg", "slg")
-    assert all(kind == cls.kind == cls.params_model().kind for kind, cls in GUIDERS.items())
+    assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star", "pag", "seg", "slg", "autoguidance")
+    assert all(kind == cls.kind == cls.params_model.model_fields["kind"].default for kind, cls in GUIDERS.items())
     assert GuidanceMethod("apg", eta=0.5) == ApgMethod(eta=0.5)
     guider = make_guider(ApgMethod(eta=0.5), [3.0, 1.0])
     assert type(guider) is Apg and guider.params.eta == 0.5 and guider.needs_uncond(0) and not guider.needs_uncond(1)
-    with pytest.raises(ValueError, match="unknown guidance method 'sag'; choose one of cfg, apg, cfg_zero_star, pag"):
+    kinds = "cfg, apg, cfg_zero_star, pag, seg, slg, autoguidance"
+    with pytest.raises(ValueError, match=f"unknown guidance method 'sag'; choose one of {kinds}"):
         GuidanceMethod("sag")
     with pytest.raises(ValidationError, match="eta"):
         GuidanceMethod("cfg", eta=0.5)  # a field of another method

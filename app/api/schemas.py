@@ -7,7 +7,8 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, Protocol, Union, cast, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.guidance import Cads, GuidanceSchedule, IntervalWeighting, MethodParams, method_models
 from app.models.labels import resolve_label
@@ -26,6 +27,9 @@ class Limits:
     default_steps: int
     max_guidance_scale: float
     max_noise_level: float
+    # Per served model, every other served model and why it cannot guide this one (None: it can guide it):
+    # app.models.guide_pairs, for autoguidance's method.guide.
+    guides: tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...] = ()
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -34,6 +38,23 @@ class Limits:
     def class_names(self, model: str | None = None) -> tuple[str, ...]:
         """The class names of a served model (the default model's without one)."""
         return dict(self.models)[model or self.models[0][0]]
+
+    def guides_of(self, model: str) -> tuple[str, ...]:
+        """The served models that can guide `model` (autoguidance)."""
+        return tuple(name for name, why_not in dict(self.guides).get(model, ()) if why_not is None)
+
+    def guide_refusal(self, model: str, guide: str) -> str | None:
+        """Why `guide` cannot guide `model` (a 422's message, naming the models that can), or None."""
+        others = dict(dict(self.guides).get(model, ()))
+        if guide in others and others[guide] is None:
+            return None
+        allowed = self.guides_of(model)
+        can = f"the models that can: {', '.join(allowed)}" if allowed else "no served model can guide it"
+        if guide in others:
+            return f"{guide} cannot guide {model}: {others[guide]}; {can}"
+        if guide == model:
+            return f"a model cannot guide itself; {can}"
+        return f"{guide!r} is not a served model; {can}"
 
 
 class _Strict(BaseModel):
@@ -166,6 +187,12 @@ class GenerateBody(Protocol):
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
 
+def field_error(loc: tuple[str, ...], kind: str, message: str, value: Any) -> ValidationError:
+    """A validation error at `loc` (a model validator's own is at the body's top): the 422 names the field."""
+    error = PydanticCustomError(kind, "{reason}", {"reason": message})
+    return ValidationError.from_exception_data("GenerateRequest", [InitErrorDetails(type=error, loc=loc, input=value)])
+
+
 def build_generate_request(limits: Limits) -> type[BaseModel]:
     """The request model of POST /generate (and the routes that take its body) for these limits and the
     guidance methods registered now (app.guidance.GUIDERS)."""
@@ -255,6 +282,20 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         preview_every: int | None = Field(
             None, ge=1, le=limits.max_steps, description="steps between previews (with preview); default steps // 10"
         )
+
+        @model_validator(mode="after")
+        def _served_guide(self) -> GenerateRequest:
+            # A method's `guide` names the served model that guides this one (autoguidance).
+            method: MethodParams = self.method
+            guide = getattr(method, "guide", None)
+            if guide is None:
+                return self
+            if (refusal := limits.guide_refusal(self.model, guide)) is not None:
+                raise field_error(("method", "guide"), "guide_not_served", refusal, guide)
+            if self.cads is not None:  # its noise is on the main model's class embedding, which the guide lacks
+                message = f"cads does not combine with method {method.kind}: the guide has its own class embedding"
+                raise field_error(("cads",), "cads_with_guide", message, self.cads.model_dump())
+            return self
 
         @model_validator(mode="after")
         def _preview_every_needs_preview(self) -> GenerateRequest:

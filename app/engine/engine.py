@@ -9,7 +9,9 @@ aborts arrive as messages, in order; each tick, in the compute thread, it:
      come, and preempts less urgent running requests where that makes room (app/engine/scheduler.py): a
      preempted request keeps its SampleRun and resumes at a later tick where it stopped;
   3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows, and
-     its rows with perturbed attention where its method has them; per-row timesteps);
+     its rows with perturbed attention where its method has them; per-row timesteps), and one forward of each
+     guide model over the rows of the autoguidance requests that name it (another served model's denoiser, in
+     this same thread);
   4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
   5. sends the tick's outputs (progress, results, errors) and stats to the client in one message (stats alone
      at most every STATS_EVERY_S).
@@ -83,13 +85,17 @@ class Engine:
         name: str = "model",
         decode: ImageDecoder | None = None,
         perturbations: Mapping[str, PerturbationSupport] | None = None,
+        guides: Mapping[str, Denoiser] | None = None,
     ) -> None:
         """compute: the thread shared with other models' engines (it outlives this engine); without it,
         the engine runs its own on executor (or a new worker()) and shuts it down when it stops.
         perturbations: the model's perturbation_support at its precision (app/models/attention.py); a request
-        whose method's perturbation it cannot run is refused as invalid (without it, none is checked)."""
+        whose method's perturbation it cannot run is refused as invalid (without it, none is checked).
+        guides: the served models that may guide this one (autoguidance), by name: their denoisers, run in
+        this thread."""
         self.name = name
         self._denoiser = denoiser
+        self._guides: dict[str, Denoiser] = dict(guides or {})
         self._decode = decode or to_uint8  # finished samples -> uint8 images, in the compute thread
         self._class_embedding = class_embedding
         self._scheduler_config = scheduler_config
@@ -124,6 +130,15 @@ class Engine:
     def denoiser(self) -> Denoiser:
         """The forward every tick runs (the served model's, with its precision and compiled buckets)."""
         return self._denoiser
+
+    def add_guide(self, name: str, denoiser: Denoiser) -> None:
+        """Let autoguidance requests name `name` as their guide (before start: its forward must run in the
+        compute thread this engine ticks in, as another served model's does)."""
+        self._guides[name] = denoiser
+
+    @property
+    def guides(self) -> tuple[str, ...]:
+        return tuple(self._guides)
 
     # --- what the client calls, from the event loop's thread ----------------------------------------
 
@@ -248,7 +263,7 @@ class Engine:
     def _sample_alone(self, spec: SampleSpec) -> None:
         run = self.make_run(spec)
         while not run.done:
-            denoise_step(self._denoiser, [run])
+            denoise_step(self._denoiser, [run], self._guides)
 
     def _warm_rows(self, rows: int) -> None:
         x = torch.zeros((rows, *self._image_shape), device=self._device)
@@ -327,7 +342,8 @@ class Engine:
             outputs.append(Failed(request_id, "engine", f"engine failure: {self._error}"))
             return
         run = self.make_run(spec)
-        refusal = self._perturbation_refusal(run) or self._scheduler.refusal(run, limit_queue)
+        refusal = self._perturbation_refusal(run) or self._guide_refusal(run)
+        refusal = refusal or self._scheduler.refusal(run, limit_queue)
         if refusal is not None:
             self._finals += 1
             outputs.append(Failed(request_id, refusal[0], refusal[1]))  # type: ignore[arg-type]
@@ -347,6 +363,14 @@ class Engine:
         except PerturbationError as exc:
             return "invalid", f"model {self.name}: {exc}"
         return None
+
+    def _guide_refusal(self, run: SampleRun) -> tuple[str, str] | None:
+        """(kind, message) where the run names a guide this engine does not serve (the API refuses it first)."""
+        guide = run.guider.guide_model
+        if guide is None or guide in self._guides:
+            return None
+        allowed = ", ".join(self._guides) or "none"
+        return "invalid", f"method.guide {guide!r} is not a guide served for {self.name} (served guides: {allowed})"
 
     def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
         """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
@@ -369,15 +393,11 @@ class Engine:
         cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
         class_rows = dict.fromkeys(PRIORITIES, 0)
         for request in requests:
-            class_rows[request.priority] += int(request.run.rows_profile()[0])
-        # Skipped: a class, and this step's weight is 1 (attention guidance without CFG never asks for the rows).
-        skipped = sum(
-            r.spec.num_images
-            for r in runs
-            if r.spec.class_label is not None and not r.needs_uncond() and r.scales[r.step_index] == 1.0
-        )
+            class_rows[request.priority] += int(request.run.admission_profile()[0])
+        skipped = sum(r.skipped_uncond_rows() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
-        rows = denoise_step(self._denoiser, runs)
+        guide_rows = sum(r.guide_rows_needed() for r in runs)
+        rows = denoise_step(self._denoiser, runs, self._guides)
         self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
         # launch), read in the tick's one sync; a request is finite where all its images are.
@@ -421,6 +441,7 @@ class Engine:
             cond_rows=cond,
             uncond_rows=rows - cond - perturbed,
             perturbed_rows=perturbed,
+            guide_rows=guide_rows,
             skipped_uncond_rows=skipped,
             queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]

@@ -73,6 +73,7 @@ class EngineStats:
     cond_rows: int = 0  # rows with a class label
     uncond_rows: int = 0  # rows with the null label
     perturbed_rows: int = 0  # rows with perturbed attention (attention guidance), a class label or not
+    guide_rows: int = 0  # rows through a guide model's forward (autoguidance), beside the `rows` of this model's
     skipped_uncond_rows: int = 0  # unconditional rows not run: the weight of that step was exactly 1
     queue_waits: tuple[float, ...] = ()  # seconds each request admitted at this tick waited (resumed ones aside)
     class_queue_waits: tuple[tuple[str, float], ...] = ()  # the same, each with its request's priority class

@@ -2,7 +2,9 @@
 while, and the rows of every tick to come.
 
 A request's rows at each of its steps are known when it arrives: two per image where its guidance weight is not
-exactly 1, one where it is (the unconditional pass is skipped), one for an unconditional request. Every admitted
+exactly 1, one where it is (the unconditional pass is skipped), one for an unconditional request; and an
+autoguidance request's rows through its guide model, one per image at each step it guides (counted as full rows:
+the bound holds for each forward, main or guide). Every admitted
 request takes one step per tick, so the rows of the ticks to come are the sum of the admitted requests' remaining
 profiles, aligned at the current tick (`load`). A request is admitted when its profile, added to that sum, stays
 within max_batch_rows at every tick; no forward ever holds more than max_batch_rows.
@@ -89,8 +91,12 @@ class Scheduler:
     def refusal(self, run: SampleRun, limit_queue: bool) -> tuple[str, str] | None:
         """(kind, message) where a new request cannot be queued: it can never fit, or the queue is full (unless it
         fits now); None where it can. limit_queue=False: its caller bounds its own requests (the jobs API)."""
-        if run.rows_profile().max(initial=0) > self.max_batch_rows:
-            return "invalid", f"a request of {run.spec.num_images} images cannot fit max_batch_rows"
+        rows = run.admission_profile().max(initial=0)
+        if rows > self.max_batch_rows:
+            return "invalid", (
+                f"a request of {run.spec.num_images} images cannot fit max_batch_rows: it needs {rows} rows at a step "
+                f"(its guide model's rows included), and the engine runs at most {self.max_batch_rows}"
+            )
         room_now = not self.waiting and self.fits(run)
         if limit_queue and len(self.waiting) >= self.max_queue and not room_now:
             return "rejected", f"queue full ({self.max_queue} waiting)"
@@ -98,7 +104,7 @@ class Scheduler:
 
     def fits(self, run: SampleRun) -> bool:
         """Whether the run's rows, added to the admitted requests' at every tick to come, fit max_batch_rows."""
-        return fits_at(run.rows_profile(), self.load, self.max_batch_rows)
+        return fits_at(run.admission_profile(), self.load, self.max_batch_rows)
 
     def ordered(self) -> list[EngineRequest]:
         """The waiting requests in admission order: by class, then by arrival (a preempted one keeps its place)."""
@@ -112,7 +118,7 @@ class Scheduler:
         overtaken = 0  # how many of them a later request was admitted before
         reserved: tuple[np.ndarray, int] | None = None  # a starving request's profile and the tick it is held at
         for request in self.ordered():
-            profile = request.run.rows_profile()
+            profile = request.run.admission_profile()
             if reserved is not None:
                 held, at = reserved
                 if fits_at(profile, self.load, self.max_batch_rows) and fits_at(
@@ -139,7 +145,7 @@ class Scheduler:
         if not candidates:
             return False
         room = self.max_preempted_bytes - self.preempted_bytes - np.cumsum([state_bytes(r.run) for r in candidates])
-        profiles = [r.run.rows_profile() for r in candidates]
+        profiles = [r.run.admission_profile() for r in candidates]
         count = victims(profile, self.load, self.max_batch_rows, profiles, room.tolist())
         if count is None:
             return False
@@ -161,7 +167,7 @@ class Scheduler:
         else:
             request.started_at = time.monotonic()
         request.passed_over = 0
-        self.load = add_profile(self.load, request.run.rows_profile())
+        self.load = add_profile(self.load, request.run.admission_profile())
         self.active.append(request)
         decision.admitted.append(request)
 
@@ -169,7 +175,7 @@ class Scheduler:
         """A request leaves before its last step (cancelled, failed): its rows at the ticks to come are free."""
         if request in self.active:
             self.active.remove(request)
-            self.load = add_profile(self.load, request.run.rows_profile(), -1)
+            self.load = add_profile(self.load, request.run.admission_profile(), -1)
         elif request in self.waiting:
             self.waiting.remove(request)
             if request.preempted:

@@ -22,6 +22,7 @@ from app.guidance.attention import (
     SlgMethod,
     perturbed_combine,
 )
+from app.guidance.autoguidance import Autoguidance, AutoguidanceMethod, autoguidance_combine
 from app.guidance.cfg import Cfg, CfgMethod, cfg_combine, cfg_rows
 from app.guidance.cfg_zero_star import CfgZeroStar, CfgZeroStarMethod, cfg_zero_star_combine
 from app.guidance.conditioning import (
@@ -65,6 +66,8 @@ __all__ = [
     "Apg",
     "ApgMethod",
     "ApgOutput",
+    "Autoguidance",
+    "AutoguidanceMethod",
     "Branch",
     "Cads",
     "CadsConditioner",
@@ -93,6 +96,7 @@ __all__ = [
     "SlgMethod",
     "add_condition_noise",
     "apg_combine",
+    "autoguidance_combine",
     "cads_condition",
     "cfg_combine",
     "cfg_rows",

@@ -4,12 +4,12 @@ A method's settings are a small frozen pydantic model (MethodParams) with a `kin
 with their ranges and descriptions, and no other fields: the engine takes it as a request's settings and the
 API takes it as the request's `method` (app/api builds its union from the registry, app/guidance/registry.py).
 
-A guider says which predictions each step needs beside the conditional one (its branches: the unconditional
-rows, rows with perturbed attention, a guide model's rows) and combines them into the guided eps. State that
-belongs to one request (APG's momentum) lives on its instance, never on a shared object (diffusers' guiders are
-shared; these are not). A guider whose combine is elementwise with a per-row scale may offer combine_rows, the
-same combine over the gathered rows of many requests at once: the engine's batched step then uses it
-(app/sampling/batched.py).
+A guider says which predictions each step needs beside the conditional one (its branches: the main model's
+unconditional rows, rows of the main model with perturbed attention, or the conditional rows through another
+served model, the guide) and combines them into the guided eps. State that belongs to one request (APG's
+momentum) lives on its instance, never on a shared object (diffusers' guiders are shared; these are not). A
+guider whose combine is elementwise with a per-row scale may offer combine_rows, the same combine over the
+gathered rows of many requests at once: the engine's batched step then uses it (app/sampling/batched.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Literal, Protocol, get_args
 import torch
 from pydantic import BaseModel, ConfigDict
 
-# A prediction a step may take beside eps_cond: the unconditional rows (the null label), the conditional rows
-# with perturbed attention (app/guidance/attention.py), or a guide model's conditional rows (autoguidance).
+# A prediction a step may need beside eps_cond: the main model's unconditional rows, its perturbed rows (attention
+# guidance), or the request's conditional rows through the guide model (autoguidance).
 Branch = Literal["uncond", "perturbed", "guide"]
 
 
@@ -36,9 +36,11 @@ class MethodParams(BaseModel):
 
 @dataclass(frozen=True)
 class GuidanceStep:
-    """What a combine reads at one step of one request: the predictions, the step's scale, and the model input
-    x at that step's alpha_bar (for methods that work on the x0 prediction). A step without an "uncond" branch
-    passes eps_cond as eps_uncond; others holds the step's "perturbed" and "guide" predictions."""
+    """What a combine reads at one step of one request: the predictions, the step's scale, and the model input x
+    at that step's alpha_bar (for methods that work on the x0 prediction). eps_uncond is the unconditional
+    prediction; a step without an "uncond" branch passes eps_cond there, and its combine must not read it
+    (SampleRun then passes scale 1: CFG's scale is not in effect). others holds the step's other branches by
+    name ("perturbed", "guide")."""
 
     eps_cond: torch.Tensor
     eps_uncond: torch.Tensor
@@ -70,6 +72,7 @@ class Guider:
     params_model: ClassVar[type[MethodParams]]
     kind: ClassVar[str]
     combine_rows: ClassVar[RowsCombine | None] = None
+    guide_model: str | None = None  # the served model a "guide" branch runs through (autoguidance)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,9 +93,15 @@ class Guider:
         """Step `step` runs the unconditional rows: not where its weight is exactly 1 (eps_cond alone)."""
         return self.scales[step] != 1.0
 
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the combine reads CFG's scale (the request's guidance_scale and schedule): a method that guides
+        by other means alone does not (autoguidance without cfg), and skips no unconditional rows at weight 1."""
+        return True
+
     def branches(self, step: int) -> tuple[Branch, ...]:
-        """The predictions step `step` needs beside eps_cond, in the order their rows follow the conditional rows
-        of the request."""
+        """The predictions step `step` needs beside eps_cond, in the order their rows follow the request's
+        conditional rows (a "guide" branch's rows go through the guide model's forward instead)."""
         return ("uncond",) if self.needs_uncond(step) else ()
 
     def combine(self, step: GuidanceStep) -> Guided:

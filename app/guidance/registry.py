@@ -10,12 +10,13 @@ from typing import Any
 
 from app.guidance.apg import Apg
 from app.guidance.attention import Pag, Seg, Slg
+from app.guidance.autoguidance import Autoguidance
 from app.guidance.cfg import Cfg
 from app.guidance.cfg_zero_star import CfgZeroStar
 from app.guidance.guider import Guider, MethodParams
 
 # kind -> Guider (its params_model is the method's settings). The order is the API's and /v1/models'.
-GUIDERS: dict[str, type[Guider]] = {g.kind: g for g in (Cfg, Apg, CfgZeroStar, Pag, Seg, Slg)}
+GUIDERS: dict[str, type[Guider]] = {g.kind: g for g in (Cfg, Apg, CfgZeroStar, Pag, Seg, Slg, Autoguidance)}
 
 
 def register_guider(guider: type[Guider]) -> None:

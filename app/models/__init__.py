@@ -24,6 +24,7 @@ from app.models.checkpoint import (
     unet_denoiser,
     verify_checkpoint,
 )
+from app.models.guides import guide_mismatch, guide_pairs
 from app.models.labels import class_lookup, resolve_label
 from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents
 
@@ -42,6 +43,8 @@ __all__ = [
     "check_perturbation",
     "class_lookup",
     "decode_latents",
+    "guide_mismatch",
+    "guide_pairs",
     "image_decoder",
     "load_checkpoint",
     "model_denoiser",

@@ -4,14 +4,15 @@ Every step puts the conditional rows of all requests, and the rows of the branch
 (unconditional rows, rows with perturbed attention), in ONE tensor, with per-row timesteps and labels, so
 requests at different steps (and with different samplers) share a forward pass. Each request keeps its own
 scheduler instance and its own generators (one per image), so an image never depends on what it was batched
-with (as in NVlabs/edm's StackedRandomGenerator).
+with (as in NVlabs/edm's StackedRandomGenerator). Autoguidance's rows go through another network, the guide
+model: one more forward per guide in the same step, over the conditional rows of the requests it guides.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -156,6 +157,7 @@ class StepTrace:
     parallel_norm: torch.Tensor | None = None  # APG: |dD_par|, in the x0 space it works in
     orthogonal_norm: torch.Tensor | None = None  # APG: |dD_orth|
     perturbed_norm: torch.Tensor | None = None  # attention guidance: |eps_c - eps_p|
+    guide_diff_norm: torch.Tensor | None = None  # autoguidance: |eps_c - eps_guide|
 
     def to_dict(self) -> dict:
         def values(t: torch.Tensor | None) -> list[float] | None:
@@ -168,6 +170,7 @@ class StepTrace:
             "parallel_norm": values(self.parallel_norm),
             "orthogonal_norm": values(self.orthogonal_norm),
             "perturbed_norm": values(self.perturbed_norm),
+            "guide_diff_norm": values(self.guide_diff_norm),
         }
 
 
@@ -253,7 +256,7 @@ class SampleRun:
 
     def _guided(self, i: int) -> bool:
         """Step i runs the unconditional rows: where the guider needs them, and only with a class."""
-        return self.spec.class_label is not None and self.guider.needs_uncond(i)
+        return "uncond" in self.branches(i)
 
     def needs_uncond(self) -> bool:
         return self._guided(self.step_index)
@@ -262,17 +265,45 @@ class SampleRun:
         """This step runs rows with perturbed attention (an attention-guidance method's)."""
         return "perturbed" in self.branches(self.step_index)
 
-    def _rows(self, i: int) -> int:
-        """The rows step i takes in the main model's forward: the conditional ones and those of MAIN_BRANCHES."""
+    def _main_rows(self, i: int) -> int:
+        """Step i's rows in the main model's forward: the conditional rows and those of MAIN_BRANCHES."""
         return self.spec.num_images * (1 + sum(b in MAIN_BRANCHES for b in self.branches(i)))
 
+    def _guide_rows(self, i: int) -> int:
+        """Step i's rows in the guide model's forward (autoguidance): the conditional rows again, or none."""
+        return self.spec.num_images if "guide" in self.branches(i) else 0
+
+    def skipped_uncond_rows(self) -> int:
+        """This step's unconditional rows not run because CFG's weight here is exactly 1 (an interval schedule):
+        none for a request without a class, or whose method does not use CFG (attention guidance or autoguidance
+        without cfg never asks for them)."""
+        guided = self.spec.class_label is not None and self.guider.uses_cfg
+        skipped = guided and not self.needs_uncond() and self.scales[self.step_index] == 1.0
+        return self.spec.num_images if skipped else 0
+
     def rows_needed(self) -> int:
-        return self._rows(self.step_index)
+        """This step's rows in the main model's forward."""
+        return self._main_rows(self.step_index)
+
+    def guide_rows_needed(self) -> int:
+        """This step's rows in the guide model's forward."""
+        return self._guide_rows(self.step_index)
 
     def rows_profile(self) -> np.ndarray:
-        """The rows of each step still to take, known in advance from the weight schedule."""
+        """The main forward's rows of each step still to take, known in advance from the weight schedule."""
         steps = range(self.step_index, len(self.scales))
-        return np.array([self._rows(i) for i in steps], dtype=np.int64)
+        return np.array([self._main_rows(i) for i in steps], dtype=np.int64)
+
+    def guide_rows_profile(self) -> np.ndarray:
+        """The guide forward's rows of each step still to take."""
+        steps = range(self.step_index, len(self.scales))
+        return np.array([self._guide_rows(i) for i in steps], dtype=np.int64)
+
+    def admission_profile(self) -> np.ndarray:
+        """The rows of each step still to take, in every forward (main and guide): what admission counts
+        against max_batch_rows. A guide row counts as a full row, though the shipped guide costs about a
+        quarter of one: the bound then holds for each forward, and a compiled guide's buckets cover it."""
+        return self.rows_profile() + self.guide_rows_profile()
 
     @functools.cached_property
     def _cond_labels(self) -> torch.Tensor:
@@ -313,6 +344,13 @@ class SampleRun:
         timesteps = t.expand(x.shape[0]).to(x.device)
         return ModelInput(x=x, timesteps=timesteps, class_labels=labels, embed_delta=delta, perturbed=per_row)
 
+    def guide_input(self) -> ModelInput:
+        """This step's rows for the guide model (autoguidance): the conditional rows' input and labels, after
+        model_input has built them. No CADS delta: it is made for the main model's class embedding."""
+        x = self._step_input()
+        t = self.timesteps[self.step_index]
+        return ModelInput(x=x, timesteps=t.expand(x.shape[0]).to(x.device), class_labels=self._cond_labels)
+
     def _embed_delta(self, timestep: torch.Tensor) -> torch.Tensor | None:
         """The conditioners' change to the conditional rows' class embedding at this step, or None where they
         add none. Reads the timestep on the host (a device sync on a GPU) only for a request with one."""
@@ -323,32 +361,46 @@ class SampleRun:
         deltas = [d for c in embedders if (d := c.embed_delta(self.step_index, t)) is not None]
         return sum(deltas[1:], deltas[0]) if deltas else None
 
-    def guided_eps(self, eps: torch.Tensor) -> torch.Tensor:
-        """This request's model output through its conditioners, its guider's combine and the rescale."""
+    def guided_eps(self, eps: torch.Tensor, others: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """This request's model output through its conditioners, its guider's combine and the rescale. eps: its
+        rows of the main forward (conditional, then each main branch's); others: its other branches' outputs
+        by name ("guide": its rows of the guide model's forward)."""
         n = self.spec.num_images
         i = self.step_index
         scale = self.scales[i]
+        branches = self.branches(i)
         eps_cond = eps[:n]
         for conditioner in self.conditioners:
             eps_cond = conditioner.eps_cond(i, eps_cond)
-        branches = [b for b in self.branches(i) if b in MAIN_BRANCHES]
         if not branches:
             if self.spec.return_trace:
                 self.trace.append(StepTrace(i, scale))
             return eps_cond
-        # Each branch's rows follow the conditional ones, in the order model_input put them.
-        preds: dict[str, torch.Tensor] = {b: eps[n * (k + 1) : n * (k + 2)] for k, b in enumerate(branches)}
+        # Each main branch's rows follow the conditional ones, in the order model_input put them; the guide's
+        # come from its own forward (others).
+        main = [b for b in branches if b in MAIN_BRANCHES]
+        preds: dict[str, torch.Tensor] = {b: eps[n * (k + 1) : n * (k + 2)] for k, b in enumerate(main)}
+        uncond = "uncond" in preds
         eps_uncond = preds.pop("uncond", eps_cond)
-        step = GuidanceStep(eps_cond, eps_uncond, scale, self._step_input(), self.alpha_bars[i], others=preds)
+        # The combine reads CFG's scale only where the step has its unconditional rows.
+        step = GuidanceStep(
+            eps_cond,
+            eps_uncond,
+            scale if uncond else 1.0,
+            self._step_input(),
+            self.alpha_bars[i],
+            others={**preds, **(others or {})},
+        )
         guided = self.guider.combine(step)
         if self.spec.return_trace:
-            diff = row_norm(eps_cond - eps_uncond) if "uncond" in branches else None
-            self.trace.append(StepTrace(i, scale, diff_norm=diff, **guided.norms))
+            diff_norm = row_norm(eps_cond - eps_uncond) if uncond else None
+            self.trace.append(StepTrace(i, scale, diff_norm=diff_norm, **guided.norms))
         return rescale_guidance(guided.eps, eps_cond, self.spec.guidance.guidance_rescale)
 
-    def advance(self, eps: torch.Tensor) -> None:
-        """One sampler step, given the model's output for this request's rows of the shared batch."""
-        eps_guided = self.guided_eps(eps)
+    def advance(self, eps: torch.Tensor, others: Mapping[str, torch.Tensor] | None = None) -> None:
+        """One sampler step, given the model's output for this request's rows of the shared batch (and of the
+        guide's forward, in others)."""
+        eps_guided = self.guided_eps(eps, others)
         out = self.scheduler.step(
             eps_guided,
             self.timesteps[self.step_index],
@@ -401,11 +453,13 @@ def guidance_scales(
     return tuple(schedule.scales(guidance_scale, steps, sigmas))
 
 
-def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
-    """ONE forward over the rows of all runs, then each run advances its own sampler. Returns rows.
+def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[str, Denoiser] | None = None) -> int:
+    """ONE forward over the rows of all runs, then each run advances its own sampler. Returns the main forward's
+    rows.
 
     The runs that app.sampling.batched steps together come first, their rows built at once; then the others',
-    each from its own model_input."""
+    each from its own model_input. Runs with a "guide" branch at this step (autoguidance) also get one forward
+    per guide model (guides: name -> its denoiser) over their conditional rows."""
     together = [r for r in runs if r.table is not None]
     alone = [r for r in runs if r.table is None]
     inputs = [ModelInput(*inputs_together(together))] if together else []
@@ -422,12 +476,15 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> int:
         eps = denoiser(*args, perturb=RowPerturbations.from_rows(per_row, args[0].device))
     else:
         eps = denoiser(*args)
+    guided = guide_outputs(alone, guides or {})
     offsets, offset = [], 0
     for run in together:
+        if run.guide_rows_needed():
+            raise ValueError("a run with a guide branch is stepped alone (its guider has no combine_rows)")
         offsets.append(offset)
         offset += run.rows_needed()
     for run, inp in zip(alone, inputs[1:] if together else inputs, strict=True):
-        run.advance(eps[offset : offset + inp.rows])
+        run.advance(eps[offset : offset + inp.rows], guided.get(id(run)))
         offset += inp.rows
     if together:
         advance_together(together, eps, offsets)
@@ -440,6 +497,26 @@ def perturbation_of(method: MethodParams) -> Perturbation | None:
         return None
     blur_sigma = getattr(method, "blur_sigma", None)  # seg's; None: infinite
     return Perturbation(method.kind, method.layers, math.inf if blur_sigma is None else blur_sigma)  # type: ignore[arg-type]
+
+
+def guide_outputs(runs: Sequence[SampleRun], guides: Mapping[str, Denoiser]) -> dict[int, dict[str, torch.Tensor]]:
+    """The guide forwards of a step: for each guide model, ONE forward over the conditional rows of the runs it
+    guides at this step (after their model_input). Returns id(run) -> {"guide": its rows of that output}."""
+    by_guide: dict[str, list[SampleRun]] = {}
+    for run in runs:
+        if run.guide_rows_needed():
+            name = run.guider.guide_model
+            if name is None or name not in guides:
+                raise ValueError(f"the guide model {name!r} is not served beside this model")
+            by_guide.setdefault(name, []).append(run)
+    outputs: dict[int, dict[str, torch.Tensor]] = {}
+    for name, members in by_guide.items():
+        inputs = [r.guide_input() for r in members]
+        cat = [torch.cat([getattr(i, f) for i in inputs]) for f in ("x", "timesteps", "class_labels")]
+        eps = guides[name](*cat)
+        for run, part in zip(members, eps.split([i.rows for i in inputs]), strict=True):
+            outputs[id(run)] = {"guide": part}
+    return outputs
 
 
 def steps_together(spec: SampleSpec) -> bool:
@@ -456,13 +533,19 @@ def steps_together(spec: SampleSpec) -> bool:
     )
 
 
-def sample(denoiser: Denoiser, runs: Sequence[SampleRun], on_step: Callable[[], None] | None = None) -> None:
+def sample(
+    denoiser: Denoiser,
+    runs: Sequence[SampleRun],
+    on_step: Callable[[], None] | None = None,
+    guides: Mapping[str, Denoiser] | None = None,
+) -> None:
     """Step all runs together until each is done; runs drop out as they finish.
 
-    on_step, if given, is called after each forward (a progress bar's update, say)."""
+    on_step, if given, is called after each forward (a progress bar's update, say); guides: the guide models
+    that autoguidance runs name, by name."""
     active = [r for r in runs if not r.done]
     while active:
-        denoise_step(denoiser, active)
+        denoise_step(denoiser, active, guides)
         active = [r for r in active if not r.done]
         if on_step is not None:
             on_step()

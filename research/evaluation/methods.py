@@ -26,7 +26,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from app.models import CheckpointError, LoadedModel, load_checkpoint
-from app.sampling import SAMPLERS
+from app.sampling import SAMPLERS, Denoiser
 from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from research.evaluation.classifier import add_classifier_arguments, score, uint8_to_model_images
 from research.evaluation.judges import load_judges
@@ -63,7 +63,16 @@ from research.evaluation.settings import (
     setting_to_dict,
     table_rows,
 )
-from research.generate import DEFAULT_MAX_ROWS, DEFAULT_MODEL, generate, positive_int, sweep_specs, total_steps
+from research.generate import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MODEL,
+    add_guide_argument,
+    generate,
+    load_guides,
+    positive_int,
+    sweep_specs,
+    total_steps,
+)
 
 DEFAULT_PER_CLASS = 32
 DEFAULT_SAMPLERS = ("dpmpp_2m", "ddim")
@@ -73,7 +82,13 @@ DEFAULT_SAMPLERS = ("dpmpp_2m", "ddim")
 
 
 def draw_rows(
-    model: LoadedModel, rows: Sequence[Row], per_class: int, steps: int, seed: int, max_rows: int
+    model: LoadedModel,
+    rows: Sequence[Row],
+    per_class: int,
+    steps: int,
+    seed: int,
+    max_rows: int,
+    guides: Mapping[str, Denoiser] | None = None,
 ) -> list[np.ndarray]:
     """The images of each row, uint8 (num_classes * per_class, H, W, C), class-major; every row uses the
     same seeds. All rows go to one generate() call, so rows of any setting and sampler share forwards."""
@@ -83,7 +98,7 @@ def draw_rows(
         g = row.setting.guidance
         specs += sweep_specs(classes, [g.guidance_scale], seed, per_class, steps, row.sampler, g)
     with tqdm(total=total_steps(specs, max_rows), desc="sampling", unit="step", dynamic_ncols=True) as bar:
-        images = generate(model, specs, max_rows, on_step=bar.update)
+        images = generate(model, specs, max_rows, on_step=bar.update, guides=guides)
     n = len(classes)
     return [np.concatenate(images[r * n : (r + 1) * n]) for r in range(len(rows))]
 
@@ -119,9 +134,14 @@ def score_rows(
 
 
 def run_methods(
-    args: argparse.Namespace, model: LoadedModel, rows: Sequence[Row], command: str
+    args: argparse.Namespace,
+    model: LoadedModel,
+    rows: Sequence[Row],
+    command: str,
+    guides: Mapping[str, Denoiser] | None = None,
 ) -> tuple[MethodsTable, list[np.ndarray]]:
-    """Load (or train) the judges, score the real baseline under each, then draw and score every row."""
+    """Load (or train) the judges, score the real baseline under each, then draw and score every row (guides:
+    the guide models of its autoguidance rows, by name)."""
     timings: dict[str, float] = {}
     started = time.monotonic()
     train_data = load_fashion_mnist("train", args.data_dir)
@@ -140,7 +160,7 @@ def run_methods(
     )
 
     t0 = time.monotonic()
-    images = draw_rows(model, rows, args.per_class, args.steps, args.seed, args.max_rows)
+    images = draw_rows(model, rows, args.per_class, args.steps, args.seed, args.max_rows, guides)
     timings["sampling"] = time.monotonic() - t0
     t0 = time.monotonic()
     results = score_rows(rows, images, references)
@@ -210,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", type=extra_setting, action="append", default=[], help="a setting as JSON; repeatable")
     p.add_argument("--list", action="store_true", help="print the settings that would be drawn, and exit")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
+    add_guide_argument(p)
     add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/guidance-table.md"))
     p.add_argument("--json", type=Path, default=Path("docs/guidance-table.json"))
@@ -246,7 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} rows (of {len(default_settings())} default settings), {args.per_class} images per class each")
     try:
         model = load_checkpoint(args.model, args.device)
-        table, images = run_methods(args, model, rows, command.strip())
+        guides = load_guides(model, args.guide)  # ValueError: a guide of another task
+    except (CheckpointError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    missing = {g for row in rows if (g := getattr(row.setting.guidance.method, "guide", None)) not in (None, *guides)}
+    if missing:
+        parser.error(f"settings name guides that are not loaded: {', '.join(sorted(missing))}; add --guide FOLDER")
+    try:
+        table, images = run_methods(args, model, rows, command.strip(), guides)
     except (CheckpointError, DatasetMissingError, JudgeLoadError) as exc:
         sys.exit(f"error: {exc}")
     write_outputs(args, table, rows, images)

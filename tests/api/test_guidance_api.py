@@ -156,7 +156,7 @@ def test_progress_events_carry_the_trace(client):
 
 def test_models_lists_the_guidance_options_and_the_default(client):
     model = client.get("/v1/models").json()["data"][0]
-    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "pag", "seg"]  # no slg: a UNet
+    assert model["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "pag", "seg"]  # no slg: a UNet; no guide served
     assert model["noise_schedules"] == ["constant", "sigma", "guidance"]
     # the playground builds its inputs from it: the methods this model runs
     assert model["guidance_method_fields"] == {

@@ -122,13 +122,13 @@ def test_the_new_methods_fields_are_validated_documented_and_listed(client):
     )
     assert schemas["ApgMethod"]["properties"]["norm_threshold"]["maximum"] == 1000  # the shipped ones stay
     methods = client.get("/v1/models").json()["data"][0]["guidance_methods"]
-    assert methods == ["cfg", "apg", "cfg_zero_star", "pag", "seg", KIND]  # the UNet runs no slg
+    assert methods == ["cfg", "apg", "cfg_zero_star", "pag", "seg", KIND]  # the UNet runs no slg; no guide served
 
 
 def test_once_unregistered_the_method_is_unknown_and_the_422_names_the_others(client):
     unregister_guider(KIND)
     try:
-        assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star", "pag", "seg", "slg")
+        assert tuple(GUIDERS) == ("cfg", "apg", "cfg_zero_star", "pag", "seg", "slg", "autoguidance")
         with TestClient(create_app(Settings(request_timeout_s=60, warmup=False))) as fresh:
             r = fresh.post("/generate", json=body(1))
             assert r.status_code == 422

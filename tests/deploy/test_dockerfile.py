@@ -109,6 +109,14 @@ def test_embedded_checkpoint_is_the_default_model_path() -> None:
     assert (REPO / "model_store" / "fashion-mnist-cfg" / "manifest.json").is_file()
 
 
+def test_the_image_holds_the_default_models_autoguidance_guide() -> None:
+    """Shipped beside the default model, not served unless CFG_MODELS names it (docs/autoguidance.md)."""
+    copied = [shlex.split(args) for keyword, args in final_stage() if keyword == "COPY" and "--from" not in args]
+    assert ["model_store/fashion-mnist-guide", "model_store/fashion-mnist-guide"] in copied
+    assert not dockerignore_excludes("model_store/fashion-mnist-guide/manifest.json")
+    assert dockerignore_excludes("model_store/other-checkpoint/manifest.json")
+
+
 def dockerignore_excludes(path: str) -> bool:
     """Whether .dockerignore keeps `path` out of the build context: the last matching pattern wins, a
     pattern matches the path or any folder above it, `*` stays within one path segment."""

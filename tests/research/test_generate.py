@@ -93,6 +93,8 @@ def test_sweep_grid_has_a_cell_per_class_and_scale(checkpoint, tmp_path):
         (["--apg-norm-threshold", "-1"], "must be between 0 and 1000"),
         (["--apg-eta", "2"], "must be between 0 and 1"),  # the bounds ApgMethod declares
         (["--apg-eta", "0.5"], "--apg-eta set another method's field; the method is cfg"),
+        (["--method", "autoguidance"], "guide\n  Field required"),
+        (["--method", "autoguidance", "--autoguidance-guide", "g"], "guide 'g' is not loaded: give its checkpoint"),
     ],
 )
 def test_bad_arguments_are_usage_errors(checkpoint, argv, message, capsys):
@@ -179,5 +181,9 @@ def test_guidance_flags_set_every_option():
         method=GuidanceMethod("apg", momentum=0.0, norm_threshold=2.0),  # eta: ApgMethod's default
         cads=Cads(),
     )
+    argv = ["--method", "autoguidance", "--autoguidance-guide", "g", "--autoguidance-scale", "1.5",
+            "--autoguidance-cfg", "true"]  # fmt: skip
+    auto = guidance_from_args(build_parser().parse_args(argv)).method
+    assert auto == GuidanceMethod("autoguidance", guide="g", scale=1.5, cfg=True)
     plain = guidance_from_args(build_parser().parse_args(["--method", "cfg", "--no-cads", "--schedule", "constant"]))
     assert plain.method == GuidanceMethod("cfg") and plain.cads is None and plain.schedule.kind == "constant"

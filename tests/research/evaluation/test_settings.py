@@ -83,7 +83,7 @@ def test_parse_setting_fills_the_dataclass_defaults():
         ('{"name": "x", "method": {"kind": "apg", "norm": 1}}', "setting 'x': method: unknown field 'norm'"),
         (
             '{"name": "x", "method": {"kind": "sag"}}',
-            'method: kind must be one of cfg, apg, cfg_zero_star, pag, seg, slg, got "sag"',
+            'method: kind must be one of cfg, apg, cfg_zero_star, pag, seg, slg, autoguidance, got "sag"',
         ),
         ('{"name": "x", "method": "apg"}', "method: expected an object of GuidanceMethod fields"),
         (
