@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.api.clients import ClientDep
 from app.api.convert import to_spec
 from app.api.encoding import preview_body, progress_body, result_body
 from app.api.errors import ApiError, bounded_text
@@ -168,7 +169,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             202: {"model": JobResponse, "description": "the job, queued; Location: /v1/jobs/{id}", "links": JOB_LINKS},
             422: {
                 "model": ValidationErrorBody,
-                "description": "a body /generate would reject, or an Idempotency-Key reused with another body",
+                "description": "a body /generate would reject, a timeout_s (for /generate only), or an "
+                "Idempotency-Key reused with another body",
             },
             503: {
                 "model": RequestError,
@@ -183,9 +185,14 @@ def build_jobs_router(limits: Limits) -> APIRouter:
     async def create_job(
         body: GenerateRequest,
         service: ServiceDep,
+        client_name: ClientDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         arrived = time.monotonic()
+        if body.timeout_s is not None:
+            msg = "timeout_s applies to /generate and /v1/images/generations: a job runs until done or cancelled"
+            error = {"loc": ["body", "timeout_s"], "msg": msg, "type": "not_for_jobs", "input": body.timeout_s}
+            return JSONResponse({"detail": [error]}, status_code=422)
         request_body = body.model_dump(mode="json")
         try:
             if idempotency_key is not None and (known := await service.jobs.by_key(idempotency_key)) is not None:
@@ -202,7 +209,9 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
             # A job is batch work unless its body says otherwise (docs/api.md).
-            request_id = client.add(spec, progress=True, limit_queue=False, priority=body.priority or "batch")
+            request_id = client.add(
+                spec, progress=True, limit_queue=False, priority=body.priority or "batch", client=client_name
+            )
         except (StoreFullError, StoreUnavailableError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
