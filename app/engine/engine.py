@@ -346,7 +346,7 @@ class Engine:
             outputs.append(late)
             return
         self._requests[request.id] = request
-        self._scheduler.waiting.append(request)
+        self._scheduler.add(request)
         self._queue_changed = True
 
     def _late(self, request: EngineRequest, deadline: float) -> Failed | None:

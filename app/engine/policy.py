@@ -78,28 +78,37 @@ class Waiting:
 
     rank: int  # its class's (rank())
     client: str
-    rows: int  # its rows at its next step
+    cost: int  # the rows of the steps it has still to take (its remaining profile's sum)
     arrival: float
     owed: bool = False  # passed over often enough to hold a reservation (app/engine/scheduler.py)
 
 
-def fair_order(
-    waiting: Sequence[Waiting], held: Mapping[tuple[int, str], int], weights: Mapping[str, float]
-) -> list[int]:
-    """The indices of `waiting` in admission order: by class; within a class, the requests owed a reservation
-    first (by arrival), then by fair shares of rows between clients (weighted fair queueing over rows held).
+Served = Mapping[tuple[int, str], float]  # per (class rank, client): rows run per unit of weight while it had work
 
-    A request's tag is its client's rows in the batch now in its class (`held[(rank, client)]`) plus its own rows
-    and those of its client's requests that arrived before it, over the client's weight (1 where unlisted); the
-    least tag goes first, ties by arrival. So rows go to the client holding the fewest (per weight) at each
-    admission: a client with 500 queued requests and one with 1 take turns, not arrival order."""
-    queued: dict[tuple[int, str], int] = {}  # per (class, client): rows of its requests taken so far, by arrival
+
+def floor(served: Served, rank_: int) -> float:
+    """Where a client that comes (back) with work starts in a class: level with the least served client that has
+    work there, so that idleness banks no credit (as app/engine/compute.py's floor, and CFS's min_vruntime)."""
+    return min((v for (r, _), v in served.items() if r == rank_), default=0.0)
+
+
+def fair_order(waiting: Sequence[Waiting], served: Served, weights: Mapping[str, float]) -> list[int]:
+    """The indices of `waiting` in admission order: by class; within a class, the requests owed a reservation
+    first (by arrival), then by fair shares of rows between clients (weighted fair queueing).
+
+    A request's tag is its finish in its client's virtual time: the rows its client has run in the class per unit
+    of weight (`served`, or the class's floor for a client not in it), plus the rows its own and its client's
+    earlier waiting requests still have to run over the client's weight (1 where unlisted). The least tag goes
+    first, ties by arrival. So the rows of each tick go to clients in proportion to their weights, whatever
+    their number of requests: a client with 500 queued and a client with 1 take turns, not arrival order."""
+    queued: dict[tuple[int, str], int] = {}  # per (class, client): cost of its requests taken so far, by arrival
+    floors = {w.rank: floor(served, w.rank) for w in waiting}
     tags = [0.0] * len(waiting)
     for i in sorted(range(len(waiting)), key=lambda i: waiting[i].arrival):
         w = waiting[i]
         share = (w.rank, w.client)
-        queued[share] = queued.get(share, 0) + w.rows
-        tags[i] = (held.get(share, 0) + queued[share]) / weights.get(w.client, 1.0)
+        queued[share] = queued.get(share, 0) + w.cost
+        tags[i] = served.get(share, floors[w.rank]) + queued[share] / weights.get(w.client, 1.0)
 
     def key(i: int) -> tuple[int, bool, float, float]:
         w = waiting[i]

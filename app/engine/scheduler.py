@@ -41,6 +41,7 @@ from app.engine.policy import (
     add_profile,
     earliest_start,
     fair_order,
+    floor,
     fits_at,
     overtaken,
     planned_finish,
@@ -80,10 +81,18 @@ class EngineRequest:
     position: int | None = field(default=None, repr=False)  # the queue position last sent
     traced: int = field(default=0, repr=False)  # trace rows sent
     previewed: int | None = field(default=None, repr=False)  # the step of the last preview sent
+    _profile: tuple[int, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def queue_wait_s(self) -> float | None:
         return None if self.started_at is None else self.started_at - self.enqueued_at
+
+    def profile(self) -> np.ndarray:
+        """Its run's remaining rows profile, kept while its step does not move: a waiting request's is read at
+        every tick, and a queue of hundreds would rebuild hundreds of arrays per tick."""
+        if self._profile is None or self._profile[0] != self.run.step_index:
+            self._profile = (self.run.step_index, self.run.rows_profile())
+        return self._profile[1]
 
 
 @dataclass
@@ -118,6 +127,10 @@ class Scheduler:
         self.active: list[EngineRequest] = []  # in admission order
         self.load = np.zeros(0, dtype=np.int64)  # rows at each tick to come, of the admitted requests
         self.preempted_bytes = 0
+        # Per (class rank, client) with requests waiting or running: rows run per unit of weight (policy.Served),
+        # and how many requests it has there; a client's entry goes when its last request there ends.
+        self.served: dict[tuple[int, str], float] = {}
+        self._members: dict[tuple[int, str], int] = {}
 
     def refusal(self, run: SampleRun, limit_queue: bool) -> tuple[str, str] | None:
         """(kind, message) where a new request cannot be queued: it can never fit, or the queue is full (unless it
@@ -133,32 +146,33 @@ class Scheduler:
         """Whether the run's rows, added to the admitted requests' at every tick to come, fit max_batch_rows."""
         return fits_at(run.rows_profile(), self.load, self.max_batch_rows)
 
-    def held(self) -> dict[tuple[int, str], int]:
-        """Rows in the batch at this tick per (class rank, client)."""
-        held: dict[tuple[int, str], int] = {}
-        for r in self.active:
-            share = (rank(r.priority), r.client)
-            held[share] = held.get(share, 0) + r.run.rows_needed()
-        return held
+    def add(self, request: EngineRequest) -> None:
+        """Queue a new request; its client, new to its class, starts level with the least served there."""
+        share = (rank(request.priority), request.client)
+        if share not in self._members:
+            self.served[share] = floor(self.served, share[0])
+        self._members[share] = self._members.get(share, 0) + 1
+        self.waiting.append(request)
 
     def ordered(self) -> list[EngineRequest]:
         """The waiting requests in admission order: by class, then by fair shares between clients (a preempted one
         keeps its arrival), a request owed a reservation first in its class (policy.fair_order)."""
         waiting = [self._waiting(r) for r in self.waiting]
-        return [self.waiting[i] for i in fair_order(waiting, self.held(), self.client_weights)]
+        return [self.waiting[i] for i in fair_order(waiting, self.served, self.client_weights)]
 
     def _waiting(self, request: EngineRequest) -> Waiting:
-        rows = request.run.rows_needed()
+        cost = int(request.profile().sum())
         owed = request.passed_over >= STARVATION_PASSES
-        return Waiting(rank(request.priority), request.client, rows, request.enqueued_at, owed)
+        return Waiting(rank(request.priority), request.client, cost, request.enqueued_at, owed)
 
     def schedule(self) -> Decision:
         """Admit every waiting request that fits, in order, preempting less urgent work where that makes room;
-        behind a reserved request, only those that leave its reservation whole (the module's docstring)."""
+        behind a reserved request, only those that leave its reservation whole (the module's docstring). The rows
+        the tick will run are charged to their clients' shares."""
         decision = Decision([], [])
         reserved: tuple[np.ndarray, int] | None = None  # a starving request's profile and the tick it is held at
         for request in self.ordered():
-            profile = request.run.rows_profile()
+            profile = request.profile()
             if reserved is not None:
                 held, at = reserved
                 if fits_at(profile, self.load, self.max_batch_rows) and fits_at(
@@ -176,6 +190,9 @@ class Scheduler:
             admitted = [self._waiting(r) for r in decision.admitted]
             for request, passed in zip(waiting, overtaken([self._waiting(r) for r in waiting], admitted), strict=True):
                 request.passed_over += passed
+        for request in self.active:
+            share = (rank(request.priority), request.client)
+            self.served[share] += request.run.rows_needed() / self.client_weights.get(request.client, 1.0)
         return decision
 
     def plan(self, run: SampleRun, priority: str, client: str, horizon: int) -> Plan | None:
@@ -189,13 +206,13 @@ class Scheduler:
         other_load = np.zeros(0, dtype=np.int64)
         for r in self.active:
             if rank(r.priority) <= own:
-                ahead_load = add_profile(ahead_load, r.run.rows_profile())
+                ahead_load = add_profile(ahead_load, r.profile())
             else:
-                other_load = add_profile(other_load, r.run.rows_profile())
+                other_load = add_profile(other_load, r.profile())
         waiting = [self._waiting(r) for r in self.waiting]
-        waiting.append(Waiting(own, client, int(profile[0]), np.inf))  # it arrives last
-        order = fair_order(waiting, self.held(), self.client_weights)
-        ahead = [self.waiting[i].run.rows_profile() for i in order[: order.index(len(self.waiting))]]
+        waiting.append(Waiting(own, client, int(profile.sum()), np.inf))  # it arrives last
+        order = fair_order(waiting, self.served, self.client_weights)
+        ahead = [self.waiting[i].profile() for i in order[: order.index(len(self.waiting))]]
         planned = planned_finish(profile, ahead_load, self.max_batch_rows, ahead, horizon)
         if planned is None:
             return None
@@ -211,7 +228,7 @@ class Scheduler:
         if not candidates:
             return False
         room = self.max_preempted_bytes - self.preempted_bytes - np.cumsum([state_bytes(r.run) for r in candidates])
-        profiles = [r.run.rows_profile() for r in candidates]
+        profiles = [r.profile() for r in candidates]
         count = victims(profile, self.load, self.max_batch_rows, profiles, room.tolist())
         if count is None:
             return False
@@ -233,7 +250,7 @@ class Scheduler:
         else:
             request.started_at = time.monotonic()
         request.passed_over = 0
-        self.load = add_profile(self.load, request.run.rows_profile())
+        self.load = add_profile(self.load, request.profile())
         self.active.append(request)
         decision.admitted.append(request)
 
@@ -241,11 +258,14 @@ class Scheduler:
         """A request leaves before its last step (cancelled, failed): its rows at the ticks to come are free."""
         if request in self.active:
             self.active.remove(request)
-            self.load = add_profile(self.load, request.run.rows_profile(), -1)
+            self.load = add_profile(self.load, request.profile(), -1)
         elif request in self.waiting:
             self.waiting.remove(request)
             if request.preempted:
                 self.preempted_bytes -= state_bytes(request.run)
+        else:
+            return
+        self._left(request)
 
     def stepped(self) -> None:
         """Every admitted request took its step."""
@@ -254,3 +274,10 @@ class Scheduler:
     def finished(self, request: EngineRequest) -> None:
         """A request took its last step: its profile is spent."""
         self.active.remove(request)
+        self._left(request)
+
+    def _left(self, request: EngineRequest) -> None:
+        share = (rank(request.priority), request.client)
+        self._members[share] -= 1
+        if not self._members[share]:
+            del self._members[share], self.served[share]
