@@ -102,7 +102,7 @@ def fair_order(waiting: Sequence[Waiting], served: Served, weights: Mapping[str,
     first, ties by arrival. So the rows of each tick go to clients in proportion to their weights, whatever
     their number of requests: a client with 500 queued and a client with 1 take turns, not arrival order."""
     queued: dict[tuple[int, str], int] = {}  # per (class, client): cost of its requests taken so far, by arrival
-    floors = {w.rank: floor(served, w.rank) for w in waiting}
+    floors = {r: floor(served, r) for r in {w.rank for w in waiting}}
     tags = [0.0] * len(waiting)
     for i in sorted(range(len(waiting)), key=lambda i: waiting[i].arrival):
         w = waiting[i]

@@ -81,7 +81,7 @@ class EngineRequest:
     position: int | None = field(default=None, repr=False)  # the queue position last sent
     traced: int = field(default=0, repr=False)  # trace rows sent
     previewed: int | None = field(default=None, repr=False)  # the step of the last preview sent
-    _profile: tuple[int, np.ndarray] | None = field(default=None, repr=False)
+    _profile: tuple[int, np.ndarray, int] | None = field(default=None, repr=False)  # step, profile, its sum
 
     @property
     def queue_wait_s(self) -> float | None:
@@ -90,9 +90,17 @@ class EngineRequest:
     def profile(self) -> np.ndarray:
         """Its run's remaining rows profile, kept while its step does not move: a waiting request's is read at
         every tick, and a queue of hundreds would rebuild hundreds of arrays per tick."""
+        return self._kept()[1]
+
+    def cost(self) -> int:
+        """The rows its remaining steps will run (its profile's sum)."""
+        return self._kept()[2]
+
+    def _kept(self) -> tuple[int, np.ndarray, int]:
         if self._profile is None or self._profile[0] != self.run.step_index:
-            self._profile = (self.run.step_index, self.run.rows_profile())
-        return self._profile[1]
+            profile = self.run.rows_profile()
+            self._profile = (self.run.step_index, profile, int(profile.sum()))
+        return self._profile
 
 
 @dataclass
@@ -161,9 +169,8 @@ class Scheduler:
         return [self.waiting[i] for i in fair_order(waiting, self.served, self.client_weights)]
 
     def _waiting(self, request: EngineRequest) -> Waiting:
-        cost = int(request.profile().sum())
         owed = request.passed_over >= STARVATION_PASSES
-        return Waiting(rank(request.priority), request.client, cost, request.enqueued_at, owed)
+        return Waiting(rank(request.priority), request.client, request.cost(), request.enqueued_at, owed)
 
     def schedule(self) -> Decision:
         """Admit every waiting request that fits, in order, preempting less urgent work where that makes room;
@@ -180,7 +187,10 @@ class Scheduler:
                 ):
                     self._admit(request, decision)
                 continue
-            if fits_at(profile, self.load, self.max_batch_rows) or self._preempt_for(request, profile, decision):
+            # The rows free at this tick rule most waiting requests out without the whole profile's check.
+            free_now = self.max_batch_rows - (int(self.load[0]) if len(self.load) else 0)
+            fits = profile[0] <= free_now and fits_at(profile, self.load, self.max_batch_rows)
+            if fits or self._preempt_for(request, profile, decision):
                 self._admit(request, decision)
                 continue
             if request.passed_over >= STARVATION_PASSES:
