@@ -2,6 +2,7 @@
 
     nice python3 bench/bench_priorities.py                      # 2 interactive clients, 30 s windows
     nice python3 bench/bench_priorities.py --window 60 --record
+    nice python3 bench/bench_priorities.py --max-batch-rows 36      # room for the interactive rows beside a job
 
 The model is served as the service serves it (app.main.serve_model: the shipped checkpoint, the default settings,
 its warmup), on its engine client in this process (no HTTP: the subject is the engine's admission). Interactive
@@ -170,7 +171,7 @@ def quantile(values: list[float], q: float) -> float:
 async def run(args) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings()
+    settings = Settings(max_batch_rows=args.max_batch_rows)
     compute = SharedCompute()
     served = await serve_model(settings, DEFAULT_MODEL_PATH, torch.device("cpu"), compute, create_metrics())
     client = served.client
@@ -223,6 +224,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=2, help="flood jobs waiting or running at any time")
     p.add_argument("--window", type=float, default=30.0, help="seconds measured per phase")
     p.add_argument("--settle", type=float, default=5.0, help="seconds of each phase's load before its window")
+    p.add_argument("--max-batch-rows", type=int, default=32, help="CFG_MAX_BATCH_ROWS (32: the default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--record", action="store_true", help="append the result to docs/benchmarks/history.md")
     args = p.parse_args()
