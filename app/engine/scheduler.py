@@ -10,8 +10,9 @@ within max_batch_rows at every tick; no forward ever holds more than max_batch_r
 Each tick (`schedule`), the waiting requests are taken in order: by class (`interactive` before `batch`), then,
 within a class, by fair shares between clients (`fair_order`: the client that has run the fewest rows of the
 class while it had work, per its weight, goes next; a client is its API key, else its X-Client-Id, else
-"anonymous"), so that a client with 500 queued requests does not hold back one with 1. Every request that fits is admitted, so a large request
-that does not fit does not hold back smaller ones behind it (no head-of-line blocking). It is not starved either:
+"anonymous"), so that a client with 500 queued requests does not hold back one with 1. Every request that fits
+is admitted, so a large request that does not fit does not hold back smaller ones behind it (no head-of-line
+blocking). It is not starved either:
 once requests that came after it (in the order of classes and arrivals) have been admitted at STARVATION_PASSES
 ticks while it waited as its client's first, it is owed: it goes first in its class, holds a reservation at the
 first tick from which it fits over the admitted load, and requests behind it are admitted only where they leave
