@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model_store" / "fashion-mnist-cfg"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CFG_", protected_namespaces=())
+    # hide_input_in_errors: an error never echoes a setting's value (CFG_CLIENT_WEIGHTS holds API keys).
+    model_config = SettingsConfigDict(env_prefix="CFG_", protected_namespaces=(), hide_input_in_errors=True)
 
     model_store: Path = Field(DEFAULT_MODEL_PATH.parent, description="the folder of the checkpoints CFG_MODELS names")
     models: str = Field(
@@ -28,7 +30,18 @@ class Settings(BaseSettings):
     max_preempted_mb: float = Field(
         256, ge=0, description="memory that batch requests preempted for interactive ones may hold (docs/engine.md)"
     )
-    request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this gets 504")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request still unfinished after this gets 504; the most a body's timeout_s may ask"
+    )
+    client_weights: str = Field(
+        "",
+        description="NAME=WEIGHT pairs, comma-separated (keyA=2,team-b=0.5): a client's share of its priority "
+        "class's rows relative to others' (1 where unlisted); NAME is an API key (X-API-Key) or an X-Client-Id "
+        "(docs/engine.md)",
+    )
+    metrics_top_clients: int = Field(
+        8, ge=0, description="clients named in cfg_client_row_share (the most rows first); the rest are 'other'"
+    )
     max_images: int = Field(16, ge=1, description="most images per request")
     max_steps: int = Field(200, ge=1, description="most sampling steps per request")
     default_steps: int = Field(20, ge=1)
@@ -93,6 +106,16 @@ class Settings(BaseSettings):
         "request body is a few KiB), on every route, with or without the gateway in front",
     )
 
+    def client_weight_table(self) -> dict[str, float]:
+        """CFG_CLIENT_WEIGHTS as name -> weight (validated when the settings are built)."""
+        return parse_client_weights(self.client_weights)
+
+    @field_validator("client_weights")
+    @classmethod
+    def _weights_parse(cls, text: str) -> str:
+        parse_client_weights(text)
+        return text
+
     def model_paths(self) -> list[Path]:
         """The checkpoint folders to serve: CFG_MODEL_PATH alone where it is set, else CFG_MODELS in CFG_MODEL_STORE."""
         if "model_path" in self.model_fields_set:
@@ -116,3 +139,24 @@ class Settings(BaseSettings):
         if self.default_steps > self.max_steps:
             raise ValueError("CFG_DEFAULT_STEPS must not exceed CFG_MAX_STEPS")
         return self
+
+
+def parse_client_weights(text: str) -> dict[str, float]:
+    """ "keyA=2,keyB=1" as {"keyA": 2.0, "keyB": 1.0}; ValueError naming the entry by its place (never its name: a
+    name may be an API key) where one is not NAME=WEIGHT with a positive, finite weight, or a name repeats."""
+    weights: dict[str, float] = {}
+    for place, entry in enumerate((e for e in text.split(",") if e.strip()), start=1):
+        name, sep, value = entry.strip().rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name.strip() or not (0 < weight < math.inf):
+            raise ValueError(
+                f"CFG_CLIENT_WEIGHTS entry {place} is not NAME=WEIGHT with a positive number as WEIGHT "
+                "(comma-separated pairs, e.g. keyA=2,team-b=0.5)"
+            )
+        if name.strip() in weights:
+            raise ValueError(f"CFG_CLIENT_WEIGHTS entry {place} names a client an earlier entry names")
+        weights[name.strip()] = weight
+    return weights

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimit
+from app.api.clients import weights_by_client
 from app.api.convert import guidance_body, to_spec
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
@@ -90,6 +92,9 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
                 metrics.class_rows.labels(priority=priority, model=model).inc(rows)
         if stats.preemptions:
             preemptions.inc(stats.preemptions)
+        now = time.monotonic()
+        for priority, client, rows in stats.client_rows:
+            metrics.client_shares.add(model, priority, client, rows, now)
 
     return on_stats
 
@@ -196,6 +201,7 @@ async def serve_model(
         max_batch_rows=settings.max_batch_rows,
         max_queue=settings.max_queue,
         max_preempted_bytes=int(settings.max_preempted_mb * 2**20),
+        client_weights=weights_by_client(settings.client_weight_table()),
         class_embedding=model.class_embedding,
         compute=compute,
         name=m.name,
@@ -292,6 +298,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         default_steps=settings.default_steps,
         max_guidance_scale=settings.max_guidance_scale,
         max_noise_level=settings.max_noise_level,
+        max_timeout_s=settings.request_timeout_s,
     )
 
     @asynccontextmanager
@@ -299,7 +306,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         device = resolve_device(settings.device)
         resolve_precision(settings.precision, device)  # fp16 on a CPU fails here, before the port opens
         compute = SharedCompute()
-        metrics = create_metrics()
+        metrics = create_metrics(top_clients=settings.metrics_top_clients)
         jobs = job_backend(settings, limits, metrics)
         service = Service(
             metrics=metrics,
@@ -307,7 +314,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
             jobs=jobs,
-            on_scrape=lambda: metrics.update_device_memory(device),
+            on_scrape=lambda: metrics.on_scrape(device),
             drain_timeout_s=settings.drain_timeout_s,
         )
         metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.counts()[0])

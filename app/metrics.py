@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import resource
 import sys
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -24,6 +27,44 @@ FORWARD_ROW_KINDS = ("conditional", "unconditional", "perturbed", "guide")
 
 # The model label of a request refused before its model was known (an invalid body).
 NO_MODEL = "none"
+# The client label of the clients past the top ones in cfg_client_row_share.
+OTHER_CLIENTS = "other"
+# cfg_client_row_share's window: a client's share of its class's rows over this many seconds.
+SHARE_WINDOW_S = 60
+
+
+class ClientShares:
+    """Each client's share of its priority class's rows over the last window_s seconds, per model, for
+    cfg_client_row_share: the top_n clients by rows by name, the rest summed as "other", so that the series stay
+    at most top_n + 1 per class and model however many clients come. Rows are kept per second of the window."""
+
+    def __init__(self, top_n: int, window_s: float = SHARE_WINDOW_S) -> None:
+        self.top_n = top_n
+        self.window_s = window_s
+        self._seconds: deque[tuple[int, dict[tuple[str, str, str], int]]] = deque()
+
+    def add(self, model: str, priority: str, client: str, rows: int, now: float) -> None:
+        second = int(now)
+        if not self._seconds or self._seconds[-1][0] != second:
+            self._seconds.append((second, {}))
+        rows_by = self._seconds[-1][1]
+        rows_by[(model, priority, client)] = rows_by.get((model, priority, client), 0) + rows
+
+    def shares(self, now: float) -> dict[tuple[str, str], dict[str, float]]:
+        """(model, priority) -> client (or "other") -> its fraction of the class's rows in the window."""
+        while self._seconds and self._seconds[0][0] <= now - self.window_s:
+            self._seconds.popleft()
+        totals: dict[tuple[str, str], collections.Counter[str]] = {}
+        for _, rows_by in self._seconds:
+            for (model, priority, client), rows in rows_by.items():
+                totals.setdefault((model, priority), collections.Counter())[client] += rows
+        shares: dict[tuple[str, str], dict[str, float]] = {}
+        for key, rows_by_client in totals.items():
+            total = sum(rows_by_client.values())
+            top = dict(rows_by_client.most_common(self.top_n))
+            shares[key] = {client: rows / total for client, rows in top.items()}
+            shares[key][OTHER_CLIENTS] = (total - sum(top.values())) / total
+        return shares
 
 
 @dataclass
@@ -50,6 +91,10 @@ class Metrics:
     class_latency: Histogram
     class_rows: Counter
     preemptions: Counter
+    deadline_refusals: Counter
+    client_row_share: Gauge
+    client_shares: ClientShares
+    models: set[str] = field(default_factory=set)
 
     def observe_request(self, outcome: str, seconds: float | None = None, model: str = NO_MODEL) -> None:
         self.requests.labels(outcome=outcome, model=model).inc()
@@ -71,8 +116,26 @@ class Metrics:
             for metric in (self.class_queue_wait, self.class_latency, self.class_rows):
                 metric.labels(priority=priority, model=model)
         self.preemptions.labels(model=model)
+        self.deadline_refusals.labels(model=model)
         for gauge in (self.in_flight, self.queue_depth):
             gauge.labels(model=model)
+        self.models.add(model)
+        self.update_client_shares()
+
+    def update_client_shares(self, now: float | None = None) -> None:
+        """Set cfg_client_row_share from the window's rows (at each scrape): the top clients' series and "other"
+        (0 where the window is empty), the series of clients no longer at the top gone."""
+        shares = self.client_shares.shares(time.monotonic() if now is None else now)
+        self.client_row_share.clear()
+        for model in self.models:
+            for priority in PRIORITY_CLASSES:
+                for client, share in shares.get((model, priority), {OTHER_CLIENTS: 0.0}).items():
+                    self.client_row_share.labels(client=client, priority=priority, model=model).set(share)
+
+    def on_scrape(self, device: torch.device) -> None:
+        """Refresh what is read at scrape time: the device's memory, the clients' shares."""
+        self.update_device_memory(device)
+        self.update_client_shares()
 
     def update_device_memory(self, device: torch.device) -> None:
         if device.type == "cuda":
@@ -85,7 +148,8 @@ class Metrics:
             self.device_memory.labels(device="cpu", kind="max_rss").set(peak)
 
 
-def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+def create_metrics(registry: CollectorRegistry | None = None, top_clients: int = 8) -> Metrics:
+    """top_clients: the clients cfg_client_row_share names (CFG_METRICS_TOP_CLIENTS)."""
     registry = registry or CollectorRegistry()
     metrics = Metrics(
         registry=registry,
@@ -173,6 +237,20 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["model"],
             registry=registry,
         ),
+        deadline_refusals=Counter(
+            "cfg_deadline_refusals",
+            "Requests refused at once (503) because the work ahead of them left no time to finish within timeout_s",
+            ["model"],
+            registry=registry,
+        ),
+        client_row_share=Gauge(
+            "cfg_client_row_share",
+            f"A client's share of its priority class's rows over the last {SHARE_WINDOW_S} s: the top clients by "
+            "rows (an API key as key: and a short hash of it; an X-Client-Id as id: and the name), the rest as other",
+            ["client", "priority", "model"],
+            registry=registry,
+        ),
+        client_shares=ClientShares(top_clients),
     )
     metrics.requests.labels(outcome="invalid", model=NO_MODEL)  # an invalid body names no model yet
     return metrics

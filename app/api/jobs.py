@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.api.clients import ClientDep
 from app.api.convert import to_spec
 from app.api.encoding import preview_body, progress_body, result_body
 from app.api.errors import ApiError, bounded_text
@@ -170,7 +171,8 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             202: {"model": JobResponse, "description": "the job, queued; Location: /v1/jobs/{id}", "links": JOB_LINKS},
             422: {
                 "model": ValidationErrorBody,
-                "description": "a body /generate would reject, or an Idempotency-Key reused with another body",
+                "description": "a body /generate would reject, a timeout_s (for /generate only), or an "
+                "Idempotency-Key reused with another body",
             },
             503: {
                 "model": RequestError,
@@ -185,9 +187,14 @@ def build_jobs_router(limits: Limits) -> APIRouter:
     async def create_job(
         body: GenerateRequest,
         service: ServiceDep,
+        client_name: ClientDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         arrived = time.monotonic()
+        if body.timeout_s is not None:
+            msg = "timeout_s applies to /generate and /v1/images/generations: a job runs until done or cancelled"
+            error = {"loc": ["body", "timeout_s"], "msg": msg, "type": "not_for_jobs", "input": body.timeout_s}
+            return JSONResponse({"detail": [error]}, status_code=422)
         request_body = body.model_dump(mode="json")
         try:
             if idempotency_key is not None and (known := await service.jobs.by_key(idempotency_key)) is not None:
@@ -198,15 +205,17 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return refused.response()
-        if (error := served_method_error(service, body.model, body.method)) is not None:
-            raise RequestValidationError([error])  # the schema's 422: this model cannot run the method as asked
+        if (unrunnable := served_method_error(service, body.model, body.method)) is not None:
+            raise RequestValidationError([unrunnable])  # the schema's 422: this model cannot run the method as asked
         client = service.model(body.model).client
         spec = to_spec(body)
         try:
             await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
             # A job is batch work unless its body says otherwise (docs/api.md).
-            request_id = client.add(spec, progress=True, limit_queue=False, priority=body.priority or "batch")
+            request_id = client.add(
+                spec, progress=True, limit_queue=False, priority=body.priority or "batch", client=client_name
+            )
         except (StoreFullError, StoreUnavailableError, EngineClosedError) as exc:
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()

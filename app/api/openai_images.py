@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from app.api.clients import API_KEY_HEADER, CLIENT_ID_HEADER, client_of
 from app.api.convert import to_spec
 from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
@@ -31,7 +32,7 @@ from app.images import to_png_bytes
 # may have no place in OpenAI's response, and is refused here until someone decides it has.
 GUIDANCE_FIELDS = (
     "guidance_scale", "noise_level", "noise_schedule", "schedule", "method", "cads", "guidance_rescale",
-    "steps", "sampler", "seed",
+    "steps", "sampler", "seed", "timeout_s",
 )  # fmt: skip
 # /generate's fields that this endpoint takes under OpenAI's name.
 RENAMED = {"class_label": "prompt", "num_images": "n"}
@@ -220,10 +221,18 @@ def build_openai_router(limits: Limits) -> APIRouter:
         if (error := served_method_error(service, validated.model, validated.method)) is not None:
             service.metrics.observe_request("invalid")
             return openai_error(400, error["msg"], "method")
-        spec = to_spec(validated)
         try:
-            request_id = submit(service, validated.model, spec, arrived, priority=validated.priority)
-            result = await await_result(service, validated.model, request_id, request, arrived)
+            client = client_of(request.headers.get(API_KEY_HEADER), request.headers.get(CLIENT_ID_HEADER))
+        except ValueError as exc:
+            service.metrics.observe_request("invalid")
+            return openai_error(400, str(exc), CLIENT_ID_HEADER)
+        spec = to_spec(validated)
+        timeout_s = validated.timeout_s
+        try:
+            request_id = submit(
+                service, validated.model, spec, arrived, priority=validated.priority, client=client, timeout_s=timeout_s
+            )
+            result = await await_result(service, validated.model, request_id, request, arrived, timeout_s=timeout_s)
         except ApiError as exc:
             return openai_error(exc.status, exc.message, code=exc.outcome, headers=exc.headers)
         # The prompt names a class (to_generate_fields): never unconditional here.

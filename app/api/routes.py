@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.clients import ClientDep
 from app.api.convert import to_spec
 from app.api.encoding import result_body
 from app.api.errors import ApiError
@@ -50,9 +51,10 @@ def build_router(limits: Limits) -> APIRouter:
             500: {"model": RequestError, "description": "the sampler produced non-finite values"},
             503: {
                 "model": RequestError,
-                "description": "queue full, or the service is starting or draining (with Retry-After)",
+                "description": "queue full; the service is starting or draining; or, with timeout_s, the work ahead "
+                "leaves no time to finish by then (with Retry-After)",
             },
-            504: {"model": RequestError, "description": "the request exceeded the server's timeout"},
+            504: {"model": RequestError, "description": "the request exceeded its timeout_s or the server's timeout"},
             **refusals(),
         },
         dependencies=[Depends(json_body)],
@@ -62,6 +64,7 @@ def build_router(limits: Limits) -> APIRouter:
         body: GenerateRequest,
         request: Request,
         service: ServiceDep,
+        client: ClientDep,
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],
     ) -> Response:
         arrived = time.monotonic()
@@ -71,12 +74,19 @@ def build_router(limits: Limits) -> APIRouter:
         model = body.model
         try:
             request_id = submit(
-                service, model, spec, arrived, progress=media_type == EVENT_STREAM, priority=body.priority
+                service,
+                model,
+                spec,
+                arrived,
+                progress=media_type == EVENT_STREAM,
+                priority=body.priority,
+                client=client,
+                timeout_s=body.timeout_s,
             )
             if media_type == EVENT_STREAM:
-                stream = generate_events(service, model, request_id, request, spec, arrived)
+                stream = generate_events(service, model, request_id, request, spec, arrived, body.timeout_s)
                 return StreamingResponse(stream, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
-            result = await await_result(service, model, request_id, request, arrived)
+            result = await await_result(service, model, request_id, request, arrived, timeout_s=body.timeout_s)
         except ApiError as exc:
             return exc.response()
         if media_type == PNG:

@@ -30,6 +30,7 @@ class Limits:
     # Per served model, every other served model and why it cannot guide this one (None: it can guide it):
     # app.models.guide_pairs, for autoguidance's method.guide.
     guides: tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...] = ()
+    max_timeout_s: float = 300.0  # CFG_REQUEST_TIMEOUT_S: the most a request's timeout_s may ask
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -183,6 +184,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
+    timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
@@ -275,6 +277,15 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
             description="interactive: admitted before batch work, which leaves the batch for it at a step boundary "
             "and resumes later with the same images; batch: waits for interactive work. Default: interactive for "
             "/generate and /v1/images/generations, batch for /v1/jobs (docs/engine.md)",
+        )
+        timeout_s: float | None = Field(
+            None,
+            gt=0,
+            le=limits.max_timeout_s,
+            description=f"seconds the request may take, up to CFG_REQUEST_TIMEOUT_S ({limits.max_timeout_s:g}, the "
+            "default); where the engine's measured pace says the work ahead of it in its class leaves no time to "
+            "finish, it is refused at once with 503 and Retry-After instead of waiting (docs/engine.md). /generate "
+            "and /v1/images/generations only: a job runs until it is done or cancelled",
         )
         preview: bool = Field(
             False, description="progress events carry the current x0 prediction as PNGs every preview_every steps"

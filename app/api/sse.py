@@ -41,14 +41,22 @@ def progress_event(progress: Progress, spec: SampleSpec) -> str:
 
 
 async def generate_events(
-    service: Service, model: str, request_id: str, request: Request, spec: SampleSpec, arrived: float
+    service: Service,
+    model: str,
+    request_id: str,
+    request: Request,
+    spec: SampleSpec,
+    arrived: float,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[str]:
     """`progress` as the request's place in the queue changes and its steps advance, then one `result` or
     `error`; a comment every KEEPALIVE_S while nothing happens."""
     events: asyncio.Queue[str] = asyncio.Queue()
-    waiter = asyncio.ensure_future(
-        await_result(service, model, request_id, request, arrived, lambda p: events.put_nowait(progress_event(p, spec)))
-    )
+
+    def on_progress(progress: Progress) -> None:
+        events.put_nowait(progress_event(progress, spec))
+
+    waiter = asyncio.ensure_future(await_result(service, model, request_id, request, arrived, on_progress, timeout_s))
     try:
         while True:
             getter = asyncio.ensure_future(events.get())

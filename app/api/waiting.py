@@ -3,6 +3,7 @@ connection; every ending is mapped to an outcome (counted in cfg_requests_total)
 an ApiError."""
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.api.service import Service
-from app.engine import EngineClosedError, Failed, Finished, Progress
+from app.engine import ANONYMOUS, EngineClosedError, Failed, Finished, Progress
 from app.sampling import SampleSpec
 
 
@@ -34,14 +35,19 @@ def submit(
     *,
     progress: bool = False,
     priority: str | None = None,
+    client: str = ANONYMOUS,
+    timeout_s: float | None = None,
 ) -> str:
     """The request's id at its model's engine; ApiError (503, counted as rejected) where it is refused now.
-    priority: the body's, where it set one; else interactive (these are the synchronous endpoints)."""
+    priority: the body's, where it set one; else interactive (these are the synchronous endpoints). client: whose
+    fair share it takes (app/api/clients.py). timeout_s: the body's; the engine refuses at once what cannot meet it."""
     if (refused := refusal(service)) is not None:
         service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
         raise refused
     try:
-        return service.model(model).client.add(spec, progress=progress, priority=priority or "interactive")
+        return service.model(model).client.add(
+            spec, progress=progress, priority=priority or "interactive", client=client, timeout_s=timeout_s
+        )
     except EngineClosedError as exc:
         service.metrics.observe_request("rejected", time.monotonic() - arrived, model)
         raise ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}) from exc
@@ -62,6 +68,9 @@ def failure(failed: Failed, retry_after_s: int) -> ApiError:
         return ApiError(500, f"sampling failed: {failed.message}; no image was produced", "error")
     if failed.kind == "rejected":  # the queue was full: another replica, or later
         return ApiError(503, failed.message, "rejected", {"Retry-After": str(retry_after_s)})
+    if failed.kind == "deadline":  # the work ahead leaves no time: about when it will have started
+        later = math.ceil(failed.retry_after_s or retry_after_s)
+        return ApiError(503, failed.message, "rejected", {"Retry-After": str(later)})
     if failed.kind == "closed":  # still unfinished when a drain ran out of time: try another replica
         return ApiError(503, failed.message, "error")
     if failed.kind == "cancelled":
@@ -78,11 +87,13 @@ async def await_result(
     request: Request,
     arrived: float,
     on_progress: Callable[[Progress], None] | None = None,
+    timeout_s: float | None = None,
 ) -> Finished:
-    """Read the request's stream to its end (each Progress to on_progress), watching the deadline and the client;
-    map every ending to an outcome."""
+    """Read the request's stream to its end (each Progress to on_progress), watching the deadline (timeout_s, else
+    CFG_REQUEST_TIMEOUT_S) and the client; map every ending to an outcome."""
     client = service.model(model).client
-    deadline = arrived + service.request_timeout_s
+    timeout_s = timeout_s or service.request_timeout_s
+    deadline = arrived + timeout_s
 
     def observe(outcome: str) -> None:
         service.metrics.observe_request(outcome, time.monotonic() - arrived, model)
@@ -107,6 +118,8 @@ async def await_result(
                 return output
             error = failure(output, service.retry_after_s)
             observe(error.outcome)
+            if output.kind == "deadline":
+                service.metrics.deadline_refusals.labels(model=model).inc()
             raise error
         if gone in done:
             raise ClientGoneError
@@ -114,7 +127,7 @@ async def await_result(
     except TimeoutError:
         client.abort(request_id)
         observe("timeout")
-        raise ApiError(504, f"generation exceeded the {service.request_timeout_s:g} s timeout", "timeout") from None
+        raise ApiError(504, f"generation exceeded the {timeout_s:g} s timeout", "timeout") from None
     except (ClientGoneError, asyncio.CancelledError) as exc:
         client.abort(request_id)
         observe("cancelled")

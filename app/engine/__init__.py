@@ -17,8 +17,10 @@ from app.engine.outputs import (
     TraceRow,
 )
 from app.engine.policy import PRIORITIES
+from app.engine.scheduler import ANONYMOUS
 
 __all__ = [
+    "ANONYMOUS",
     "PRIORITIES",
     "CurvePoint",
     "Engine",

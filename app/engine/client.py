@@ -18,6 +18,7 @@ from typing import Protocol
 
 from app.engine.engine import Engine
 from app.engine.outputs import CurvePoint, EngineOutputs, EngineStats, Failed, Finished, Progress, RequestOutput
+from app.engine.scheduler import ANONYMOUS
 from app.sampling import SampleSpec
 
 StatsHook = Callable[[EngineStats], None]
@@ -28,11 +29,20 @@ class EngineClient(Protocol):
     name: str
 
     def add(
-        self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True, priority: str = "interactive"
+        self,
+        spec: SampleSpec,
+        *,
+        progress: bool = False,
+        limit_queue: bool = True,
+        priority: str = "interactive",
+        client: str = ANONYMOUS,
+        timeout_s: float | None = None,
     ) -> str:
         """Queue a request and return its id; EngineClosedError while the engine is not accepting. progress: the
         stream carries Progress outputs; limit_queue=False: the caller bounds its own requests (the jobs API);
-        priority: its class (app/engine/policy.py's PRIORITIES), interactive before batch."""
+        priority: its class (app/engine/policy.py's PRIORITIES), interactive before batch; client: whose fair
+        share of the class's rows it takes; timeout_s: its deadline from now, refused at once (Failed "deadline")
+        where the engine's measured pace says the work ahead of it leaves no time to meet it."""
         ...
 
     def abort(self, request_id: str) -> None:
@@ -81,13 +91,28 @@ class InProcessClient:
         engine.connect(self._receive)
 
     def add(
-        self, spec: SampleSpec, *, progress: bool = False, limit_queue: bool = True, priority: str = "interactive"
+        self,
+        spec: SampleSpec,
+        *,
+        progress: bool = False,
+        limit_queue: bool = True,
+        priority: str = "interactive",
+        client: str = ANONYMOUS,
+        timeout_s: float | None = None,
     ) -> str:
         self._loop = self._loop or asyncio.get_running_loop()
         request_id = f"{self.name}-{next(_ids)}"
         self._streams[request_id] = asyncio.Queue()  # before the engine can answer
         try:
-            self.engine.add_request(request_id, spec, progress=progress, limit_queue=limit_queue, priority=priority)
+            self.engine.add_request(
+                request_id,
+                spec,
+                progress=progress,
+                limit_queue=limit_queue,
+                priority=priority,
+                client=client,
+                timeout_s=timeout_s,
+            )
         except BaseException:
             del self._streams[request_id]
             raise

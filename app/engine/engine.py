@@ -4,10 +4,12 @@ The engine lives in the compute thread, as vLLM's engine core lives behind its A
 (app/engine/client.py) hands requests in and reads plain outputs back, and nothing else crosses. Requests and
 aborts arrive as messages, in order; each tick, in the compute thread, it:
   1. takes the messages: builds each new request's SampleRun (here, not in the event loop), refuses what cannot
-     be queued, drops aborted requests, so no compute is spent on them;
-  2. admits waiting requests by class and arrival where their rows fit under max_batch_rows at every tick to
-     come, and preempts less urgent running requests where that makes room (app/engine/scheduler.py): a
-     preempted request keeps its SampleRun and resumes at a later tick where it stopped;
+     be queued, and what has a deadline that the work ahead of it, at the engine's measured pace per tick
+     (app/engine/pace.py), leaves no time to meet; drops aborted requests, so no compute is spent on them;
+  2. admits waiting requests by class, then by fair shares between clients, where their rows fit under
+     max_batch_rows at every tick to come, and preempts less urgent running requests where that makes room
+     (app/engine/scheduler.py): a preempted request keeps its SampleRun and resumes at a later tick where it
+     stopped;
   3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows, and
      its rows with perturbed attention where its method has them; per-row timesteps), and one forward of each
      guide model over the rows of the autoguidance requests that name it (another served model's denoiser, in
@@ -51,8 +53,9 @@ from app.engine.outputs import (
     ProgressEvent,
     RequestOutput,
 )
-from app.engine.policy import PRIORITIES
-from app.engine.scheduler import EngineRequest, Scheduler
+from app.engine.pace import TickTimes
+from app.engine.policy import PRIORITIES, seconds_over
+from app.engine.scheduler import ANONYMOUS, EngineRequest, Scheduler
 from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
 
@@ -79,6 +82,7 @@ class Engine:
         max_batch_rows: int,
         max_queue: int,
         max_preempted_bytes: int = 256 << 20,
+        client_weights: Mapping[str, float] | None = None,
         executor: ThreadPoolExecutor | None = None,
         class_embedding: ClassEmbedding | None = None,
         compute: SharedCompute | None = None,
@@ -88,7 +92,8 @@ class Engine:
         guides: Mapping[str, Denoiser] | None = None,
     ) -> None:
         """compute: the thread shared with other models' engines (it outlives this engine); without it,
-        the engine runs its own on executor (or a new worker()) and shuts it down when it stops.
+        the engine runs its own on executor (or a new worker()) and shuts it down when it stops. client_weights:
+        a client's share of its class's rows relative to others' (1 where unlisted).
         perturbations: the model's perturbation_support at its precision (app/models/attention.py); a request
         whose method's perturbation it cannot run is refused as invalid (without it, none is checked).
         guides: the served models that may guide this one (autoguidance), by name: their denoisers, run in
@@ -103,7 +108,8 @@ class Engine:
         self._null_label = null_label
         self._device = device
         self._perturbations = perturbations
-        self._scheduler = Scheduler(max_batch_rows, max_queue, max_preempted_bytes)
+        self._scheduler = Scheduler(max_batch_rows, max_queue, max_preempted_bytes, client_weights)
+        self._pace = TickTimes(max_batch_rows)
         self._requests: dict[str, EngineRequest] = {}  # waiting and active, by id
         self._messages: deque[tuple[Any, ...]] = deque()  # from the client, in order: add, abort, fail_all
         self._sink: Sink = lambda outputs: None
@@ -154,9 +160,13 @@ class Engine:
         progress: bool = False,
         limit_queue: bool = True,
         priority: str = PRIORITIES[0],
+        client: str = ANONYMOUS,
+        timeout_s: float | None = None,
     ) -> None:
         """Queue a request; its run is built in the compute thread. limit_queue=False skips the max_queue check,
-        for a caller that bounds its own requests (the jobs API's store). priority: one of PRIORITIES."""
+        for a caller that bounds its own requests (the jobs API's store). priority: one of PRIORITIES. client:
+        whose share of the class's rows it takes. timeout_s: it must finish within this many seconds of now, else
+        it is refused at once (Failed "deadline") where the engine's pace says it cannot."""
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         if self._error is not None:
@@ -164,7 +174,9 @@ class Engine:
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
         self._sent += 1
-        self._messages.append(("add", request_id, spec, time.monotonic(), progress, limit_queue, priority))
+        now = time.monotonic()
+        deadline = None if timeout_s is None else now + timeout_s
+        self._messages.append(("add", request_id, spec, now, progress, limit_queue, priority, client, deadline))
         self._compute.notify()
 
     def abort_request(self, request_id: str) -> None:
@@ -317,8 +329,7 @@ class Engine:
         while self._messages:
             message = self._messages.popleft()
             if message[0] == "add":
-                _, request_id, spec, enqueued_at, progress, limit_queue, priority = message
-                self._take(request_id, spec, enqueued_at, progress, limit_queue, priority, outputs)
+                self._take(*message[1:], outputs=outputs)
             elif message[0] == "abort":
                 request = self._requests.get(message[1])
                 if request is not None:
@@ -334,6 +345,9 @@ class Engine:
         progress: bool,
         limit_queue: bool,
         priority: str,
+        client: str,
+        deadline: float | None,
+        *,
         outputs: list,
     ) -> None:
         self._taken += 1
@@ -341,16 +355,19 @@ class Engine:
             self._finals += 1
             outputs.append(Failed(request_id, "engine", f"engine failure: {self._error}"))
             return
-        run = self.make_run(spec)
-        refusal = self._perturbation_refusal(run) or self._guide_refusal(run)
-        refusal = refusal or self._scheduler.refusal(run, limit_queue)
+        request = EngineRequest(request_id, self.make_run(spec), enqueued_at, progress, priority, client)
+        refusal = self._perturbation_refusal(request.run) or self._guide_refusal(request.run)
+        refusal = refusal or self._scheduler.refusal(request.run, limit_queue)
         if refusal is not None:
             self._finals += 1
-            outputs.append(Failed(request_id, refusal[0], refusal[1]))  # type: ignore[arg-type]
+            outputs.append(Failed(request.id, refusal[0], refusal[1]))  # type: ignore[arg-type]
             return
-        request = EngineRequest(request_id, run, enqueued_at, progress, priority)
-        self._requests[request_id] = request
-        self._scheduler.waiting.append(request)
+        if deadline is not None and (late := self._late(request, deadline)) is not None:
+            self._finals += 1
+            outputs.append(late)
+            return
+        self._requests[request.id] = request
+        self._scheduler.add(request)
         self._queue_changed = True
 
     def _perturbation_refusal(self, run: SampleRun) -> tuple[str, str] | None:
@@ -372,6 +389,30 @@ class Engine:
         allowed = ", ".join(self._guides) or "none"
         return "invalid", f"method.guide {guide!r} is not a guide served for {self.name} (served guides: {allowed})"
 
+    def _late(self, request: EngineRequest, deadline: float) -> Failed | None:
+        """Failed "deadline" where, at the measured pace, the request cannot start and finish by its deadline behind
+        the work ahead of it (Scheduler.plan); None where it can, or before any tick has been measured."""
+        table = self._pace.table()
+        if table is None:
+            return None
+        now = time.monotonic()
+        timeout_s = deadline - request.enqueued_at
+        left = deadline - now
+        horizon = int(left / table[1:].min()) + 1  # no tick is faster than the fastest measured
+        plan = self._scheduler.plan(request.run, request.priority, request.client, horizon)
+        reason = f"cannot finish within timeout_s={timeout_s:g}: behind the {request.priority} work ahead of it"
+        if plan is None:
+            message = f"{reason}, it would not start within {left:.2f} s at the engine's measured pace"
+            return Failed(request.id, "deadline", message, retry_after_s=max(1.0, left))
+        start_s, total_s = seconds_over(plan.rows[: plan.start], table), seconds_over(plan.rows, table)
+        if total_s <= left:
+            return None
+        message = (
+            f"{reason}, it would start in about {start_s:.2f} s and finish in about {total_s:.2f} s at the engine's "
+            f"measured pace ({table[int(plan.rows.max())]:.3f} s per tick of {int(plan.rows.max())} rows)"
+        )
+        return Failed(request.id, "deadline", message, retry_after_s=max(1.0, start_s))
+
     def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
         """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
         self._scheduler.remove(request)
@@ -392,8 +433,12 @@ class Engine:
         runs = [r.run for r in requests]
         cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
         class_rows = dict.fromkeys(PRIORITIES, 0)
+        client_rows: dict[tuple[str, str], int] = {}
         for request in requests:
-            class_rows[request.priority] += int(request.run.admission_profile()[0])
+            rows_now = request.run.rows_needed()
+            class_rows[request.priority] += rows_now
+            share = (request.priority, request.client)
+            client_rows[share] = client_rows.get(share, 0) + rows_now
         skipped = sum(r.skipped_uncond_rows() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         guide_rows = sum(r.guide_rows_needed() for r in runs)
@@ -432,11 +477,13 @@ class Engine:
                 wait_s = request.started_at - request.enqueued_at
                 latencies.append((request.priority, now - request.enqueued_at))
                 outputs.append(Finished(request.id, images[id(run)], wait_s, compute_s, trace))
+        tick_seconds = time.perf_counter() - t0
+        self._pace.observe(rows, tick_seconds)
         return EngineStats(
             rows=rows,
             active_requests=len(requests),
             queue_depth=len(self._scheduler.waiting),
-            tick_seconds=time.perf_counter() - t0,
+            tick_seconds=tick_seconds,
             images_finished=finished,
             cond_rows=cond,
             uncond_rows=rows - cond - perturbed,
@@ -447,6 +494,7 @@ class Engine:
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_rows=tuple(class_rows.items()),
             latencies=tuple(latencies),
+            client_rows=tuple((priority, client, n) for (priority, client), n in client_rows.items()),
             preemptions=self._take_preemptions(),
         )
 

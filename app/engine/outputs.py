@@ -16,8 +16,9 @@ from app.sampling import Preview
 
 # rejected: the queue was full; closed: the engine stopped before it finished (a drain that ran out of time) or
 # was not accepting; non_finite: its latents went NaN or infinite; engine: the engine's loop failed; invalid: it
-# can never fit max_batch_rows; cancelled: its client aborted it.
-FailureKind = Literal["rejected", "closed", "non_finite", "engine", "invalid", "cancelled"]
+# can never fit max_batch_rows; cancelled: its client aborted it; deadline: at the engine's measured pace, the work
+# ahead of it leaves it no time to finish within its timeout_s (refused at once, not queued).
+FailureKind = Literal["rejected", "closed", "non_finite", "engine", "invalid", "cancelled", "deadline"]
 # A Progress at a change of state: preempted (the request left the batch, its run kept), resumed (it came back).
 ProgressEvent = Literal["preempted", "resumed"]
 TraceRow = dict[str, Any]  # one step of the guidance trace: step, scale and per-image norms as plain lists
@@ -56,6 +57,7 @@ class Failed:
     request_id: str
     kind: FailureKind
     message: str
+    retry_after_s: float | None = None  # deadline: about when the work ahead of it will have started
 
 
 RequestOutput = Progress | Finished | Failed
@@ -79,6 +81,7 @@ class EngineStats:
     class_queue_waits: tuple[tuple[str, float], ...] = ()  # the same, each with its request's priority class
     class_rows: tuple[tuple[str, int], ...] = ()  # rows of this forward per priority class
     latencies: tuple[tuple[str, float], ...] = ()  # per request finished at this tick: class, seconds from add
+    client_rows: tuple[tuple[str, str, int], ...] = ()  # rows of this forward per (priority class, client)
     preemptions: int = 0  # requests preempted at this tick
 
 
