@@ -168,6 +168,19 @@ def test_models_lists_the_guidance_options_and_the_default(client):
     assert default["method"]["kind"] == DEFAULT_GUIDANCE.method.kind
 
 
+def sent_at_once(bodies: list[dict], max_batch_rows: int) -> list[np.ndarray]:
+    """Each body's images, all sent at once to a fresh app; they must have shared forwards (over 6 rows each)."""
+    with TestClient(create_app(Settings(request_timeout_s=120, warmup=False, max_batch_rows=max_batch_rows))) as c:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: c.post("/generate", json=b), bodies))
+        metrics = c.get("/metrics").text
+    rows = metric_value(metrics, "cfg_engine_batch_rows_sum") / metric_value(metrics, "cfg_engine_batch_rows_count")
+    assert rows > 6, f"the requests hardly shared forwards ({rows:.1f} rows per forward)"
+    for r in responses:
+        assert r.status_code == 200, r.text
+    return [np.stack([decode(b) for b in r.json()["images"]]) for r in responses]
+
+
 def test_several_cads_requests_in_one_tick_each_draw_what_they_draw_alone(loaded, denoiser):
     """Six CADS requests with different settings, classes and seeds, sent at once, share forwards (a request
     arrives while another's CADS forward runs) and each equals the same request sampled alone. Once, a
@@ -192,15 +205,7 @@ def test_several_cads_requests_in_one_tick_each_draw_what_they_draw_alone(loaded
         }
         for k, cads in enumerate(settings)
     ]
-    with TestClient(create_app(Settings(request_timeout_s=120, warmup=False, max_batch_rows=48))) as c:
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            responses = list(pool.map(lambda b: c.post("/generate", json=b), bodies))
-        metrics = c.get("/metrics").text
-    rows = metric_value(metrics, "cfg_engine_batch_rows_sum") / metric_value(metrics, "cfg_engine_batch_rows_count")
-    assert rows > 6, f"the requests hardly shared forwards ({rows:.1f} rows per forward)"
-    for body, r in zip(bodies, responses, strict=True):
-        assert r.status_code == 200, r.text
-        got = np.stack([decode(b) for b in r.json()["images"]])
+    for body, got in zip(bodies, sent_at_once(bodies, max_batch_rows=48), strict=True):
         spec = SampleSpec(
             body["class_label"],
             tuple(body["seed"] + i for i in range(3)),
@@ -262,15 +267,7 @@ def test_several_span_weighted_requests_in_one_tick_each_draw_what_they_draw_alo
         for k, (s, lo, hi, sampler, steps) in enumerate(cases)
     ]
     bodies += [{"class_label": 7, "seed": 3, "num_images": 3, "steps": 10, "sampler": "ddim"}] * 2
-    with TestClient(create_app(Settings(request_timeout_s=120, warmup=False, max_batch_rows=64))) as c:
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            responses = list(pool.map(lambda b: c.post("/generate", json=b), bodies))
-        metrics = c.get("/metrics").text
-    rows = metric_value(metrics, "cfg_engine_batch_rows_sum") / metric_value(metrics, "cfg_engine_batch_rows_count")
-    assert rows > 6, f"the requests hardly shared forwards ({rows:.1f} rows per forward)"
-    for body, r in zip(bodies, responses, strict=True):
-        assert r.status_code == 200, r.text
-        got = np.stack([decode(b) for b in r.json()["images"]])
+    for body, got in zip(bodies, sent_at_once(bodies, max_batch_rows=64), strict=True):
         schedule = body.get("schedule")
         guidance = (
             GuidanceParams(body["guidance_scale"], schedule=GuidanceSchedule(start=0.0, end=1.0, **schedule))
