@@ -118,9 +118,10 @@ def test_under_int8_every_attention_method_is_refused(loaded):
     may have no int8 dot product)."""
     support = perturbation_support(loaded.network, "int8")
     info = model_info(Settings(), loaded.manifest, torch.device("cpu"), "int8", False, perturbations=support)
-    assert info["guidance_methods"] == ["cfg", "apg", "cfg_zero_star"]
+    # (autoguidance stays until the service pairs the model with its guides: app.main.pair_guides)
+    assert info["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "autoguidance"]
     for kind in ("pag", "seg", "slg"):
         error = method_error(info, GuidanceMethod(kind))
         assert error is not None and error["loc"] == ["body", "method", "kind"]
-        assert "precision int8" in error["msg"] and error["msg"].endswith("runs cfg, apg, cfg_zero_star")
+        assert "precision int8" in error["msg"] and error["msg"].endswith("runs cfg, apg, cfg_zero_star, autoguidance")
     assert method_error(info, GuidanceMethod("apg")) is None
