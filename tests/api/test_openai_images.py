@@ -117,7 +117,7 @@ INVALID = [
         "schedule",
         ["sigma_min (3) must be below sigma_max (2)"],
     ),
-    ({"prompt": "Bag", "extra_body": {"method": {"kind": "pag"}}}, openai.BadRequestError, "method", ["apg"]),
+    ({"prompt": "Bag", "extra_body": {"method": {"kind": "sag"}}}, openai.BadRequestError, "method", ["apg"]),
     ({"prompt": "Bag", "extra_body": {"cads": {"psi": 2}}}, openai.BadRequestError, "cads", ["cads.psi"]),
 ]
 
