@@ -88,7 +88,7 @@ def test_sweep_grid_has_a_cell_per_class_and_scale(checkpoint, tmp_path):
         (["--rescale", "2"], "between 0 and 1"),
         (["--sampler", "plms"], "invalid choice"),
         (["--sweep", "--scales", "1,,x"], "expected a number"),
-        (["--method", "pag"], "invalid choice"),
+        (["--method", "sag"], "invalid choice"),
         (["--noise-schedule", "cosine"], "invalid choice"),
         (["--apg-norm-threshold", "-1"], "must be between 0 and 1000"),
         (["--apg-eta", "2"], "must be between 0 and 1"),  # the bounds ApgMethod declares
