@@ -32,7 +32,9 @@ def test_the_fast_tier_selects_the_api_and_engine_tests_and_leaves_the_real_chec
     assert len(fast) >= 150 and len(everything) > len(fast) + 150
     for subject in ("tests/api/test_request_errors.py", "tests/api/test_jobs.py", "tests/engine/test_engine.py"):
         assert any(t.startswith(subject) for t in fast), subject
-    for real in ("tests/sampling/", "tests/api/test_guidance_api.py", "tests/api/test_generate.py", "tests/deploy/"):
+    # tests/sampling's tiny-model tests (test_attention_run's) are fast; its solver and run tests are the real model's
+    real_ones = ("tests/sampling/test_solvers.py", "tests/sampling/test_run.py", "tests/api/test_guidance_api.py")
+    for real in (*real_ones, "tests/api/test_generate.py", "tests/deploy/"):
         assert not any(t.startswith(real) for t in fast), real
         assert any(t.startswith(real) for t in everything), real
     # the engine's images compared with a run sampled alone stay on the real checkpoint

@@ -160,6 +160,7 @@ function methodInput(kind, field) {
       input.step = field.type === "integer" ? "1" : "any";
       if (field.minimum !== undefined) input.min = field.minimum;
       if (field.maximum !== undefined) input.max = field.maximum;
+      if (field.nullable) input.placeholder = "default";
     } else {
       input.type = "text";
       if (field.type === "array") input.placeholder = field.nullable ? "default, or e.g. 0, 1" : "e.g. 0, 1";
