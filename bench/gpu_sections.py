@@ -55,8 +55,7 @@ def step_breakdown(loaded, denoisers: dict, device: torch.device, report: Any, n
     (and of the ancestral ones, whose steps add noise): the forward against the rest (each request's model
     input, then the guidance combine and the sampler step: diffusers' scheduler one request at a time, or
     app.sampling.batched's over all of them)."""
-    from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-    from app.sampling.run import denoise_step
+    from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, denoise_step
 
     m = loaded.manifest
     lines = [

@@ -1,21 +1,19 @@
 """Sampler runs over a denoiser callable, built on diffusers' schedulers, one instance per request."""
 
-from app.sampling.run import (
+from app.pixels import ImageDecoder, to_uint8
+from app.sampling.run import SampleRun
+from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
+from app.sampling.spec import (
     DEFAULT_GUIDANCE,
     ClassEmbedding,
     Denoiser,
     GuidanceParams,
-    ImageDecoder,
     ModelInput,
     Preview,
-    SampleRun,
     SampleSpec,
     StepTrace,
-    denoise_step,
-    sample,
-    to_uint8,
 )
-from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
+from app.sampling.step import denoise_step, sample
 
 __all__ = [
     "DEFAULT_GUIDANCE",

@@ -1,4 +1,4 @@
-"""One request's sampling state, and one denoiser call shared by many requests.
+"""One request's sampling state (SampleRun): its scheduler, latents, generators and guidance state.
 
 Every step puts the conditional rows of all requests, and the rows of the branches their guidance takes
 (unconditional rows, rows with perturbed attention), in ONE tensor, with per-row timesteps and labels, so
@@ -11,167 +11,46 @@ model: one more forward per guide in the same step, over the conditional rows of
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from app.guidance import (
     Branch,
-    Cads,
     CadsConditioner,
-    CfgMethod,
     Conditioner,
     ConditionNoise,
     GuidanceSchedule,
     GuidanceStep,
-    MethodParams,
-    NoiseScheduleKind,
-    PerturbedMethod,
     eps_to_x0,
-    guider_class,
     make_guider,
     noise_factors,
     rescale_guidance,
     row_norm,
     sigma_of,
 )
-from app.models.attention import Perturbation, RowPerturbations
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
-from app.sampling.batched import advance_together, inputs_together, step_table
+from app.sampling.batched import step_table
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
-    DEFAULT_SAMPLER,
     config_key,
     device_timesteps,
     request_scheduler,
     step_kwargs,
     timed_scheduler,
 )
-
-
-class Denoiser(Protocol):
-    """(x, timesteps, class_labels[, embed_delta], *, perturb=None) -> eps, all with the same leading row dimension.
-
-    embed_delta, where given, is added to the class embedding of each row (CADS's condition noise); perturb gives
-    chosen rows perturbed attention (app/models/attention.py). Each is passed only when a request in the batch
-    uses it, so a three-argument callable also serves a batch without them."""
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor,
-        /,
-        *args: torch.Tensor,
-        perturb: RowPerturbations | None = None,
-    ) -> torch.Tensor: ...
-
-
-# The branches whose rows ride in the main model's forward, after the request's conditional rows.
-MAIN_BRANCHES: tuple[Branch, ...] = ("uncond", "perturbed")
-
-
-# label -> the model's class embedding of that label, shape (D,).
-ClassEmbedding = Callable[[int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class GuidanceParams:
-    guidance_scale: float = 3.0
-    schedule: GuidanceSchedule = field(default_factory=GuidanceSchedule)
-    noise_level: float = 0.0
-    noise_schedule: NoiseScheduleKind = "constant"
-    guidance_rescale: float = 0.0
-    method: MethodParams = field(default_factory=CfgMethod)  # a registered method's settings (app.guidance)
-    cads: Cads | None = None
-
-    def to_dict(self) -> dict:
-        """Plain values all through (the method's settings are a pydantic model, which asdict leaves whole)."""
-        cads = None if self.cads is None else self.cads.model_dump()
-        return {**asdict(self), "method": self.method.model_dump(), "cads": cads}
-
-
-# The guidance of a request that sets none: the API's defaults and research.generate's. GuidanceParams()
-# itself stays plain CFG at s = 3 (research.evaluate's scale sweep and SampleSpec's default).
-# CFG at s = 3.5 only where 0.25 < sigma <= 1.5 (Kynkäänniemi et al. 2024): 3 of the default sampler's 20 steps
-# (dpmpp_2m_karras: sigma 1.04, 0.58, 0.30). Re-chosen for the Karras default (issue 12), on which the earlier
-# default, s = 3 on (0.3, 2], had diversity 0.94x that of s = 1, under issue 13's 0.95 bar; checked at n = 640
-# in docs/guidance-default.md: accuracy 0.975, FID 0.68x and diversity 0.96x those of s = 1, mean grey 73.0
-# (real 72.6), where plain s = 3 has 3.6x, 0.83x and 85.2.
-DEFAULT_GUIDANCE = GuidanceParams(
-    guidance_scale=3.5, schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.25, sigma_max=1.5)
+from app.sampling.spec import (
+    MAIN_BRANCHES,
+    ClassEmbedding,
+    ModelInput,
+    Preview,
+    SampleSpec,
+    StepTrace,
+    perturbation_of,
+    steps_together,
 )
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What to draw: the engine's own request type, free of HTTP schemas."""
-
-    class_label: int | None  # None: unconditional
-    seeds: tuple[int, ...]  # one per image
-    steps: int = 20
-    sampler: str = DEFAULT_SAMPLER
-    guidance: GuidanceParams = field(default_factory=GuidanceParams)
-    return_trace: bool = False
-    preview_every: int | None = None  # keep the x0 prediction as a preview every this many steps; None: no previews
-
-    @property
-    def num_images(self) -> int:
-        return len(self.seeds)
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    x: torch.Tensor
-    timesteps: torch.Tensor
-    class_labels: torch.Tensor
-    embed_delta: torch.Tensor | None = None  # (rows, D), CADS only
-    perturbed: tuple[Perturbation | None, ...] | None = None  # per row, where some row is perturbed
-
-    @property
-    def rows(self) -> int:
-        return self.x.shape[0]
-
-
-@dataclass(frozen=True)
-class Preview:
-    """The x0 prediction (the guided eps mapped to a clean image) after `step` of the run's steps."""
-
-    step: int
-    images: np.ndarray  # uint8 (N, H, W, C)
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """What guidance did at one step, per image. The norms are None where the step skipped the
-    unconditional rows (scale 1), the APG parts None for other methods. Tensors until read."""
-
-    step: int
-    scale: float
-    diff_norm: torch.Tensor | None = None  # |eps_c - eps_u|
-    parallel_norm: torch.Tensor | None = None  # APG: |dD_par|, in the x0 space it works in
-    orthogonal_norm: torch.Tensor | None = None  # APG: |dD_orth|
-    perturbed_norm: torch.Tensor | None = None  # attention guidance: |eps_c - eps_p|
-    guide_diff_norm: torch.Tensor | None = None  # autoguidance: |eps_c - eps_guide|
-
-    def to_dict(self) -> dict:
-        def values(t: torch.Tensor | None) -> list[float] | None:
-            return None if t is None else [round(v, 5) for v in t.tolist()]
-
-        return {
-            "step": self.step,
-            "scale": self.scale,
-            "diff_norm": values(self.diff_norm),
-            "parallel_norm": values(self.parallel_norm),
-            "orthogonal_norm": values(self.orthogonal_norm),
-            "perturbed_norm": values(self.perturbed_norm),
-            "guide_diff_norm": values(self.guide_diff_norm),
-        }
 
 
 class SampleRun:
@@ -451,101 +330,3 @@ def guidance_scales(
 ) -> tuple[float, ...]:
     """GuidanceSchedule.scales, kept per (schedule, scale, steps, sigmas): the API's few settings recur."""
     return tuple(schedule.scales(guidance_scale, steps, sigmas))
-
-
-def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[str, Denoiser] | None = None) -> int:
-    """ONE forward over the rows of all runs, then each run advances its own sampler. Returns the main forward's
-    rows.
-
-    The runs that app.sampling.batched steps together come first, their rows built at once; then the others',
-    each from its own model_input. Runs with a "guide" branch at this step (autoguidance) also get one forward
-    per guide model (guides: name -> its denoiser) over their conditional rows."""
-    together = [r for r in runs if r.table is not None]
-    alone = [r for r in runs if r.table is None]
-    inputs = [ModelInput(*inputs_together(together))] if together else []
-    inputs += [r.model_input() for r in alone]
-    args = [torch.cat([i.x for i in inputs]), torch.cat([i.timesteps for i in inputs])]
-    args.append(torch.cat([i.class_labels for i in inputs]))
-    deltas = [i.embed_delta for i in inputs]
-    if any(d is not None for d in deltas):
-        width = next(d for d in deltas if d is not None).shape[1]
-        zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
-        args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
-    if any(i.perturbed is not None for i in inputs):  # only then: the other ticks keep their exact path
-        per_row = [p for i in inputs for p in (i.perturbed or (None,) * i.rows)]
-        eps = denoiser(*args, perturb=RowPerturbations.from_rows(per_row, args[0].device))
-    else:
-        eps = denoiser(*args)
-    guided = guide_outputs(alone, guides or {})
-    offsets, offset = [], 0
-    for run in together:
-        if run.guide_rows_needed():
-            raise ValueError("a run with a guide branch is stepped alone (its guider has no combine_rows)")
-        offsets.append(offset)
-        offset += run.rows_needed()
-    for run, inp in zip(alone, inputs[1:] if together else inputs, strict=True):
-        run.advance(eps[offset : offset + inp.rows], guided.get(id(run)))
-        offset += inp.rows
-    if together:
-        advance_together(together, eps, offsets)
-    return offset
-
-
-def perturbation_of(method: MethodParams) -> Perturbation | None:
-    """The perturbation an attention-guidance method's "perturbed" rows get; None for any other method."""
-    if not isinstance(method, PerturbedMethod):
-        return None
-    blur_sigma = getattr(method, "blur_sigma", None)  # seg's; None: infinite
-    return Perturbation(method.kind, method.layers, math.inf if blur_sigma is None else blur_sigma)  # type: ignore[arg-type]
-
-
-def guide_outputs(runs: Sequence[SampleRun], guides: Mapping[str, Denoiser]) -> dict[int, dict[str, torch.Tensor]]:
-    """The guide forwards of a step: for each guide model, ONE forward over the conditional rows of the runs it
-    guides at this step (after their model_input). Returns id(run) -> {"guide": its rows of that output}."""
-    by_guide: dict[str, list[SampleRun]] = {}
-    for run in runs:
-        if run.guide_rows_needed():
-            name = run.guider.guide_model
-            if name is None or name not in guides:
-                raise ValueError(f"the guide model {name!r} is not served beside this model")
-            by_guide.setdefault(name, []).append(run)
-    outputs: dict[int, dict[str, torch.Tensor]] = {}
-    for name, members in by_guide.items():
-        inputs = [r.guide_input() for r in members]
-        cat = [torch.cat([getattr(i, f) for i in inputs]) for f in ("x", "timesteps", "class_labels")]
-        eps = guides[name](*cat)
-        for run, part in zip(members, eps.split([i.rows for i in inputs]), strict=True):
-            outputs[id(run)] = {"guide": part}
-    return outputs
-
-
-def steps_together(spec: SampleSpec) -> bool:
-    """Whether the request's guidance is one app.sampling.batched combines over the batch: a guider that offers
-    combine_rows (CFG), with no condition noise, rescale, CADS or trace (its sampler decides the rest:
-    app.sampling.batched.step_table)."""
-    g = spec.guidance
-    return (
-        guider_class(g.method.kind).combine_rows is not None
-        and g.noise_level == 0
-        and g.guidance_rescale == 0
-        and g.cads is None
-        and not spec.return_trace
-    )
-
-
-def sample(
-    denoiser: Denoiser,
-    runs: Sequence[SampleRun],
-    on_step: Callable[[], None] | None = None,
-    guides: Mapping[str, Denoiser] | None = None,
-) -> None:
-    """Step all runs together until each is done; runs drop out as they finish.
-
-    on_step, if given, is called after each forward (a progress bar's update, say); guides: the guide models
-    that autoguidance runs name, by name."""
-    active = [r for r in runs if not r.done]
-    while active:
-        denoise_step(denoiser, active, guides)
-        active = [r for r in active if not r.done]
-        if on_step is not None:
-            on_step()

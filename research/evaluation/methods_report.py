@@ -96,7 +96,7 @@ def render_markdown(table: MethodsTable, grid_png: str) -> str:
         "## Settings",
         "",
         "Each setting as `--extra` takes it (fields left out have the defaults of `app/guidance/` and "
-        "`app/sampling/run.py`):",
+        "`app/sampling/spec.py`):",
         "",
         "| setting | JSON |",
         "|---|---|",

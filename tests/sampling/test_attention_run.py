@@ -12,7 +12,7 @@ from app.guidance import Cads, GuidanceMethod, GuidanceSchedule, perturbed_combi
 from app.models.attention import Perturbation, RowPerturbations
 from app.models.latent import DiTDenoiser
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
-from app.sampling.run import steps_together
+from app.sampling.spec import steps_together
 from tests.tiny_models import tiny_dit
 
 SHAPE = (1, 28, 28)

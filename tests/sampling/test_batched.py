@@ -14,7 +14,7 @@ from app.sampling import (
     denoise_step,
 )
 from app.sampling.batched import inputs_together
-from app.sampling.run import steps_together
+from app.sampling.spec import steps_together
 
 pytestmark = pytest.mark.integration  # bit-equal to diffusers' step
 
