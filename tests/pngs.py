@@ -27,3 +27,9 @@ def level_diff(a: str | np.ndarray, b: str | np.ndarray) -> int:
 def same_images(a: list[str], b: list[str]) -> bool:
     """Two requests' images (base64 PNGs) as the service promises them: pairwise within one grey level."""
     return len(a) == len(b) and all(level_diff(x, y) <= 1 for x, y in zip(a, b, strict=True))
+
+
+def response_images(response) -> np.ndarray:
+    """A /generate response's images, stacked (N, H, W): it must have succeeded."""
+    assert response.status_code == 200, response.text
+    return np.stack([decode(b) for b in response.json()["images"]])

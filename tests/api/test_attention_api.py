@@ -12,9 +12,10 @@ from app.config import Settings
 from app.guidance import GuidanceMethod
 from app.main import create_app, model_info
 from app.models.attention import perturbation_support
-from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import GuidanceParams, SampleSpec
 from tests.metrics import metric_value
-from tests.pngs import decode
+from tests.pngs import response_images as images
+from tests.sampled import sampled_alone
 
 pytestmark = pytest.mark.integration
 
@@ -35,16 +36,9 @@ def request(method: dict, **fields) -> dict:
 
 
 def direct_images(loaded, denoiser, guidance: GuidanceParams) -> np.ndarray:
-    spec = SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
-    m = loaded.manifest
-    run = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, class_embedding=denoiser.class_embedding)
-    sample(denoiser, [run])
-    return run.images()[..., 0]
-
-
-def images(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.stack([decode(b) for b in response.json()["images"]])
+    return sampled_alone(
+        loaded, denoiser, SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,10 @@ from app.config import DEFAULT_MODEL_PATH, Settings
 from app.guidance import GuidanceMethod, GuidanceSchedule
 from app.main import create_app
 from app.models import load_checkpoint, unet_denoiser
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
 from tests.metrics import metric_value
-from tests.pngs import decode
+from tests.pngs import response_images as images
+from tests.sampled import sampled_alone
 
 pytestmark = pytest.mark.integration  # the real checkpoints, the API equal to the library
 
@@ -49,14 +50,7 @@ def direct(loaded, denoiser, guide_denoiser, body: dict) -> np.ndarray:
     )
     seeds = tuple(body["seed"] + i for i in range(body.get("num_images", 1)))
     spec = SampleSpec(body["class_label"], seeds, body["steps"], body.get("sampler", "dpmpp_2m_karras"), guidance)
-    run = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
-    sample(denoiser, [run], guides={GUIDE: guide_denoiser})
-    return run.images()[..., 0]
-
-
-def images(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.stack([decode(b) for b in response.json()["images"]])
+    return sampled_alone(loaded, denoiser, spec, guides={GUIDE: guide_denoiser})
 
 
 def autoguided(**method) -> dict:

@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule, method_fields
 from app.main import create_app
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
 from app.sampling.run import schedule_values
 from app.sampling.schedulers import config_key
 from tests.metrics import metric_value
 from tests.pngs import decode
+from tests.sampled import sampled_alone
 
 pytestmark = pytest.mark.integration  # the API equal to the library
 
@@ -82,11 +83,9 @@ def api_images(client, fields: dict) -> tuple[np.ndarray, dict]:
 
 
 def direct_images(loaded, denoiser, guidance: GuidanceParams, spec: SampleSpec | None = None) -> np.ndarray:
-    spec = spec or SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
-    m = loaded.manifest
-    run = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, class_embedding=denoiser.class_embedding)
-    sample(denoiser, [run])
-    return run.images()[..., 0]
+    return sampled_alone(
+        loaded, denoiser, spec or SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
+    )
 
 
 @pytest.fixture(scope="module")

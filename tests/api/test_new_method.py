@@ -19,8 +19,9 @@ from pydantic import Field
 from app.config import Settings
 from app.guidance import GUIDERS, GuidanceStep, Guided, Guider, MethodParams, register_guider, unregister_guider
 from app.main import create_app
-from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
-from tests.pngs import decode
+from app.sampling import GuidanceParams, SampleSpec
+from tests.pngs import response_images as images
+from tests.sampled import sampled_alone
 
 KIND = "clamped_test"
 LABEL, STEPS, N = 3, 6, 2
@@ -80,16 +81,9 @@ def body(seed: int, **method: float) -> dict:
 
 def direct_images(loaded, denoiser, seed: int, method: MethodParams) -> np.ndarray:
     guidance = GuidanceParams(5.0, method=method)
-    spec = SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance)
-    m = loaded.manifest
-    run = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, class_embedding=denoiser.class_embedding)
-    sample(denoiser, [run])
-    return run.images()[..., 0]
-
-
-def images(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.stack([decode(b) for b in response.json()["images"]])
+    return sampled_alone(
+        loaded, denoiser, SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance)
+    )
 
 
 def test_a_method_registered_from_its_own_module_is_served_end_to_end(client, loaded, denoiser):
