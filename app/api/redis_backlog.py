@@ -1,13 +1,14 @@
 """The shared backlog on Redis: one stream per model (`cfg:backlog:{model}`) with one consumer group (`replicas`).
 
-POST /v1/jobs only adds the job (its record, and an entry on its model's stream: app/api/redis_jobs.py's ADD);
-no engine is given it there. Each replica runs a `Consumer`, which takes an entry (XREADGROUP) only while its
-engine for that model has room by its row budget (`EngineClient.free_rows` > 0), so a fleet drains one backlog
-together and a replica holds at most one job in its engine's own queue beyond what its batch admits.
+POST /v1/jobs only adds the job: its record, and an entry on its model's stream (the ADD script; the scripts are
+in app/api/redis_scripts.py). No engine is given it there. Each replica runs a `Consumer`, which takes an entry
+(XREADGROUP) only while its engine for that model has room by its row budget (`EngineClient.free_rows` > 0), so
+a fleet drains one backlog together and a replica holds at most one job in its engine's own queue beyond what
+its batch admits.
 
 Taking an entry makes it pending to this replica. The job is started by the TAKE script, which names this replica
 its runner (and clears the progress of an earlier run): from then on only the runner's progress and end are
-written (PROGRESS and redis_jobs's FINISH check it), so a late original and a taker can't both finish a job. While
+written (the PROGRESS and FINISH scripts check it), so a late original and a taker can't both finish a job. While
 a job runs, its replica renews the entry every visibility_s / 3 (XCLAIM to itself with JUSTID resets its idle
 time). A replica that dies stops renewing: once an entry has been idle for visibility_s (CFG_JOB_VISIBILITY_S),
 another replica's consumer claims it (XAUTOCLAIM) and runs the job again from its stored seeds, so its images are
@@ -25,15 +26,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from app.api.job_store import Job, JobRunner
+from app.api.redis_scripts import RELEASE, RENEW, TAKE
 from app.engine import EngineClosedError
-
-if TYPE_CHECKING:
-    from app.api.redis_jobs import RedisJobs
 
 log = logging.getLogger("uvicorn.error")
 
@@ -41,56 +41,6 @@ GROUP = "replicas"
 MAX_ATTEMPTS = 3  # takes of one job without an end, before it fails
 IDLE_S = 0.1  # how often a replica without room looks again
 BLOCK_MS = 1000  # how long one XREADGROUP waits for a new entry
-
-# Starts a run of the job here: it is the runner's from now on; its earlier run's progress is cleared.
-TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return 'done' end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'runner', ARGV[1], 'state', ARGV[3])
-redis.call('DEL', KEYS[1] .. ':trace')
-redis.call('PUBLISH', KEYS[1], 'progress')
-if attempts > tonumber(ARGV[2]) then return 'exhausted' end
-return 'run'
-"""
-
-# Renews the runner's entry (its idle time back to 0); 0 where the job is no longer this replica's to run.
-RENEW = """
-if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
-  return 0
-end
-local stream, entry = redis.call('HGET', KEYS[1], 'stream'), redis.call('HGET', KEYS[1], 'entry')
-redis.call('XCLAIM', stream, ARGV[2], ARGV[1], 0, entry, 'JUSTID')
-return 1
-"""
-
-# The runner's progress; 0 (nothing written) where the job is no longer this replica's to run.
-PROGRESS = """
-if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
-if #ARGV > 2 then redis.call('RPUSH', KEYS[1] .. ':trace', unpack(ARGV, 3)) end
-redis.call('PUBLISH', KEYS[1], 'progress')
-return 1
-"""
-
-# Hands the runner's job back to the backlog, at its tail, as if never taken.
-RELEASE = """
-if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
-  return 0
-end
-local stream, entry = redis.call('HGET', KEYS[1], 'stream'), redis.call('HGET', KEYS[1], 'entry')
-redis.call('XACK', stream, ARGV[2], entry)
-redis.call('XDEL', stream, entry)
-local again = redis.call('XADD', stream, '*', 'id', ARGV[3])
-redis.call('HSET', KEYS[1], 'entry', again, 'state', ARGV[4])
-redis.call('HDEL', KEYS[1], 'runner')
-redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-redis.call('DEL', KEYS[1] .. ':trace')
-redis.call('PUBLISH', KEYS[1], 'progress')
-return 1
-"""
 
 QUEUED_STATE = json.dumps({"step": 0, "queue_position": None, "queue_wait_s": None, "preview": None})
 EXHAUSTED = f"the job was taken {MAX_ATTEMPTS} times and its replica stopped each time before it finished"
@@ -100,12 +50,30 @@ def backlog_key(model: str) -> str:
     return f"cfg:backlog:{model}"
 
 
+class JobRecords(Protocol):
+    """The jobs on Redis, as the consumer uses them (app/api/redis_jobs.py's RedisJobs)."""
+
+    name: str  # the store's URL, without its password
+    redis: aioredis.Redis
+    owner: str  # this replica
+    local: dict[str, Job]  # the jobs running here
+    on_error: Callable[[], None]
+
+    def key(self, job_id: str) -> str: ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def saved(self, job: Job) -> None: ...
+
+    def running(self, job: Job) -> None: ...
+
+
 class Consumer:
     """One replica's consumer of the backlog of each model it serves."""
 
     def __init__(
         self,
-        store: RedisJobs,
+        store: JobRecords,
         runner: JobRunner,
         models: Sequence[str],
         visibility_s: float,
@@ -201,15 +169,17 @@ class Consumer:
         self.store.running(job)
         try:
             self.runner.run(job)
-        except EngineClosedError as exc:  # the engine takes nothing now (draining): another replica will
-            log.info("job %s: handed back to the backlog: %s", job_id, exc)
+        except EngineClosedError:  # the engine takes nothing now (draining): another replica will
             await self.release(job)
 
     async def release(self, job: Job) -> bool:
         """Hand a job this replica runs back to the backlog; whether it was (it had not ended, and was ours)."""
         self.store.local.pop(job.id, None)
         args = [self.name, GROUP, job.id, QUEUED_STATE]
-        return bool(await self._release(keys=[self.store.key(job.id)], args=args))
+        released = bool(await self._release(keys=[self.store.key(job.id)], args=args))
+        if released:
+            log.info("job %s: handed back to the backlog, unfinished", job.id)
+        return released
 
     async def _keep_renewed(self) -> None:
         """Every visibility_s / 3: renew the entries of the jobs running here, and count the backlog."""

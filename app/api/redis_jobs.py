@@ -39,7 +39,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from app.api.job_store import Job, JobRunner, StoreFullError, StoreUnavailableError
-from app.api.redis_backlog import GROUP, PROGRESS, Consumer, backlog_key
+from app.api.redis_backlog import GROUP, Consumer, backlog_key
+from app.api.redis_scripts import ADD, FINISH, PROGRESS
 from app.sampling import Preview, SampleSpec
 
 log = logging.getLogger("uvicorn.error")
@@ -50,52 +51,6 @@ COUNT_EVERY_S = 5.0  # the stored jobs (a gauge's figures) are counted this ofte
 RETRY_FINAL_S = 1.0  # a result that could not be written is retried this often, for up to ttl_s
 
 T = TypeVar("T")
-
-# Makes room (expired jobs, then the first finished) and adds the job and its backlog entry, atomically; or names
-# the job its Idempotency-Key already has.
-ADD = """
-local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local id, prefix, idem = ARGV[4], ARGV[7], ARGV[8]
-if idem ~= '' then
-  local known = redis.call('GET', idem)
-  if known and redis.call('EXISTS', prefix .. 'job:' .. known) == 1 then return {'known', known} end
-end
-local function drop(old)
-  redis.call('DEL', prefix .. 'job:' .. old, prefix .. 'job:' .. old .. ':trace')
-  redis.call('ZREM', KEYS[2], old)
-end
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do drop(old) end
-while redis.call('SCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= max and redis.call('ZCARD', KEYS[2]) > 0 do
-  drop(redis.call('ZRANGE', KEYS[2], 0, 0)[1])
-end
-local unfinished = redis.call('SCARD', KEYS[1])
-if unfinished >= max then return {'full', tostring(unfinished)} end
-local entry = redis.call('XADD', KEYS[3], '*', 'id', id)
-redis.call('HSET', prefix .. 'job:' .. id, 'meta', ARGV[5], 'state', ARGV[6], 'stream', KEYS[3], 'entry', entry)
-redis.call('SADD', KEYS[1], id)
-if idem ~= '' then redis.call('SET', idem, id) end
-return {'added', id}
-"""
-
-# Ends a job once: the first outcome stands (a cancel from any replica, or its runner's end: ARGV[7] names the
-# runner, '' for a cancel), and its backlog entry goes.
-FINISH = """
-if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('HEXISTS', KEYS[3], 'outcome') == 1 then return 0 end
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[3], 'runner') ~= ARGV[7] then return 0 end
-redis.call('HSET', KEYS[3], 'outcome', ARGV[2], 'final', ARGV[3])
-local stream, entry = redis.call('HGET', KEYS[3], 'stream'), redis.call('HGET', KEYS[3], 'entry')
-if stream then
-  redis.call('XACK', stream, ARGV[8], entry)
-  redis.call('XDEL', stream, entry)
-end
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[3] .. ':trace', ARGV[5])
-if ARGV[6] ~= '' then redis.call('EXPIRE', ARGV[6], ARGV[5]) end
-redis.call('PUBLISH', KEYS[3], 'finished')
-return 1
-"""
 
 
 def public_url(url: str) -> str:
