@@ -53,6 +53,9 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     abort: Callable[[], None] | None = field(default=None, repr=False)  # stops its engine request, where it runs here
+    # Another replica runs it now (it was taken over), or it went back to the shared backlog: this replica's run of
+    # it is not the job's, and its outputs are dropped.
+    handed_on: bool = False
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _changed: asyncio.Future | None = field(default=None, repr=False)
 

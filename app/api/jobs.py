@@ -69,6 +69,8 @@ async def follow(service: Service, job: Job) -> None:
     """Read the job's engine request to its end: its progress into the job, then its result, or why it has none."""
     client = service.model(job.model).client
     async for output in client.stream(job.request_id):
+        if job.handed_on:
+            return  # another replica runs it now
         if isinstance(output, Progress):
             job.update(output)
         elif isinstance(output, Finished):

@@ -67,6 +67,8 @@ class JobRecords(Protocol):
 
     def running(self, job: Job) -> None: ...
 
+    def forget(self, job: Job) -> None: ...
+
 
 class Consumer:
     """One replica's consumer of the backlog of each model it serves."""
@@ -174,7 +176,7 @@ class Consumer:
 
     async def release(self, job: Job) -> bool:
         """Hand a job this replica runs back to the backlog; whether it was (it had not ended, and was ours)."""
-        self.store.local.pop(job.id, None)
+        self.store.forget(job)
         args = [self.name, GROUP, job.id, QUEUED_STATE]
         released = bool(await self._release(keys=[self.store.key(job.id)], args=args))
         if released:
@@ -202,7 +204,7 @@ class Consumer:
             ours = await pipe.execute()
         for job, mine in zip(jobs, ours, strict=True):
             if not mine:  # another replica took it over, or it was cancelled: this run's work is not the job's
-                self.store.local.pop(job.id, None)
+                self.store.forget(job)
                 if job.abort is not None:
                     job.abort()
 
@@ -224,7 +226,8 @@ class Consumer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if not self.store.local:  # nothing pending here: the group forgets this consumer
-            with contextlib.suppress(RedisError, OSError):
-                for stream in self.streams:
+        # The group forgets this consumer where nothing is pending to it (a pending entry would go with it).
+        with contextlib.suppress(RedisError, OSError):
+            for stream in self.streams:
+                if not await self.redis.xpending_range(stream, GROUP, "-", "+", 1, consumername=self.name):
                     await self.redis.xgroup_delconsumer(stream, GROUP, self.name)

@@ -199,12 +199,17 @@ class RedisJobs:
         self.local[job.id] = job
         self._traced[job.id] = 0
 
+    def forget(self, job: Job) -> None:
+        """This replica runs the job no more: another one does, or the backlog has it again."""
+        job.handed_on = True
+        self.local.pop(job.id, None)
+        self._traced.pop(job.id, None)
+
     async def release(self, job: Job) -> bool:
         """Hand the job back to the backlog (its engine stopped before it finished): whether it was."""
         consumer = self.consumer
         if consumer is None:
             return False
-        self._traced.pop(job.id, None)
         return await self._call(lambda: consumer.release(job))
 
     @staticmethod
@@ -231,8 +236,10 @@ class RedisJobs:
             log.warning("job %s: its progress was not stored: %s", job.id, exc)
             return
         self._traced[job.id] = traced + len(rows)
-        if not mine and self.local.pop(job.id, None) is not None and job.abort is not None:
-            job.abort()  # another replica took it over, or it was cancelled: this run's work is not the job's
+        if not mine and job.id in self.local:  # another replica took it over, or it was cancelled
+            self.forget(job)
+            if job.abort is not None:
+                job.abort()
 
     async def _write_final(self, job: Job) -> bool:
         """Write the job's end (it stands unless another outcome was written first); False if Redis failed."""
