@@ -106,15 +106,14 @@ class Consumer:
                 if not created:
                     await self._create_groups()
                     created = True
-                models = self.runner.room()
-                if not models:
+                streams = [backlog_key(m) for m in self.runner.room() if backlog_key(m) in self.streams]
+                if not streams:
                     await asyncio.sleep(IDLE_S)
                     continue
-                streams = [backlog_key(m) for m in models if backlog_key(m) in self.streams]
                 if time.monotonic() - claimed_at >= self.visibility_s / 4:
-                    claimed_at = time.monotonic()
                     if await self._claim(streams):
-                        continue
+                        continue  # a dead replica's other jobs may be idle too: look again while there is room
+                    claimed_at = time.monotonic()
                 await self._read(streams)
             except (RedisError, OSError) as exc:
                 self.store.on_error()
@@ -129,14 +128,17 @@ class Consumer:
     async def _claim(self, streams: list[str]) -> bool:
         """Take over one job whose entry has been idle past the visibility timeout; whether one was."""
         for stream in streams:
-            cursor, claimed, *_ = await self.redis.xautoclaim(
-                stream, GROUP, self.name, int(self.visibility_s * 1000), self._cursors[stream], count=1
-            )
-            self._cursors[stream] = cursor
-            for entry_id, fields in claimed:
-                if fields:  # an entry deleted meanwhile has none
-                    await self._start(stream, entry_id, fields["id"], taken_over=True)
-                    return True
+            while True:  # through the whole pending list, a page (XAUTOCLAIM scans ten entries) at a time
+                cursor, claimed, *_ = await self.redis.xautoclaim(
+                    stream, GROUP, self.name, int(self.visibility_s * 1000), self._cursors[stream], count=1
+                )
+                self._cursors[stream] = cursor
+                for entry_id, fields in claimed:
+                    if fields:  # an entry deleted meanwhile has none
+                        await self._start(stream, entry_id, fields["id"], taken_over=True)
+                        return True
+                if cursor == "0-0":
+                    break
         return False
 
     async def _read(self, streams: list[str]) -> None:

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 BODY = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}  # 4 rows at each step
 # Two such jobs fill a replica's batch: the rest of a backlog waits in Redis, not in an engine's queue.
 MAX_BATCH_ROWS = 8
-VISIBILITY_S = 3.0  # renewed every second while a job runs; a dead replica's jobs are taken over after 3 s
+VISIBILITY_S = 4.0  # renewed every 1.3 s while a job runs; a dead replica's jobs are taken over after 4 s
 
 
 @dataclass
