@@ -119,6 +119,9 @@ class Consumer:
                 self.store.on_error()
                 log.warning("job backlog %s: %s; retrying in 1 s", self.store.name, exc)
                 await asyncio.sleep(1.0)
+            except Exception:  # a replica whose consumer stopped would take no job again
+                log.exception("job backlog %s: the consumer failed; going on in 1 s", self.store.name)
+                await asyncio.sleep(1.0)
 
     async def _create_groups(self) -> None:
         for stream in self.streams:
