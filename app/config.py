@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         "and finished jobs outlive restarts (docs/deployment.md, A fleet)",
     )
     job_ttl_s: float = Field(3600.0, gt=0, description="a finished job is kept this long for GET /v1/jobs/{id}")
+    job_visibility_s: float = Field(
+        30.0,
+        gt=0,
+        description="with a Redis job store: a job taken from the shared backlog whose replica has not renewed it for "
+        "this long (it renews every third of it while the job runs) is taken over by another replica and run again "
+        "from its seeds (docs/deployment.md, A fleet)",
+    )
     retry_after_s: int = Field(
         5, ge=1, description="Retry-After header on a 503: queue full, or the service starting or draining"
     )

@@ -22,7 +22,7 @@ from app.api.convert import guidance_body, to_spec
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.job_store import JobBackend, JobStore, MemoryJobs
-from app.api.jobs import build_jobs_router
+from app.api.jobs import EngineRunner, build_jobs_router
 from app.api.openai_images import build_openai_router
 from app.api.playground import build_playground_router
 from app.api.routes import build_router
@@ -256,6 +256,8 @@ async def start_serving(
         log.exception("startup failed")
         raise
     service.phase = "ready"
+    # With a store that queues jobs, this replica takes its share of the backlog from now on.
+    service.jobs.take(EngineRunner(service), list(service.models), service.metrics.jobs_taken_over.inc)
     log.info("models %s ready on %s", ", ".join(service.models), device)
 
 
@@ -272,6 +274,7 @@ def job_backend(settings: Settings, limits: Limits, metrics: Metrics) -> JobBack
         settings.job_ttl_s,
         spec_of=lambda body: to_spec(request_model.model_validate(body)),
         on_error=metrics.job_store_errors.inc,
+        visibility_s=settings.job_visibility_s,
     )
     store.start()
     return store
@@ -319,6 +322,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         )
         metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.counts()[0])
         metrics.jobs_stored.labels(state="finished").set_function(lambda: service.jobs.counts()[1])
+        metrics.job_backlog.labels(state="waiting").set_function(lambda: service.jobs.backlog()[0])
+        metrics.job_backlog.labels(state="taken").set_function(lambda: service.jobs.backlog()[1])
         app.state.service = service
         service.startup = asyncio.create_task(start_serving(service, settings, paths, device, compute), name="startup")
         try:

@@ -85,6 +85,8 @@ class Metrics:
     jobs: Counter
     jobs_stored: Gauge
     job_store_errors: Counter
+    job_backlog: Gauge
+    jobs_taken_over: Counter
     forward_rows: Counter
     skipped_rows: Counter
     class_queue_wait: Histogram
@@ -195,6 +197,19 @@ def create_metrics(registry: CollectorRegistry | None = None, top_clients: int =
         job_store_errors=Counter(
             "cfg_job_store_errors",
             "Calls to the job store (Redis) that failed: unreachable, or timed out",
+            registry=registry,
+        ),
+        job_backlog=Gauge(
+            "cfg_job_backlog",
+            "Jobs in the shared backlog (a Redis job store), by state: waiting (no replica has taken it yet) or taken "
+            "(a replica runs it); the same fleet-wide figure from every replica, 0 with the memory store",
+            ["state"],
+            registry=registry,
+        ),
+        jobs_taken_over=Counter(
+            "cfg_jobs_taken_over",
+            "Jobs this replica took over from a replica that stopped renewing them (it died, or stalled) for "
+            "CFG_JOB_VISIBILITY_S, and ran again from their seeds",
             registry=registry,
         ),
         forward_rows=Counter(

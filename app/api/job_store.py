@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from app.engine import Progress, TraceRow
+from app.engine import ANONYMOUS, Progress, TraceRow
 from app.sampling import Preview, SampleSpec
 
 Status = Literal["queued", "running", "preempted", "succeeded", "failed", "cancelled"]
@@ -40,6 +40,7 @@ class Job:
     arrived: float  # time.monotonic() at submit
     created_at: float  # time.time() at submit
     idempotency_key: str | None = None
+    client: str = ANONYMOUS  # whose fair share of its class's rows it takes (app/api/clients.py)
     queue_position: int | None = None  # while queued: 1 for the next to be admitted
     queue_wait_s: float | None = None  # once admitted: how long it waited
     preempted: bool = False  # out of the batch for interactive work, its state kept, queued again
@@ -52,6 +53,9 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     abort: Callable[[], None] | None = field(default=None, repr=False)  # stops its engine request, where it runs here
+    # Another replica runs it now (it was taken over), or it went back to the shared backlog: this replica's run of
+    # it is not the job's, and its outputs are dropped.
+    handed_on: bool = False
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _changed: asyncio.Future | None = field(default=None, repr=False)
 
@@ -185,11 +189,27 @@ class JobStore:
             del self._by_key[job.idempotency_key]
 
 
+class JobRunner(Protocol):
+    """What a store that queues jobs runs them on: this replica's engines (app/api/jobs.py's EngineRunner)."""
+
+    def room(self) -> list[str]:
+        """The models whose engine has room for a job now (none while the replica is not ready)."""
+        ...
+
+    def run(self, job: Job) -> None:
+        """Give the job to its model's engine, and store its progress and end as it runs; EngineClosedError
+        where the engine takes nothing now."""
+        ...
+
+
 class JobBackend(Protocol):
     """Where the jobs are kept, as the routes use it. A job submitted here is `add`ed, then `saved` after each
     change its engine request makes; `get` and `by_key` find any job in the store, wherever it runs."""
 
     name: str  # the store, for messages and /readyz: "memory", or the Redis URL without its password
+    # Whether it queues the jobs itself: POST /v1/jobs only adds a job, and a replica with room takes it (`take`);
+    # else the replica that takes the POST runs the job.
+    queues: bool
 
     async def reserve(self) -> None:
         """Room for one more job now; StoreFullError, or StoreUnavailableError."""
@@ -207,6 +227,12 @@ class JobBackend(Protocol):
     async def cancel(self, job: Job, error: dict[str, Any]) -> bool:
         """Cancel the job wherever it runs; False if it had already finished."""
 
+    async def release(self, job: Job) -> bool:
+        """Hand a job whose engine stopped before it finished to another replica; False where it can't be."""
+
+    def take(self, runner: JobRunner, models: list[str], on_taken_over: Callable[[], None]) -> None:
+        """Where the store queues jobs: take these models' jobs while the runner has room, from now on."""
+
     def watch(self, job: Job) -> contextlib.AbstractAsyncContextManager[Job]:
         """The job, kept up to date while the context is open (an event stream follows it)."""
 
@@ -216,6 +242,9 @@ class JobBackend(Protocol):
     def counts(self) -> tuple[int, int]:
         """(unfinished, finished) jobs, as last known."""
 
+    def backlog(self) -> tuple[int, int]:
+        """(waiting, taken): jobs in the shared backlog not taken yet, and taken and not finished, as last known."""
+
     async def close(self) -> None: ...
 
 
@@ -223,6 +252,7 @@ class MemoryJobs:
     """The jobs in this process's memory (a JobStore): a restart loses them, another replica doesn't see them."""
 
     name = "memory"
+    queues = False  # a job runs on the replica that took its POST
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -254,6 +284,12 @@ class MemoryJobs:
             job.abort()
         return True
 
+    async def release(self, job: Job) -> bool:
+        return False
+
+    def take(self, runner: JobRunner, models: list[str], on_taken_over: Callable[[], None]) -> None:
+        pass
+
     @contextlib.asynccontextmanager
     async def watch(self, job: Job) -> AsyncIterator[Job]:
         yield job
@@ -263,6 +299,9 @@ class MemoryJobs:
 
     def counts(self) -> tuple[int, int]:
         return self.store.unfinished, len(self.store) - self.store.unfinished
+
+    def backlog(self) -> tuple[int, int]:
+        return 0, 0  # no shared backlog: a job waits in its engine's queue (cfg_queue_depth)
 
     async def close(self) -> None:
         pass

@@ -3,6 +3,9 @@
 POST /v1/jobs takes the /generate body and answers 202 with the job at once; the engine runs it as it
 runs /generate's. A task per job waits for the engine and stores the result (the /generate JSON) or
 the error in the job (app/api/job_store.py), where GET /v1/jobs/{id} finds it until it expires.
+
+In memory (the default) the replica that takes the POST runs the job. A store that queues jobs (Redis) only
+adds it there: a replica whose engine has room takes it from the shared backlog and runs it (`EngineRunner`).
 """
 
 import asyncio
@@ -66,16 +69,53 @@ async def follow(service: Service, job: Job) -> None:
     """Read the job's engine request to its end: its progress into the job, then its result, or why it has none."""
     client = service.model(job.model).client
     async for output in client.stream(job.request_id):
+        if job.handed_on:
+            return  # another replica runs it now
         if isinstance(output, Progress):
             job.update(output)
         elif isinstance(output, Finished):
             job.finish("succeeded", result=result_body(service, job.model, job.spec, output, job.arrived))
         elif output.kind == "cancelled":
             job.finish("cancelled", error=CANCELLED.event())
+        elif output.kind == "closed" and await release(service, job):
+            return  # the drain ran out of time: another replica runs it
         else:
             job.finish("failed", error=failure(output, service.retry_after_s).event())
         await service.jobs.saved(job)
     service.metrics.jobs.labels(outcome=job.outcome, model=job.model).inc()
+
+
+async def release(service: Service, job: Job) -> bool:
+    try:
+        return await service.jobs.release(job)
+    except StoreUnavailableError:
+        return False  # the job fails here: the store keeps that end once it is back (saved retries it)
+
+
+def keep_following(service: Service, job: Job) -> None:
+    service.job_tasks.add(task := asyncio.create_task(follow(service, job), name=f"job-{job.id}"))
+    task.add_done_callback(service.job_tasks.discard)
+
+
+class EngineRunner:
+    """The jobs a shared backlog hands this replica, run on its engines (a JobRunner)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def room(self) -> list[str]:
+        """The models whose engine has rows free by its row budget (Engine.free_rows), while ready."""
+        if not self.service.ready:
+            return []
+        return [name for name, served in self.service.models.items() if served.client.free_rows > 0]
+
+    def run(self, job: Job) -> None:
+        client = self.service.model(job.model).client
+        priority = job.body.get("priority") or "batch"  # a job is batch work unless its body says otherwise
+        request_id = client.add(job.spec, progress=True, limit_queue=False, priority=priority, client=job.client)
+        job.request_id = request_id
+        job.abort = lambda: client.abort(request_id)
+        keep_following(self.service, job)
 
 
 def not_found(job_id: str) -> JSONResponse:
@@ -209,6 +249,21 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             raise RequestValidationError([unrunnable])  # the schema's 422: this model cannot run the method as asked
         client = service.model(body.model).client
         spec = to_spec(body)
+        if service.jobs.queues:
+            return await add_to_backlog(
+                service,
+                Job(
+                    id=new_job_id(),
+                    spec=spec,
+                    model=client.name,
+                    request_id="",  # none until a replica takes it
+                    body=request_body,
+                    arrived=arrived,
+                    created_at=time.time(),
+                    idempotency_key=idempotency_key,
+                    client=client_name,
+                ),
+            )
         try:
             await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
@@ -228,6 +283,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             arrived=arrived,
             created_at=time.time(),
             idempotency_key=idempotency_key,
+            client=client_name,
             queue_position=client.queue_depth,  # its place once the engine takes it, unless it is admitted at once
             abort=lambda: client.abort(request_id),
         )
@@ -240,8 +296,18 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         if stored is not job:  # another replica took this Idempotency-Key meanwhile
             client.abort(request_id)
             return replay(stored, request_body)
-        service.job_tasks.add(task := asyncio.create_task(follow(service, job), name=f"job-{job.id}"))
-        task.add_done_callback(service.job_tasks.discard)
+        keep_following(service, job)
+        return created(job)
+
+    async def add_to_backlog(service: Service, job: Job) -> Response:
+        """A store that queues jobs: the job is stored, and a replica with room takes it."""
+        try:
+            stored = await service.jobs.add(job)
+        except (StoreFullError, StoreUnavailableError) as exc:
+            service.metrics.jobs.labels(outcome="rejected", model=job.model).inc()
+            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
+        if stored is not job:  # another replica took this Idempotency-Key meanwhile
+            return replay(stored, job.body)
         return created(job)
 
     def replay(known: Job, request_body: dict[str, Any]) -> JSONResponse:

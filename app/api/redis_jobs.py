@@ -1,15 +1,19 @@
 """The jobs on a Redis server every replica shares (CFG_JOB_STORE=redis://host:6379/0).
 
-A job runs on the replica that took its POST (its engine request is there); every change is written to
-Redis and announced on the job's channel, so any replica reads it (GET), follows it (/events: it subscribes to
-the channel) and cancels it (DELETE: the outcome is set in Redis, once, by a script, and announced on the
-`cancel` channel, which the replica running it hears: it aborts the engine request at its next tick).
+POST /v1/jobs, on any replica, stores the job and puts it on its model's backlog (a stream): a replica whose engine
+has room takes it from there and runs it (app/api/redis_backlog.py: the consumer, the visibility timeout after
+which another replica takes over the job of one that died, and the scripts that let only the job's runner write
+its progress and end). Every change is written to Redis and announced on the job's channel, so any replica reads it
+(GET), follows it (/events: it subscribes to the channel) and cancels it (DELETE: the outcome is set in Redis, once,
+by a script, and announced on the `cancel` channel, which the replica running it hears: it aborts the engine
+request at its next tick).
 
-Keys, under `cfg:`: `job:{id}` (a hash: meta, state, outcome, final), `job:{id}:trace` (the guidance trace rows),
-`jobs:unfinished` (a set), `jobs:finished` (a sorted set by finish time), `key:{Idempotency-Key}` (the job id),
-`replica:{id}` (a replica's heartbeat). The bounds are the memory store's: at most max_jobs jobs, the first
-finished dropped first, a finished job kept ttl_s. A job whose replica stopped heartbeating (OWNER_TIMEOUT_S)
-before it finished is failed when it is next read: re-running it elsewhere is the shared backlog's (not built).
+Keys, under `cfg:`: `job:{id}` (a hash: meta, state, outcome, final; stream and entry, its backlog entry; runner,
+the replica running it; attempts), `job:{id}:trace` (the guidance trace rows), `jobs:unfinished` (a set),
+`jobs:finished` (a sorted set by finish time), `key:{Idempotency-Key}` (the job id), `backlog:{model}` (a stream,
+with the consumer group `replicas`). The bounds are the memory store's: at most max_jobs jobs, the first finished
+dropped first, a finished job kept ttl_s. The scripts touch keys they read from the job's hash, so the store is
+one Redis server (or a primary with replicas), not a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,57 +38,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from app.api.job_store import Job, StoreFullError, StoreUnavailableError
+from app.api.job_store import Job, JobRunner, StoreFullError, StoreUnavailableError
+from app.api.redis_backlog import GROUP, Consumer, backlog_key
+from app.api.redis_scripts import ADD, FINISH, PROGRESS
 from app.sampling import Preview, SampleSpec
 
 log = logging.getLogger("uvicorn.error")
 
 PREFIX = "cfg:"
 UNFINISHED, FINISHED, CANCEL = PREFIX + "jobs:unfinished", PREFIX + "jobs:finished", PREFIX + "cancel"
-HEARTBEAT_S = 5.0  # a replica renews its heartbeat this often
-OWNER_TIMEOUT_S = 20.0  # a job whose replica has not renewed it for this long is failed when read
+COUNT_EVERY_S = 5.0  # the stored jobs (a gauge's figures) are counted this often
 RETRY_FINAL_S = 1.0  # a result that could not be written is retried this often, for up to ttl_s
 
 T = TypeVar("T")
-
-# Makes room (expired jobs, then the first finished) and adds the job, atomically; or names the job its
-# Idempotency-Key already has.
-ADD = """
-local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local id, prefix, idem = ARGV[4], ARGV[7], ARGV[8]
-if idem ~= '' then
-  local known = redis.call('GET', idem)
-  if known and redis.call('EXISTS', prefix .. 'job:' .. known) == 1 then return {'known', known} end
-end
-local function drop(old)
-  redis.call('DEL', prefix .. 'job:' .. old, prefix .. 'job:' .. old .. ':trace')
-  redis.call('ZREM', KEYS[2], old)
-end
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)) do drop(old) end
-while redis.call('SCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= max and redis.call('ZCARD', KEYS[2]) > 0 do
-  drop(redis.call('ZRANGE', KEYS[2], 0, 0)[1])
-end
-local unfinished = redis.call('SCARD', KEYS[1])
-if unfinished >= max then return {'full', tostring(unfinished)} end
-redis.call('HSET', prefix .. 'job:' .. id, 'meta', ARGV[5], 'state', ARGV[6])
-redis.call('SADD', KEYS[1], id)
-if idem ~= '' then redis.call('SET', idem, id) end
-redis.call('SET', ARGV[9], '1', 'EX', ARGV[10])
-return {'added', id}
-"""
-
-# Ends a job once: the first outcome stands (a cancel from another replica, or the result).
-FINISH = """
-if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('HEXISTS', KEYS[3], 'outcome') == 1 then return 0 end
-redis.call('HSET', KEYS[3], 'outcome', ARGV[2], 'final', ARGV[3])
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[3] .. ':trace', ARGV[5])
-if ARGV[6] ~= '' then redis.call('EXPIRE', ARGV[6], ARGV[5]) end
-redis.call('PUBLISH', KEYS[3], 'finished')
-return 1
-"""
 
 
 def public_url(url: str) -> str:
@@ -112,7 +81,9 @@ def preview_from(record: dict[str, Any] | None) -> Preview | None:
 
 
 class RedisJobs:
-    """The JobBackend on Redis."""
+    """The JobBackend on Redis, with the shared backlog."""
+
+    queues = True
 
     def __init__(
         self,
@@ -121,9 +92,10 @@ class RedisJobs:
         ttl_s: float,
         spec_of: Callable[[dict[str, Any]], SampleSpec],
         on_error: Callable[[], None] = lambda: None,
+        visibility_s: float = 30.0,
     ) -> None:
         self.name = public_url(url)
-        self.max_jobs, self.ttl_s = max_jobs, ttl_s
+        self.max_jobs, self.ttl_s, self.visibility_s = max_jobs, ttl_s, visibility_s
         self.spec_of = spec_of  # a stored request body -> its SampleSpec
         self.on_error = on_error  # counts the store's errors
         # Two retries on a fresh connection: after a Redis restart the pooled connections are closed by the server,
@@ -132,13 +104,16 @@ class RedisJobs:
         self.redis = aioredis.from_url(
             url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, retry=retry
         )
-        self.owner = secrets.token_hex(8)  # this replica
+        # This replica (its consumer's name in the group): where it runs, for an operator's XINFO CONSUMERS.
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.local: dict[str, Job] = {}  # the jobs running here, until their end is written
         self._traced: dict[str, int] = {}  # trace rows written, per local job
         self._counts = (0, 0)
         self._add, self._finish = self.redis.register_script(ADD), self.redis.register_script(FINISH)
+        self._progress = self.redis.register_script(PROGRESS)
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.Task | None = None
+        self.consumer: Consumer | None = None
 
     def unreachable(self, exc: BaseException) -> StoreUnavailableError:
         self.on_error()
@@ -151,20 +126,28 @@ class RedisJobs:
             raise self.unreachable(exc) from exc
 
     def start(self) -> None:
-        """Listen for cancellations and renew this replica's heartbeat, in the background."""
+        """Listen for cancellations, in the background."""
         self._listener = asyncio.create_task(self._listen(), name="job-store")
+
+    def take(self, runner: JobRunner, models: list[str], on_taken_over: Callable[[], None] = lambda: None) -> None:
+        """Take jobs from these models' backlogs while the runner has room (app/api/redis_backlog.py)."""
+        self.consumer = Consumer(self, runner, models, self.visibility_s, on_taken_over)
+        self.consumer.start()
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return job_key(job_id)
 
     async def _listen(self) -> None:
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(CANCEL)
-                beat = 0.0
+                counted = 0.0
                 while True:
-                    if time.monotonic() - beat >= HEARTBEAT_S:
-                        await self.redis.set(f"{PREFIX}replica:{self.owner}", "1", ex=int(OWNER_TIMEOUT_S))
+                    if time.monotonic() - counted >= COUNT_EVERY_S:
                         unfinished, finished = await self.redis.scard(UNFINISHED), await self.redis.zcard(FINISHED)
-                        self._counts, beat = (unfinished, finished), time.monotonic()
+                        self._counts, counted = (unfinished, finished), time.monotonic()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._cancelled(json.loads(message["data"]))
@@ -195,21 +178,39 @@ class RedisJobs:
             "body": job.body,
             "created_at": job.created_at,
             "idempotency_key": job.idempotency_key,
-            "owner": self.owner,
+            "seeds": list(job.spec.seeds),  # drawn at the POST where the body has no seed: every run draws these
+            "client": job.client,
         }
         idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
         args: list[str | float] = [time.time(), self.ttl_s, self.max_jobs, job.id, json.dumps(meta)]
-        args += [json.dumps(self._state(job)), PREFIX, idem, f"{PREFIX}replica:{self.owner}", int(OWNER_TIMEOUT_S)]
-        answer, value = await self._call(lambda: self._add(keys=[UNFINISHED, FINISHED], args=args))
+        args += [json.dumps(self._state(job)), PREFIX, idem]
+        keys = [UNFINISHED, FINISHED, backlog_key(job.model)]
+        answer, value = await self._call(lambda: self._add(keys=keys, args=args))
         if answer == "full":
             raise StoreFullError(f"{value} unfinished jobs: the store holds at most {self.max_jobs}")
         if answer == "known":
             known = await self.get(value)
             if known is not None:
                 return known
+        return job
+
+    def running(self, job: Job) -> None:
+        """The job runs here from now on (the consumer took it): its changes are written by saved()."""
         self.local[job.id] = job
         self._traced[job.id] = 0
-        return job
+
+    def forget(self, job: Job) -> None:
+        """This replica runs the job no more: another one does, or the backlog has it again."""
+        job.handed_on = True
+        self.local.pop(job.id, None)
+        self._traced.pop(job.id, None)
+
+    async def release(self, job: Job) -> bool:
+        """Hand the job back to the backlog (its engine stopped before it finished): whether it was."""
+        consumer = self.consumer
+        if consumer is None:
+            return False
+        return await self._call(lambda: consumer.release(job))
 
     @staticmethod
     def _state(job: Job) -> dict[str, Any]:
@@ -227,23 +228,25 @@ class RedisJobs:
             return
         traced = self._traced.get(job.id, 0)
         rows = job.trace[traced:]
+        args = [self.owner, json.dumps(self._state(job)), *(json.dumps(row) for row in rows)]
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(job_key(job.id), "state", json.dumps(self._state(job)))
-                if rows:
-                    pipe.rpush(f"{job_key(job.id)}:trace", *(json.dumps(row) for row in rows))
-                pipe.publish(job_key(job.id), "progress")
-                await pipe.execute()
-            self._traced[job.id] = traced + len(rows)
+            mine = await self._progress(keys=[job_key(job.id)], args=args)
         except (RedisError, OSError) as exc:  # progress is dropped; the result is retried
             self.on_error()
             log.warning("job %s: its progress was not stored: %s", job.id, exc)
+            return
+        self._traced[job.id] = traced + len(rows)
+        if not mine and job.id in self.local:  # another replica took it over, or it was cancelled
+            self.forget(job)
+            if job.abort is not None:
+                job.abort()
 
     async def _write_final(self, job: Job) -> bool:
         """Write the job's end (it stands unless another outcome was written first); False if Redis failed."""
         final = {"step": job.step, "finished_at": job.finished_at, "result": job.result, "error": job.error}
         idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
         args: list[str | float] = [job.id, job.outcome or "", json.dumps(final), time.time(), int(self.ttl_s), idem]
+        args += [self.owner, GROUP]
         try:
             await self._finish(keys=[UNFINISHED, FINISHED, job_key(job.id)], args=args)
         except (RedisError, OSError) as exc:
@@ -272,40 +275,29 @@ class RedisJobs:
         return await self._load(job_id)
 
     async def _load(self, job_id: str) -> Job | None:
-        async def read() -> tuple[dict[str, str], list[str], bool]:
+        async def read() -> tuple[dict[str, str], list[str]]:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(job_key(job_id))
                 pipe.lrange(f"{job_key(job_id)}:trace", 0, -1)
                 record, trace = await pipe.execute()
-            alive = True
-            if record and "outcome" not in record:
-                owner = json.loads(record["meta"])["owner"]
-                alive = owner == self.owner or bool(await self.redis.exists(f"{PREFIX}replica:{owner}"))
-            return record, trace, alive
+            return record, trace
 
-        record, trace, alive = await self._call(read)
-        if not record:
-            return None
-        job = self._job(record, trace)
-        if not alive:  # its replica stopped before it finished
-            job.finish("failed", error={"status": 503, "outcome": "error", "detail": self.ORPHANED})
-            await self._call(lambda: self._write_final(job))
-            return await self._load(job_id)
-        return job
-
-    ORPHANED = "the replica that ran this job stopped before it finished: submit it again"
+        record, trace = await self._call(read)
+        return self._job(record, trace) if record else None
 
     def _job(self, record: dict[str, str], trace: list[str]) -> Job:
         meta, state = json.loads(record["meta"]), json.loads(record["state"])
+        spec = self.spec_of(meta["body"])
         job = Job(
             id=meta["id"],
-            spec=self.spec_of(meta["body"]),
+            spec=dataclasses.replace(spec, seeds=tuple(meta["seeds"])),
             model=meta["model"],
             request_id="",  # on another replica, or finished
             body=meta["body"],
             arrived=0.0,
             created_at=meta["created_at"],
             idempotency_key=meta["idempotency_key"],
+            client=meta["client"],
             queue_position=state["queue_position"],
             queue_wait_s=state["queue_wait_s"],
             step=state["step"],
@@ -329,6 +321,7 @@ class RedisJobs:
         final = {"step": job.step, "finished_at": finished_at, "result": None, "error": error}
         idem = "" if job.idempotency_key is None else f"{PREFIX}key:{job.idempotency_key}"
         args: list[str | float] = [job.id, "cancelled", json.dumps(final), finished_at, int(self.ttl_s), idem]
+        args += ["", GROUP]  # any runner: a cancel ends the job wherever it runs
         keys = [UNFINISHED, FINISHED, job_key(job.id)]
 
         if not await self._call(lambda: self._finish(keys=keys, args=args)):
@@ -388,8 +381,13 @@ class RedisJobs:
     def counts(self) -> tuple[int, int]:
         return self._counts
 
+    def backlog(self) -> tuple[int, int]:
+        return (0, 0) if self.consumer is None else self.consumer.backlog
+
     async def close(self) -> None:
-        """Stop listening; the results still unwritten get a few more seconds."""
+        """Stop taking jobs and listening; the results still unwritten get a few more seconds."""
+        if self.consumer is not None:
+            await self.consumer.close()
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)

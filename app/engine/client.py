@@ -71,6 +71,11 @@ class EngineClient(Protocol):
     @property
     def active_requests(self) -> int: ...
 
+    @property
+    def free_rows(self) -> int:
+        """Rows of the row budget that no admitted or waiting request holds (0 while one sent is not taken yet)."""
+        ...
+
     async def warmup(self, spec: SampleSpec) -> None: ...
 
     async def start(self) -> None: ...
@@ -184,6 +189,10 @@ class InProcessClient:
     @property
     def active_requests(self) -> int:
         return self.engine.active_requests
+
+    @property
+    def free_rows(self) -> int:
+        return self.engine.free_rows
 
     async def warmup(self, spec: SampleSpec) -> None:
         await self.engine.warmup(spec)

@@ -120,6 +120,8 @@ class Engine:
         self._taken = 0
         self._finals = 0
         self._queue_changed = False
+        # (requests taken, free rows) as the compute thread last saw them: one tuple, written whole.
+        self._room = (0, max_batch_rows)
         self._preemptions = 0  # since the last tick's stats
         self._stats: list[EngineStats] = []  # of the ticks since the last message to the client
         self._sent_at = 0.0
@@ -204,6 +206,14 @@ class Engine:
     @property
     def active_requests(self) -> int:
         return len(self._scheduler.active)
+
+    @property
+    def free_rows(self) -> int:
+        """Rows of max_batch_rows free for a new request now (Scheduler.free_rows, as of the last tick); 0 while a
+        request sent has not been taken yet (its rows are not known until its run is built), or while the engine
+        admits nothing. A consumer of a shared backlog takes work only while this is positive."""
+        taken, free = self._room
+        return free if taken == self._sent and self._accepting and self._error is None else 0
 
     @property
     def held(self) -> int:
@@ -320,6 +330,7 @@ class Engine:
             self._end_all("engine", f"engine failure: {exc}", outputs)
         if stats is not None:
             self._stats.append(stats)
+        self._room = (self._taken, self._scheduler.free_rows())
         now = time.monotonic()
         if outputs or (self._stats and now - self._sent_at >= STATS_EVERY_S):
             self._sink(EngineOutputs(tuple(outputs), tuple(self._stats)))

@@ -161,6 +161,13 @@ class Scheduler:
         """Whether the run's rows, added to the admitted requests' at every tick to come, fit max_batch_rows."""
         return fits_at(run.admission_profile(), self.load, self.max_batch_rows)
 
+    def free_rows(self) -> int:
+        """Rows of max_batch_rows that no request holds: the admitted requests' at their busiest tick to come, and
+        each waiting request's at its busiest step, subtracted (0 where they hold it all)."""
+        admitted = int(self.load.max(initial=0))
+        waiting = sum(int(r.profile().max(initial=0)) for r in self.waiting)
+        return max(0, self.max_batch_rows - admitted - waiting)
+
     def add(self, request: EngineRequest) -> None:
         """Queue a new request; its client, new to its class, starts level with the least served there."""
         share = (rank(request.priority), request.client)

@@ -1,29 +1,42 @@
-"""Jobs on a shared Redis store (CFG_JOB_STORE=redis://...): a real Debian `redis-server` on 127.0.0.1 and two
-real replicas (`python -m app.serve`) using it. A job submitted on replica A is read, followed and cancelled on
-replica B; an Idempotency-Key holds across them; with Redis stopped POST /v1/jobs is 503 and /generate still
-answers; restarted, Redis still has the finished jobs (append-only file, as the compose service keeps).
+"""Jobs on a shared Redis store (CFG_JOB_STORE=redis://...): a real Debian `redis-server` on 127.0.0.1, two real
+replicas (`python -m app.serve`) using it, and the real nginx gateway in front of them. Jobs submitted anywhere go
+to one backlog, which both replicas drain, each taking work only while its engine has room; each job is read,
+followed and cancelled on a replica that did not run it; an Idempotency-Key holds across them; with Redis stopped
+POST /v1/jobs is 503 and /generate still answers; restarted, Redis still has the finished jobs (append-only file,
+as the compose service keeps). The jobs of a SIGKILLed replica are taken over after the visibility timeout and
+give the images of the same request run alone; a restart of every replica keeps finished jobs and runs the queued.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from app.api.redis_backlog import GROUP, MAX_ATTEMPTS, QUEUED_STATE, backlog_key
+from app.api.redis_jobs import FINISHED, PREFIX, UNFINISHED, job_key
+from app.api.redis_scripts import ADD, FINISH, PROGRESS, TAKE
 from tests.metrics import metric_value
+from tests.pngs import same_images
 
-from .support import Replica, free_port, require_tool, running_replicas, stop_process, wait_for
+from .support import Gateway, Replica, free_port, require_tool, running_replicas, stop_process, wait_for
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 
-BODY = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}
+BODY = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}  # 4 rows at each step
+# Two such jobs fill a replica's batch: the rest of a backlog waits in Redis, not in an engine's queue.
+MAX_BATCH_ROWS = 8
+VISIBILITY_S = 4.0  # renewed every 1.3 s while a job runs; a dead replica's jobs are taken over after 4 s
 
 
 @dataclass
@@ -64,9 +77,45 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
     """Two replicas on the one store."""
     logs = tmp_path_factory.mktemp("fleet")
-    env = {**os.environ, "CFG_DEVICE": "cpu", "CFG_WARMUP": "false", "CFG_JOB_STORE": redis_server.url}
-    with running_replicas(logs, env) as started:
+    with running_replicas(logs, fleet_env(redis_server)) as started:
         yield started
+
+
+def fleet_env(redis_server: RedisServer) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CFG_DEVICE": "cpu",
+        "CFG_WARMUP": "false",
+        "CFG_JOB_STORE": redis_server.url,
+        "CFG_MAX_BATCH_ROWS": str(MAX_BATCH_ROWS),
+        "CFG_MAX_IMAGES": str(MAX_BATCH_ROWS // 2),
+        "CFG_JOB_VISIBILITY_S": str(VISIBILITY_S),
+        "CFG_DRAIN_TIMEOUT_S": "1",  # a drain hands back what it can't finish in a second
+    }
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def runner(store: redis.Redis, job_id: str) -> str | None:
+    """The replica that runs (or ran) the job, as its consumer's name: host-pid-token."""
+    return store.hget(job_key(job_id), "runner")
+
+
+def replica_of(fleet: list[Replica], store: redis.Redis, job_id: str) -> Replica:
+    name = runner(store, job_id)
+    assert name is not None, f"job {job_id} was never taken"
+    (ran,) = [r for r in fleet if f"-{r.proc.pid}-" in name]
+    return ran
+
+
+def other(fleet: list[Replica], replica: Replica) -> Replica:
+    (that,) = [r for r in fleet if r is not replica]
+    return that
 
 
 def events(url: str, job_id: str) -> list[tuple[str, dict]]:
@@ -92,42 +141,145 @@ def wait_job(url: str, job_id: str, pred, timeout: float = 120) -> dict:
     raise TimeoutError(job)
 
 
-def test_a_job_submitted_on_one_replica_is_read_and_followed_on_the_other(fleet):
-    a, b = fleet
+def test_a_job_submitted_on_one_replica_is_run_by_one_and_read_and_followed_on_the_other(fleet, store):
+    a, _ = fleet
     r = httpx.post(f"{a.url}/v1/jobs", json=BODY, timeout=30)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    on_b = httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10)
-    assert on_b.status_code == 200 and on_b.json()["id"] == job_id and on_b.json()["steps"] == 12
+    wait_for(lambda: runner(store, job_id) is not None, 30, "a replica takes the job")
+    ran = replica_of(fleet, store, job_id)
+    reader = other(fleet, ran)
+    on_reader = httpx.get(f"{reader.url}/v1/jobs/{job_id}", timeout=10)
+    assert on_reader.status_code == 200 and on_reader.json()["id"] == job_id and on_reader.json()["steps"] == 12
 
-    stream = events(b.url, job_id)  # on B, while it runs on A
+    stream = events(reader.url, job_id)  # on the replica that does not run it
     kinds = [k for k, _ in stream]
     assert kinds[-1] == "result" and set(kinds[:-1]) <= {"progress"}, kinds
-    done_b = httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json()
-    done_a = httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json()
-    assert done_b["status"] == "succeeded" and done_b["step"] == 12
-    assert done_b["result"] == done_a["result"] == stream[-1][1]
-    direct = httpx.post(f"{b.url}/generate", json=BODY, timeout=60).json()
-    assert done_b["result"]["images"] == direct["images"]  # the same process, the same CPU: the same bytes
-    # Only A ran it.
-    assert metric_value(httpx.get(f"{b.url}/metrics").text, 'cfg_jobs_total{outcome="succeeded"}') == 0
-    assert metric_value(httpx.get(f"{a.url}/metrics").text, 'cfg_jobs_total{outcome="succeeded"}') >= 1
+    done_reader = httpx.get(f"{reader.url}/v1/jobs/{job_id}", timeout=10).json()
+    done_ran = httpx.get(f"{ran.url}/v1/jobs/{job_id}", timeout=10).json()
+    assert done_reader["status"] == "succeeded" and done_reader["step"] == 12
+    assert done_reader["result"] == done_ran["result"] == stream[-1][1]
+    direct = httpx.post(f"{ran.url}/generate", json=BODY, timeout=60).json()
+    assert done_reader["result"]["images"] == direct["images"]  # the same process, the same CPU: the same bytes
+    # Only the runner ran it.
+    assert metric_value(httpx.get(f"{reader.url}/metrics").text, 'cfg_jobs_total{outcome="succeeded"}') == 0
+    assert metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="succeeded"}') == 1
 
 
-def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet):
-    a, b = fleet
-    body = {**BODY, "num_images": 8, "steps": 200}
-    job_id = httpx.post(f"{a.url}/v1/jobs", json=body, timeout=30).json()["id"]
-    wait_job(b.url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
-    r = httpx.delete(f"{b.url}/v1/jobs/{job_id}", timeout=10)
+def test_twenty_jobs_through_the_gateway_are_drained_by_both_replicas_and_read_where_they_did_not_run(
+    fleet, store, start_gateway: Callable[..., Gateway]
+):
+    """Submit anywhere, read anywhere: each job's status, events and result come from the replica that did not run
+    it. Each replica takes a job only while its batch has room (8 rows: two of these jobs), so neither engine ever
+    holds more than three of them (two admitted, one sent as the last rows freed) while the rest wait in Redis."""
+    gateway = start_gateway([r.hostport for r in fleet])
+    bodies = [{**BODY, "steps": 8, "seed": 100 + i} for i in range(20)]
+    ids = []
+    for body in bodies:
+        r = httpx.post(f"{gateway.url}/v1/jobs", json=body, timeout=30)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+
+    def follow_elsewhere(job_id: str) -> list[tuple[str, dict]]:
+        wait_for(lambda: runner(store, job_id) is not None, 120, f"job {job_id} taken")
+        return events(other(fleet, replica_of(fleet, store, job_id)).url, job_id)
+
+    held, waiting = [], []
+    with ThreadPoolExecutor(len(ids)) as pool:
+        streams = pool.map(follow_elsewhere, ids)
+        while any(store.smismember(UNFINISHED, ids)):
+            for replica in fleet:
+                held.append(replica.gauge("cfg_requests_in_flight", "cfg_queue_depth"))
+            waiting.append(metric_value(httpx.get(f"{fleet[0].url}/metrics").text, 'cfg_job_backlog{state="waiting"}'))
+            time.sleep(0.1)
+        streams = list(streams)
+    assert max(held) <= 3, held
+    assert max(waiting) > 0, waiting
+
+    runners = {}
+    for job_id, body, stream in zip(ids, bodies, streams, strict=True):
+        ran = replica_of(fleet, store, job_id)
+        runners[job_id] = ran.url
+        reader = other(fleet, ran)
+        job = httpx.get(f"{reader.url}/v1/jobs/{job_id}", timeout=10).json()
+        assert job["status"] == "succeeded" and job["step"] == 8
+        assert job["result"]["seeds"] == [body["seed"], body["seed"] + 1]
+        assert stream[-1] == ("result", job["result"]), [k for k, _ in stream]
+        assert {k for k, _ in stream[:-1]} <= {"progress"}
+    assert set(runners.values()) == {r.url for r in fleet}, "one replica ran every job: the backlog is not shared"
+    assert any(kind == "progress" for stream in streams for kind, _ in stream)  # followed live, elsewhere
+
+
+def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
+    body = {**BODY, "num_images": 4, "steps": 200}  # the whole batch: 8 rows
+    job_id = httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"]
+    wait_job(fleet[0].url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
+    ran = replica_of(fleet, store, job_id)
+    elsewhere = other(fleet, ran)
+    time.sleep(2 * VISIBILITY_S)  # its runner renews it: it is not taken over while it runs
+    assert replica_of(fleet, store, job_id) is ran
+    for replica in fleet:
+        assert metric_value(httpx.get(f"{replica.url}/metrics").text, "cfg_jobs_taken_over_total") == 0
+    before = metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}')
+    r = httpx.delete(f"{elsewhere.url}/v1/jobs/{job_id}", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
-    # A hears it and takes the rows out of its batch: its engine holds nothing soon after, long before
-    # 200 steps of 8 images would end.
-    wait_for(lambda: metric_value(httpx.get(f"{a.url}/metrics").text, "cfg_requests_in_flight") == 0, 10, "abort on A")
-    on_a = httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json()
-    assert on_a["status"] == "cancelled" and on_a["step"] < 200 and on_a["result"] is None
-    assert httpx.delete(f"{a.url}/v1/jobs/{job_id}", timeout=10).status_code == 409
-    assert metric_value(httpx.get(f"{a.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}') == 1
+    # The runner hears it and takes the rows out of its batch: its engine holds nothing soon after, long before
+    # 200 steps of 4 images would end.
+    wait_for(lambda: ran.gauge("cfg_requests_in_flight") == 0, 10, "abort where it runs")
+    on_ran = httpx.get(f"{ran.url}/v1/jobs/{job_id}", timeout=10).json()
+    assert on_ran["status"] == "cancelled" and on_ran["step"] < 200 and on_ran["result"] is None
+    assert httpx.delete(f"{ran.url}/v1/jobs/{job_id}", timeout=10).status_code == 409
+    after = metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}')
+    assert after == before + 1
+
+
+def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store):
+    """Both batches full (a job of 8 rows each): a third job waits in Redis, where a cancel removes it."""
+    body = {**BODY, "num_images": 4, "steps": 200}
+    filling = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for _ in fleet]
+    wait_for(lambda: all(runner(store, i) is not None for i in filling), 60, "both batches full")
+    waiting = httpx.post(f"{fleet[0].url}/v1/jobs", json={**BODY, "seed": 77}, timeout=30).json()["id"]
+    time.sleep(1)
+    assert runner(store, waiting) is None  # no replica had room for it
+    r = httpx.delete(f"{fleet[1].url}/v1/jobs/{waiting}", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    entries = [e for stream in store.scan_iter(f"{PREFIX}backlog:*") for e in store.xrange(stream)]
+    assert waiting not in [fields["id"] for _, fields in entries]
+    for job_id in filling:
+        assert httpx.delete(f"{fleet[1].url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+    time.sleep(1)  # room again on both: the cancelled job is not taken
+    assert runner(store, waiting) is None
+    assert httpx.get(f"{fleet[0].url}/v1/jobs/{waiting}", timeout=10).json()["status"] == "cancelled"
+
+
+def test_a_late_original_cannot_write_or_finish_a_job_another_replica_took_over(store):
+    """The scripts, on the real server: once replica B has taken the job over, A's progress and end are refused;
+    B's end stands once; a job taken MAX_ATTEMPTS times without an end is exhausted."""
+    meta = json.dumps({"id": "late-1"})
+    stream = backlog_key("late-model")
+    store.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    add, take, progress, finish = (store.register_script(s) for s in (ADD, TAKE, PROGRESS, FINISH))
+    assert add(keys=[UNFINISHED, FINISHED, stream], args=[time.time(), 60, 100, "late-1", meta, "{}", PREFIX, ""])
+    ((_, [(entry, _)]),) = store.xreadgroup(GROUP, "a", {stream: ">"})
+    key = job_key("late-1")
+    assert take(keys=[key], args=["a", MAX_ATTEMPTS, QUEUED_STATE]) == "run"
+    assert progress(keys=[key], args=["a", '{"step": 1}']) == 1
+    store.xclaim(stream, GROUP, "b", 0, [entry])
+    assert take(keys=[key], args=["b", MAX_ATTEMPTS, QUEUED_STATE]) == "run"  # B takes it over
+
+    def end(by: str, outcome: str) -> int:
+        return finish(keys=[UNFINISHED, FINISHED, key], args=["late-1", outcome, "{}", time.time(), 60, "", by, GROUP])
+
+    assert progress(keys=[key], args=["a", '{"step": 9}']) == 0
+    assert end("a", "failed") == 0
+    assert end("b", "succeeded") == 1
+    assert end("b", "failed") == 0 and end("", "cancelled") == 0
+    assert store.hget(key, "outcome") == "succeeded" and store.hget(key, "attempts") == "2"
+    assert store.xlen(stream) == 0 and store.xpending(stream, GROUP)["pending"] == 0  # acknowledged and deleted
+
+    store.hdel(key, "outcome")  # as if it had never ended: a third and a fourth take
+    assert take(keys=[key], args=["c", MAX_ATTEMPTS, QUEUED_STATE]) == "run"
+    assert take(keys=[key], args=["d", MAX_ATTEMPTS, QUEUED_STATE]) == "exhausted"
 
 
 def test_an_idempotency_key_holds_across_replicas(fleet):
@@ -183,15 +335,63 @@ def test_right_after_a_redis_restart_the_first_reads_answer(fleet, redis_server)
         assert r.json() == finished
 
 
-def test_a_job_whose_replica_was_killed_is_failed_when_read_once_its_heartbeat_expires(fleet):
-    """Last in this module: it kills replica A. Its job is not re-run (the shared backlog is not built):
-    it is failed, with a message that says to submit it again, instead of staying `running` for ever."""
-    a, b = fleet
-    job_id = httpx.post(f"{a.url}/v1/jobs", json={**BODY, "num_images": 8, "steps": 200}, timeout=30).json()["id"]
-    wait_job(b.url, job_id, lambda j: j["status"] == "running")
-    a.proc.kill()  # SIGKILL: no drain, no last write
-    a.proc.wait()
-    assert httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "running"  # its heartbeat holds
-    failed = wait_job(b.url, job_id, lambda j: j["status"] != "running", timeout=60)
-    assert failed["status"] == "failed" and failed["result"] is None
-    assert "stopped before it finished" in failed["error"]["detail"]
+def test_the_jobs_of_a_killed_replica_are_taken_over_and_give_the_images_of_the_request_run_alone(fleet, store):
+    """SIGKILL the replica that runs jobs mid-way: no drain, no last write. Its jobs' entries stop being renewed,
+    and after the visibility timeout the other replica takes them over and runs them again from their seeds. Every
+    job succeeds once, with the images of the same request run alone (within one grey level: they ran beside
+    others). Kills one replica: the next test restarts the fleet."""
+    bodies = [{**BODY, "steps": 40, "seed": 300 + i} for i in range(3)]
+    bodies.append({k: v for k, v in {**BODY, "steps": 40}.items() if k != "seed"})  # seeds drawn at its POST
+    ids = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for body in bodies]
+
+    def running_somewhere() -> bool:
+        return any(httpx.get(f"{fleet[0].url}/v1/jobs/{i}", timeout=10).json()["step"] >= 2 for i in ids)
+
+    wait_for(running_somewhere, 120, "a job mid-way")
+    victim = replica_of(fleet, store, next(i for i in ids if runner(store, i) is not None))
+    survivor = other(fleet, victim)
+    victims = [i for i in ids if runner(store, i) is not None and replica_of(fleet, store, i) is victim]
+    victim.proc.kill()
+    victim.proc.wait()
+
+    ends = {}
+    for job_id in ids:
+        ends[job_id] = wait_job(survivor.url, job_id, lambda j: j["status"] not in ("queued", "running"), 180)
+    assert {j["status"] for j in ends.values()} == {"succeeded"}, ends
+    for job_id in victims:  # unfinished on the victim, then run by the survivor
+        assert replica_of(fleet, store, job_id) is survivor
+    taken_over = metric_value(httpx.get(f"{survivor.url}/metrics").text, "cfg_jobs_taken_over_total")
+    assert taken_over >= 1 and taken_over <= len(victims)
+    for body, job_id in zip(bodies, ids, strict=True):
+        seeds = ends[job_id]["result"]["seeds"]
+        assert json.loads(store.hget(job_key(job_id), "meta"))["seeds"] == seeds  # every run drew the POST's seeds
+        alone = httpx.post(f"{survivor.url}/generate", json={**body, "seed": seeds[0]}, timeout=120).json()
+        assert same_images(ends[job_id]["result"]["images"], alone["images"]), job_id
+        assert store.hget(job_key(job_id), "outcome") == "succeeded"
+
+
+def test_a_restart_of_every_replica_keeps_the_finished_jobs_and_runs_the_queued_ones(fleet, store, redis_server):
+    """Last in this module: it stops the fleet (SIGTERM: each drains for CFG_DRAIN_TIMEOUT_S, 1 s, and hands back
+    what it could not finish) while jobs wait in the backlog, then starts two new replicas on the same store."""
+    alive = [r for r in fleet if r.proc.poll() is None]
+    done_id = httpx.post(f"{alive[0].url}/v1/jobs", json=BODY, timeout=30).json()["id"]
+    finished = wait_job(alive[0].url, done_id, lambda j: j["status"] == "succeeded")
+    ids = [
+        httpx.post(f"{alive[0].url}/v1/jobs", json={**BODY, "steps": 100, "seed": 500 + i}, timeout=30).json()["id"]
+        for i in range(6)
+    ]
+    wait_for(lambda: any(runner(store, i) is not None for i in ids), 60, "a job taken")
+    for replica in alive:
+        replica.proc.send_signal(signal.SIGTERM)
+    for replica in alive:
+        replica.proc.wait(timeout=60)
+    assert store.scard(UNFINISHED) > 0  # queued, or handed back by the drain
+
+    with running_replicas(redis_server.folder, fleet_env(redis_server)) as restarted:
+        for replica in restarted:
+            assert httpx.get(f"{replica.url}/v1/jobs/{done_id}", timeout=10).json() == finished
+        for job_id in ids:
+            job = wait_job(restarted[0].url, job_id, lambda j: j["status"] not in ("queued", "running"), 180)
+            assert job["status"] == "succeeded", job
+    # 100 steps don't end within the drain's second: what ran was handed back, not failed.
+    assert any("handed back to the backlog" in r.log_path.read_text() for r in alive)

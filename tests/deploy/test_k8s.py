@@ -76,12 +76,21 @@ def test_service_and_autoscaler_point_at_the_deployment() -> None:
     assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
 
 
-def test_autoscaler_metric_is_one_the_app_exports() -> None:
+def test_autoscaler_metrics_are_series_the_app_exports() -> None:
     metrics = create_metrics()
     metrics.add_model("a-model")  # the series of a served model
-    exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    metrics.job_backlog.labels(state="waiting")  # set by the lifespan
+    exported = [(s.name, s.labels) for family in metrics.registry.collect() for s in family.samples]
     for metric in load("hpa.yaml")["spec"]["metrics"]:
-        assert metric["pods"]["metric"]["name"] in exported
+        wanted = metric[metric["type"].lower()]["metric"]
+        labels = wanted.get("selector", {}).get("matchLabels", {})
+        assert any(name == wanted["name"] and labels.items() <= have.items() for name, have in exported), wanted
+
+
+def test_the_autoscaler_scales_on_the_shared_backlog_not_taken_yet() -> None:
+    (backlog,) = [m for m in load("hpa.yaml")["spec"]["metrics"] if m["type"] == "External"]
+    assert backlog["external"]["metric"]["name"] == "cfg_job_backlog"
+    assert backlog["external"]["metric"]["selector"]["matchLabels"] == {"state": "waiting"}
 
 
 def test_kustomization_lists_every_manifest() -> None:

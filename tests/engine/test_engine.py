@@ -235,6 +235,30 @@ def test_a_waiting_request_is_told_its_place_until_admitted(loaded, denoiser):
     asyncio.run(main())
 
 
+def test_free_rows_counts_the_admitted_and_the_waiting_requests_and_is_0_until_a_new_one_is_taken(loaded, denoiser):
+    """The figure a shared backlog's consumer takes work by (app/api/redis_backlog.py): free rows of the budget."""
+
+    async def main():
+        client = make_client(loaded, denoiser, max_batch_rows=10)
+        assert client.free_rows == 0  # not started: admits nothing
+        await client.start()
+        assert client.free_rows == 10
+        running = Tracked(client, SampleSpec(class_label=0, seeds=(1, 2), steps=40))  # 4 rows
+        assert client.free_rows == 0  # sent, not yet taken: its rows are unknown
+        await until(lambda: not running.queued)
+        await until(lambda: client.free_rows == 6)
+        waiting = Tracked(client, SampleSpec(class_label=0, seeds=(1, 2, 3, 4), steps=2))  # 8 rows: waits
+        await until(lambda: waiting.progress is not None)
+        assert waiting.queued and client.free_rows == 0  # 10 - 4 - 8 < 0
+        client.abort(running.id)
+        await waiting.result()
+        await until(lambda: client.free_rows == 10)
+        await client.shutdown()
+        assert client.free_rows == 0
+
+    asyncio.run(main())
+
+
 @pytest.mark.integration
 def test_run_in_worker_pauses_the_batch_between_ticks_in_the_model_thread(loaded, denoiser):
     """What the benchmark relies on: fn runs in the engine's thread, no tick runs meanwhile, and the
