@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 BODY = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}  # 4 rows at each step
 # Two such jobs fill a replica's batch: the rest of a backlog waits in Redis, not in an engine's queue.
 MAX_BATCH_ROWS = 8
+LONG_STEPS = 2000  # a job that must still run when the test acts on it: minutes here, not seconds
 VISIBILITY_S = 4.0  # renewed every 1.3 s while a job runs; a dead replica's jobs are taken over after 4 s
 
 
@@ -90,6 +91,7 @@ def fleet_env(redis_server: RedisServer) -> dict[str, str]:
         "CFG_MAX_BATCH_ROWS": str(MAX_BATCH_ROWS),
         "CFG_MAX_IMAGES": str(MAX_BATCH_ROWS // 2),
         "CFG_JOB_VISIBILITY_S": str(VISIBILITY_S),
+        "CFG_MAX_STEPS": str(LONG_STEPS),
         "CFG_DRAIN_TIMEOUT_S": "1",  # a drain hands back what it can't finish in a second
     }
 
@@ -211,7 +213,7 @@ def test_twenty_jobs_through_the_gateway_are_drained_by_both_replicas_and_read_w
 
 
 def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
-    body = {**BODY, "num_images": 4, "steps": 200}  # the whole batch: 8 rows
+    body = {**BODY, "num_images": 4, "steps": LONG_STEPS}  # the whole batch: 8 rows
     job_id = httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"]
     wait_job(fleet[0].url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
     ran = replica_of(fleet, store, job_id)
@@ -224,10 +226,10 @@ def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
     r = httpx.delete(f"{elsewhere.url}/v1/jobs/{job_id}", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     # The runner hears it and takes the rows out of its batch: its engine holds nothing soon after, long before
-    # 200 steps of 4 images would end.
+    # LONG_STEPS steps of 4 images would end.
     wait_for(lambda: ran.gauge("cfg_requests_in_flight") == 0, 10, "abort where it runs")
     on_ran = httpx.get(f"{ran.url}/v1/jobs/{job_id}", timeout=10).json()
-    assert on_ran["status"] == "cancelled" and on_ran["step"] < 200 and on_ran["result"] is None
+    assert on_ran["status"] == "cancelled" and on_ran["step"] < LONG_STEPS and on_ran["result"] is None
     assert httpx.delete(f"{ran.url}/v1/jobs/{job_id}", timeout=10).status_code == 409
     after = metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}')
     assert after == before + 1
@@ -235,7 +237,7 @@ def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
 
 def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store):
     """Both batches full (a job of 8 rows each): a third job waits in Redis, where a cancel removes it."""
-    body = {**BODY, "num_images": 4, "steps": 200}
+    body = {**BODY, "num_images": 4, "steps": LONG_STEPS}
     filling = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for _ in fleet]
     wait_for(lambda: all(runner(store, i) is not None for i in filling), 60, "both batches full")
     waiting = httpx.post(f"{fleet[0].url}/v1/jobs", json={**BODY, "seed": 77}, timeout=30).json()["id"]
@@ -340,8 +342,8 @@ def test_the_jobs_of_a_killed_replica_are_taken_over_and_give_the_images_of_the_
     and after the visibility timeout the other replica takes them over and runs them again from their seeds. Every
     job succeeds once, with the images of the same request run alone (within one grey level: they ran beside
     others). Kills one replica: the next test restarts the fleet."""
-    bodies = [{**BODY, "steps": 40, "seed": 300 + i} for i in range(3)]
-    bodies.append({k: v for k, v in {**BODY, "steps": 40}.items() if k != "seed"})  # seeds drawn at its POST
+    bodies = [{**BODY, "steps": 150, "seed": 300 + i} for i in range(3)]  # seconds each: killed mid-way
+    bodies.append({k: v for k, v in {**BODY, "steps": 150}.items() if k != "seed"})  # seeds drawn at its POST
     ids = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for body in bodies]
 
     def running_somewhere() -> bool:
@@ -377,7 +379,7 @@ def test_a_restart_of_every_replica_keeps_the_finished_jobs_and_runs_the_queued_
     done_id = httpx.post(f"{alive[0].url}/v1/jobs", json=BODY, timeout=30).json()["id"]
     finished = wait_job(alive[0].url, done_id, lambda j: j["status"] == "succeeded")
     ids = [
-        httpx.post(f"{alive[0].url}/v1/jobs", json={**BODY, "steps": 100, "seed": 500 + i}, timeout=30).json()["id"]
+        httpx.post(f"{alive[0].url}/v1/jobs", json={**BODY, "steps": 300, "seed": 500 + i}, timeout=30).json()["id"]
         for i in range(6)
     ]
     wait_for(lambda: any(runner(store, i) is not None for i in ids), 60, "a job taken")
@@ -393,5 +395,5 @@ def test_a_restart_of_every_replica_keeps_the_finished_jobs_and_runs_the_queued_
         for job_id in ids:
             job = wait_job(restarted[0].url, job_id, lambda j: j["status"] not in ("queued", "running"), 180)
             assert job["status"] == "succeeded", job
-    # 100 steps don't end within the drain's second: what ran was handed back, not failed.
+    # 300 steps don't end within the drain's second: what ran was handed back, not failed.
     assert any("handed back to the backlog" in r.log_path.read_text() for r in alive)
