@@ -237,7 +237,7 @@ def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
 
 def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store):
     """Both batches full (a job of 8 rows each): a third job waits in Redis, where a cancel removes it."""
-    body = {**BODY, "num_images": 4, "steps": LONG_STEPS}
+    body = {**BODY, "num_images": 4, "steps": 200}
     filling = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for _ in fleet]
     wait_for(lambda: all(runner(store, i) is not None for i in filling), 60, "both batches full")
     waiting = httpx.post(f"{fleet[0].url}/v1/jobs", json={**BODY, "seed": 77}, timeout=30).json()["id"]
@@ -342,8 +342,8 @@ def test_the_jobs_of_a_killed_replica_are_taken_over_and_give_the_images_of_the_
     and after the visibility timeout the other replica takes them over and runs them again from their seeds. Every
     job succeeds once, with the images of the same request run alone (within one grey level: they ran beside
     others). Kills one replica: the next test restarts the fleet."""
-    bodies = [{**BODY, "steps": 150, "seed": 300 + i} for i in range(3)]  # seconds each: killed mid-way
-    bodies.append({k: v for k, v in {**BODY, "steps": 150}.items() if k != "seed"})  # seeds drawn at its POST
+    bodies = [{**BODY, "steps": 40, "seed": 300 + i} for i in range(3)]
+    bodies.append({k: v for k, v in {**BODY, "steps": 40}.items() if k != "seed"})  # seeds drawn at its POST
     ids = [httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"] for body in bodies]
 
     def running_somewhere() -> bool:
