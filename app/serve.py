@@ -6,12 +6,14 @@ Retry-After until then. SIGTERM, or a first Ctrl-C, drains with the port still o
 /readyz get 503 (`draining`) while the requests and jobs in flight finish, for up to CFG_DRAIN_TIMEOUT_S;
 then the port closes, responses still being sent get CLOSE_TIMEOUT_S, and the process exits with status 0.
 A second Ctrl-C stops at once, dropping whatever is in flight. A startup that fails exits with status 1.
+SIGUSR1 writes every thread's stack to stderr (a process that does not stop can say where it waits).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import signal
 import sys
 from types import FrameType
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app = create_app(Settings(), load_in_background=True)
     except ValidationError as exc:

@@ -1,6 +1,7 @@
 """Who sent a request, for the engine's fair shares between clients within a priority class (docs/engine.md).
 
-A client is its API key (`X-API-Key`), else the name it gives in `X-Client-Id`, else "anonymous". The key itself
+A client is its API key (`X-API-Key`; on the OpenAI-compatible route also `Authorization: Bearer KEY`, which
+OpenAI's clients send), else the name it gives in `X-Client-Id`, else "anonymous". The key itself
 never goes past this module: the engine, the metrics and the logs see `key:` and the first 12 hex digits of its
 SHA-256, stable across restarts and replicas. An `X-Client-Id` is a name the client claims, not a credential: it
 shows as `id:` and the name (in the per-client metrics too), and a weight given to it is for whoever sends it.
@@ -21,6 +22,12 @@ API_KEY_HEADER = "X-API-Key"
 CLIENT_ID_HEADER = "X-Client-Id"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9._@:+-]{1,64}$"
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header (OpenAI's clients send their api_key so); else None."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def key_client(api_key: str) -> str:

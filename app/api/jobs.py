@@ -249,21 +249,23 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             raise RequestValidationError([unrunnable])  # the schema's 422: this model cannot run the method as asked
         client = service.model(body.model).client
         spec = to_spec(body)
-        if service.jobs.queues:
-            return await add_to_backlog(
-                service,
-                Job(
-                    id=new_job_id(),
-                    spec=spec,
-                    model=client.name,
-                    request_id="",  # none until a replica takes it
-                    body=request_body,
-                    arrived=arrived,
-                    created_at=time.time(),
-                    idempotency_key=idempotency_key,
-                    client=client_name,
-                ),
+
+        def new_job(request_id: str = "", **running: Any) -> Job:
+            return Job(
+                id=new_job_id(),
+                spec=spec,
+                model=client.name,
+                request_id=request_id,  # none until a replica takes it, on a store that queues jobs
+                body=request_body,
+                arrived=arrived,
+                created_at=time.time(),
+                idempotency_key=idempotency_key,
+                client=client_name,
+                **running,
             )
+
+        if service.jobs.queues:
+            return await add_to_backlog(service, new_job())
         try:
             await service.jobs.reserve()
             # Jobs wait in the engine's queue beyond CFG_MAX_QUEUE: the store's max_jobs bounds them.
@@ -272,18 +274,9 @@ def build_jobs_router(limits: Limits) -> APIRouter:
                 spec, progress=True, limit_queue=False, priority=body.priority or "batch", client=client_name
             )
         except (StoreFullError, StoreUnavailableError, EngineClosedError) as exc:
-            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
-            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
-        job = Job(
-            id=new_job_id(),
-            spec=spec,
-            model=client.name,
-            request_id=request_id,
-            body=request_body,
-            arrived=arrived,
-            created_at=time.time(),
-            idempotency_key=idempotency_key,
-            client=client_name,
+            return rejected(service, body.model, exc)
+        job = new_job(
+            request_id,
             queue_position=client.queue_depth,  # its place once the engine takes it, unless it is admitted at once
             abort=lambda: client.abort(request_id),
         )
@@ -291,8 +284,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             stored = await service.jobs.add(job)
         except (StoreFullError, StoreUnavailableError) as exc:
             client.abort(request_id)
-            service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
-            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
+            return rejected(service, body.model, exc)
         if stored is not job:  # another replica took this Idempotency-Key meanwhile
             client.abort(request_id)
             return replay(stored, request_body)
@@ -304,11 +296,15 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         try:
             stored = await service.jobs.add(job)
         except (StoreFullError, StoreUnavailableError) as exc:
-            service.metrics.jobs.labels(outcome="rejected", model=job.model).inc()
-            return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
+            return rejected(service, job.model, exc)
         if stored is not job:  # another replica took this Idempotency-Key meanwhile
             return replay(stored, job.body)
         return created(job)
+
+    def rejected(service: Service, model: str, exc: Exception) -> Response:
+        """503 with Retry-After: the store is full or unreachable, or the engine is closed."""
+        service.metrics.jobs.labels(outcome="rejected", model=model).inc()
+        return ApiError(503, str(exc), "rejected", {"Retry-After": str(service.retry_after_s)}).response()
 
     def replay(known: Job, request_body: dict[str, Any]) -> JSONResponse:
         if known.body != request_body:

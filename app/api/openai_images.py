@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from app.api.clients import API_KEY_HEADER, CLIENT_ID_HEADER, client_of
+from app.api.clients import API_KEY_HEADER, CLIENT_ID_HEADER, bearer_key, client_of
 from app.api.convert import to_spec
 from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
@@ -222,7 +222,8 @@ def build_openai_router(limits: Limits) -> APIRouter:
             service.metrics.observe_request("invalid")
             return openai_error(400, error["msg"], "method")
         try:
-            client = client_of(request.headers.get(API_KEY_HEADER), request.headers.get(CLIENT_ID_HEADER))
+            api_key = request.headers.get(API_KEY_HEADER) or bearer_key(request.headers.get("Authorization"))
+            client = client_of(api_key, request.headers.get(CLIENT_ID_HEADER))
         except ValueError as exc:
             service.metrics.observe_request("invalid")
             return openai_error(400, str(exc), CLIENT_ID_HEADER)

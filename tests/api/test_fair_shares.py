@@ -108,6 +108,23 @@ def test_a_client_id_that_is_no_name_is_refused_naming_the_header():
         assert c.post("/generate", json={"class_label": 1, "steps": 2}, headers=ok).status_code == 200
 
 
+@pytest.mark.stand_in
+def test_the_openai_route_tells_clients_apart_by_their_bearer_key_and_never_shows_it():
+    # OpenAI's clients send their api_key as Authorization: Bearer; X-API-Key, where sent too, comes first.
+    with TestClient(create_app(Settings(warmup=False))) as c:
+        body = {"prompt": "class 1", "steps": 2}
+        for key in (FLOOD_KEY, LONE_KEY):
+            r = c.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+        both = {"Authorization": "Bearer not-this-one", "X-API-Key": "this-one"}
+        assert c.post("/v1/images/generations", json=body, headers=both).status_code == 200
+        metrics = c.get("/metrics").text
+    for key in (FLOOD_KEY, LONE_KEY, "this-one"):
+        assert metric_value(metrics, f'cfg_client_row_share{{client="{key_client(key)}",priority="interactive"}}') > 0
+        assert key not in metrics
+    assert key_client("not-this-one") not in metrics and 'client="anonymous"' not in metrics
+
+
 @pytest.mark.parametrize("weights", ["s3cret-key", "s3cret-key=0", "s3cret-key=-1", "s3cret-key=x", "=2", "a=1,a=2"])
 def test_client_weights_that_do_not_parse_fail_at_startup_without_echoing_a_key(weights):
     with pytest.raises(ValidationError) as info:

@@ -372,6 +372,18 @@ def test_the_jobs_of_a_killed_replica_are_taken_over_and_give_the_images_of_the_
         assert store.hget(job_key(job_id), "outcome") == "succeeded"
 
 
+def exited(replica: Replica, timeout: float) -> None:
+    """Wait for a replica told to stop; one that does not exit fails the test with its threads' stacks."""
+    try:
+        replica.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        replica.proc.send_signal(signal.SIGUSR1)  # app.serve writes every thread's stack to its log
+        time.sleep(2)
+        replica.proc.kill()
+        replica.proc.wait()
+        pytest.fail(f"{replica.url} did not exit {timeout:g} s after SIGTERM:\n{replica.log_path.read_text()[-12000:]}")
+
+
 def test_a_restart_of_every_replica_keeps_the_finished_jobs_and_runs_the_queued_ones(fleet, store, redis_server):
     """Last in this module: it stops the fleet (SIGTERM: each drains for CFG_DRAIN_TIMEOUT_S, 1 s, and hands back
     what it could not finish) while jobs wait in the backlog, then starts two new replicas on the same store."""
@@ -386,7 +398,7 @@ def test_a_restart_of_every_replica_keeps_the_finished_jobs_and_runs_the_queued_
     for replica in alive:
         replica.proc.send_signal(signal.SIGTERM)
     for replica in alive:
-        replica.proc.wait(timeout=60)
+        exited(replica, 60)
     assert store.scard(UNFINISHED) > 0  # queued, or handed back by the drain
 
     with running_replicas(redis_server.folder, fleet_env(redis_server)) as restarted:
