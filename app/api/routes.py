@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.clients import ClientDep
@@ -19,7 +19,7 @@ from app.api.methods import served_method_error
 from app.api.responses import RequestError, ValidationErrorBody, event_stream_content, json_errors, refusals
 from app.api.schemas import GenerateResponse, Limits, build_generate_request
 from app.api.service import ServiceDep
-from app.api.sse import STREAM_HEADERS, generate_events
+from app.api.sse import open_event_stream
 from app.api.waiting import await_result, refusal, submit
 from app.images import make_grid, to_png_bytes
 
@@ -84,8 +84,7 @@ def build_router(limits: Limits) -> APIRouter:
                 timeout_s=body.timeout_s,
             )
             if media_type == EVENT_STREAM:
-                stream = generate_events(service, model, request_id, request, spec, arrived, body.timeout_s)
-                return StreamingResponse(stream, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
+                return await open_event_stream(service, model, request_id, request, spec, arrived, body.timeout_s)
             result = await await_result(service, model, request_id, request, arrived, timeout_s=body.timeout_s)
         except ApiError as exc:
             return exc.response()

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from app.api.encoding import progress_body, result_body
 from app.api.errors import ApiError
+from app.api.media import EVENT_STREAM
 from app.api.service import Service
 from app.api.waiting import await_result
 from app.engine import Progress
@@ -40,7 +42,7 @@ def progress_event(progress: Progress, spec: SampleSpec) -> str:
     return sse("progress", body)
 
 
-async def generate_events(
+async def open_event_stream(
     service: Service,
     model: str,
     request_id: str,
@@ -48,15 +50,44 @@ async def generate_events(
     spec: SampleSpec,
     arrived: float,
     timeout_s: float | None = None,
-) -> AsyncIterator[str]:
-    """`progress` as the request's place in the queue changes and its steps advance, then one `result` or
-    `error`; a comment every KEEPALIVE_S while nothing happens."""
+) -> Response:
+    """The /generate response with Accept: text/event-stream: `progress` as the request's place in the queue
+    changes and its steps advance, then one `result` or `error`; a comment every KEEPALIVE_S while nothing happens.
+
+    With a timeout_s, the stream opens only once the engine has taken the request (its first event, within a
+    tick): a deadline it refuses is a 503 with Retry-After, like the JSON response's, not a 200 whose only event
+    is an error."""
     events: asyncio.Queue[str] = asyncio.Queue()
+    heard = asyncio.Event()
 
     def on_progress(progress: Progress) -> None:
         events.put_nowait(progress_event(progress, spec))
+        heard.set()
 
     waiter = asyncio.ensure_future(await_result(service, model, request_id, request, arrived, on_progress, timeout_s))
+    if timeout_s is not None:
+        first = asyncio.ensure_future(heard.wait())
+        try:
+            await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
+            if not waiter.done() and not heard.is_set():  # this handler was cancelled: so is the request
+                waiter.cancel()
+        if not heard.is_set() and isinstance(error := waiter.exception(), ApiError):  # ended before any event
+            return error.response()
+    stream = stream_events(service, model, spec, arrived, events, waiter)
+    return StreamingResponse(stream, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
+
+
+async def stream_events(
+    service: Service,
+    model: str,
+    spec: SampleSpec,
+    arrived: float,
+    events: asyncio.Queue[str],
+    waiter: asyncio.Future,
+) -> AsyncIterator[str]:
+    """The events as they come, then the result or error, from the request's waiter."""
     try:
         while True:
             getter = asyncio.ensure_future(events.get())

@@ -34,9 +34,9 @@ def test_a_deadline_the_work_ahead_leaves_no_time_for_is_refused_at_once():
         finally:  # not drained at the end: minutes of work
             for job in flood:
                 c.delete(f"/v1/jobs/{job.json()['id']}")
-    assert metric_value(metrics, "cfg_deadline_refusals_total") == 2
-    assert metric_value(metrics, 'cfg_requests_total{outcome="rejected"}') == 2
-    assert metric_value(metrics, 'cfg_requests_total{outcome="ok"}') == 1
+    assert metric_value(metrics, "cfg_deadline_refusals_total") == 3
+    assert metric_value(metrics, 'cfg_requests_total{outcome="rejected"}') == 3
+    assert metric_value(metrics, 'cfg_requests_total{outcome="ok"}') == 2
 
 
 def refusals(c: TestClient) -> str:
@@ -58,6 +58,15 @@ def refusals(c: TestClient) -> str:
     assert "timeout_s=3" in r.json()["detail"] and "batch work ahead" in r.json()["detail"]
     assert int(r.headers["retry-after"]) >= 1
     assert elapsed < 3, f"refused after {elapsed:.2f} s: it waited out its deadline"
+    # The same as a stream of events: refused with the status, not as a 200 whose only event is the error.
+    r = c.post("/generate", json={**body, "seed": 1}, headers={"Accept": "text/event-stream"})
+    assert r.status_code == 503 and "timeout_s=3" in r.json()["detail"], r.text
+    assert int(r.headers["retry-after"]) >= 1
+    # A stream whose deadline can be met opens and carries its events to the result.
+    sse = {"Accept": "text/event-stream"}
+    r = c.post("/generate", json={"class_label": 3, "steps": 4, "timeout_s": 60}, headers=sse)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    assert r.text.count("event: progress") >= 4 and "event: result" in r.text
 
     # An interactive request whose own 200 steps take longer than its second: refused on the OpenAI endpoint.
     t0 = time.monotonic()
