@@ -73,13 +73,16 @@ class GuidanceParams:
 
 # The guidance of a request that sets none: the API's defaults and research.generate's. GuidanceParams()
 # itself stays plain CFG at s = 3 (research.evaluate's scale sweep and SampleSpec's default).
-# CFG at s = 3.5 only where 0.25 < sigma <= 1.5 (Kynkäänniemi et al. 2024): 3 of the default sampler's 20 steps
-# (dpmpp_2m_karras: sigma 1.04, 0.58, 0.30). Re-chosen for the Karras default (issue 12), on which the earlier
-# default, s = 3 on (0.3, 2], had diversity 0.94x that of s = 1, under issue 13's 0.95 bar; checked at n = 640
-# in docs/guidance-default.md: accuracy 0.975, FID 0.68x and diversity 0.96x those of s = 1, mean grey 73.0
-# (real 72.6), where plain s = 3 has 3.6x, 0.83x and 85.2.
+# CFG at s = 2.5 where 0.25 < sigma <= 5 (Kynkaanniemi et al. 2024), each step weighted by the share of its noise
+# span inside the interval ("span"), so it guides the same amount, (s - 1)(5 - 0.25), at every step count and
+# sampler (docs/guidance.md; 7 of dpmpp_2m_karras's 20 steps). Chosen again (issue 28) at n = 640 under both
+# judges, docs/methods-table.md: accuracy 0.988 / 0.984 (s = 3: 0.995), precision 0.947 / 0.936, FID below
+# constant s = 2's under both, mean grey 75.4 (real 72.6); it gives up some recall and diversity (0.90x / 0.85x
+# those of s = 1), as every setting with s = 3's class fidelity there does. The earlier default, s = 3.5 on
+# (0.25, 1.5] with "step" weighting, guided 3 of 20 steps and was barely guided to an independent classifier.
 DEFAULT_GUIDANCE = GuidanceParams(
-    guidance_scale=3.5, schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.25, sigma_max=1.5)
+    guidance_scale=2.5,
+    schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.25, sigma_max=5.0, weighting="span"),
 )
 
 

@@ -63,11 +63,17 @@ def test_curve_equals_a_real_runs_scales(client, loaded, case):
     assert [s["noise_level"] for s in steps] == [level * f for f in run.noise_factors]
 
 
-def test_default_curve_guides_only_inside_the_sigma_interval(client):
+def test_default_curve_guides_the_span_of_its_sigma_interval(client):
+    # The default: s = 2.5 on sigma in (0.25, 5], each step weighted by the share of its noise span inside.
     steps = client.post("/v1/guidance/curve", json={}).json()["steps"]
     guided = [s for s in steps if s["scale"] != 1.0]
-    assert len(steps) == 20 and len(guided) == 3  # README: the default guides 3 of its 20 steps
-    assert all(0.25 < s["sigma"] <= 1.5 and s["scale"] == 3.5 for s in guided)
+    assert len(steps) == 20 and len(guided) == 7  # README: the default guides 7 of its 20 steps
+    assert all(1.0 < s["scale"] <= 2.5 for s in guided)
+    sigmas = [s["sigma"] for s in steps][1:] + [0.0]  # each step's lower end
+    inside = [s for s, lower in zip(steps, sigmas, strict=True) if 0.25 <= lower and s["sigma"] <= 5]
+    assert inside and all(s["scale"] == pytest.approx(2.5) for s in inside)  # a span wholly inside: the whole s
+    dose = sum((s["scale"] - 1) * (s["sigma"] - lower) for s, lower in zip(steps, sigmas, strict=True))
+    assert dose == pytest.approx(1.5 * (5 - 0.25))  # the interval's own amount of guidance
 
 
 @pytest.mark.parametrize(
