@@ -11,7 +11,7 @@ const SCHEDULE_DEFAULTS = {
   constant: {},
   linear: { start: 1, end: 0 },
   cosine: { start: 1, end: 0 },
-  interval: { start: 0, end: 1, sigma_min: "", sigma_max: "" },
+  interval: { start: 0, end: 1, sigma_min: "", sigma_max: "", weighting: "step" },
 };
 const CURVE_DELAY_MS = 250; // debounce of the curve's request while the user types
 const POLL_MS = 500; // a job is polled only when its event stream breaks off
@@ -294,7 +294,9 @@ function kindParams(col, group, kind) {
   const params = { kind };
   const prefix = `${group}.${kind}.`;
   for (const el of col.root.querySelectorAll(`[data-field^="${prefix}"]`)) {
-    const value = group === "method" ? methodValue(el) : numberOf(el, { optional: true });
+    // A schedule's choice (the interval's weighting) goes as its text; its numbers as numbers.
+    const value =
+      group === "method" ? methodValue(el) : el.tagName === "SELECT" ? el.value : numberOf(el, { optional: true });
     if (value !== undefined) params[el.dataset.field.slice(prefix.length)] = value;
   }
   return params;

@@ -57,13 +57,14 @@ def test_page_loads_from_the_app_alone(page: Page, server):
     expect(page).to_have_title("cfg-serve playground")
     expect(page.locator("#class_label option")).to_have_count(11)  # 10 classes and unconditional
     expect(page.locator("#model")).to_have_value("fashion-mnist-cfg")
-    # Defaults from /v1/models' default_guidance: s = 3.5 on the sigma interval (0.25, 1.5].
+    # Defaults from /v1/models' default_guidance: s = 2.5 on the sigma interval (0.25, 5], span-weighted.
     col = column(page, "A")
-    expect(control(col, "guidance_scale")).to_have_value("3.5")
+    expect(control(col, "guidance_scale")).to_have_value("2.5")
     expect(control(col, "schedule")).to_have_value("interval")
     expect(control(col, "interval-sigma_min")).to_have_value("0.25")
-    expect(control(col, "interval-sigma_max")).to_have_value("1.5")
-    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"over 20 steps.*3 steps with s ≠ 1"))
+    expect(control(col, "interval-sigma_max")).to_have_value("5")
+    expect(control(col, "interval-weighting")).to_have_value("span")
+    expect(control(col, "curve")).to_have_attribute("aria-label", re.compile(r"over 20 steps.*7 steps with s ≠ 1"))
     assert outside == []
 
 
@@ -166,9 +167,9 @@ def test_api_errors_show_next_to_their_fields(page: Page, console):
     open_page(page)
     col = column(page, "A")
     sigma_min = control(col, "interval-sigma_min")
-    sigma_min.fill("3")  # sigma_max is 1.5: the server's 422 names schedule.interval, the message sigma_min
+    sigma_min.fill("6")  # sigma_max is 5: the server's 422 names schedule.interval, the message sigma_min
     error = page.locator("#c1-interval-sigma_min-error")
-    expect(error).to_have_text("schedule.sigma_min (3) must be below sigma_max (1.5)")
+    expect(error).to_have_text("schedule.sigma_min (6) must be below sigma_max (5)")
     expect(sigma_min).to_have_attribute("aria-invalid", "true")
     expect(sigma_min).to_have_attribute("aria-describedby", re.compile(r"\bc1-interval-sigma_min-error\b"))
     expect(control(col, "interval-sigma_max")).not_to_have_attribute("aria-invalid", "true")
