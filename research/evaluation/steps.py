@@ -1,8 +1,8 @@
 """Sampler steps against quality: python -m research.evaluation.steps.
 
 Draws --per-class images of every class for each sampler, step count and precision, with the default
-request's guidance (DEFAULT_GUIDANCE: CFG s = 3.5 only where 0.25 < sigma <= 1.5) and the same seeds in every
-row (class c uses seeds seed + c * per_class + i, as research.evaluate does). Scores them with research.evaluate's
+request's guidance (DEFAULT_GUIDANCE: CFG s = 2.5 where 0.25 < sigma <= 5, span-weighted) and the same seeds in
+every row (class c uses seeds seed + c * per_class + i, as research.evaluate does). Scores them with research.evaluate's
 classifier (the same cache) against the same reference statistics, next to a real baseline of as many
 test images. Writes docs/steps.md and docs/steps.json.
 
