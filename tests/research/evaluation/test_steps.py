@@ -52,7 +52,7 @@ def test_steps_table_on_a_tiny_config(tmp_path, capsys):
     assert [(r["precision"], r["sampler"], r["steps"]) for r in rows] == [
         (p, s, n) for p in ("fp32", "bf16") for s in ("dpmpp_2m", "ddim") for n in (2, 3)
     ]
-    assert table["real"]["n"] == 20 and table["per_class"] == 2 and '"sigma_max": 1.5' in table["guidance"]
+    assert table["real"]["n"] == 20 and table["per_class"] == 2 and '"sigma_max": 5.0' in table["guidance"]
     for r in rows:
         most = next(x for x in rows if (x["sampler"], x["precision"], x["steps"]) == (r["sampler"], r["precision"], 3))
         assert r["fid_vs_most"] == pytest.approx(r["fid"] / most["fid"])
