@@ -173,7 +173,7 @@ async def run(args) -> list[str]:
         torch.set_num_threads(args.threads)
     settings = Settings(max_batch_rows=args.max_batch_rows)
     compute = SharedCompute()
-    served = await serve_model(settings, DEFAULT_MODEL_PATH, torch.device("cpu"), compute, create_metrics())
+    served, _engine = await serve_model(settings, DEFAULT_MODEL_PATH, torch.device("cpu"), compute, create_metrics())
     client = served.client
     await client.warmup(SampleSpec(class_label=0, seeds=(0,), steps=2))
     await client.start()
