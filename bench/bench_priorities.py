@@ -191,7 +191,7 @@ async def run(args) -> list[str]:
         f"commit {git_commit()}",
         "",
         f"- machine: {machine_description()}",
-        f"- command: `nice python3 {' '.join(sys.argv)}` (torch threads {torch.get_num_threads()})",
+        f"- command: `python3 {' '.join(sys.argv)}` (torch threads {torch.get_num_threads()})",
         f"- {args.interactive} interactive clients (1 image, {INTERACTIVE_STEPS} steps, back to back); a flood of "
         f"{args.depth} batch jobs of {FLOOD_IMAGES} images and {FLOOD_STEPS} steps always waiting or running; "
         f"CFG_MAX_BATCH_ROWS {settings.max_batch_rows}; each phase {args.settle:g} s to settle, then "
