@@ -77,9 +77,10 @@ class GuidanceParams:
 # span inside the interval ("span"), so it guides the same amount, (s - 1)(5 - 0.25), at every step count and
 # sampler (docs/guidance.md; 7 of dpmpp_2m_karras's 20 steps). Chosen again (issue 28) at n = 640 under both
 # judges, docs/methods-table.md: accuracy 0.988 / 0.984 (s = 3: 0.995), precision 0.947 / 0.936, FID below
-# constant s = 2's under both, mean grey 75.4 (real 72.6); it gives up some recall and diversity (0.90x / 0.85x
-# those of s = 1), as every setting with s = 3's class fidelity there does. The earlier default, s = 3.5 on
-# (0.25, 1.5] with "step" weighting, guided 3 of 20 steps and was barely guided to an independent classifier.
+# constant s = 2's under both, mean grey 75.4 (real 72.6); it gives up some diversity (0.90x / 0.85x that of
+# s = 1) and recall (ResNet 0.78 against 0.87), as every setting with s = 3's class fidelity there does. The
+# earlier default, s = 3.5 on (0.25, 1.5] with "step" weighting, guided 3 of 20 steps and was barely guided to
+# an independent classifier.
 DEFAULT_GUIDANCE = GuidanceParams(
     guidance_scale=2.5,
     schedule=GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.25, sigma_max=5.0, weighting="span"),
