@@ -67,6 +67,8 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     uncond_rows = metrics.forward_rows.labels(kind="unconditional", model=model)
     perturbed_rows = metrics.forward_rows.labels(kind="perturbed", model=model)
     guide_rows = metrics.forward_rows.labels(kind="guide", model=model)
+    full_rows = metrics.path_rows.labels(path="full", model=model)
+    shallow_rows = metrics.path_rows.labels(path="shallow", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
     preemptions = metrics.preemptions.labels(model=model)
@@ -78,6 +80,8 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
         uncond_rows.inc(stats.uncond_rows)
         perturbed_rows.inc(stats.perturbed_rows)
         guide_rows.inc(stats.guide_rows)
+        full_rows.inc(stats.rows - stats.shallow_rows)
+        shallow_rows.inc(stats.shallow_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
         if stats.images_finished:
             images.inc(stats.images_finished)

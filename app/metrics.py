@@ -23,6 +23,7 @@ JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 # cfg_engine_forward_rows_total's kinds: a class label, the null label, perturbed attention (attention guidance),
 # and rows through a guide model (autoguidance).
 FORWARD_ROW_KINDS = ("conditional", "unconditional", "perturbed", "guide")
+FORWARD_PATHS = ("full", "shallow")  # cfg_engine_path_rows: a step cache's rows take the shallow path
 
 
 # The model label of a request refused before its model was known (an invalid body).
@@ -89,6 +90,7 @@ class Metrics:
     jobs_taken_over: Counter
     forward_rows: Counter
     skipped_rows: Counter
+    path_rows: Counter
     class_queue_wait: Histogram
     class_latency: Histogram
     class_rows: Counter
@@ -112,6 +114,8 @@ class Metrics:
             self.jobs.labels(outcome=outcome, model=model)
         for kind in FORWARD_ROW_KINDS:
             self.forward_rows.labels(kind=kind, model=model)
+        for path in FORWARD_PATHS:
+            self.path_rows.labels(path=path, model=model)
         for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
             metric.labels(model=model)
         for priority in PRIORITY_CLASSES:
@@ -224,6 +228,13 @@ def create_metrics(registry: CollectorRegistry | None = None, top_clients: int =
             "cfg_engine_skipped_uncond_rows",
             "Unconditional rows not run because the step's guidance weight was exactly 1 (interval schedules)",
             ["model"],
+            registry=registry,
+        ),
+        path_rows=Counter(
+            "cfg_engine_path_rows",
+            "Rows of this model's forwards by the path they took: full (the whole network) or shallow (a step cache's "
+            "row that reused its deep features and ran only the shallow path, app/models/deepcache.py)",
+            ["path", "model"],
             registry=registry,
         ),
         class_queue_wait=Histogram(

@@ -57,7 +57,9 @@ from app.engine.pace import TickTimes
 from app.engine.policy import PRIORITIES, seconds_over
 from app.engine.scheduler import ANONYMOUS, EngineRequest, Scheduler
 from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
+from app.models.deepcache import DeepCacheError
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
+from app.sampling.step import reused_rows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -368,6 +370,7 @@ class Engine:
             return
         request = EngineRequest(request_id, self.make_run(spec), enqueued_at, progress, priority, client)
         refusal = self._perturbation_refusal(request.run) or self._guide_refusal(request.run)
+        refusal = refusal or self._cache_refusal(request.run)
         refusal = refusal or self._scheduler.refusal(request.run, limit_queue)
         if refusal is not None:
             self._finals += 1
@@ -390,6 +393,25 @@ class Engine:
             resolve_layers(self._perturbations[run.perturbation.kind], run.perturbation)
         except PerturbationError as exc:
             return "invalid", f"model {self.name}: {exc}"
+        return None
+
+    def _cache_refusal(self, run: SampleRun) -> tuple[str, str] | None:
+        """("invalid", why) where this model cannot run the run's step cache, or not at its branch (the API
+        refuses these first, naming the fields)."""
+        cache = run.spec.cache
+        if cache is None:
+            return None
+        support: dict[str, str | None] = getattr(self._denoiser, "cache_support", dict)()
+        if "deepcache" not in support:
+            return "invalid", f"model {self.name} has no step cache: cache.kind must be none"
+        try:
+            if support["deepcache"] is not None:
+                raise DeepCacheError(support["deepcache"])
+            deepest = self._denoiser.deepcache_branches()  # type: ignore[attr-defined]
+        except DeepCacheError as exc:
+            return "invalid", f"model {self.name}: {exc}"
+        if cache.branch > deepest:
+            return "invalid", f"model {self.name}: deepcache branch must be 0..{deepest} (got {cache.branch})"
         return None
 
     def _guide_refusal(self, run: SampleRun) -> tuple[str, str] | None:
@@ -427,6 +449,7 @@ class Engine:
     def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
         """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
         self._scheduler.remove(request)
+        request.run.release()
         del self._requests[request.id]
         self._finals += 1
         self._queue_changed = True
@@ -453,6 +476,7 @@ class Engine:
         skipped = sum(r.skipped_uncond_rows() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         guide_rows = sum(r.guide_rows_needed() for r in runs)
+        shallow = reused_rows(runs)
         rows = denoise_step(self._denoiser, runs, self._guides)
         self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
@@ -501,6 +525,7 @@ class Engine:
             perturbed_rows=perturbed,
             guide_rows=guide_rows,
             skipped_uncond_rows=skipped,
+            shallow_rows=shallow,
             queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_rows=tuple(class_rows.items()),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from app.models.deepcache import DeepCacheError, RowsOut, forward_rows, max_branch
 from app.models.denoiser import HookedDenoiser
 from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, to_uint8
 
@@ -323,6 +325,28 @@ class UNetDenoiser(HookedDenoiser):
     def _forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         out = self.unet(x, timesteps, class_labels=class_labels).sample
         return out if self.eps_channels is None else out[:, : self.eps_channels]
+
+    def cache_support(self) -> dict[str, str | None]:
+        try:
+            max_branch(self.unet)
+        except DeepCacheError as exc:
+            return {"deepcache": str(exc)}
+        return {"deepcache": None}
+
+    def deepcache_branches(self) -> int:
+        return max_branch(self.unet)
+
+    def _forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        branches: Sequence[int | None],
+        cached: Sequence[torch.Tensor | None],
+        deep_all: bool,
+    ) -> RowsOut:
+        out = forward_rows(self.unet, x, timesteps, class_labels, branches, cached, deep_all)
+        return out if self.eps_channels is None else RowsOut(out.eps[:, : self.eps_channels], out.deep, out.full_rows)
 
     @torch.inference_mode()
     def class_embedding(self, label: int) -> torch.Tensor:

@@ -9,11 +9,17 @@ network is split where up block -(k+1) (counted from the output end) takes its i
 - the deep part: down block k's downsampler, the down blocks after it, the mid block, and the up blocks
   before -(k+1). Its output, the features entering up block -(k+1), is what a row caches.
 
-`forward_rows` runs one forward in which each row chooses for itself: a row without a cached tensor runs the
-whole network (the deep part on the gathered full rows only, in one call) and returns its new deep features to
-be cached; a row with one runs only the shallow path and reuses them. Nothing of a row depends on the other
-rows of the forward, so a request's images don't depend on what it was batched with, and the cache lives
-wherever the caller keeps it (the request's run, which frees it when the run leaves).
+`forward_rows` runs one forward in which each row chooses for itself, its branch included: a row without a
+cached tensor runs the whole network and returns its new deep features at its branch, to be cached; a row with
+one runs only its shallow path and reuses them. The network is walked level by level (a level: one down block's
+resolution and the up block that mirrors it); each level's layers run once, on the gathered rows that reach it,
+so the deep part runs only on the rows that need it. Every op is row-wise: nothing of a row depends on the other
+rows of the forward, so a request's images don't depend on what it was batched with, and the cache lives wherever
+the caller keeps it (the request's run, which frees it when the run leaves).
+
+With deep_all (a forward with perturbed rows, whose hooks select rows by their index in the whole forward) every
+row runs the deep part, and a cached row still takes its cached features at its branch: the same outputs, at the
+full forward's cost.
 """
 
 from __future__ import annotations
@@ -35,8 +41,21 @@ class DeepCacheError(ValueError):
 @dataclass(frozen=True)
 class RowsOut:
     eps: torch.Tensor  # (rows, C, H, W): the network's output
-    deep: torch.Tensor  # (rows, ...): each row's features entering up block -(branch + 1), to cache
-    full_rows: int  # rows that ran the deep part in this forward
+    deep: tuple[torch.Tensor | None, ...]  # per row: its features entering up block -(branch + 1), to cache
+    full_rows: int  # rows whose deep part this forward computed
+
+
+def _levels(unet: UNet2DModel) -> int:
+    """The UNet's levels, where each up block takes exactly the skips its level's down path gives (the
+    level-by-level walk needs it; true of diffusers' layouts); DeepCacheError where it does not."""
+    down, up = unet.down_blocks, unet.up_blocks
+    for level, block in enumerate(down):
+        given = 1 + len(block.resnets)  # conv_in's output or the previous level's downsampler's, then the resnets'
+        if level > 0 and down[level - 1].downsamplers is None:
+            given -= 1
+        if given != len(up[len(up) - 1 - level].resnets):
+            raise DeepCacheError(f"this UNet's skip connections cross its levels at level {level}")
+    return len(down)
 
 
 def max_branch(unet: UNet2DModel) -> int:
@@ -53,6 +72,7 @@ def max_branch(unet: UNet2DModel) -> int:
         branches += 1
     if branches == 0 or len(unet.up_blocks) != len(unet.down_blocks):
         raise DeepCacheError("deepcache needs down blocks of type DownBlock2D or AttnDownBlock2D")
+    _levels(unet)
     return branches - 1
 
 
@@ -61,13 +81,6 @@ def check_branch(unet: UNet2DModel, branch: int) -> None:
     deepest = max_branch(unet)
     if not 0 <= branch <= deepest:
         raise DeepCacheError(f"deepcache branch must be 0..{deepest} for this UNet (got {branch})")
-    # The deep up blocks must take exactly the skips the deep down path gives (true of diffusers' layouts).
-    block = unet.down_blocks[branch]
-    given = int(block.downsamplers is not None)
-    given += sum(len(b.resnets) + int(b.downsamplers is not None) for b in unet.down_blocks[branch + 1 :])
-    taken = sum(len(b.resnets) for b in unet.up_blocks[: len(unet.up_blocks) - branch - 1])
-    if given != taken:
-        raise DeepCacheError(f"this UNet's skip connections cross its split at branch {branch}")
 
 
 def _embedding(unet: UNet2DModel, timesteps: torch.Tensor, class_labels: torch.Tensor, rows: int) -> torch.Tensor:
@@ -81,8 +94,8 @@ def _embedding(unet: UNet2DModel, timesteps: torch.Tensor, class_labels: torch.T
     return emb
 
 
-def _split_block(block: torch.nn.Module, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """Down block k's resnets (and attentions), not its downsampler: its output and the skips it gives."""
+def _resnets(block: torch.nn.Module, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A down block's resnets (and attentions), not its downsampler: its output and the skips it gives."""
     outputs: tuple = ()
     attentions = getattr(block, "attentions", None)
     resnets: torch.nn.ModuleList = block.resnets  # type: ignore[assignment]
@@ -94,68 +107,80 @@ def _split_block(block: torch.nn.Module, h: torch.Tensor, emb: torch.Tensor) -> 
     return h, outputs
 
 
+def _narrow(t: torch.Tensor, have: list[int], keep: list[int]) -> torch.Tensor:
+    """The rows `keep` of t, whose rows are `have` (keep a subsequence of have): t itself where they are all."""
+    if len(keep) == len(have):
+        return t
+    where = {row: i for i, row in enumerate(have)}
+    return t.index_select(0, torch.tensor([where[row] for row in keep], device=t.device))
+
+
 def forward_rows(
     unet: UNet2DModel,
     sample: torch.Tensor,
     timesteps: torch.Tensor,
     class_labels: torch.Tensor,
-    branch: int,
+    branch: int | Sequence[int | None],
     cached: Sequence[torch.Tensor | None],
+    deep_all: bool = False,
 ) -> RowsOut:
-    """One forward of the rows of `sample`; cached[i] is row i's deep features to reuse, or None to run the
-    deep part for it. The full rows equal the UNet's own output (the same ops, on the gathered rows)."""
-    check_branch(unet, branch)
+    """One forward of the rows of `sample`. branch: every row's, or each row's (None: a row that caches nothing,
+    run in full); cached[i]: row i's deep features at its branch to reuse, or None to run the deep part for it
+    (whose features come back in deep[i]). A full row's output equals the UNet's own (the same ops, on the
+    gathered rows)."""
     rows = sample.shape[0]
-    if len(cached) != rows:
-        raise ValueError(f"cached has {len(cached)} entries for {rows} rows")
-    emb = _embedding(unet, timesteps, class_labels, rows)
+    branches = [branch] * rows if isinstance(branch, int) else list(branch)
+    if len(cached) != rows or len(branches) != rows:
+        raise ValueError(f"cached has {len(cached)} entries and branch {len(branches)} for {rows} rows")
+    for b in set(branches) - {None}:
+        check_branch(unet, b)  # type: ignore[arg-type]
+    if any(b is None and c is not None for b, c in zip(branches, cached, strict=True)):
+        raise ValueError("a row with cached features needs the branch they were cached at")
+    levels = len(unet.down_blocks)
+    # The deepest level each row's layers run at (levels: the mid block too), and where a cached row's features
+    # enter the up path.
+    depth: list[int] = [levels if c is None or deep_all else b for b, c in zip(branches, cached, strict=True)]  # type: ignore[misc]
+    enter = [None if c is None else b for b, c in zip(branches, cached, strict=True)]
+    emb_all = _embedding(unet, timesteps, class_labels, rows)
+
     h = unet.conv_in(sample)
-    skips: tuple = (h,)
-    for block in unet.down_blocks[:branch]:
-        h, outputs = block(hidden_states=h, temb=emb)
-        skips += outputs
-    h, outputs = _split_block(unet.down_blocks[branch], h, emb)
-    skips += outputs
+    alive = list(range(rows))  # the rows of h, in order
+    first: tuple = (h,)
+    skips: list[tuple[list[int], tuple]] = []  # per level: its rows and the skips its up block takes
+    for level, block in enumerate(unet.down_blocks):
+        h, outputs = _resnets(block, h, _narrow(emb_all, list(range(rows)), alive))
+        skips.append((alive, first + outputs))
+        deeper = [i for i in alive if depth[i] > level]
+        alive = deeper
+        if not deeper:  # every row is cached at this level or above: the levels below run no row
+            skips += [([], ())] * (levels - 1 - level)
+            break
+        h = _narrow(h, skips[-1][0], deeper)
+        first = ()
+        if block.downsamplers is not None:
+            for downsampler in block.downsamplers:
+                h = downsampler(h)
+            first = (h,)
+    if alive and unet.mid_block is not None:
+        h = unet.mid_block(h, _narrow(emb_all, list(range(rows)), alive))
 
-    full = [i for i, c in enumerate(cached) if c is None]
-    deep_rows: list[torch.Tensor | None] = list(cached)
-    if full:
-        index = torch.tensor(full, device=sample.device)
-        deep = _deep(unet, branch, h.index_select(0, index), emb.index_select(0, index))
-        for j, i in enumerate(full):
-            deep_rows[i] = deep[j]
-    deep_all = torch.stack([d for d in deep_rows if d is not None])
-
-    # The up blocks of the shallow path take their skips from the end of what the shallow down path gave.
-    up = deep_all
-    remaining = skips
-    for block in unet.up_blocks[len(unet.up_blocks) - branch - 1 :]:
-        taken, remaining = remaining[-len(block.resnets) :], remaining[: -len(block.resnets)]
-        up = block(up, taken, emb)
-    out = unet.conv_out(unet.conv_act(unet.conv_norm_out(up)))
-    return RowsOut(out, deep_all, len(full))
-
-
-def _deep(
-    unet: UNet2DModel,
-    branch: int,
-    h: torch.Tensor,
-    emb: torch.Tensor,
-) -> torch.Tensor:
-    """The deep part on the full rows (their h at the split and their embeddings, gathered)."""
-    block = unet.down_blocks[branch]
-    skips: tuple = ()
-    if block.downsamplers is not None:
-        for downsampler in block.downsamplers:
-            h = downsampler(h)
-        skips += (h,)
-    for deeper in unet.down_blocks[branch + 1 :]:
-        h, outputs = deeper(hidden_states=h, temb=emb)
-        skips += outputs
-    if unet.mid_block is not None:
-        h = unet.mid_block(h, emb)
-    remaining = skips  # the deep up blocks take exactly these (check_branch)
-    for up in unet.up_blocks[: len(unet.up_blocks) - branch - 1]:
-        taken, remaining = remaining[-len(up.resnets) :], remaining[: -len(up.resnets)]
-        h = up(h, taken, emb)
-    return h
+    deep: list[torch.Tensor | None] = [None] * rows
+    for level in reversed(range(levels)):
+        level_rows, taken = skips[level]
+        if not level_rows:
+            continue
+        entering = [i for i in level_rows if enter[i] == level]
+        if entering:  # the cached rows entering here join the rows coming up from below, in row order
+            coming = {row: j for j, row in enumerate(alive)}
+            parts = [cached[i] if enter[i] == level else h[coming[i]] for i in level_rows]
+            h = torch.stack(parts)  # type: ignore[arg-type]
+        for j, i in enumerate(level_rows):
+            if cached[i] is None and branches[i] == level:
+                deep[i] = h[j].clone()  # a row of its own: the batch's tensor is not kept alive by it
+            elif enter[i] == level:
+                deep[i] = cached[i]
+        up = unet.up_blocks[levels - 1 - level]
+        h = up(h, taken, _narrow(emb_all, list(range(rows)), level_rows))
+        alive = level_rows
+    out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+    return RowsOut(out, tuple(deep), sum(1 for d in depth if d == levels))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from app.models.attention import PerturbationSites, RowPerturbations, perturbation_hooks, perturbation_sites
+from app.models.deepcache import DeepCacheError, RowsOut
 
 
 class HookedDenoiser:
@@ -40,8 +43,32 @@ class HookedDenoiser:
     ) -> torch.Tensor:
         if embed_delta is None and perturb is None:
             return self._forward(x, timesteps, class_labels)
-        if perturb is not None and perturb.rows != x.shape[0]:
-            raise ValueError(f"perturb covers {perturb.rows} rows, and the forward has {x.shape[0]}")
+        with self._hooked(x.shape[0], embed_delta, perturb):
+            return self._forward(x, timesteps, class_labels)
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        embed_delta: torch.Tensor | None = None,
+        *,
+        perturb: RowPerturbations | None = None,
+        branches: Sequence[int | None],
+        cached: Sequence[torch.Tensor | None],
+    ) -> RowsOut:
+        """The forward with each row's full or shallow path (app/models/deepcache.py: branches[i] is row i's depth,
+        None where it caches nothing; cached[i] its features to reuse, None to compute them). With perturbed rows
+        every row runs the deep part: the hooks select rows by their index in the whole forward."""
+        with self._hooked(x.shape[0], embed_delta, perturb):
+            return self._forward_cached(x, timesteps, class_labels, branches, cached, perturb is not None)
+
+    @contextlib.contextmanager
+    def _hooked(self, rows: int, embed_delta: torch.Tensor | None, perturb: RowPerturbations | None) -> Iterator[None]:
+        """The hooks of embed_delta and perturb, held for one forward in this thread."""
+        if perturb is not None and perturb.rows != rows:
+            raise ValueError(f"perturb covers {perturb.rows} rows, and the forward has {rows}")
         owner = threading.get_ident()
 
         def add_delta(_module: torch.nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -52,10 +79,30 @@ class HookedDenoiser:
         if embed_delta is not None:
             hooks += [e.register_forward_hook(add_delta) for e in self.label_embedders]
         try:
-            return self._forward(x, timesteps, class_labels)
+            yield
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def cache_support(self) -> dict[str, str | None]:
+        """Each step cache kind beyond "none" (app/sampling/cache.py) and why this model can't run it (None:
+        it can)."""
+        return {"deepcache": "deepcache splits a UNet at its levels, and this model has none"}
+
+    def deepcache_branches(self) -> int:
+        """The deepest branch deepcache can split this model at (app/models/deepcache.py)."""
+        raise DeepCacheError(self.cache_support()["deepcache"] or "deepcache is not supported")
+
+    def _forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        branches: Sequence[int | None],
+        cached: Sequence[torch.Tensor | None],
+        deep_all: bool,
+    ) -> RowsOut:
+        raise DeepCacheError(self.cache_support()["deepcache"] or "deepcache is not supported")
 
     @functools.cached_property
     def perturbation_sites(self) -> PerturbationSites:

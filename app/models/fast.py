@@ -41,6 +41,7 @@ import torch
 import torch._inductor.config
 
 from app.models.attention import INT8_REASON, PerturbationError, RowPerturbations
+from app.models.deepcache import DeepCacheError, RowsOut
 from app.models.precision import (
     INT8_DOT_FLAGS,
     INT8_MAX_ROWS,
@@ -53,6 +54,7 @@ from app.models.precision import (
 __all__ = ["INT8_MAX_ROWS", "INT8_MIN_ROWS", "FastDenoiser", "PrecisionError", "fast_denoiser", "resolve_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
+DEEPCACHE_INT8_REASON = "precision int8 runs a quantized graph that deepcache cannot split: use fp32 or bf16"
 PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "int8", "auto")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -211,6 +213,42 @@ class FastDenoiser:
             return torch.cat(parts)
         padded = pad_rows((x, timesteps, class_labels), self.bucket(rows) if self.buckets else rows)
         return self._run(*padded)[:rows].contiguous()
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        *extra: torch.Tensor,
+        perturb: RowPerturbations | None = None,
+        branches: Sequence[int | None],
+        cached: Sequence[torch.Tensor | None],
+    ) -> RowsOut:
+        """A forward whose rows take their full or shallow path (app/models/deepcache.py) runs eager, as CADS's
+        does: which rows run the deep part changes from tick to tick, and no compiled graph or CUDA graph is
+        made for it. int8 is refused: the quantized graph is not the modules the split runs."""
+        if self.precision == "int8":
+            raise DeepCacheError(DEEPCACHE_INT8_REASON)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        forward = self.denoiser.forward_cached  # type: ignore[attr-defined]
+        kwargs = {"perturb": perturb, "branches": branches, "cached": cached}
+        if self.precision == "fp32":
+            out = forward(x, timesteps, class_labels, *extra, **kwargs)
+        else:
+            with torch.autocast(self._device_type, dtype=DTYPES[self.precision]):
+                out = forward(x, timesteps, class_labels, *extra, **kwargs)
+        return RowsOut(out.eps.float().contiguous(), out.deep, out.full_rows)
+
+    def cache_support(self) -> dict[str, str | None]:
+        """The wrapped model's step cache kinds (app/sampling/cache.py), none at int8."""
+        support: dict[str, str | None] = getattr(self.denoiser, "cache_support", dict)()
+        int8 = DEEPCACHE_INT8_REASON if self.precision == "int8" else None
+        return {kind: reason or int8 for kind, reason in support.items()}
+
+    def deepcache_branches(self) -> int:
+        return self.denoiser.deepcache_branches()  # type: ignore[attr-defined]
 
     def _perturbed(
         self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor, *extra, perturb: RowPerturbations

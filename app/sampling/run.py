@@ -33,6 +33,7 @@ from app.guidance import (
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import step_table
+from app.sampling.cache import CachePlan, RowCache
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
     config_key,
@@ -109,6 +110,7 @@ class SampleRun:
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
         self.step_index = 0
+        self.cache = None if spec.cache is None else RowCache(spec.cache, spec.steps)
 
     def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:
         """The request's noise on its condition: the seed's on eps_cond, CADS's on the class embedding."""
@@ -183,6 +185,33 @@ class SampleRun:
         against max_batch_rows. A guide row counts as a full row, though the shipped guide costs about a
         quarter of one: the bound then holds for each forward, and a compiled guide's buckets cover it."""
         return self.rows_profile() + self.guide_rows_profile()
+
+    def row_kinds(self) -> tuple[str, ...]:
+        """This step's kinds of rows in the main forward, in their order: the conditional, then MAIN_BRANCHES'."""
+        return ("cond", *(b for b in self.branches(self.step_index) if b in MAIN_BRANCHES))
+
+    def cache_plan(self) -> CachePlan | None:
+        """This step's rows' branches and cached features (app/sampling/cache.py); None without a cache."""
+        if self.cache is None:
+            return None
+        return self.cache.plan(self.step_index, self.row_kinds(), self.spec.num_images)
+
+    def reused_rows(self) -> int:
+        """This step's rows that reuse cached features (the shallow path, unless the forward runs every row's
+        deep part: app.sampling.step.reused_rows)."""
+        if self.cache is None:
+            return 0
+        return self.spec.num_images * len(self.cache.reused_kinds(self.step_index, self.row_kinds()))
+
+    def keep_cache(self, deep: tuple[torch.Tensor | None, ...]) -> None:
+        """The step's forward gave these deep features for this run's rows (before advance)."""
+        if self.cache is not None:
+            self.cache.keep(self.step_index, deep)
+
+    def release(self) -> None:
+        """Free what the run holds beyond its latents: its cached features (it finished, or left the engine)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     @functools.cached_property
     def _cond_labels(self) -> torch.Tensor:
@@ -294,6 +323,8 @@ class SampleRun:
         i = self.step_index
         self.latents = latents
         self.step_index += 1
+        if self.done:
+            self.release()
         if self._preview_due():
             x0 = eps_to_x0(self._step_input(), eps_guided, self.alpha_bars[i])
             self.preview = Preview(self.step_index, self.decode(x0))

@@ -6,7 +6,7 @@ the engine. steps_together and perturbation_of read a spec: which step path it t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -24,6 +24,8 @@ from app.guidance import (
     guider_class,
 )
 from app.models.attention import Perturbation, RowPerturbations
+from app.models.deepcache import RowsOut
+from app.sampling.cache import DeepCacheParams
 from app.sampling.schedulers import (
     DEFAULT_SAMPLER,
 )
@@ -45,6 +47,24 @@ class Denoiser(Protocol):
         *args: torch.Tensor,
         perturb: RowPerturbations | None = None,
     ) -> torch.Tensor: ...
+
+
+class CachingDenoiser(Denoiser, Protocol):
+    """A Denoiser whose forward can reuse features cached between steps, row by row (app/models/deepcache.py):
+    branches[i] is row i's split depth (None: it caches nothing), cached[i] its features to reuse (None: it runs
+    the deep part, whose features come back in the output's deep[i])."""
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        /,
+        *args: torch.Tensor,
+        perturb: RowPerturbations | None = None,
+        branches: Sequence[int | None],
+        cached: Sequence[torch.Tensor | None],
+    ) -> RowsOut: ...
 
 
 # The branches whose rows ride in the main model's forward, after the request's conditional rows.
@@ -98,6 +118,7 @@ class SampleSpec:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     return_trace: bool = False
     preview_every: int | None = None  # keep the x0 prediction as a preview every this many steps; None: no previews
+    cache: DeepCacheParams | None = None  # reuse deep features between steps (app/sampling/cache.py); None: off
 
     @property
     def num_images(self) -> int:

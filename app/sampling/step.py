@@ -8,13 +8,15 @@ others'. Autoguidance's rows go through the guide model: one more forward per gu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 
 from app.models.attention import RowPerturbations
 from app.sampling.batched import advance_together, inputs_together
+from app.sampling.cache import CachePlan
 from app.sampling.run import SampleRun
-from app.sampling.spec import Denoiser, ModelInput
+from app.sampling.spec import CachingDenoiser, Denoiser, ModelInput
 
 
 def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[str, Denoiser] | None = None) -> int:
@@ -35,9 +37,16 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[
         width = next(d for d in deltas if d is not None).shape[1]
         zeros = [torch.zeros((i.rows, width), device=i.x.device) for i in inputs]
         args.append(torch.cat([z if d is None else d for z, d in zip(zeros, deltas, strict=True)]))
+    perturb = None
     if any(i.perturbed is not None for i in inputs):  # only then: the other ticks keep their exact path
         per_row = [p for i in inputs for p in (i.perturbed or (None,) * i.rows)]
-        eps = denoiser(*args, perturb=RowPerturbations.from_rows(per_row, args[0].device))
+        perturb = RowPerturbations.from_rows(per_row, args[0].device)
+    ordered = [*together, *alone]  # the runs in their rows' order
+    plans = [r.cache_plan() for r in ordered]
+    if any(p is not None for p in plans):
+        eps = _cached_forward(denoiser, args, perturb, ordered, plans)
+    elif perturb is not None:
+        eps = denoiser(*args, perturb=perturb)
     else:
         eps = denoiser(*args)
     guided = guide_outputs(alone, guides or {})
@@ -53,6 +62,40 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[
     if together:
         advance_together(together, eps, offsets)
     return offset
+
+
+def _cached_forward(
+    denoiser: Denoiser,
+    args: list[torch.Tensor],
+    perturb: RowPerturbations | None,
+    runs: Sequence[SampleRun],
+    plans: Sequence[CachePlan | None],
+) -> torch.Tensor:
+    """The forward of a step in which some runs cache features (app/sampling/cache.py): each row takes its full
+    or shallow path (app/models/deepcache.py); each caching run keeps its rows' new features."""
+    forward_cached = getattr(denoiser, "forward_cached", None)
+    if forward_cached is None:
+        raise ValueError("a run caches features, and this model's forward cannot reuse them")
+    branches: list[int | None] = []
+    cached: list[torch.Tensor | None] = []
+    sizes = [r.rows_needed() for r in runs]
+    for plan, rows in zip(plans, sizes, strict=True):
+        branches += [None] * rows if plan is None else list(plan.branches)
+        cached += [None] * rows if plan is None else list(plan.cached)
+    out = cast(CachingDenoiser, denoiser).forward_cached(*args, perturb=perturb, branches=branches, cached=cached)
+    offset = 0
+    for run, rows in zip(runs, sizes, strict=True):
+        run.keep_cache(out.deep[offset : offset + rows])
+        offset += rows
+    return out.eps
+
+
+def reused_rows(runs: Sequence[SampleRun]) -> int:
+    """The rows of the runs' next step that take only the shallow path, reusing cached features: none where a
+    run has perturbed rows, whose forward runs every row's deep part (app/models/deepcache.py)."""
+    if any(r.needs_perturbed() for r in runs):
+        return 0
+    return sum(r.reused_rows() for r in runs)
 
 
 def guide_outputs(runs: Sequence[SampleRun], guides: Mapping[str, Denoiser]) -> dict[int, dict[str, torch.Tensor]]:

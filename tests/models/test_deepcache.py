@@ -44,7 +44,7 @@ def test_full_rows_equal_the_unets_own_forward(unet, branch):
     x, t, labels = inputs(1)
     out = forward_rows(unet, x, t, labels, branch, [None] * ROWS)
     want = unet(x, t, class_labels=labels).sample
-    assert out.full_rows == ROWS and out.deep.shape[0] == ROWS
+    assert out.full_rows == ROWS and all(d is not None for d in out.deep)
     torch.testing.assert_close(out.eps, want, atol=1e-5, rtol=1e-5)
 
 
@@ -79,7 +79,7 @@ def test_mixed_full_and_cached_rows_in_one_forward_give_each_row_what_it_gets_al
     for i in range(ROWS):
         alone = forward_rows(unet, x1[i : i + 1], t1[i : i + 1], labels[i : i + 1], branch, [cached[i]])
         torch.testing.assert_close(mixed.eps[i : i + 1], alone.eps, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(mixed.deep[i : i + 1], alone.deep, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed.deep[i], alone.deep[0], atol=1e-5, rtol=1e-5)
     # A reused row's output is not the full forward's: the cache is really used.
     full = unet(x1, t1, class_labels=labels).sample
     assert all((mixed.eps[i] - full[i]).abs().max() > 1e-3 for i in reuse)
@@ -100,6 +100,45 @@ def test_a_cached_row_costs_a_quarter_of_the_flops_and_interval_3_cuts_them_1_8x
     assert 500e6 < full_flops < 620e6, full_flops
     assert cached_flops / full_flops < 0.3, cached_flops / full_flops
     assert 3 * full_flops / (full_flops + 2 * cached_flops) >= 1.8
+
+
+@torch.inference_mode()
+def test_rows_of_different_branches_in_one_forward_give_each_row_what_it_gets_alone(unet):
+    x0, t0, labels = inputs(6)
+    branches = [0, 1, 2, 0, 1, 2]
+    step0 = forward_rows(unet, x0, t0, labels, branches, [None] * ROWS)
+    for i, b in enumerate(branches):  # each row's features at its own branch: channels and size of that level
+        assert step0.deep[i].shape == forward_rows(unet, x0[:1], t0[:1], labels[:1], b, [None]).deep[0].shape
+    x1, t1, _ = inputs(7)
+    reuse = [1, 2, 3]
+    cached = [step0.deep[i] if i in reuse else None for i in range(ROWS)]
+    calls, handle = mid_calls(unet)
+    try:
+        mixed = forward_rows(unet, x1, t1, labels, branches, cached)
+        everything = forward_rows(unet, x1, t1, labels, branches, cached, deep_all=True)
+    finally:
+        handle.remove()
+    assert calls == [ROWS - len(reuse), ROWS] and mixed.full_rows == ROWS - len(reuse) and everything.full_rows == ROWS
+    for i, b in enumerate(branches):
+        alone = forward_rows(unet, x1[i : i + 1], t1[i : i + 1], labels[i : i + 1], b, [cached[i]])
+        torch.testing.assert_close(mixed.eps[i : i + 1], alone.eps, atol=1e-5, rtol=1e-5)
+        # deep_all (a forward with perturbed rows) runs the deep part for every row, and changes no output
+        torch.testing.assert_close(everything.eps[i : i + 1], alone.eps, atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_forward_of_cached_rows_only_runs_no_deep_layer(unet):
+    x, t, labels = inputs(8)
+    full = forward_rows(unet, x, t, labels, 0, [None] * ROWS)
+    calls: list[int] = []
+    handles = [b.register_forward_hook(lambda _m, a, _o: calls.append(1)) for b in unet.down_blocks[1:]]
+    try:
+        again = forward_rows(unet, x, t, labels, 0, list(full.deep))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [] and again.full_rows == 0
+    torch.testing.assert_close(again.eps, full.eps, atol=1e-5, rtol=1e-5)
 
 
 def tiny_unet(**config) -> UNet2DModel:
