@@ -47,6 +47,7 @@ from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SampleSpec
+from app.sampling.cache import CACHE_KINDS
 
 # Lifecycle messages go through uvicorn's configured logger, so they show with its own.
 log = logging.getLogger("uvicorn.error")
@@ -111,10 +112,12 @@ def model_info(
     channels_last: bool,
     cuda_graphs: bool = False,
     perturbations: Mapping[str, PerturbationSupport] | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A served model's entry in GET /v1/models. perturbations: the model's perturbation_support at its precision
     (its attention-guidance methods' layers, or why it cannot run them); the methods it cannot run are not
-    listed in guidance_methods, and the API refuses them (app/api/methods.py)."""
+    listed in guidance_methods, and the API refuses them (app/api/methods.py). cache: the model's step caches
+    (cache_entry)."""
     attention = {
         kind: {
             "supported": support.supported,
@@ -139,6 +142,7 @@ def model_info(
         "guidance_methods": [kind for kind in method_kinds() if kind not in unsupported],
         "guidance_method_fields": {k: v for k, v in method_fields().items() if k not in unsupported},
         "attention_guidance": attention,
+        "cache": dict(cache or cache_entry({})),
         "noise_schedules": list(NOISE_SCHEDULE_KINDS),
         "default_steps": settings.default_steps,
         "default_sampler": DEFAULT_SAMPLER,
@@ -153,6 +157,23 @@ def model_info(
             "request_timeout_s": settings.request_timeout_s,
         },
     }
+
+
+def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None) -> dict[str, Any]:
+    """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
+    service whether it can run it (reason None) and up to which branch."""
+    runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
+    entry: dict[str, Any] = {"kinds": runs}
+    for kind in CACHE_KINDS[1:]:
+        reason = support.get(kind, "this model has no step cache")
+        entry[kind] = {"reason": reason, "max_branch": max_branch if reason is None else None}
+    return entry
+
+
+def model_cache_entry(denoiser: Any) -> dict[str, Any]:
+    """cache_entry of a served model's denoiser (app/models/fast.py's FastDenoiser)."""
+    support: dict[str, str | None] = denoiser.cache_support()
+    return cache_entry(support, denoiser.deepcache_branches() if support.get("deepcache") is None else None)
 
 
 def load_for_serving(path: Path, device: torch.device, channels_last: bool) -> tuple[LoadedModel, HookedDenoiser]:
@@ -224,7 +245,8 @@ async def serve_model(
             "torch": torch.__version__,
         }
     )
-    info = model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs, perturbations)
+    cache = model_cache_entry(denoiser)
+    info = model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs, perturbations, cache)
     return ServedModel(name=m.name, client=client, info=info), engine
 
 

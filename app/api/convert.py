@@ -1,11 +1,13 @@
 """A validated request body as the engine's SampleSpec, and the guidance settings as a response echoes them."""
 
 import secrets
+from dataclasses import asdict
 from typing import Any
 
 from app.api.schemas import request_fields
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleSpec
+from app.sampling.cache import DeepCacheParams
 
 
 def to_spec(body: Any) -> SampleSpec:
@@ -26,7 +28,13 @@ def to_spec(body: Any) -> SampleSpec:
         ),
         return_trace=body.return_trace,
         preview_every=(body.preview_every or max(1, body.steps // 10)) if body.preview else None,
+        cache=None if body.cache.kind == "none" else DeepCacheParams(**body.cache.model_dump(exclude={"kind"})),
     )
+
+
+def cache_body(cache: DeepCacheParams | None) -> dict[str, Any]:
+    """The step cache a response echoes, as a request would send it."""
+    return {"kind": "none"} if cache is None else {"kind": "deepcache", **asdict(cache)}
 
 
 def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:

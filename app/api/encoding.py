@@ -5,7 +5,7 @@ import base64
 import time
 from typing import Any
 
-from app.api.convert import guidance_body
+from app.api.convert import cache_body, guidance_body
 from app.api.service import Service
 from app.engine import Finished, TraceRow
 from app.images import to_png_bytes
@@ -27,6 +27,7 @@ def result_body(service: Service, model: str, spec: SampleSpec, result: Finished
         "sampler": spec.sampler,
         "guidance_scale": spec.guidance.guidance_scale,
         "guidance": guidance_body(spec.guidance),
+        "cache": cache_body(spec.cache),
         "trace": None if result.trace is None else list(result.trace),
         "images": [png_base64(img) for img in result.images],
         "seeds": list(spec.seeds),

@@ -245,7 +245,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
         if (refused := refusal(service)) is not None:  # starting or draining
             service.metrics.jobs.labels(outcome="rejected", model=body.model).inc()
             return refused.response()
-        if (unrunnable := served_method_error(service, body.model, body.method)) is not None:
+        if (unrunnable := served_method_error(service, body)) is not None:
             raise RequestValidationError([unrunnable])  # the schema's 422: this model cannot run the method as asked
         client = service.model(body.model).client
         spec = to_spec(body)

@@ -1,8 +1,9 @@
-"""Whether the served model can run a request's guidance method: the attention methods (pag, seg, slg) need
-self-attention layers or transformer blocks that some models lack, and layer indices that the model has.
+"""Whether the served model can run a request's guidance method and step cache: the attention methods (pag, seg,
+slg) need self-attention layers or transformer blocks that some models lack, and layer indices that the model has;
+deepcache needs a UNet it can split, at a branch it has.
 
 Read from the model's GET /v1/models entry (`attention_guidance`, written at load from
-app.models.attention.perturbation_support), so this module knows nothing of torch. A body that passes its
+app.models.attention.perturbation_support, and `cache`), so this module knows nothing of torch. A body that passes its
 schema and fails here gets a 422 in the schema's own error shape, naming the field and what is allowed.
 """
 
@@ -35,7 +36,27 @@ def method_error(info: dict[str, Any], method: MethodParams) -> dict[str, Any] |
     return None
 
 
-def served_method_error(service: Service, model: str, method: MethodParams) -> dict[str, Any] | None:
-    """method_error for a served model; None while it is not loaded (the request is refused as starting)."""
-    served = service.models.get(model)
-    return None if served is None else method_error(served.info, method)
+def cache_error(info: dict[str, Any], cache: Any) -> dict[str, Any] | None:
+    """A validation error where the model of `info` cannot run the request's step cache (`cache`, the body's)."""
+    if cache.kind == "none":
+        return None
+    model = info["id"]
+    entry = info["cache"].get(cache.kind)
+    if entry is None or entry["reason"] is not None:
+        why = "it is not a kind this service has" if entry is None else entry["reason"]
+        runs = ", ".join(info["cache"]["kinds"])
+        msg = f"cache kind {cache.kind} can't run on model {model}: {why}. {model} runs {runs}"
+        return {"loc": ["body", "cache", "kind"], "msg": msg, "type": "value_error", "input": cache.kind}
+    if cache.branch > entry["max_branch"]:
+        msg = f"cache.branch must be 0..{entry['max_branch']} for model {model} (got {cache.branch})"
+        return {"loc": ["body", "cache", "branch"], "msg": msg, "type": "value_error", "input": cache.branch}
+    return None
+
+
+def served_method_error(service: Service, body: Any) -> dict[str, Any] | None:
+    """method_error, then cache_error, for the body's served model; None while it is not loaded (the request is
+    refused as starting)."""
+    served = service.models.get(body.model)
+    if served is None:
+        return None
+    return method_error(served.info, body.method) or cache_error(served.info, body.cache)

@@ -218,9 +218,9 @@ def build_openai_router(limits: Limits) -> APIRouter:
         except InvalidRequest as exc:
             service.metrics.observe_request("invalid")
             return openai_error(exc.status, exc.message, exc.param, exc.code)
-        if (error := served_method_error(service, validated.model, validated.method)) is not None:
+        if (error := served_method_error(service, validated)) is not None:
             service.metrics.observe_request("invalid")
-            return openai_error(400, error["msg"], "method")
+            return openai_error(400, error["msg"], error["loc"][1])
         try:
             api_key = request.headers.get(API_KEY_HEADER) or bearer_key(request.headers.get("Authorization"))
             client = client_of(api_key, request.headers.get(CLIENT_ID_HEADER))

@@ -68,7 +68,7 @@ def build_router(limits: Limits) -> APIRouter:
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],
     ) -> Response:
         arrived = time.monotonic()
-        if (error := served_method_error(service, body.model, body.method)) is not None:
+        if (error := served_method_error(service, body)) is not None:
             raise RequestValidationError([error])  # the schema's 422: this model cannot run the method as asked
         spec = to_spec(body)
         model = body.model

@@ -115,6 +115,40 @@ class IntervalSchedule(_Strict):
 Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | IntervalSchedule, Field(discriminator="kind")]
 
 
+class NoCache(_Strict):
+    """No step cache: every row runs the whole network at every step."""
+
+    kind: Literal["none"] = "none"
+
+
+class DeepCache(_Strict):
+    """DeepCache (Ma et al. 2024), for UNets: a full step every `interval` steps caches the features that enter
+    the up path at depth `branch`; the steps between run only the shallow path and reuse them. Each kind of row
+    (conditional, unconditional, perturbed) keeps its own features and refreshes them once they are `interval`
+    steps old; outside [start, end), fractions of the steps, every step runs in full (docs/caching.md)."""
+
+    kind: Literal["deepcache"]
+    interval: int = Field(3, ge=1, le=10, description="a full step every this many steps (1: no reuse)")
+    branch: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="split depth: 0 is the shallowest (the cheapest cached step); GET /v1/models "
+        "lists each model's branches",
+    )
+    start: float = Field(0.0, ge=0, le=1, description="fraction of the steps before which every step is full")
+    end: float = Field(1.0, ge=0, le=1, description="fraction of the steps from which every step is full")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeepCache:
+        if self.start > self.end:
+            raise ValueError(f"cache.start ({self.start:g}) must not exceed cache.end ({self.end:g})")
+        return self
+
+
+Cache = Annotated[NoCache | DeepCache, Field(discriminator="kind")]
+
+
 def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return {get_args(m.model_fields["kind"].annotation)[0]: m for m in models}
 
@@ -169,6 +203,7 @@ class GenerateResponse(BaseModel):
     sampler: str
     guidance_scale: float
     guidance: dict[str, Any] = Field(description="the guidance settings used: method, schedule, noise, rescale, cads")
+    cache: dict[str, Any] = Field(description="the step cache used (kind none: none)")
     trace: list[dict[str, Any]] | None = Field(
         None, description="with return_trace: per step the scale used and |eps_c - eps_u| per image (APG: its parts)"
     )
@@ -184,6 +219,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
+    cache: NoCache | DeepCache
     timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
@@ -261,6 +297,11 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         cads: Cads | None = Field(
             DEFAULT_GUIDANCE.cads,
             description="condition-annealed sampling: noise on the class embedding early in sampling; null: off",
+        )
+        cache: Cache = Field(
+            default_factory=NoCache,
+            description="reuse features between steps for speed: none, or deepcache (UNets); GET /v1/models lists "
+            "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md)",
         )
         guidance_rescale: float = Field(
             DEFAULT_GUIDANCE.guidance_rescale,
