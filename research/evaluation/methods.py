@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,8 @@ def draw_rows(
     specs = []
     for row in rows:
         g = row.setting.guidance
-        specs += sweep_specs(classes, [g.guidance_scale], seed, per_class, steps, row.sampler, g)
+        row_specs = sweep_specs(classes, [g.guidance_scale], seed, per_class, steps, row.sampler, g)
+        specs += [replace(spec, cache=row.setting.cache) for spec in row_specs]
     with tqdm(total=total_steps(specs, max_rows), desc="sampling", unit="step", dynamic_ncols=True) as bar:
         images = generate(model, specs, max_rows, on_step=bar.update, guides=guides)
     n = len(classes)

@@ -10,7 +10,8 @@ ones as objects, and every field optional but the name; a missing field takes th
 
 samplers defaults to every sampler the table draws (--samplers); "cads" takes true (the defaults),
 an object of Cads fields, or null; an interval schedule's start defaults to 0 (guided from the first
-step, as in research.generate).
+step, as in research.generate). "cache" takes the request's step cache, {"kind": "none"} (the default) or
+{"kind": "deepcache", "interval": 3, "branch": 0, "start": 0, "end": 1} (app/sampling/cache.py).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from app.guidance import (
     method_kinds,
 )
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
+from app.sampling.cache import DeepCacheParams
 
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
-SETTING_KEYS = ("name", "samplers")
+SETTING_KEYS = ("name", "samplers", "cache")
 
 # Allowed ranges (low, high; None: open) of the numeric fields, by (dataclass, field).
 _RANGES: dict[tuple[type, str], tuple[float | None, float | None]] = {
@@ -66,6 +68,7 @@ class GuidanceSetting:
     name: str
     guidance: GuidanceParams
     samplers: tuple[str, ...] = ()  # empty: every sampler the table draws
+    cache: DeepCacheParams | None = None  # the step cache its images are drawn with
 
 
 def default_settings() -> list[GuidanceSetting]:
@@ -131,7 +134,33 @@ def setting_from_dict(data: object) -> GuidanceSetting:
     where = f"setting {name!r}"
     guidance = _build(GuidanceParams, {k: v for k, v in data.items() if k not in SETTING_KEYS}, where)
     samplers = _samplers(data["samplers"], where) if "samplers" in data else ()
-    return GuidanceSetting(name, guidance, samplers)
+    return GuidanceSetting(name, guidance, samplers, _cache(data.get("cache"), f"{where}: cache"))
+
+
+def _cache(value: object, where: str) -> DeepCacheParams | None:
+    """A step cache from its JSON form: null or {"kind": "none"}, or {"kind": "deepcache", ...its fields}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("kind") not in ("none", "deepcache"):
+        raise SettingError(
+            f'{where}: expected {{"kind": "none"}} or {{"kind": "deepcache", ...}}, got {json.dumps(value)}'
+        )
+    if value["kind"] == "none":
+        if len(value) > 1:
+            raise SettingError(f"{where}: kind none takes no other field, got {json.dumps(value)}")
+        return None
+    fields_ = {k: v for k, v in value.items() if k != "kind"}
+    known = [f.name for f in fields(DeepCacheParams)]
+    for key, v in fields_.items():
+        if key not in known:
+            raise SettingError(f"{where}: unknown field {key!r}; expected one of kind, {', '.join(known)}")
+        integer = key in ("interval", "branch")
+        if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
+            raise SettingError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}")
+    try:
+        return DeepCacheParams(**fields_)
+    except ValueError as exc:
+        raise SettingError(f"{where}: {exc}") from None
 
 
 def _samplers(value: object, where: str) -> tuple[str, ...]:
@@ -246,6 +275,8 @@ def setting_to_dict(setting: GuidanceSetting) -> dict[str, Any]:
             out[f.name] = asdict(value) if f.name in _NESTED and value is not None else value
     if setting.samplers:
         out["samplers"] = list(setting.samplers)
+    if setting.cache is not None:
+        out["cache"] = {"kind": "deepcache", **asdict(setting.cache)}
     return out
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import GuidanceParams
+from app.sampling.cache import DeepCacheParams
 from research.evaluation.settings import (
     REFERENCE_NAME,
     GuidanceSetting,
@@ -66,6 +67,10 @@ def test_parse_setting_fills_the_dataclass_defaults():
     interval = parse_setting('{"name": "i", "schedule": {"kind": "interval", "sigma_max": 5}}').guidance.schedule
     assert interval == GuidanceSchedule(kind="interval", start=0.0, end=1.0, sigma_max=5.0)
     assert parse_setting('{"name": "d", "samplers": "ddim"}').samplers == ("ddim",)
+    cached = parse_setting('{"name": "c", "cache": {"kind": "deepcache", "interval": 2, "start": 0.5}}')
+    assert cached.cache == DeepCacheParams(interval=2, branch=0, start=0.5, end=1.0)
+    assert parse_setting('{"name": "c", "cache": {"kind": "none"}}').cache is None
+    assert parse_setting(json.dumps(setting_to_dict(cached))) == cached  # the JSON form draws it again
 
 
 @pytest.mark.parametrize(
@@ -78,7 +83,7 @@ def test_parse_setting_fills_the_dataclass_defaults():
         ('{"name": "a,b"}', "a name cannot contain a comma"),
         (
             '{"name": "x", "scale": 4}',
-            "setting 'x': unknown field 'scale'; expected one of name, samplers, guidance_scale",
+            "setting 'x': unknown field 'scale'; expected one of name, samplers, cache, guidance_scale",
         ),
         ('{"name": "x", "method": {"kind": "apg", "norm": 1}}', "setting 'x': method: unknown field 'norm'"),
         (
@@ -108,6 +113,11 @@ def test_parse_setting_fills_the_dataclass_defaults():
         ('{"name": "x", "cads": {"psi": 2}}', "cads: psi: Input should be less than or equal to 1, got 2"),
         ('{"name": "x", "samplers": ["ddim", "plms"]}', "unknown sampler(s) ['plms']"),
         ('{"name": "x", "samplers": []}', "samplers must be a non-empty list of sampler names"),
+        ('{"name": "x", "cache": {"kind": "teacache"}}', 'cache: expected {"kind": "none"} or {"kind": "deepcache"'),
+        ('{"name": "x", "cache": {"kind": "deepcache", "every": 2}}', "cache: unknown field 'every'"),
+        ('{"name": "x", "cache": {"kind": "deepcache", "interval": 2.5}}', "cache: interval must be an integer"),
+        ('{"name": "x", "cache": {"kind": "deepcache", "interval": 0}}', "interval must be at least 1, not 0"),
+        ('{"name": "x", "cache": {"kind": "deepcache", "start": 0.8, "end": 0.2}}', "0 <= start <= end <= 1"),
     ],
 )
 def test_parse_setting_errors_name_the_field(text, message):
