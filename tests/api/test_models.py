@@ -47,6 +47,22 @@ def test_the_models_are_listed_in_order_and_the_first_is_the_default(client):
     assert r.json()["model"] == "fashion-mnist-cfg" and decode(r.json()["images"][0]).shape == (28, 28)
 
 
+def test_deepcache_is_listed_for_the_unet_and_refused_for_the_dit_naming_why(client):
+    unet, dit = client.get("/v1/models").json()["data"]
+    assert unet["cache"]["kinds"] == ["none", "deepcache"] and unet["cache"]["deepcache"]["max_branch"] == 2
+    assert dit["cache"]["kinds"] == ["none"] and dit["cache"]["deepcache"]["max_branch"] is None
+    body = {"model": "tiny-dit", "class_label": 1, "steps": 2, "cache": {"kind": "deepcache"}}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "cache", "kind"]
+    assert error["msg"] == (
+        "cache kind deepcache can't run on model tiny-dit: deepcache splits a UNet at its levels, and this model "
+        "has none. tiny-dit runs none"
+    )
+    assert client.post("/generate", json={**body, "cache": {"kind": "none"}}).status_code == 200
+
+
 def test_a_latent_model_draws_rgb_images_at_the_vae_size_by_any_synonym(client):
     body = {"model": "tiny-dit", "class_label": "Tinca tinca", "num_images": 2, "steps": 4, "seed": 5}
     r = client.post("/generate", json=body)

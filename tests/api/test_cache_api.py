@@ -1,0 +1,123 @@
+"""The request's step cache over the real HTTP app: its 422s name the allowed values, GET /v1/models lists each
+model's kinds, responses echo it; with the shipped checkpoint, `{"kind": "none"}` draws today's images, several
+cached requests in flight together draw what each draws alone, the metrics count the shallow rows, and cached
+batch requests preempted for interactive ones resume with the images they draw unpreempted."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from tests.api.test_priorities import SSE, images, sse_events
+from tests.metrics import metric_value
+
+DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
+
+
+def error_of(response) -> dict:
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    return error
+
+
+@pytest.mark.stand_in
+def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
+    with TestClient(create_app(Settings(warmup=False))) as c:
+        entry = c.get("/v1/models").json()["data"][0]["cache"]
+        assert entry["kinds"] == ["none", "deepcache"] and entry["deepcache"]["reason"] is None
+        deepest = entry["deepcache"]["max_branch"]
+        assert deepest >= 1
+
+        error = error_of(c.post("/generate", json={"cache": {"kind": "teacache"}}))
+        assert error["loc"][:2] == ["body", "cache"] and "'none', 'deepcache'" in error["msg"]
+        error = error_of(c.post("/generate", json={"cache": {**DEEPCACHE, "interval": 0}}))
+        assert (
+            error["loc"] == ["body", "cache", "deepcache", "interval"] and "greater than or equal to 1" in error["msg"]
+        )
+        error = error_of(c.post("/generate", json={"cache": {**DEEPCACHE, "start": 0.8, "end": 0.2}}))
+        assert "cache.start (0.8) must not exceed cache.end (0.2)" in error["msg"]
+        error = error_of(c.post("/generate", json={"cache": {**DEEPCACHE, "branch": deepest + 1}}))
+        assert error["loc"] == ["body", "cache", "branch"]
+        assert error["msg"] == f"cache.branch must be 0..{deepest} for model fashion-mnist-cfg (got {deepest + 1})"
+        job = c.post("/v1/jobs", json={"cache": {**DEEPCACHE, "branch": deepest + 1}})  # jobs check it too
+        assert error_of(job)["loc"] == ["body", "cache", "branch"]
+        openai = c.post("/v1/images/generations", json={"prompt": "Sneaker", "cache": {**DEEPCACHE, "branch": 9}})
+        assert openai.status_code == 400 and openai.json()["error"]["param"] == "cache"
+
+        body = {"class_label": 1, "steps": 4, "seed": 1, "cache": {**DEEPCACHE, "start": 0.25}}
+        out = c.post("/generate", json=body).json()
+        assert out["cache"] == {"kind": "deepcache", "interval": 3, "branch": 0, "start": 0.25, "end": 1.0}
+        assert c.post("/generate", json={"class_label": 1, "steps": 2}).json()["cache"] == {"kind": "none"}
+
+
+@pytest.mark.integration  # the subject is the images: the shipped checkpoint
+def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_counted():
+    bodies = [
+        {"class_label": c, "num_images": n, "steps": 20, "seed": 40 + c, "cache": DEEPCACHE}
+        for c, n in ((1, 1), (4, 2), (7, 1), (9, 2))
+    ]
+    bodies.append({"class_label": 5, "steps": 20, "seed": 3, "cache": {**DEEPCACHE, "branch": 1, "interval": 2}})
+    plain = {"class_label": 2, "num_images": 2, "steps": 20, "seed": 8}
+    with TestClient(create_app(Settings(warmup=False, max_batch_rows=32))) as c:
+        with ThreadPoolExecutor(len(bodies) + 1) as pool:
+            together = list(pool.map(lambda b: c.post("/generate", json=b), [*bodies, plain]))
+        metrics = c.get("/metrics").text
+        alone = [c.post("/generate", json=b) for b in bodies]
+        none = c.post("/generate", json={**plain, "cache": {"kind": "none"}})
+        without = c.post("/generate", json=plain)
+    shallow = metric_value(metrics, 'cfg_engine_path_rows_total{model="fashion-mnist-cfg",path="shallow"}')
+    full = metric_value(metrics, 'cfg_engine_path_rows_total{model="fashion-mnist-cfg",path="full"}')
+    assert shallow > 0 and full > 0
+    assert full + shallow == metric_value(metrics, 'cfg_engine_batch_rows_sum{model="fashion-mnist-cfg"}')
+    for body, mine, single in zip(bodies, together[:-1], alone, strict=True):
+        assert mine.status_code == single.status_code == 200, (mine.text, single.text)
+        diff = np.abs(images(mine.json()) - images(single.json())).max()
+        assert diff <= 1, f"{body}: {diff} grey levels from the same request alone"
+    # {"kind": "none"} is today's request: the same images as the request without the field (both alone)
+    assert np.array_equal(images(none.json()), images(without.json()))
+    assert np.abs(images(none.json()) - images(together[-1].json())).max() <= 1
+
+
+@pytest.mark.integration  # the subject is the images: the shipped checkpoint
+def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_unpreempted_images():
+    # Two cached batch requests of 2 guided images fill the 8 rows; an interactive one of 2 images needs 4. A
+    # preempted run keeps its cached features (counted in its preempted state) and resumes with them.
+    batch = [
+        {"class_label": 1, "num_images": 2, "steps": 14, "seed": 11, "guidance_scale": 3.0, "priority": "batch",
+         "cache": DEEPCACHE},
+        {"class_label": 7, "num_images": 2, "steps": 14, "seed": 23, "guidance_scale": 3.0, "priority": "batch",
+         "cache": DEEPCACHE},
+    ]  # fmt: skip
+    interactive = {"class_label": 3, "num_images": 2, "steps": 4, "seed": 5, "guidance_scale": 2.0}
+    settings = Settings(request_timeout_s=300, warmup=False, max_batch_rows=8, max_images=4)
+    with TestClient(create_app(settings)) as c:
+        streams = ["", ""]
+
+        def stream(i: int) -> None:
+            r = c.post("/generate", json=batch[i], headers=SSE)
+            assert r.status_code == 200, r.text
+            streams[i] = r.text
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while metric_value(c.get("/metrics").text, 'cfg_class_forward_rows_total{priority="batch"}') < 24:
+            assert time.monotonic() < deadline, "the batch requests did not start"
+            time.sleep(0.02)
+        assert c.post("/generate", json=interactive).status_code == 200
+        for t in threads:
+            t.join(timeout=300)
+        preemptions = metric_value(c.get("/metrics").text, "cfg_engine_preemptions_total")
+        alone = [c.post("/generate", json=b) for b in batch]
+    assert preemptions >= 1
+    for body, text, single in zip(batch, streams, alone, strict=True):
+        events = sse_events(text)
+        assert events[-1][0] == "result", events[-1]
+        diff = np.abs(images(events[-1][1]) - images(single.json())).max()
+        assert diff <= 1, f"{body}: {diff} grey levels from the same request unpreempted"

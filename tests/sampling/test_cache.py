@@ -1,0 +1,102 @@
+"""app.sampling.cache: which steps a request's kinds of rows reuse their features at, as pure functions of the
+steps, the kinds and the settings (no model: the features are stand-in tensors, their values never read)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.sampling.cache import DeepCacheParams, RowCache
+
+IMAGES = 2
+
+
+def features(step: int, kind: str) -> tuple[torch.Tensor, ...]:
+    """The rows' features a full step of `kind` gives: marked with the step, to see which step a reuse reads."""
+    return tuple(torch.full((3,), float(step * 10 + len(kind))) for _ in range(IMAGES))
+
+
+def run_steps(cache: RowCache, kinds_at: dict[int, tuple[str, ...]]) -> dict[int, dict[str, int | None]]:
+    """Each step's plan: kind -> the step whose features its rows reuse, None where they run in full."""
+    seen: dict[int, dict[str, int | None]] = {}
+    for step, kinds in sorted(kinds_at.items()):
+        plan = cache.plan(step, kinds, IMAGES)
+        assert len(plan.cached) == len(plan.branches) == IMAGES * len(kinds)
+        seen[step] = {}
+        deep: list[torch.Tensor | None] = []
+        for k, kind in enumerate(kinds):
+            rows = plan.cached[k * IMAGES : (k + 1) * IMAGES]
+            if rows[0] is None:
+                assert all(r is None for r in rows)
+                seen[step][kind] = None
+                deep += features(step, kind)
+            else:
+                seen[step][kind] = int(rows[0][0].item()) // 10
+                deep += rows
+        cache.keep(step, tuple(deep))
+    return seen
+
+
+def test_each_kind_runs_in_full_every_interval_steps_and_reuses_its_own_features_between():
+    cache = RowCache(DeepCacheParams(interval=3), steps=9)
+    seen = run_steps(cache, {i: ("cond",) for i in range(9)})
+    assert [seen[i]["cond"] for i in range(9)] == [None, 0, 0, None, 3, 3, None, 6, 6]
+
+
+def test_a_kind_back_from_a_skip_runs_in_full_and_never_reads_features_interval_steps_old():
+    # A guidance interval runs the unconditional rows at steps 2-6 only (app.sampling.run): they refresh on
+    # their own clock, and the conditional rows' refreshes don't move theirs.
+    cache = RowCache(DeepCacheParams(interval=3), steps=10)
+    kinds = {i: ("cond", "uncond") if 2 <= i <= 6 else ("cond",) for i in range(8)}
+    kinds[9] = ("cond", "uncond")  # back after a skip of two steps: its features of step 5 are 4 steps old
+    seen = run_steps(cache, kinds)
+    assert [seen[i]["cond"] for i in sorted(seen)] == [None, 0, 0, None, 3, 3, None, 6, None]  # steps 0-7, 9
+    assert [seen[i].get("uncond", "-") for i in sorted(seen)] == ["-", "-", None, 2, 2, None, 5, "-", None]
+
+
+def test_outside_its_window_every_step_runs_in_full():
+    cache = RowCache(DeepCacheParams(interval=2, start=0.25, end=0.75), steps=8)
+    seen = run_steps(cache, {i: ("cond",) for i in range(8)})
+    # steps 2..5 may reuse; step 2 has features of step 1 (full, outside the window), 1 step old
+    assert [seen[i]["cond"] for i in range(8)] == [None, None, 1, None, 3, None, None, None]
+
+
+def test_interval_1_never_reuses_and_the_branch_is_every_row_s():
+    cache = RowCache(DeepCacheParams(interval=1, branch=2), steps=4)
+    assert all(
+        kind is None
+        for step in run_steps(cache, {i: ("cond", "uncond") for i in range(4)}).values()
+        for kind in step.values()
+    )
+    assert cache.plan(0, ("cond", "uncond"), IMAGES).branches == (2,) * (2 * IMAGES)
+
+
+def test_clear_frees_every_tensor_and_nbytes_counts_them():
+    cache = RowCache(DeepCacheParams(interval=3), steps=6)
+    run_steps(cache, {0: ("cond", "uncond")})
+    assert len(cache.tensors) == 2 and cache.nbytes() == 2 * IMAGES * 3 * 4
+    cache.clear()
+    assert cache.tensors == [] and cache.nbytes() == 0
+    assert cache.plan(1, ("cond",), IMAGES).cached == (None,) * IMAGES  # nothing left to reuse
+
+
+def test_features_for_a_step_not_planned_are_refused():
+    cache = RowCache(DeepCacheParams(), steps=4)
+    cache.plan(0, ("cond",), IMAGES)
+    with pytest.raises(RuntimeError, match="step 1, which was not planned"):
+        cache.keep(1, features(1, "cond"))
+    with pytest.raises(RuntimeError, match="no deep features for the cond rows"):
+        cache.keep(0, (None,) * IMAGES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"interval": 0}, "interval must be at least 1"),
+        ({"branch": -1}, "branch must be at least 0"),
+        ({"start": 0.6, "end": 0.4}, "0 <= start <= end <= 1"),
+    ],
+)
+def test_settings_out_of_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeepCacheParams(**kwargs)

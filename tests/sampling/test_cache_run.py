@@ -1,0 +1,167 @@
+"""A step cache (app/sampling/cache.py) inside SampleRun and denoise_step, on the shipped checkpoint: the deep
+part runs only where the cache says (counted), several cached requests of the same kind stepped together draw what
+each draws alone, with every sampler, guidance method, CADS, the trace and previews, and a run's features are
+freed when it finishes."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from app.config import DEFAULT_MODEL_PATH
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.models import load_checkpoint, unet_denoiser
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
+from app.sampling.cache import DeepCacheParams
+
+pytestmark = pytest.mark.integration  # the shipped UNet's features are what is cached
+
+SHAPE = (1, 28, 28)
+GUIDE = "fashion-mnist-guide"
+CACHE = DeepCacheParams(interval=3, branch=0)
+
+
+@pytest.fixture(scope="module")
+def guides():
+    return {GUIDE: unet_denoiser(load_checkpoint(DEFAULT_MODEL_PATH.parent / GUIDE, "cpu").unet)}
+
+
+def make_run(loaded, denoiser, spec: SampleSpec) -> SampleRun:
+    m = loaded.manifest
+    return SampleRun(spec, loaded.scheduler_config, SHAPE, m.null_label, class_embedding=denoiser.class_embedding)
+
+
+def deep_calls(denoiser) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """The row counts of the mid block's calls: the deep part runs it once per forward, on its full rows."""
+    calls: list[int] = []
+    handle = denoiser.unet.mid_block.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+def test_a_cached_step_runs_no_deep_layer_for_its_rows(loaded, denoiser):
+    # Constant CFG: the conditional and unconditional rows run at every step, so at interval 3 both refresh at
+    # steps 0, 3, 6 and 9, and steps between run the shallow path only: no call of the deep part at all.
+    spec = SampleSpec(3, (1, 2), 10, "dpmpp_2m", GuidanceParams(3.0), cache=CACHE)
+    run = make_run(loaded, denoiser, spec)
+    calls, handle = deep_calls(denoiser)
+    per_step = []
+    try:
+        while not run.done:
+            before = len(calls)
+            denoise_step(denoiser, [run])
+            per_step.append(calls[before:])
+    finally:
+        handle.remove()
+    assert per_step == [[4], [], [], [4], [], [], [4], [], [], [4]]
+
+
+def test_the_unconditional_rows_refresh_on_their_own_steps_across_a_guidance_interval(loaded, denoiser):
+    # The default request runs its unconditional rows on 7 of 20 steps (its guidance interval): they run in full
+    # at the first of them, whatever the conditional rows' cache holds, and then every third step.
+    spec = SampleSpec(3, (1,), 20, guidance=DEFAULT_GUIDANCE, cache=CACHE)
+    run = make_run(loaded, denoiser, spec)
+    guided = [i for i in range(20) if "uncond" in run.branches(i)]
+    assert len(guided) == 7
+    calls, handle = deep_calls(denoiser)
+    per_step = []
+    try:
+        while not run.done:
+            before = len(calls)
+            denoise_step(denoiser, [run])
+            per_step.append(sum(calls[before:]))
+    finally:
+        handle.remove()
+    uncond_full = {guided[0], guided[3], guided[6]}  # 7 consecutive steps: full, reused twice, full, ...
+    assert guided == list(range(guided[0], guided[0] + 7))
+    want = [(i % 3 == 0) + (i in uncond_full) for i in range(20)]
+    assert per_step == want
+
+
+def test_interval_1_draws_the_images_of_no_cache(loaded, denoiser):
+    plain = make_run(loaded, denoiser, SampleSpec(5, (4, 5), 8, guidance=DEFAULT_GUIDANCE))
+    every = make_run(loaded, denoiser, SampleSpec(5, (4, 5), 8, guidance=DEFAULT_GUIDANCE, cache=DeepCacheParams(1)))
+    sample(denoiser, [plain])
+    sample(denoiser, [every])
+    assert np.abs(plain.images().astype(int) - every.images().astype(int)).max() <= 1
+
+
+def test_a_cache_changes_the_images_and_the_steps_it_reuses_cost_less(loaded, denoiser):
+    plain = make_run(loaded, denoiser, SampleSpec(5, (4, 5), 8, guidance=DEFAULT_GUIDANCE))
+    cached = make_run(loaded, denoiser, SampleSpec(5, (4, 5), 8, guidance=DEFAULT_GUIDANCE, cache=CACHE))
+    sample(denoiser, [plain])
+    sample(denoiser, [cached])
+    assert np.abs(plain.images().astype(int) - cached.images().astype(int)).max() > 1  # the cache is really used
+
+
+def staggered(loaded, denoiser, specs, guides=None) -> list[np.ndarray]:
+    """The specs stepped together, each started a step after the one before (rows at different steps in every
+    forward), until all are done: their images."""
+    runs = [make_run(loaded, denoiser, s) for s in specs]
+    active: list[SampleRun] = []
+    for run in runs:
+        active.append(run)
+        denoise_step(denoiser, [r for r in active if not r.done], guides)
+    while any(not r.done for r in runs):
+        denoise_step(denoiser, [r for r in runs if not r.done], guides)
+    return [r.images().astype(int) for r in runs]
+
+
+def alone(loaded, denoiser, spec, guides=None) -> np.ndarray:
+    run = make_run(loaded, denoiser, spec)
+    sample(denoiser, [run], guides=guides)
+    return run.images().astype(int)
+
+
+INTERVAL = GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.3, sigma_max=5.0)
+CASES = {
+    "default request": dict(guidance=DEFAULT_GUIDANCE),
+    "euler_a": dict(sampler="euler_a", guidance=GuidanceParams(3.0)),
+    "ddpm": dict(sampler="ddpm", guidance=GuidanceParams(3.0)),
+    "ddim interval": dict(sampler="ddim", guidance=GuidanceParams(4.0, schedule=INTERVAL)),
+    "apg": dict(guidance=GuidanceParams(5.0, method=GuidanceMethod("apg"))),
+    "cfg_zero_star": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("cfg_zero_star"))),
+    "pag": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("pag", scale=1.0))),
+    "seg": dict(guidance=GuidanceParams(3.0, schedule=INTERVAL, method=GuidanceMethod("seg", scale=2.0))),
+    "cads, noise, trace, previews": dict(
+        guidance=GuidanceParams(3.0, noise_level=0.1, cads=Cads(tau1=0.3, tau2=0.7)),
+        return_trace=True,
+        preview_every=3,
+    ),
+    "autoguidance with cfg": dict(
+        guidance=GuidanceParams(3.0, method=GuidanceMethod("autoguidance", guide=GUIDE, scale=1.5, cfg=True))
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_several_cached_requests_of_a_kind_draw_together_what_each_draws_alone(loaded, denoiser, guides, case):
+    # Three requests of the kind (cached, other seeds and classes, one of 2 images), a request without a cache and
+    # one cached at another branch: every forward mixes full and shallow rows, at different steps and branches.
+    fields = CASES[case]
+    specs = [
+        SampleSpec(1, (11,), 8, cache=CACHE, **fields),
+        SampleSpec(7, (12, 13), 8, cache=CACHE, **fields),
+        SampleSpec(4, (14,), 8, cache=CACHE, **fields),
+        SampleSpec(2, (15,), 8, guidance=DEFAULT_GUIDANCE),
+        SampleSpec(9, (16,), 8, cache=DeepCacheParams(interval=2, branch=1), **fields),
+    ]
+    together = staggered(loaded, denoiser, specs, guides)
+    for spec, images in zip(specs, together, strict=True):
+        diff = np.abs(images - alone(loaded, denoiser, spec, guides)).max()
+        assert diff <= 1, f"{case}, seeds {spec.seeds}: {diff} grey levels from the request alone"
+
+
+def test_a_run_frees_its_features_when_it_finishes(loaded, denoiser):
+    run = make_run(loaded, denoiser, SampleSpec(3, (1, 2), 6, guidance=GuidanceParams(3.0), cache=CACHE))
+    denoise_step(denoiser, [run])
+    assert run.cache is not None
+    held = [weakref.ref(t) for t in run.cache.tensors]
+    assert len(held) == 2  # the conditional and the unconditional rows' features
+    while not run.done:
+        denoise_step(denoiser, [run])
+    gc.collect()
+    assert run.cache.tensors == [] and all(ref() is None for ref in held)
