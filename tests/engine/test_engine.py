@@ -490,3 +490,32 @@ def test_a_request_aborted_during_its_last_step_leaves_the_engine_serving(loaded
 
     result, healthy = asyncio.run(main())
     assert healthy and isinstance(result, Finished) and result.images.shape == (1, 28, 28, 1)
+
+
+def test_a_cached_request_s_features_are_freed_when_it_is_cancelled_and_a_branch_it_lacks_is_refused(loaded, denoiser):
+    import gc
+    import weakref
+
+    from app.sampling.cache import DeepCacheParams
+
+    held: list[weakref.ref] = []
+
+    async def main():
+        client = make_client(loaded, denoiser)
+        await client.start()
+        spec = SampleSpec(class_label=4, seeds=(1, 2), steps=200, cache=DeepCacheParams(interval=3))
+        drop = Tracked(client, spec)
+        await until(lambda: not drop.queued and drop.step >= 2)
+        run = client.engine._requests[drop.id].run  # the request's run, as the compute thread holds it
+        held.extend(weakref.ref(t) for t in run.cache.tensors)
+        client.abort(drop.id)
+        failed = await drop.failure()
+        deeper = Tracked(client, SampleSpec(class_label=4, seeds=(1,), steps=4, cache=DeepCacheParams(branch=9)))
+        refused = await deeper.failure()
+        await client.shutdown()
+        return failed, refused
+
+    failed, refused = asyncio.run(main())
+    gc.collect()
+    assert failed.kind == "cancelled" and len(held) == 2 and all(ref() is None for ref in held)
+    assert refused.kind == "invalid" and "deepcache branch must be 0..1 (got 9)" in refused.message  # 2 levels
