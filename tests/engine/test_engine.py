@@ -513,9 +513,11 @@ def test_a_cached_request_s_features_are_freed_when_it_is_cancelled_and_a_branch
         deeper = Tracked(client, SampleSpec(class_label=4, seeds=(1,), steps=4, cache=DeepCacheParams(branch=9)))
         refused = await deeper.failure()
         await client.shutdown()
-        return failed, refused
+        return failed, refused, run
 
-    failed, refused = asyncio.run(main())
+    failed, refused, run = asyncio.run(main())
     gc.collect()
+    # Freed by the engine as the request left, though the run object itself is still referenced here.
     assert failed.kind == "cancelled" and len(held) == 2 and all(ref() is None for ref in held)
+    assert run.cache.tensors == []
     assert refused.kind == "invalid" and "deepcache branch must be 0..1 (got 9)" in refused.message  # 2 levels

@@ -1,0 +1,163 @@
+"""Step caching through the service (issue 27), run by hand (not in CI). Prints markdown and, with --record,
+appends it to docs/benchmarks/history.md with the machine, the commit and the command.
+
+    python3 bench/bench_cache.py --record
+
+For each cache setting (--caches, the request's `cache` field as JSON; the first is the reference):
+  1. FLOPs per image of the default request's whole sampling, from torch's FLOP counter, one request alone in
+     the raw loop (app.sampling.sample over the served model's own forward);
+  2. images/s and p50/p99 latency of the HTTP service under --clients closed-loop wrk connections, each posting
+     the default request with that cache (a new class and seed each time), in alternating rounds: each round
+     measures every setting once, so the machine's drift hits them all; images/s is the server's own count of
+     finished images in a window after a warm-up, and the result is the median over the rounds.
+
+The app runs in this process as `python -m app.serve` runs it (bench/bench_service.py's serve), with the
+precision of CFG_PRECISION (fp32 by default). `apt-get install wrk` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from asyncio.subprocess import PIPE
+from datetime import datetime, timezone
+from pathlib import Path
+
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.api.convert import to_spec  # noqa: E402
+from app.api.schemas import build_generate_request  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.sampling import sample  # noqa: E402
+from bench.bench_service import serve  # noqa: E402
+from bench.record import publish  # noqa: E402
+from research.evaluate import git_commit, machine_description  # noqa: E402
+
+DEFAULT_CACHES = (
+    '{"kind": "none"}',
+    '{"kind": "deepcache", "interval": 2, "branch": 0}',
+    '{"kind": "deepcache", "interval": 3, "branch": 0}',
+    '{"kind": "deepcache", "interval": 4, "branch": 0}',
+)
+
+# wrk's Lua hooks: the default request with the setting's cache, a new class and seed each time; at the end one
+# line with the counts and the latency percentiles (microseconds).
+WRK_SCRIPT = """
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format('{"class_label": %d, "seed": %d, "cache": CACHE}', n % 10, n)
+  return wrk.format("POST", "/generate", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %.0f %.0f\\n", summary.requests, e.connect + e.read + e.write + e.timeout,
+                         e.status, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def flops_per_image(service, engine, cache: dict) -> float:
+    """The default request's FLOPs per image with this cache, one request of one image alone, in the raw loop."""
+    body = model_body(service, cache)
+    run = engine.make_run(to_spec(body))
+    with FlopCounterMode(display=False) as counter:
+        sample(engine.denoiser, [run])
+    return counter.get_total_flops() / run.spec.num_images
+
+
+def model_body(service, cache: dict):
+    """The validated default request with this cache, as the route builds it."""
+    request = build_generate_request(service.limits)
+    return request.model_validate({"class_label": 3, "seed": 1, "cache": cache})
+
+
+async def load_round(service, url: str, cache: dict, clients: int, warm: float, window: float) -> tuple[float, ...]:
+    """wrk posting the default request with `cache` for warm + window seconds: (images/s in the window, p50, p99)."""
+    script = Path(tempfile.mkdtemp()) / "cache.lua"
+    script.write_text(WRK_SCRIPT.replace("CACHE", json.dumps(cache)))
+    seconds = warm + window + 1
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "600s", "-s", str(script), url]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=PIPE)
+    registry, labels = service.metrics.registry, {"model": service.model().name}
+    await asyncio.sleep(warm)
+    n0, t0 = registry.get_sample_value("cfg_images_generated_total", labels), time.perf_counter()
+    await asyncio.sleep(window)
+    n1, wall = registry.get_sample_value("cfg_images_generated_total", labels), time.perf_counter() - t0
+    out = (await proc.communicate())[0].decode()
+    engine = service.model().client.engine
+    while engine.active_requests or engine.queue_depth:  # requests cut off by wrk's end leave the batch
+        await asyncio.sleep(0.1)
+    line = next(x for x in out.splitlines() if x.startswith("WRK "))
+    _, errors, non2xx, p50, p99 = (float(v) for v in line.split()[1:])
+    if errors or non2xx:
+        raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
+    return (n1 - n0) / wall, p50 / 1e6, p99 / 1e6
+
+
+async def run(args: argparse.Namespace) -> list[str]:
+    caches = [json.loads(c) for c in args.caches]
+    url = f"http://127.0.0.1:{args.port}"
+    settings = Settings(max_batch_rows=max(32, 2 * args.clients), max_queue=256)
+    server, serving, service = await serve(settings, args.port)
+    engine = service.model().client.engine
+    try:
+        flops = [await engine.run_in_worker(flops_per_image, service, engine, c) for c in caches]
+        rounds: list[list[tuple[float, ...]]] = [[] for _ in caches]
+        for _ in range(args.rounds):
+            for k, cache in enumerate(caches):
+                rounds[k].append(await load_round(service, url, cache, args.clients, args.warm, args.window))
+    finally:
+        server.should_exit = True
+        await serving
+    info = service.model().info
+    out = [
+        f"## Step caching through the service, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
+        "",
+        f"- machine: {machine_description()}",
+        f"- command: `python3 {' '.join(sys.argv)}`",
+        f"- the default request (20 {info['default_sampler']} steps, its guidance interval), one image per request, "
+        f"{args.clients} wrk connections back to back; forward: precision {info['precision']}, channels_last "
+        f"{info['channels_last']}, compiled {info['compile']} (a cached forward runs eager)",
+        f"- {args.rounds} rounds, each setting {args.warm:g} s of warm-up then a {args.window:g} s window; images/s: "
+        "the server's count of finished images in the window, median over the rounds; latency: wrk's, per response, "
+        "median over the rounds",
+        "",
+        "| cache | FLOPs per image (M) | FLOP cut | images/s | vs no cache | p50 (s) | p99 (s) | images/s by round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    base_ips = statistics.median(r[0] for r in rounds[0]) or float("nan")  # no image in a window: too short
+    for cache, f, measured in zip(caches, flops, rounds, strict=True):
+        ips = statistics.median(r[0] for r in measured)
+        p50, p99 = (statistics.median(r[i] for r in measured) for i in (1, 2))
+        by_round = ", ".join(f"{r[0]:.2f}" for r in measured)
+        out.append(
+            f"| `{json.dumps(cache)}` | {f / 1e6:.0f} | {flops[0] / f:.2f}x | {ips:.2f} | {ips / base_ips:.2f}x "
+            f"| {p50:.2f} | {p99:.2f} | {by_round} |"
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--caches", nargs="+", default=list(DEFAULT_CACHES), help="cache settings as JSON, first: base")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warm", type=float, default=5.0, help="seconds of load before a window")
+    p.add_argument("--window", type=float, default=10.0, help="seconds measured per setting and round")
+    p.add_argument("--port", type=int, default=8766)
+    p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
+    args = p.parse_args()
+    publish(asyncio.run(run(args)), args.record)
+
+
+if __name__ == "__main__":
+    main()
