@@ -124,8 +124,8 @@ class NoCache(_Strict):
 class DeepCache(_Strict):
     """DeepCache (Ma et al. 2024), for UNets: a full step every `interval` steps caches the features that enter
     the up path at depth `branch`; the steps between run only the shallow path and reuse them. Each kind of row
-    (conditional, unconditional, perturbed) keeps its own features and refreshes them once they are `interval`
-    steps old; outside [start, end), fractions of the steps, every step runs in full (docs/caching.md)."""
+    (conditional, unconditional, perturbed) keeps its own features. Every step runs in full outside [start, end),
+    fractions of the steps, and where full_sigma_min < sigma <= full_sigma_max (docs/caching.md)."""
 
     kind: Literal["deepcache"]
     interval: int = Field(3, ge=1, le=10, description="a full step every this many steps (1: no reuse)")
@@ -138,11 +138,20 @@ class DeepCache(_Strict):
     )
     start: float = Field(0.0, ge=0, le=1, description="fraction of the steps before which every step is full")
     end: float = Field(1.0, ge=0, le=1, description="fraction of the steps from which every step is full")
+    full_sigma_min: float | None = Field(
+        None, ge=0, le=1000, description="every step with full_sigma_min < sigma <= full_sigma_max runs in full"
+    )
+    full_sigma_max: float | None = Field(
+        None, ge=0, le=1000, description="the band's top (null: no bound; both null: no band)"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DeepCache:
         if self.start > self.end:
             raise ValueError(f"cache.start ({self.start:g}) must not exceed cache.end ({self.end:g})")
+        low, high = self.full_sigma_min, self.full_sigma_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"cache.full_sigma_min ({low:g}) must be below cache.full_sigma_max ({high:g})")
         return self
 
 

@@ -3,11 +3,15 @@
 
 DeepCache's deep features are kept per kind of row (the conditional rows, and the unconditional and perturbed
 rows of its guidance), each kind its own: the kinds run at different steps (a guidance interval runs the
-unconditional rows on a few steps only) and see different inputs. A kind's rows run in full, and refresh its
-features, where the step lies outside the request's caching window [start, end) of its steps, where the kind has
-none yet, or where its features are `interval` steps old or more; between, they run only the shallow path and
-reuse them. So a kind whose rows were skipped for a while (the unconditional rows outside a guidance interval)
-runs in full at its first step back, never on features from before the skip more than interval - 1 steps old.
+unconditional rows on a few steps only) and see different inputs. The request's steps are of two sorts, known in
+advance from its schedule: full steps, where every kind runs the whole network and refreshes its features, and
+cached steps, where a kind reuses its features if it computed them at or after the last full step (else it runs
+in full, and reuses those until the next full step). A step is full where it lies outside the caching window
+[start, end) of the steps, where its sigma lies in the band (full_sigma_min, full_sigma_max] (the steps where the
+image's structure forms, whose reuse costs the most: docs/caching.md), and every `interval` steps after the last
+full step. So at a cached step every kind reuses features of the same step, and the difference CFG amplifies,
+eps_c - eps_u, takes no error from features of different ages; a kind whose rows were skipped for a while (the
+unconditional rows outside a guidance interval) runs in full at its first step back.
 The features live on the run and leave with it: cleared when it finishes or ends, kept while it is preempted
 (counted in its preempted state: app/engine/scheduler.py), so a preempted request's images equal an unpreempted
 one's.
@@ -25,14 +29,17 @@ CACHE_KINDS = ("none", "deepcache")
 
 @dataclass(frozen=True)
 class DeepCacheParams:
-    """{"kind": "deepcache"}: a full step every `interval` steps for each kind of row, the steps between on the
-    shallow path of depth `branch` (app/models/deepcache.py); every step in full outside [start, end), fractions
-    of the steps (0: the first, pure noise)."""
+    """{"kind": "deepcache"}: a full step every `interval` steps, the steps between on the shallow path of depth
+    `branch` (app/models/deepcache.py); every step in full outside [start, end), fractions of the steps (0: the
+    first, pure noise), and where full_sigma_min < sigma <= full_sigma_max (None: no bound on that side; both
+    None: no band)."""
 
     interval: int = 3
     branch: int = 0
     start: float = 0.0
     end: float = 1.0
+    full_sigma_min: float | None = None
+    full_sigma_max: float | None = None
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -41,10 +48,31 @@ class DeepCacheParams:
             raise ValueError(f"deepcache branch must be at least 0, not {self.branch}")
         if not 0 <= self.start <= self.end <= 1:
             raise ValueError(f"deepcache needs 0 <= start <= end <= 1, not start {self.start:g}, end {self.end:g}")
+        low, high = self.full_sigma_min, self.full_sigma_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"deepcache full_sigma_min ({low:g}) must be below full_sigma_max ({high:g})")
 
-    def caches_at(self, step: int, steps: int) -> bool:
-        """Whether step `step` of `steps` may reuse features (else every kind runs it in full)."""
-        return self.start <= step / steps < self.end
+    def caches_at(self, step: int, sigmas: Sequence[float]) -> bool:
+        """Whether step `step` of the run whose steps have these sigmas may reuse features (else it is full)."""
+        if not self.start <= step / len(sigmas) < self.end:
+            return False
+        if self.full_sigma_min is None and self.full_sigma_max is None:
+            return True
+        sigma = sigmas[step]
+        above = self.full_sigma_min is None or sigma > self.full_sigma_min
+        below = self.full_sigma_max is None or sigma <= self.full_sigma_max
+        return not (above and below)
+
+    def full_steps(self, sigmas: Sequence[float]) -> list[int]:
+        """For each step, the last full step at or before it: the steps outside the window or in the band, and
+        every `interval` steps after the last full one."""
+        last: list[int] = []
+        for step in range(len(sigmas)):
+            if not last or not self.caches_at(step, sigmas) or step - last[-1] >= self.interval:
+                last.append(step)
+            else:
+                last.append(last[-1])
+        return last
 
 
 @dataclass(frozen=True)
@@ -62,15 +90,16 @@ class CachePlan:
 class RowCache:
     """One run's deep features, per kind of row: kind -> (the step they were computed at, (images, ...))."""
 
-    def __init__(self, params: DeepCacheParams, steps: int) -> None:
+    def __init__(self, params: DeepCacheParams, sigmas: Sequence[float]) -> None:
         self.params = params
-        self.steps = steps
+        self._last_full = params.full_steps(sigmas)
         self._held: dict[str, tuple[int, torch.Tensor]] = {}
         self._planned: tuple[int, tuple[str, ...], frozenset[str]] | None = None
 
     def _reusable(self, kind: str, step: int) -> bool:
         held = self._held.get(kind)
-        return held is not None and step - held[0] < self.params.interval and self.params.caches_at(step, self.steps)
+        full = self._last_full[step]
+        return held is not None and step != full and held[0] >= full
 
     def reused_kinds(self, step: int, kinds: Sequence[str]) -> frozenset[str]:
         """The kinds of `kinds` whose rows reuse their features at step `step`."""

@@ -110,7 +110,7 @@ class SampleRun:
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
         self.step_index = 0
-        self.cache = None if spec.cache is None else RowCache(spec.cache, spec.steps)
+        self.cache = None if spec.cache is None else RowCache(spec.cache, self.sigmas)
 
     def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:
         """The request's noise on its condition: the seed's on eps_cond, CADS's on the class embedding."""

@@ -155,6 +155,8 @@ def _cache(value: object, where: str) -> DeepCacheParams | None:
         if key not in known:
             raise SettingError(f"{where}: unknown field {key!r}; expected one of kind, {', '.join(known)}")
         integer = key in ("interval", "branch")
+        if v is None and key.startswith("full_sigma"):
+            continue
         if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
             raise SettingError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}")
     try:

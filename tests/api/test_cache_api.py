@@ -51,7 +51,18 @@ def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
 
         body = {"class_label": 1, "steps": 4, "seed": 1, "cache": {**DEEPCACHE, "start": 0.25}}
         out = c.post("/generate", json=body).json()
-        assert out["cache"] == {"kind": "deepcache", "interval": 3, "branch": 0, "start": 0.25, "end": 1.0}
+        assert out["cache"] == {
+            "kind": "deepcache",
+            "interval": 3,
+            "branch": 0,
+            "start": 0.25,
+            "end": 1.0,
+            "full_sigma_min": None,
+            "full_sigma_max": None,
+        }
+        band = {**DEEPCACHE, "full_sigma_min": 5, "full_sigma_max": 1}
+        error = error_of(c.post("/generate", json={"cache": band}))
+        assert "cache.full_sigma_min (5) must be below cache.full_sigma_max (1)" in error["msg"]
         assert c.post("/generate", json={"class_label": 1, "steps": 2}).json()["cache"] == {"kind": "none"}
 
 

@@ -11,6 +11,11 @@ from app.sampling.cache import DeepCacheParams, RowCache
 IMAGES = 2
 
 
+def sigmas(steps: int) -> list[float]:
+    """A run's sigmas, falling: step i's is steps - i."""
+    return [float(steps - i) for i in range(steps)]
+
+
 def features(step: int, kind: str) -> tuple[torch.Tensor, ...]:
     """The rows' features a full step of `kind` gives: marked with the step, to see which step a reuse reads."""
     return tuple(torch.full((3,), float(step * 10 + len(kind))) for _ in range(IMAGES))
@@ -38,31 +43,41 @@ def run_steps(cache: RowCache, kinds_at: dict[int, tuple[str, ...]]) -> dict[int
 
 
 def test_each_kind_runs_in_full_every_interval_steps_and_reuses_its_own_features_between():
-    cache = RowCache(DeepCacheParams(interval=3), steps=9)
+    cache = RowCache(DeepCacheParams(interval=3), sigmas(9))
     seen = run_steps(cache, {i: ("cond",) for i in range(9)})
     assert [seen[i]["cond"] for i in range(9)] == [None, 0, 0, None, 3, 3, None, 6, 6]
 
 
-def test_a_kind_back_from_a_skip_runs_in_full_and_never_reads_features_interval_steps_old():
-    # A guidance interval runs the unconditional rows at steps 2-6 only (app.sampling.run): they refresh on
-    # their own clock, and the conditional rows' refreshes don't move theirs.
-    cache = RowCache(DeepCacheParams(interval=3), steps=10)
+def test_every_kind_refreshes_at_the_full_steps_and_a_kind_back_from_a_skip_runs_in_full():
+    # A guidance interval runs the unconditional rows at steps 2-6 only (app.sampling.run): they run in full at
+    # their first step, and then at the full steps with the conditional rows, so that at a cached step both
+    # reuse features of the same step.
+    cache = RowCache(DeepCacheParams(interval=3), sigmas(10))
     kinds = {i: ("cond", "uncond") if 2 <= i <= 6 else ("cond",) for i in range(8)}
     kinds[9] = ("cond", "uncond")  # back after a skip of two steps: its features of step 5 are 4 steps old
     seen = run_steps(cache, kinds)
     assert [seen[i]["cond"] for i in sorted(seen)] == [None, 0, 0, None, 3, 3, None, 6, None]  # steps 0-7, 9
-    assert [seen[i].get("uncond", "-") for i in sorted(seen)] == ["-", "-", None, 2, 2, None, 5, "-", None]
+    assert [seen[i].get("uncond", "-") for i in sorted(seen)] == ["-", "-", None, None, 3, 3, None, "-", None]
 
 
 def test_outside_its_window_every_step_runs_in_full():
-    cache = RowCache(DeepCacheParams(interval=2, start=0.25, end=0.75), steps=8)
+    cache = RowCache(DeepCacheParams(interval=2, start=0.25, end=0.75), sigmas(8))
     seen = run_steps(cache, {i: ("cond",) for i in range(8)})
     # steps 2..5 may reuse; step 2 has features of step 1 (full, outside the window), 1 step old
     assert [seen[i]["cond"] for i in range(8)] == [None, None, 1, None, 3, None, None, None]
 
 
+def test_the_steps_in_the_full_sigma_band_run_in_full_and_the_interval_counts_from_them():
+    # sigmas 10..1: the band (3, 7] holds steps 3..6
+    cache = RowCache(DeepCacheParams(interval=3, full_sigma_min=3.0, full_sigma_max=7.0), sigmas(10))
+    seen = run_steps(cache, {i: ("cond",) for i in range(10)})
+    assert [seen[i]["cond"] for i in range(10)] == [None, 0, 0, None, None, None, None, 6, 6, None]
+    below = RowCache(DeepCacheParams(interval=2, full_sigma_max=7.0), sigmas(10))  # no lower bound: sigma <= 7
+    assert [s["cond"] for s in run_steps(below, {i: ("cond",) for i in range(10)}).values()] == [None, 0] + [None] * 8
+
+
 def test_interval_1_never_reuses_and_the_branch_is_every_row_s():
-    cache = RowCache(DeepCacheParams(interval=1, branch=2), steps=4)
+    cache = RowCache(DeepCacheParams(interval=1, branch=2), sigmas(4))
     assert all(
         kind is None
         for step in run_steps(cache, {i: ("cond", "uncond") for i in range(4)}).values()
@@ -72,7 +87,7 @@ def test_interval_1_never_reuses_and_the_branch_is_every_row_s():
 
 
 def test_clear_frees_every_tensor_and_nbytes_counts_them():
-    cache = RowCache(DeepCacheParams(interval=3), steps=6)
+    cache = RowCache(DeepCacheParams(interval=3), sigmas(6))
     run_steps(cache, {0: ("cond", "uncond")})
     assert len(cache.tensors) == 2 and cache.nbytes() == 2 * IMAGES * 3 * 4
     cache.clear()
@@ -81,7 +96,7 @@ def test_clear_frees_every_tensor_and_nbytes_counts_them():
 
 
 def test_features_for_a_step_not_planned_are_refused():
-    cache = RowCache(DeepCacheParams(), steps=4)
+    cache = RowCache(DeepCacheParams(), sigmas(4))
     cache.plan(0, ("cond",), IMAGES)
     with pytest.raises(RuntimeError, match="step 1, which was not planned"):
         cache.keep(1, features(1, "cond"))
@@ -95,6 +110,7 @@ def test_features_for_a_step_not_planned_are_refused():
         ({"interval": 0}, "interval must be at least 1"),
         ({"branch": -1}, "branch must be at least 0"),
         ({"start": 0.6, "end": 0.4}, "0 <= start <= end <= 1"),
+        ({"full_sigma_min": 5.0, "full_sigma_max": 1.0}, "full_sigma_min \\(5\\) must be below full_sigma_max \\(1\\)"),
     ],
 )
 def test_settings_out_of_range_are_refused(kwargs, message):
