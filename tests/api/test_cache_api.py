@@ -3,8 +3,6 @@ model's kinds, responses echo it; with the shipped checkpoint, `{"kind": "none"}
 cached requests in flight together draw what each draws alone, the metrics count the shallow rows, and cached
 batch requests preempted for interactive ones resume with the images they draw unpreempted."""
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.api.test_priorities import SSE, images, sse_events
+from tests.api.test_priorities import images, sse_events, stream_batch
 from tests.metrics import metric_value
 
 DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
@@ -107,20 +105,7 @@ def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_
     interactive = {"class_label": 3, "num_images": 2, "steps": 4, "seed": 5, "guidance_scale": 2.0}
     settings = Settings(request_timeout_s=300, warmup=False, max_batch_rows=8, max_images=4)
     with TestClient(create_app(settings)) as c:
-        streams = ["", ""]
-
-        def stream(i: int) -> None:
-            r = c.post("/generate", json=batch[i], headers=SSE)
-            assert r.status_code == 200, r.text
-            streams[i] = r.text
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        while metric_value(c.get("/metrics").text, 'cfg_class_forward_rows_total{priority="batch"}') < 24:
-            assert time.monotonic() < deadline, "the batch requests did not start"
-            time.sleep(0.02)
+        threads, streams = stream_batch(c, batch, rows=24)  # both running, 3 ticks in
         assert c.post("/generate", json=interactive).status_code == 200
         for t in threads:
             t.join(timeout=300)

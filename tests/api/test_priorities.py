@@ -27,6 +27,26 @@ def images(body: dict) -> np.ndarray:
     return np.stack([decode(b) for b in body["images"]]).astype(int)
 
 
+def stream_batch(c: TestClient, batch: list[dict], rows: int) -> tuple[list[threading.Thread], list[str]]:
+    """Stream each batch request (SSE) from a thread of its own; return once the batch class has run `rows` rows.
+    Join the threads, then each stream's text is in streams."""
+    streams = [""] * len(batch)
+
+    def stream(i: int) -> None:
+        r = c.post("/generate", json=batch[i], headers=SSE)
+        assert r.status_code == 200, r.text
+        streams[i] = r.text
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(batch))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while metric_value(c.get("/metrics").text, 'cfg_class_forward_rows_total{priority="batch"}') < rows:
+        assert time.monotonic() < deadline, "the batch requests did not start"
+        time.sleep(0.02)
+    return threads, streams
+
+
 @pytest.mark.integration  # the subject is the images: the shipped checkpoint
 def test_preempted_batch_requests_resume_with_the_images_they_draw_unpreempted():
     # Two batch requests of 2 guided images fill the 8 rows; two interactive ones of 2 images each need 4 rows.
@@ -41,21 +61,7 @@ def test_preempted_batch_requests_resume_with_the_images_they_draw_unpreempted()
     ]
     settings = Settings(request_timeout_s=300, warmup=False, max_batch_rows=8, max_images=4)
     with TestClient(create_app(settings)) as c:
-        streams: list[str] = ["", ""]
-
-        def stream(i: int) -> None:
-            r = c.post("/generate", json=batch[i], headers=SSE)
-            assert r.status_code == 200, r.text
-            streams[i] = r.text
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        # Both batch requests running, some steps in: 2 ticks of their 8 rows.
-        while metric_value(c.get("/metrics").text, 'cfg_class_forward_rows_total{priority="batch"}') < 16:
-            assert time.monotonic() < deadline, "the batch requests did not start"
-            time.sleep(0.02)
+        threads, streams = stream_batch(c, batch, rows=16)  # both running, some steps in: 2 ticks of their 8 rows
         with ThreadPoolExecutor(2) as pool:
             fast = list(pool.map(lambda b: c.post("/generate", json=b), interactive))
         for t in threads:

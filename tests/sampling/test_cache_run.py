@@ -10,7 +10,6 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
 
 from app.config import DEFAULT_MODEL_PATH
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
@@ -35,19 +34,11 @@ def make_run(loaded, denoiser, spec: SampleSpec) -> SampleRun:
     return SampleRun(spec, loaded.scheduler_config, SHAPE, m.null_label, class_embedding=denoiser.class_embedding)
 
 
-def deep_calls(denoiser) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    """The row counts of the mid block's calls: the deep part runs it once per forward, on its full rows."""
+def deep_calls_per_step(denoiser, run: SampleRun) -> list[list[int]]:
+    """Step the run alone to its end: per step, the row counts of the mid block's calls (the deep part runs it
+    once per forward, on its full rows)."""
     calls: list[int] = []
     handle = denoiser.unet.mid_block.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
-    return calls, handle
-
-
-def test_a_cached_step_runs_no_deep_layer_for_its_rows(loaded, denoiser):
-    # Constant CFG: the conditional and unconditional rows run at every step, so at interval 3 both refresh at
-    # steps 0, 3, 6 and 9, and steps between run the shallow path only: no call of the deep part at all.
-    spec = SampleSpec(3, (1, 2), 10, "dpmpp_2m", GuidanceParams(3.0), cache=CACHE)
-    run = make_run(loaded, denoiser, spec)
-    calls, handle = deep_calls(denoiser)
     per_step = []
     try:
         while not run.done:
@@ -56,6 +47,14 @@ def test_a_cached_step_runs_no_deep_layer_for_its_rows(loaded, denoiser):
             per_step.append(calls[before:])
     finally:
         handle.remove()
+    return per_step
+
+
+def test_a_cached_step_runs_no_deep_layer_for_its_rows(loaded, denoiser):
+    # Constant CFG: the conditional and unconditional rows run at every step, so at interval 3 both refresh at
+    # steps 0, 3, 6 and 9, and steps between run the shallow path only: no call of the deep part at all.
+    spec = SampleSpec(3, (1, 2), 10, "dpmpp_2m", GuidanceParams(3.0), cache=CACHE)
+    per_step = deep_calls_per_step(denoiser, make_run(loaded, denoiser, spec))
     assert per_step == [[4], [], [], [4], [], [], [4], [], [], [4]]
 
 
@@ -66,15 +65,7 @@ def test_the_unconditional_rows_refresh_on_their_own_steps_across_a_guidance_int
     run = make_run(loaded, denoiser, spec)
     guided = [i for i in range(20) if "uncond" in run.branches(i)]
     assert len(guided) == 7
-    calls, handle = deep_calls(denoiser)
-    per_step = []
-    try:
-        while not run.done:
-            before = len(calls)
-            denoise_step(denoiser, [run])
-            per_step.append(sum(calls[before:]))
-    finally:
-        handle.remove()
+    per_step = [sum(calls) for calls in deep_calls_per_step(denoiser, run)]
     # Full steps every third step from step 0, for both kinds: the unconditional rows run in full at their first
     # step and at the full steps among theirs, and reuse features of the same step as the conditional ones.
     assert guided == list(range(guided[0], guided[0] + 7))
