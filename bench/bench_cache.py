@@ -8,8 +8,8 @@ For each cache setting (--caches, the request's `cache` field as JSON; the first
      the raw loop (app.sampling.sample over the served model's own forward);
   2. images/s and p50/p99 latency of the HTTP service under --clients closed-loop wrk connections, each posting
      the default request with that cache (a new class and seed each time), in alternating rounds: each round
-     measures every setting once, so the machine's drift hits them all; images/s is the server's own count of
-     finished images in a window after a warm-up, and the result is the median over the rounds.
+     measures every setting once, so the machine's drift hits them all; images/s is the clients over wrk's mean
+     latency (a closed loop: Little's law), and the result is the median over the rounds.
 
 The app runs in this process as `python -m app.serve` runs it (bench/bench_service.py's serve), with the
 precision of CFG_PRECISION (fp32 by default). `apt-get install wrk` first.
@@ -59,8 +59,8 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("WRK %d %d %d %.0f %.0f\\n", summary.requests, e.connect + e.read + e.write + e.timeout,
-                         e.status, latency:percentile(50), latency:percentile(99)))
+  io.write(string.format("WRK %d %d %d %.0f %.0f %.0f\\n", summary.requests, e.connect + e.read + e.write + e.timeout,
+                         e.status, latency:percentile(50), latency:percentile(99), latency.mean))
 end
 """
 
@@ -81,7 +81,9 @@ def model_body(service, cache: dict):
 
 
 async def load_round(service, url: str, cache: dict, clients: int, warm: float, window: float) -> tuple[float, ...]:
-    """wrk posting the default request with `cache` for warm + window seconds: (images/s in the window, p50, p99)."""
+    """wrk posting the default request with `cache` for warm + window seconds: (images/s, p50, p99, images/s counted
+    in the window). images/s: the clients over the mean latency (a closed loop, Little's law): the server's count of
+    finished images in a window moves in waves of `clients` images, too coarse for a 10 s window here."""
     script = Path(tempfile.mkdtemp()) / "cache.lua"
     script.write_text(WRK_SCRIPT.replace("CACHE", json.dumps(cache)))
     seconds = warm + window + 1
@@ -97,10 +99,10 @@ async def load_round(service, url: str, cache: dict, clients: int, warm: float, 
     while engine.active_requests or engine.queue_depth:  # requests cut off by wrk's end leave the batch
         await asyncio.sleep(0.1)
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
-    _, errors, non2xx, p50, p99 = (float(v) for v in line.split()[1:])
+    _, errors, non2xx, p50, p99, mean = (float(v) for v in line.split()[1:])
     if errors or non2xx:
         raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
-    return (n1 - n0) / wall, p50 / 1e6, p99 / 1e6
+    return clients / (mean / 1e6), p50 / 1e6, p99 / 1e6, (n1 - n0) / wall
 
 
 async def run(args: argparse.Namespace) -> list[str]:
@@ -127,21 +129,24 @@ async def run(args: argparse.Namespace) -> list[str]:
         f"- the default request (20 {info['default_sampler']} steps, its guidance interval), one image per request, "
         f"{args.clients} wrk connections back to back; forward: precision {info['precision']}, channels_last "
         f"{info['channels_last']}, compiled {info['compile']} (a cached forward runs eager)",
-        f"- {args.rounds} rounds, each setting {args.warm:g} s of warm-up then a {args.window:g} s window; images/s: "
-        "the server's count of finished images in the window, median over the rounds; latency: wrk's, per response, "
-        "median over the rounds",
+        f"- {args.rounds} rounds, each setting a {args.warm + args.window + 1:g} s wrk run; images/s: {args.clients} "
+        "clients over wrk's mean latency (a closed loop), median over the rounds; latency: wrk's, per response, median "
+        f"over the rounds; counted: the server's count of finished images in a {args.window:g} s window after "
+        f"{args.warm:g} s (coarse: images finish in waves of up to {args.clients})",
         "",
-        "| cache | FLOPs per image (M) | FLOP cut | images/s | vs no cache | p50 (s) | p99 (s) | images/s by round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| cache | FLOPs per image (M) | FLOP cut | images/s | vs no cache | p50 (s) | p99 (s) | images/s by round "
+        "| counted images/s by round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     base_ips = statistics.median(r[0] for r in rounds[0]) or float("nan")  # no image in a window: too short
     for cache, f, measured in zip(caches, flops, rounds, strict=True):
         ips = statistics.median(r[0] for r in measured)
         p50, p99 = (statistics.median(r[i] for r in measured) for i in (1, 2))
         by_round = ", ".join(f"{r[0]:.2f}" for r in measured)
+        counted = ", ".join(f"{r[3]:.1f}" for r in measured)
         out.append(
             f"| `{json.dumps(cache)}` | {f / 1e6:.0f} | {flops[0] / f:.2f}x | {ips:.2f} | {ips / base_ips:.2f}x "
-            f"| {p50:.2f} | {p99:.2f} | {by_round} |"
+            f"| {p50:.2f} | {p99:.2f} | {by_round} | {counted} |"
         )
     return out
 
