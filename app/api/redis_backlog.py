@@ -69,6 +69,8 @@ class JobRecords(Protocol):
 
     def forget(self, job: Job) -> None: ...
 
+    def lost(self, job: Job, reply: Any) -> None: ...
+
 
 class Consumer:
     """One replica's consumer of the backlog of each model it serves."""
@@ -208,10 +210,8 @@ class Consumer:
                 await self._renew(keys=[self.store.key(job.id)], args=[self.name, GROUP], client=pipe)
             ours = await pipe.execute()
         for job, mine in zip(jobs, ours, strict=True):
-            if not mine:  # another replica took it over, or it was cancelled: this run's work is not the job's
-                self.store.forget(job)
-                if job.abort is not None:
-                    job.abort()
+            if mine != 1:
+                self.store.lost(job, mine)
 
     async def count(self) -> tuple[int, int]:
         """(waiting, taken): the entries not delivered yet, and those taken and not ended, over the streams."""

@@ -205,6 +205,18 @@ class RedisJobs:
         self.local.pop(job.id, None)
         self._traced.pop(job.id, None)
 
+    def lost(self, job: Job, reply: Any) -> None:
+        """The job is no longer this replica's to run, by a RENEW or PROGRESS reply: it ended (a cancel, whose
+        message this replica may not have heard yet: the job ends here as stored, and its run counts it) or another
+        replica runs it now (this run's work is not the job's). Either way its engine request is aborted."""
+        if isinstance(reply, list) and reply[0] == "ended":
+            final = json.loads(reply[2] or "{}")
+            job.finish(reply[1], result=final.get("result"), error=final.get("error"))
+        else:
+            self.forget(job)
+        if job.abort is not None:
+            job.abort()
+
     async def release(self, job: Job) -> bool:
         """Hand the job back to the backlog (its engine stopped before it finished): whether it was."""
         consumer = self.consumer
@@ -236,10 +248,8 @@ class RedisJobs:
             log.warning("job %s: its progress was not stored: %s", job.id, exc)
             return
         self._traced[job.id] = traced + len(rows)
-        if not mine and job.id in self.local:  # another replica took it over, or it was cancelled
-            self.forget(job)
-            if job.abort is not None:
-                job.abort()
+        if mine != 1 and job.id in self.local:
+            self.lost(job, mine)
 
     async def _write_final(self, job: Job) -> bool:
         """Write the job's end (it stands unless another outcome was written first); False if Redis failed."""

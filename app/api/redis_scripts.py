@@ -65,21 +65,23 @@ if attempts > tonumber(ARGV[2]) then return 'exhausted' end
 return 'run'
 """
 
-# Renews the runner's entry (its idle time back to 0); 0 where the job is no longer this replica's to run.
+# Renews the runner's entry (its idle time back to 0); 0 where another replica runs the job now, and
+# {'ended', outcome, final} where it has ended while this replica ran it (a cancel from anywhere).
 RENEW = """
-if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
-  return 0
-end
+if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] then return 0 end
+local outcome = redis.call('HGET', KEYS[1], 'outcome')
+if outcome then return {'ended', outcome, redis.call('HGET', KEYS[1], 'final')} end
 local stream, entry = redis.call('HGET', KEYS[1], 'stream'), redis.call('HGET', KEYS[1], 'entry')
 redis.call('XCLAIM', stream, ARGV[2], ARGV[1], 0, entry, 'JUSTID')
 return 1
 """
 
-# The runner's progress; 0 (nothing written) where the job is no longer this replica's to run.
+# The runner's progress; nothing is written where the job is no longer this replica's to run: 0 where another
+# replica runs it now, {'ended', outcome, final} where it has ended (a cancel from anywhere).
 PROGRESS = """
-if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
-  return 0
-end
+if redis.call('HGET', KEYS[1], 'runner') ~= ARGV[1] then return 0 end
+local outcome = redis.call('HGET', KEYS[1], 'outcome')
+if outcome then return {'ended', outcome, redis.call('HGET', KEYS[1], 'final')} end
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
 if #ARGV > 2 then redis.call('RPUSH', KEYS[1] .. ':trace', unpack(ARGV, 3)) end
 redis.call('PUBLISH', KEYS[1], 'progress')

@@ -25,7 +25,7 @@ import redis
 
 from app.api.redis_backlog import GROUP, MAX_ATTEMPTS, QUEUED_STATE, backlog_key
 from app.api.redis_jobs import FINISHED, PREFIX, UNFINISHED, job_key
-from app.api.redis_scripts import ADD, FINISH, PROGRESS, TAKE
+from app.api.redis_scripts import ADD, FINISH, PROGRESS, RENEW, TAKE
 from tests.metrics import metric_value
 from tests.pngs import same_images
 
@@ -231,8 +231,34 @@ def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
     on_ran = httpx.get(f"{ran.url}/v1/jobs/{job_id}", timeout=10).json()
     assert on_ran["status"] == "cancelled" and on_ran["step"] < LONG_STEPS and on_ran["result"] is None
     assert httpx.delete(f"{ran.url}/v1/jobs/{job_id}", timeout=10).status_code == 409
-    after = metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}')
-    assert after == before + 1
+    # Counted once the job's follower has stored its end, a moment after its rows left the engine.
+    cancelled = 'cfg_jobs_total{outcome="cancelled"}'
+    wait_for(lambda: metric_value(httpx.get(f"{ran.url}/metrics").text, cancelled) == before + 1, 10, "counted")
+
+
+def test_a_cancel_the_runner_did_not_hear_ends_the_job_there_from_its_own_progress_and_is_counted(fleet, store):
+    """The cancel is written to Redis as a DELETE writes it, but its message on the cancel channel is not sent (as
+    when the runner's subscription was down, or the message comes after the runner's next write): the runner's next
+    progress write or renewal finds the job ended, aborts its rows and counts the job cancelled, as for a cancel it
+    heard, instead of taking it for a job another replica took over (which it would not count)."""
+    body = {**BODY, "num_images": 4, "steps": LONG_STEPS, "seed": 91}
+    job_id = httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"]
+    wait_job(fleet[0].url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
+    ran = replica_of(fleet, store, job_id)
+    before = metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}')
+    error = {"code": "cancelled", "message": "cancelled by a test, unannounced"}
+    final = json.dumps({"step": 1, "finished_at": time.time(), "result": None, "error": error})
+    finish = store.register_script(FINISH)
+    args = [job_id, "cancelled", final, time.time(), 60, "", "", GROUP]
+    assert finish(keys=[UNFINISHED, FINISHED, job_key(job_id)], args=args) == 1
+    wait_for(lambda: ran.gauge("cfg_requests_in_flight") == 0, 10, "abort where it runs")
+    wait_for(
+        lambda: metric_value(httpx.get(f"{ran.url}/metrics").text, 'cfg_jobs_total{outcome="cancelled"}') == before + 1,
+        10,
+        "the runner counts the cancel",
+    )
+    on_ran = httpx.get(f"{ran.url}/v1/jobs/{job_id}", timeout=10).json()
+    assert on_ran["status"] == "cancelled" and on_ran["error"] == error and on_ran["step"] < LONG_STEPS
 
 
 def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store):
@@ -274,7 +300,14 @@ def test_a_late_original_cannot_write_or_finish_a_job_another_replica_took_over(
 
     assert progress(keys=[key], args=["a", '{"step": 9}']) == 0
     assert end("a", "failed") == 0
+    assert progress(keys=[key], args=["b", '{"step": 2}']) == 1
+    renew = store.register_script(RENEW)
+    assert renew(keys=[key], args=["b", GROUP]) == 1
     assert end("b", "succeeded") == 1
+    # Its runner's next write is told the job ended, with the stored end; the other replica is told only "not yours".
+    assert progress(keys=[key], args=["b", '{"step": 3}']) == ["ended", "succeeded", "{}"]
+    assert renew(keys=[key], args=["b", GROUP]) == ["ended", "succeeded", "{}"]
+    assert progress(keys=[key], args=["a", '{"step": 3}']) == 0 and renew(keys=[key], args=["a", GROUP]) == 0
     assert end("b", "failed") == 0 and end("", "cancelled") == 0
     assert store.hget(key, "outcome") == "succeeded" and store.hget(key, "attempts") == "2"
     assert store.xlen(stream) == 0 and store.xpending(stream, GROUP)["pending"] == 0  # acknowledged and deleted
