@@ -161,12 +161,12 @@ def model_info(
 
 def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None) -> dict[str, Any]:
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
-    service whether it can run it (reason None) and up to which branch."""
+    service whether it can run it (reason None), and deepcache's deepest branch."""
     runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:
-        reason = support.get(kind, "this model has no step cache")
-        entry[kind] = {"reason": reason, "max_branch": max_branch if reason is None else None}
+        entry[kind] = {"reason": support.get(kind, "this model has no step cache")}
+    entry["deepcache"]["max_branch"] = max_branch if entry["deepcache"]["reason"] is None else None
     return entry
 
 

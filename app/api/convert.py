@@ -7,7 +7,7 @@ from typing import Any
 from app.api.schemas import request_fields
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleSpec
-from app.sampling.cache import DeepCacheParams
+from app.sampling.cache import CacheParams, DeepCacheParams, FirstBlockParams, cache_kind
 
 
 def to_spec(body: Any) -> SampleSpec:
@@ -28,13 +28,19 @@ def to_spec(body: Any) -> SampleSpec:
         ),
         return_trace=body.return_trace,
         preview_every=(body.preview_every or max(1, body.steps // 10)) if body.preview else None,
-        cache=None if body.cache.kind == "none" else DeepCacheParams(**body.cache.model_dump(exclude={"kind"})),
+        cache=cache_params(body.cache),
     )
 
 
-def cache_body(cache: DeepCacheParams | None) -> dict[str, Any]:
+def cache_params(cache: Any) -> CacheParams | None:
+    """The engine's step cache of the body's `cache`."""
+    params = {"deepcache": DeepCacheParams, "first_block": FirstBlockParams}.get(cache.kind)
+    return None if params is None else params(**cache.model_dump(exclude={"kind"}))
+
+
+def cache_body(cache: CacheParams | None) -> dict[str, Any]:
     """The step cache a response echoes, as a request would send it."""
-    return {"kind": "none"} if cache is None else {"kind": "deepcache", **asdict(cache)}
+    return {"kind": "none"} if cache is None else {"kind": cache_kind(cache), **asdict(cache)}
 
 
 def guidance_body(guidance: GuidanceParams) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Whether the served model can run a request's guidance method and step cache: the attention methods (pag, seg,
 slg) need self-attention layers or transformer blocks that some models lack, and layer indices that the model has;
-deepcache needs a UNet it can split, at a branch it has.
+deepcache needs a UNet it can split, at a branch it has; first_block a DiT.
 
 Read from the model's GET /v1/models entry (`attention_guidance`, written at load from
 app.models.attention.perturbation_support, and `cache`), so this module knows nothing of torch. A body that passes its
@@ -47,7 +47,7 @@ def cache_error(info: dict[str, Any], cache: Any) -> dict[str, Any] | None:
         runs = ", ".join(info["cache"]["kinds"])
         msg = f"cache kind {cache.kind} can't run on model {model}: {why}. {model} runs {runs}"
         return {"loc": ["body", "cache", "kind"], "msg": msg, "type": "value_error", "input": cache.kind}
-    if cache.branch > entry["max_branch"]:
+    if cache.kind == "deepcache" and cache.branch > entry["max_branch"]:
         msg = f"cache.branch must be 0..{entry['max_branch']} for model {model} (got {cache.branch})"
         return {"loc": ["body", "cache", "branch"], "msg": msg, "type": "value_error", "input": cache.branch}
     return None

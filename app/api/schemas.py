@@ -155,7 +155,18 @@ class DeepCache(_Strict):
         return self
 
 
-Cache = Annotated[NoCache | DeepCache, Field(discriminator="kind")]
+class FirstBlockCache(_Strict):
+    """First-Block Cache, for DiTs: each row runs the first transformer block, and where that block's residual
+    changed by less than `threshold` (relative, mean absolute) since the row's last full step, skips the other
+    blocks and reuses their residual from that step (docs/caching.md)."""
+
+    kind: Literal["first_block"]
+    threshold: float = Field(
+        0.1, gt=0, le=1, description="the first block's relative residual change below which a row skips the rest"
+    )
+
+
+Cache = Annotated[NoCache | DeepCache | FirstBlockCache, Field(discriminator="kind")]
 
 
 def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -228,7 +239,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
-    cache: NoCache | DeepCache
+    cache: NoCache | DeepCache | FirstBlockCache
     timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
@@ -309,7 +320,8 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         )
         cache: Cache = Field(
             default_factory=NoCache,
-            description="reuse features between steps for speed: none, or deepcache (UNets); GET /v1/models lists "
+            description="reuse features between steps for speed: none, deepcache (UNets) or first_block (DiTs); "
+            "GET /v1/models lists "
             "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md)",
         )
         guidance_rescale: float = Field(

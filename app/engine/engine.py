@@ -59,7 +59,7 @@ from app.engine.scheduler import ANONYMOUS, EngineRequest, Scheduler
 from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
 from app.models.deepcache import DeepCacheError
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
-from app.sampling.step import reused_rows
+from app.sampling.cache import DeepCacheParams, cache_kind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -401,17 +401,19 @@ class Engine:
         cache = run.spec.cache
         if cache is None:
             return None
+        kind = cache_kind(cache)
         support: dict[str, str | None] = getattr(self._denoiser, "cache_support", dict)()
-        if "deepcache" not in support:
+        if kind not in support:
             return "invalid", f"model {self.name} has no step cache: cache.kind must be none"
-        try:
-            if support["deepcache"] is not None:
-                raise DeepCacheError(support["deepcache"])
-            deepest = self._denoiser.deepcache_branches()  # type: ignore[attr-defined]
-        except DeepCacheError as exc:
-            return "invalid", f"model {self.name}: {exc}"
-        if cache.branch > deepest:
-            return "invalid", f"model {self.name}: deepcache branch must be 0..{deepest} (got {cache.branch})"
+        if support[kind] is not None:
+            return "invalid", f"model {self.name}: {support[kind]}"
+        if isinstance(cache, DeepCacheParams):
+            try:
+                deepest = self._denoiser.deepcache_branches()  # type: ignore[attr-defined]
+            except DeepCacheError as exc:
+                return "invalid", f"model {self.name}: {exc}"
+            if cache.branch > deepest:
+                return "invalid", f"model {self.name}: deepcache branch must be 0..{deepest} (got {cache.branch})"
         return None
 
     def _guide_refusal(self, run: SampleRun) -> tuple[str, str] | None:
@@ -476,8 +478,8 @@ class Engine:
         skipped = sum(r.skipped_uncond_rows() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         guide_rows = sum(r.guide_rows_needed() for r in runs)
-        shallow = reused_rows(runs)
         rows = denoise_step(self._denoiser, runs, self._guides)
+        shallow = sum(r.shallow_rows for r in runs if r.cache is not None)
         self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
         # launch), read in the tick's one sync; a request is finite where all its images are.

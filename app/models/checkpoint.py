@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.models.deepcache import DeepCacheError, RowsOut, forward_rows, max_branch
-from app.models.denoiser import HookedDenoiser
+from app.models.denoiser import HookedDenoiser, Hooks
 from app.models.latent import DiTDenoiser, ImageDecoder, decode_latents, to_uint8
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -327,11 +327,12 @@ class UNetDenoiser(HookedDenoiser):
         return out if self.eps_channels is None else out[:, : self.eps_channels]
 
     def cache_support(self) -> dict[str, str | None]:
+        support = super().cache_support()
         try:
             max_branch(self.unet)
         except DeepCacheError as exc:
-            return {"deepcache": str(exc)}
-        return {"deepcache": None}
+            return {**support, "deepcache": str(exc)}
+        return {**support, "deepcache": None}
 
     def deepcache_branches(self) -> int:
         return max_branch(self.unet)
@@ -341,12 +342,15 @@ class UNetDenoiser(HookedDenoiser):
         x: torch.Tensor,
         timesteps: torch.Tensor,
         class_labels: torch.Tensor,
-        branches: Sequence[int | None],
+        settings: Sequence[int | float | None],
         cached: Sequence[torch.Tensor | None],
-        deep_all: bool,
+        hooks: Hooks,
     ) -> RowsOut:
-        out = forward_rows(self.unet, x, timesteps, class_labels, branches, cached, deep_all)
-        return out if self.eps_channels is None else RowsOut(out.eps[:, : self.eps_channels], out.deep, out.full_rows)
+        """deepcache: the class embedding is computed once for all rows, so only perturbed rows' hooks make
+        every row run the deep part."""
+        branches = cast(Sequence[int | None], settings)
+        out = forward_rows(self.unet, x, timesteps, class_labels, branches, cached, deep_all=hooks.perturb)
+        return out if self.eps_channels is None else replace(out, eps=out.eps[:, : self.eps_channels])
 
     @torch.inference_mode()
     def class_embedding(self, label: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ class RowsOut:
     eps: torch.Tensor  # (rows, C, H, W): the network's output
     deep: tuple[torch.Tensor | None, ...]  # per row: its features entering up block -(branch + 1), to cache
     full_rows: int  # rows whose deep part this forward computed
+    shallow: tuple[bool, ...]  # per row: whether it ran only its shallow path (not computed: its cached part)
 
 
 def _levels(unet: UNet2DModel) -> int:
@@ -183,4 +184,5 @@ def forward_rows(
         h = up(h, taken, _narrow(emb_all, list(range(rows)), level_rows))
         alive = level_rows
     out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
-    return RowsOut(out, tuple(deep), sum(1 for d in depth if d == levels))
+    shallow = tuple(d < levels for d in depth)
+    return RowsOut(out, tuple(deep), sum(1 for d in depth if d == levels), shallow)

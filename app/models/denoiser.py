@@ -6,11 +6,21 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from app.models.attention import PerturbationSites, RowPerturbations, perturbation_hooks, perturbation_sites
 from app.models.deepcache import DeepCacheError, RowsOut
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks a forward is under, each selecting rows by their index in the whole forward: CADS's embedding
+    delta, and perturbed rows."""
+
+    delta: bool
+    perturb: bool
 
 
 class HookedDenoiser:
@@ -55,14 +65,18 @@ class HookedDenoiser:
         embed_delta: torch.Tensor | None = None,
         *,
         perturb: RowPerturbations | None = None,
-        branches: Sequence[int | None],
+        kind: str,
+        settings: Sequence[int | float | None],
         cached: Sequence[torch.Tensor | None],
     ) -> RowsOut:
-        """The forward with each row's full or shallow path (app/models/deepcache.py: branches[i] is row i's depth,
-        None where it caches nothing; cached[i] its features to reuse, None to compute them). With perturbed rows
-        every row runs the deep part: the hooks select rows by their index in the whole forward."""
+        """The forward with each row's full or shallow path, by the step cache `kind` (app/sampling/spec.py's
+        CachingDenoiser says what settings and cached hold). The hooks of embed_delta and perturb select rows by
+        their index in the whole forward: each kind says what it runs on every row while they are held."""
+        if self.cache_support().get(kind, "no such step cache") is not None:
+            raise DeepCacheError(self.cache_support().get(kind) or f"no step cache of kind {kind!r}")
         with self._hooked(x.shape[0], embed_delta, perturb):
-            return self._forward_cached(x, timesteps, class_labels, branches, cached, perturb is not None)
+            hooks = Hooks(delta=embed_delta is not None, perturb=perturb is not None)
+            return self._forward_cached(x, timesteps, class_labels, settings, cached, hooks)
 
     @contextlib.contextmanager
     def _hooked(self, rows: int, embed_delta: torch.Tensor | None, perturb: RowPerturbations | None) -> Iterator[None]:
@@ -87,7 +101,10 @@ class HookedDenoiser:
     def cache_support(self) -> dict[str, str | None]:
         """Each step cache kind beyond "none" (app/sampling/cache.py) and why this model can't run it (None:
         it can)."""
-        return {"deepcache": "deepcache splits a UNet at its levels, and this model has none"}
+        return {
+            "deepcache": "deepcache splits a UNet at its levels, and this model has none",
+            "first_block": "first_block skips a DiT's transformer blocks, and this model has none",
+        }
 
     def deepcache_branches(self) -> int:
         """The deepest branch deepcache can split this model at (app/models/deepcache.py)."""
@@ -98,11 +115,12 @@ class HookedDenoiser:
         x: torch.Tensor,
         timesteps: torch.Tensor,
         class_labels: torch.Tensor,
-        branches: Sequence[int | None],
+        settings: Sequence[int | float | None],
         cached: Sequence[torch.Tensor | None],
-        deep_all: bool,
+        hooks: Hooks,
     ) -> RowsOut:
-        raise DeepCacheError(self.cache_support()["deepcache"] or "deepcache is not supported")
+        """forward_cached of the one step cache kind this model runs, with the hooks it is under."""
+        raise DeepCacheError("this model has no step cache")
 
     @functools.cached_property
     def perturbation_sites(self) -> PerturbationSites:

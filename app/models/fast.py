@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -54,7 +55,7 @@ from app.models.precision import (
 __all__ = ["INT8_MAX_ROWS", "INT8_MIN_ROWS", "FastDenoiser", "PrecisionError", "fast_denoiser", "resolve_precision"]
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
-DEEPCACHE_INT8_REASON = "precision int8 runs a quantized graph that deepcache cannot split: use fp32 or bf16"
+CACHE_INT8_REASON = "precision int8 runs a quantized graph that a step cache cannot split: use fp32 or bf16"
 PRECISION_SETTINGS = ("fp32", "bf16", "fp16", "int8", "auto")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,29 +223,30 @@ class FastDenoiser:
         class_labels: torch.Tensor,
         *extra: torch.Tensor,
         perturb: RowPerturbations | None = None,
-        branches: Sequence[int | None],
+        kind: str,
+        settings: Sequence[int | float | None],
         cached: Sequence[torch.Tensor | None],
     ) -> RowsOut:
-        """A forward whose rows take their full or shallow path (app/models/deepcache.py) runs eager, as CADS's
-        does: which rows run the deep part changes from tick to tick, and no compiled graph or CUDA graph is
-        made for it. int8 is refused: the quantized graph is not the modules the split runs."""
+        """A forward whose rows take their full or shallow path (app/models/deepcache.py, first_block.py) runs
+        eager, as CADS's does: which rows run the deep part changes from tick to tick, and no compiled graph or
+        CUDA graph is made for it. int8 is refused: the quantized graph is not the modules the split runs."""
         if self.precision == "int8":
-            raise DeepCacheError(DEEPCACHE_INT8_REASON)
+            raise DeepCacheError(CACHE_INT8_REASON)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         forward = self.denoiser.forward_cached  # type: ignore[attr-defined]
-        kwargs = {"perturb": perturb, "branches": branches, "cached": cached}
+        kwargs = {"perturb": perturb, "kind": kind, "settings": settings, "cached": cached}
         if self.precision == "fp32":
             out = forward(x, timesteps, class_labels, *extra, **kwargs)
         else:
             with torch.autocast(self._device_type, dtype=DTYPES[self.precision]):
                 out = forward(x, timesteps, class_labels, *extra, **kwargs)
-        return RowsOut(out.eps.float().contiguous(), out.deep, out.full_rows)
+        return replace(out, eps=out.eps.float().contiguous())
 
     def cache_support(self) -> dict[str, str | None]:
         """The wrapped model's step cache kinds (app/sampling/cache.py), none at int8."""
         support: dict[str, str | None] = getattr(self.denoiser, "cache_support", dict)()
-        int8 = DEEPCACHE_INT8_REASON if self.precision == "int8" else None
+        int8 = CACHE_INT8_REASON if self.precision == "int8" else None
         return {kind: reason or int8 for kind, reason in support.items()}
 
     def deepcache_branches(self) -> int:

@@ -7,11 +7,17 @@ copy its one y_embedder table into every block, so they share one class embeddin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import cast
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from app.models.denoiser import HookedDenoiser
+import app.models.first_block as first_block
+from app.models.deepcache import RowsOut
+from app.models.denoiser import HookedDenoiser, Hooks
 from app.pixels import ImageDecoder, to_uint8  # noqa: F401  (ImageDecoder: re-exported)
 
 
@@ -56,6 +62,33 @@ class DiTDenoiser(HookedDenoiser):
         if self.eps_channels is not None:
             out = out[:, : self.eps_channels]
         return out.to(x.dtype)
+
+    def cache_support(self) -> dict[str, str | None]:
+        support = super().cache_support()
+        try:
+            first_block.check_first_block(self.transformer)
+        except first_block.FirstBlockError as exc:
+            return {**support, "first_block": str(exc)}
+        return {**support, "first_block": None}
+
+    def _forward_cached(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        settings: Sequence[int | float | None],
+        cached: Sequence[torch.Tensor | None],
+        hooks: Hooks,
+    ) -> RowsOut:
+        """first_block: every block computes its own class embedding from the rows it is given, so CADS's delta
+        (whose hook adds one row per row of the whole forward) makes every row run every block, as perturbed
+        rows do."""
+        thresholds = cast(Sequence[float | None], settings)
+        out = first_block.forward_rows(
+            self.transformer, x, timesteps, class_labels, thresholds, cached, all_rows=hooks.delta or hooks.perturb
+        )
+        eps = out.eps if self.eps_channels is None else out.eps[:, : self.eps_channels]
+        return replace(out, eps=eps.to(x.dtype))
 
     @torch.inference_mode()
     def class_embedding(self, label: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""A request's step cache (issue 27): what it asks for (DeepCacheParams) and the features its run keeps
-(RowCache).
+"""A request's step cache (issue 27): what it asks for (DeepCacheParams, FirstBlockParams) and what its run keeps
+(RowCache for deepcache, FirstBlockRows for first_block: make_row_cache picks).
 
 DeepCache's deep features are kept per kind of row (the conditional rows, and the unconditional and perturbed
 rows of its guidance), each kind its own: the kinds run at different steps (a guidance interval runs the
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-CACHE_KINDS = ("none", "deepcache")
+CACHE_KINDS = ("none", "deepcache", "first_block")
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,33 @@ class DeepCacheParams:
 
 
 @dataclass(frozen=True)
+class FirstBlockParams:
+    """{"kind": "first_block"}: First-Block Cache (app/models/first_block.py). A row skips a step's transformer
+    blocks after the first where its first block's residual changed by less than `threshold` (relative, mean
+    absolute) since its last full step."""
+
+    threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"first_block threshold must be in (0, 1], not {self.threshold:g}")
+
+
+CacheParams = DeepCacheParams | FirstBlockParams
+
+
+def cache_kind(params: CacheParams) -> str:
+    return "deepcache" if isinstance(params, DeepCacheParams) else "first_block"
+
+
+@dataclass(frozen=True)
 class CachePlan:
-    """One step's rows of a run, in its rows' order: each row's branch and its features to reuse (None: full)."""
+    """One step's rows of a run, in its rows' order: the cache's kind, each row's setting (deepcache's branch,
+    first_block's threshold) and what it reuses (deepcache: its features; first_block: its state; None: none)."""
 
-    branches: tuple[int, ...]
+    kind: str
+    settings: tuple[int | float, ...]
     cached: tuple[torch.Tensor | None, ...]
-
-    @property
-    def reused(self) -> int:
-        return sum(c is not None for c in self.cached)
 
 
 class RowCache:
@@ -101,18 +119,14 @@ class RowCache:
         full = self._last_full[step]
         return held is not None and step != full and held[0] >= full
 
-    def reused_kinds(self, step: int, kinds: Sequence[str]) -> frozenset[str]:
-        """The kinds of `kinds` whose rows reuse their features at step `step`."""
-        return frozenset(k for k in kinds if self._reusable(k, step))
-
     def plan(self, step: int, kinds: Sequence[str], images: int) -> CachePlan:
         """Step `step`'s rows: `images` rows of each kind in `kinds`, in that order."""
-        reuse = self.reused_kinds(step, kinds)
+        reuse = frozenset(k for k in kinds if self._reusable(k, step))
         self._planned = (step, tuple(kinds), reuse)
         cached: list[torch.Tensor | None] = []
         for kind in kinds:
             cached += list(self._held[kind][1].unbind(0)) if kind in reuse else [None] * images
-        return CachePlan((self.params.branch,) * len(cached), tuple(cached))
+        return CachePlan("deepcache", (self.params.branch,) * len(cached), tuple(cached))
 
     def keep(self, step: int, deep: Sequence[torch.Tensor | None]) -> None:
         """The step's forward gave `deep` for the planned rows: keep the new features of the kinds run in full."""
@@ -138,3 +152,53 @@ class RowCache:
 
     def nbytes(self) -> int:
         return sum(t.nelement() * t.element_size() for t in self.tensors)
+
+
+class FirstBlockRows:
+    """One run's First-Block Cache states, per kind of row and image: kind -> (the last step its rows ran, one
+    state (2, tokens, channels) per image). Each row decides for itself at every step (app/models/first_block.py);
+    its state changes only at its full steps. A kind whose rows did not run at the step before (the unconditional
+    rows outside a guidance interval) drops its states: its first step back runs in full, as deepcache's does."""
+
+    def __init__(self, params: FirstBlockParams) -> None:
+        self.params = params
+        self._held: dict[str, tuple[int, list[torch.Tensor]]] = {}
+        self._planned: tuple[int, tuple[str, ...]] | None = None
+
+    def plan(self, step: int, kinds: Sequence[str], images: int) -> CachePlan:
+        """Step `step`'s rows: `images` rows of each kind in `kinds`, in that order."""
+        self._planned = (step, tuple(kinds))
+        cached: list[torch.Tensor | None] = []
+        for kind in kinds:
+            held = self._held.get(kind)
+            cached += held[1] if held is not None and held[0] == step - 1 else [None] * images
+        return CachePlan("first_block", (self.params.threshold,) * len(cached), tuple(cached))
+
+    def keep(self, step: int, states: Sequence[torch.Tensor | None]) -> None:
+        """The step's forward gave each planned row its state (new at a full step, its held one where it skipped)."""
+        if self._planned is None or self._planned[0] != step:
+            raise RuntimeError(f"a cache's states came back for step {step}, which was not planned")
+        kinds = self._planned[1]
+        images = len(states) // len(kinds)
+        for k, kind in enumerate(kinds):
+            rows = states[k * images : (k + 1) * images]
+            if any(r is None for r in rows):
+                raise RuntimeError(f"the forward gave no first_block state for the {kind} rows")
+            self._held[kind] = (step, list(rows))  # type: ignore[arg-type]
+        self._planned = None
+
+    def clear(self) -> None:
+        self._held.clear()
+        self._planned = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, rows in self._held.values() for t in rows]
+
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in self.tensors)
+
+
+def make_row_cache(params: CacheParams, sigmas: Sequence[float]) -> RowCache | FirstBlockRows:
+    """What a run with this step cache keeps."""
+    return RowCache(params, sigmas) if isinstance(params, DeepCacheParams) else FirstBlockRows(params)

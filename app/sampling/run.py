@@ -33,7 +33,7 @@ from app.guidance import (
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import step_table
-from app.sampling.cache import CachePlan, RowCache
+from app.sampling.cache import CachePlan, make_row_cache
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
     config_key,
@@ -110,7 +110,8 @@ class SampleRun:
         self.trace: list[StepTrace] = []
         self.preview: Preview | None = None
         self.step_index = 0
-        self.cache = None if spec.cache is None else RowCache(spec.cache, self.sigmas)
+        self.cache = None if spec.cache is None else make_row_cache(spec.cache, self.sigmas)
+        self.shallow_rows = 0  # its rows that ran only the shallow path at its last step (a step cache's)
 
     def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:
         """The request's noise on its condition: the seed's on eps_cond, CADS's on the class embedding."""
@@ -196,15 +197,10 @@ class SampleRun:
             return None
         return self.cache.plan(self.step_index, self.row_kinds(), self.spec.num_images)
 
-    def reused_rows(self) -> int:
-        """This step's rows that reuse cached features (the shallow path, unless the forward runs every row's
-        deep part: app.sampling.step.reused_rows)."""
-        if self.cache is None:
-            return 0
-        return self.spec.num_images * len(self.cache.reused_kinds(self.step_index, self.row_kinds()))
-
-    def keep_cache(self, deep: tuple[torch.Tensor | None, ...]) -> None:
-        """The step's forward gave these deep features for this run's rows (before advance)."""
+    def keep_cache(self, deep: tuple[torch.Tensor | None, ...], shallow: tuple[bool, ...]) -> None:
+        """The step's forward gave these features (or states) for this run's rows, and ran these rows only on
+        their shallow path (before advance)."""
+        self.shallow_rows = sum(shallow)
         if self.cache is not None:
             self.cache.keep(self.step_index, deep)
 

@@ -25,7 +25,7 @@ from app.guidance import (
 )
 from app.models.attention import Perturbation, RowPerturbations
 from app.models.deepcache import RowsOut
-from app.sampling.cache import DeepCacheParams
+from app.sampling.cache import CacheParams
 from app.sampling.schedulers import (
     DEFAULT_SAMPLER,
 )
@@ -50,9 +50,11 @@ class Denoiser(Protocol):
 
 
 class CachingDenoiser(Denoiser, Protocol):
-    """A Denoiser whose forward can reuse features cached between steps, row by row (app/models/deepcache.py):
-    branches[i] is row i's split depth (None: it caches nothing), cached[i] its features to reuse (None: it runs
-    the deep part, whose features come back in the output's deep[i])."""
+    """A Denoiser whose forward can reuse what it computed at earlier steps, row by row: kind "deepcache"
+    (app/models/deepcache.py: settings[i] is row i's split depth, cached[i] its deep features) or "first_block"
+    (app/models/first_block.py: settings[i] is row i's threshold, cached[i] its state). settings[i] None: the
+    row caches nothing; cached[i] None: it runs in full, and what it would reuse comes back in the output's
+    deep[i]."""
 
     def forward_cached(
         self,
@@ -62,7 +64,8 @@ class CachingDenoiser(Denoiser, Protocol):
         /,
         *args: torch.Tensor,
         perturb: RowPerturbations | None = None,
-        branches: Sequence[int | None],
+        kind: str,
+        settings: Sequence[int | float | None],
         cached: Sequence[torch.Tensor | None],
     ) -> RowsOut: ...
 
@@ -118,7 +121,7 @@ class SampleSpec:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     return_trace: bool = False
     preview_every: int | None = None  # keep the x0 prediction as a preview every this many steps; None: no previews
-    cache: DeepCacheParams | None = None  # reuse deep features between steps (app/sampling/cache.py); None: off
+    cache: CacheParams | None = None  # reuse features between steps (app/sampling/cache.py); None: off
 
     @property
     def num_images(self) -> int:

@@ -71,31 +71,28 @@ def _cached_forward(
     runs: Sequence[SampleRun],
     plans: Sequence[CachePlan | None],
 ) -> torch.Tensor:
-    """The forward of a step in which some runs cache features (app/sampling/cache.py): each row takes its full
-    or shallow path (app/models/deepcache.py); each caching run keeps its rows' new features."""
+    """The forward of a step in which some runs cache (app/sampling/cache.py): each row takes its full or shallow
+    path (app/models/deepcache.py, app/models/first_block.py); each caching run keeps what its rows gave."""
     forward_cached = getattr(denoiser, "forward_cached", None)
     if forward_cached is None:
         raise ValueError("a run caches features, and this model's forward cannot reuse them")
-    branches: list[int | None] = []
+    kinds = {p.kind for p in plans if p is not None}
+    if len(kinds) != 1:
+        raise ValueError(f"one forward runs one kind of step cache, not {', '.join(sorted(kinds))}")
+    settings: list[int | float | None] = []
     cached: list[torch.Tensor | None] = []
     sizes = [r.rows_needed() for r in runs]
     for plan, rows in zip(plans, sizes, strict=True):
-        branches += [None] * rows if plan is None else list(plan.branches)
+        settings += [None] * rows if plan is None else list(plan.settings)
         cached += [None] * rows if plan is None else list(plan.cached)
-    out = cast(CachingDenoiser, denoiser).forward_cached(*args, perturb=perturb, branches=branches, cached=cached)
+    out = cast(CachingDenoiser, denoiser).forward_cached(
+        *args, perturb=perturb, kind=kinds.pop(), settings=settings, cached=cached
+    )
     offset = 0
     for run, rows in zip(runs, sizes, strict=True):
-        run.keep_cache(out.deep[offset : offset + rows])
+        run.keep_cache(out.deep[offset : offset + rows], out.shallow[offset : offset + rows])
         offset += rows
     return out.eps
-
-
-def reused_rows(runs: Sequence[SampleRun]) -> int:
-    """The rows of the runs' next step that take only the shallow path, reusing cached features: none where a
-    run has perturbed rows, whose forward runs every row's deep part (app/models/deepcache.py)."""
-    if any(r.needs_perturbed() for r in runs):
-        return 0
-    return sum(r.reused_rows() for r in runs)
 
 
 def guide_outputs(runs: Sequence[SampleRun], guides: Mapping[str, Denoiser]) -> dict[int, dict[str, torch.Tensor]]:

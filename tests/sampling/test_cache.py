@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.sampling.cache import DeepCacheParams, RowCache
+from app.sampling.cache import DeepCacheParams, FirstBlockParams, FirstBlockRows, RowCache, make_row_cache
 
 IMAGES = 2
 
@@ -26,7 +26,7 @@ def run_steps(cache: RowCache, kinds_at: dict[int, tuple[str, ...]]) -> dict[int
     seen: dict[int, dict[str, int | None]] = {}
     for step, kinds in sorted(kinds_at.items()):
         plan = cache.plan(step, kinds, IMAGES)
-        assert len(plan.cached) == len(plan.branches) == IMAGES * len(kinds)
+        assert len(plan.cached) == len(plan.settings) == IMAGES * len(kinds)
         seen[step] = {}
         deep: list[torch.Tensor | None] = []
         for k, kind in enumerate(kinds):
@@ -83,7 +83,7 @@ def test_interval_1_never_reuses_and_the_branch_is_every_row_s():
         for step in run_steps(cache, {i: ("cond", "uncond") for i in range(4)}).values()
         for kind in step.values()
     )
-    assert cache.plan(0, ("cond", "uncond"), IMAGES).branches == (2,) * (2 * IMAGES)
+    assert cache.plan(0, ("cond", "uncond"), IMAGES).settings == (2,) * (2 * IMAGES)
 
 
 def test_clear_frees_every_tensor_and_nbytes_counts_them():
@@ -116,3 +116,33 @@ def test_features_for_a_step_not_planned_are_refused():
 def test_settings_out_of_range_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DeepCacheParams(**kwargs)
+
+
+def test_first_block_rows_reuse_the_states_of_the_step_before_and_drop_them_after_a_skip():
+    cache = make_row_cache(FirstBlockParams(threshold=0.2), sigmas(6))
+    assert isinstance(cache, FirstBlockRows)
+    plan = cache.plan(0, ("cond", "uncond"), IMAGES)
+    assert plan.kind == "first_block" and plan.settings == (0.2,) * 4 and plan.cached == (None,) * 4
+    states = [torch.full((2, 3), float(i)) for i in range(4)]
+    cache.keep(0, states)
+    plan = cache.plan(1, ("cond", "uncond"), IMAGES)
+    assert all(c is s for c, s in zip(plan.cached, states, strict=True))  # each row its own state
+    kept = [states[0], torch.zeros(2, 3), states[2], states[3]]  # row 1 ran in full: a new state
+    cache.keep(1, kept)
+    plan = cache.plan(2, ("cond",), IMAGES)  # the unconditional rows skip step 2 (a guidance interval)
+    assert plan.cached[0] is states[0] and plan.cached[1] is kept[1]
+    cache.keep(2, kept[:2])
+    plan = cache.plan(3, ("cond", "uncond"), IMAGES)  # back: they run in full, their old states dropped
+    assert plan.cached[:2] == tuple(kept[:2]) and plan.cached[2:] == (None, None)
+    cache.keep(3, [*kept[:2], *states[2:]])
+    assert cache.nbytes() == 4 * 2 * 3 * 4
+    with pytest.raises(RuntimeError, match="not planned"):
+        cache.keep(4, kept)
+    cache.clear()
+    assert cache.tensors == [] and cache.nbytes() == 0
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5])
+def test_a_first_block_threshold_outside_0_to_1_is_refused(threshold):
+    with pytest.raises(ValueError, match=r"first_block threshold must be in \(0, 1\]"):
+        FirstBlockParams(threshold=threshold)

@@ -1,0 +1,111 @@
+"""First-Block Cache (app/sampling/cache.py's FirstBlockRows) inside SampleRun and denoise_step on a tiny DiT of
+four blocks with random weights (a real DiT is gigabytes; the code path is the same): rows really skip and the
+images change, several first_block requests of a kind stepped together draw what each draws alone, with
+samplers, guidance methods (the perturbed ones through the every-row path), a guidance interval, CADS, the trace
+and previews, and a run's states are freed when it finishes."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
+from app.models.latent import DiTDenoiser
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
+from app.sampling.cache import FirstBlockParams
+from tests.tiny_models import tiny_dit
+
+pytestmark = pytest.mark.stand_in  # a tiny random DiT: what is tested is which rows run what, and batching
+SHAPE, NULL = (4, 8, 8), 10
+CACHE = FirstBlockParams(threshold=0.2)
+# Batched and unbatched matmuls round differently (tests/models/test_latent.py): on latents.
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    return DiTDenoiser(tiny_dit(NULL, num_layers=4).eval(), eps_channels=4)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return dict(DDIMScheduler(clip_sample=False).config)
+
+
+def make_run(config, denoiser, spec: SampleSpec) -> SampleRun:
+    return SampleRun(spec, config, SHAPE, NULL, class_embedding=denoiser.class_embedding)
+
+
+def test_rows_skip_the_other_blocks_and_the_images_change(config, denoiser):
+    spec = SampleSpec(3, (1, 2), 12, "dpmpp_2m", GuidanceParams(4.0), cache=CACHE)
+    run, plain = make_run(config, denoiser, spec), make_run(config, denoiser, SampleSpec(3, (1, 2), 12, "dpmpp_2m"))
+    shallow = []
+    while not run.done:
+        denoise_step(denoiser, [run])
+        shallow.append(run.shallow_rows)
+    sample(denoiser, [plain])
+    assert shallow[0] == 0 and sum(shallow) > 0  # the first step has nothing to compare with
+    assert not torch.allclose(run.latents, plain.latents, atol=1e-2)
+
+
+INTERVAL = GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.3, sigma_max=5.0)
+CASES = {
+    "default request": dict(guidance=DEFAULT_GUIDANCE),
+    "euler_a": dict(sampler="euler_a", guidance=GuidanceParams(3.0)),
+    "ddim interval": dict(sampler="ddim", guidance=GuidanceParams(4.0, schedule=INTERVAL)),
+    "apg": dict(guidance=GuidanceParams(5.0, method=GuidanceMethod("apg"))),
+    "pag": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("pag", scale=1.0))),
+    "slg": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("slg", scale=1.0))),
+    "cads, noise, trace, previews": dict(
+        guidance=GuidanceParams(3.0, noise_level=0.1, cads=Cads(tau1=0.3, tau2=0.7)),
+        return_trace=True,
+        preview_every=3,
+    ),
+}
+
+
+def staggered(config, denoiser, specs) -> list[SampleRun]:
+    """The specs stepped together, each started a step after the one before, until all are done."""
+    runs = [make_run(config, denoiser, s) for s in specs]
+    active: list[SampleRun] = []
+    for run in runs:
+        active.append(run)
+        denoise_step(denoiser, [r for r in active if not r.done])
+    while any(not r.done for r in runs):
+        denoise_step(denoiser, [r for r in runs if not r.done])
+    return runs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_several_first_block_requests_of_a_kind_draw_together_what_each_draws_alone(config, denoiser, case):
+    # Three requests of the kind (other seeds and classes, one of 2 images), one without a cache and one at another
+    # threshold: every forward mixes rows that skip with rows that run in full, at different steps.
+    fields = CASES[case]
+    specs = [
+        SampleSpec(1, (11,), 8, cache=CACHE, **fields),
+        SampleSpec(7, (12, 13), 8, cache=CACHE, **fields),
+        SampleSpec(4, (14,), 8, cache=CACHE, **fields),
+        SampleSpec(2, (15,), 8, guidance=DEFAULT_GUIDANCE),
+        SampleSpec(9, (16,), 8, cache=FirstBlockParams(threshold=0.5), **fields),
+    ]
+    together = staggered(config, denoiser, specs)
+    for spec, run in zip(specs, together, strict=True):
+        alone = make_run(config, denoiser, spec)
+        sample(denoiser, [alone])
+        assert torch.allclose(run.latents, alone.latents, atol=ATOL, rtol=RTOL), f"{case}, seeds {spec.seeds}"
+
+
+def test_a_run_frees_its_states_when_it_finishes(config, denoiser):
+    run = make_run(config, denoiser, SampleSpec(3, (1, 2), 6, guidance=GuidanceParams(3.0), cache=CACHE))
+    denoise_step(denoiser, [run])
+    assert run.cache is not None
+    held = [weakref.ref(t) for t in run.cache.tensors]
+    assert len(held) == 4  # each conditional and unconditional row its own state
+    while not run.done:
+        denoise_step(denoiser, [run])
+    gc.collect()
+    assert run.cache.tensors == [] and all(ref() is None for ref in held)
