@@ -11,8 +11,21 @@ For each cache setting (--caches, the request's `cache` field as JSON; the first
      measures every setting once, so the machine's drift hits them all; images/s is the clients over wrk's mean
      latency (a closed loop: Little's law), and the result is the median over the rounds.
 
+  3. PSNR against the first setting: --psnr-images one-image default requests (classes 0.., seeds 0..), each
+     drawn alone in the raw loop with each setting, the decoded uint8 images compared.
+
 The app runs in this process as `python -m app.serve` runs it (bench/bench_service.py's serve), with the
 precision of CFG_PRECISION (fp32 by default). `apt-get install wrk` first.
+
+With --dit-s2 it serves a DiT-S/2-sized latent model with random weights (bench/bench_dit.py's: 12 blocks, width
+384, 32x32x4 latents, Stable Diffusion's VAE shape at 256 px) instead of the shipped UNet: for First-Block Cache,
+
+    python3 bench/bench_cache.py --dit-s2 --clients 8 --warm 30 --window 60 --rounds 2 \
+        --caches '{"kind": "none"}' '{"kind": "first_block", "threshold": 0.2}'
+
+Its weights are random (nothing may be downloaded here): its speed is a DiT-S's, its images are no picture of
+anything, and how often rows skip depends on how its residuals move, which random weights do not share with a
+trained model. The PSNR there says how far a setting moves such a model's images, no more.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -28,6 +42,7 @@ from asyncio.subprocess import PIPE
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +51,9 @@ sys.path.insert(0, str(REPO))
 from app.api.convert import to_spec  # noqa: E402
 from app.api.schemas import build_generate_request  # noqa: E402
 from app.config import Settings  # noqa: E402
+from app.models.importer import import_model  # noqa: E402
 from app.sampling import sample  # noqa: E402
+from bench.bench_dit import dit_s2_pipeline  # noqa: E402
 from bench.bench_service import serve  # noqa: E402
 from bench.record import publish  # noqa: E402
 from research.evaluate import git_commit, machine_description  # noqa: E402
@@ -74,10 +91,26 @@ def flops_per_image(service, engine, cache: dict) -> float:
     return counter.get_total_flops() / run.spec.num_images
 
 
-def model_body(service, cache: dict):
+def model_body(service, cache: dict, class_label: int = 3, seed: int = 1):
     """The validated default request with this cache, as the route builds it."""
     request = build_generate_request(service.limits)
-    return request.model_validate({"class_label": 3, "seed": 1, "cache": cache})
+    return request.model_validate({"class_label": class_label, "seed": seed, "cache": cache})
+
+
+def images_alone(service, engine, cache: dict, count: int) -> np.ndarray:
+    """`count` one-image default requests (class i, seed i) with this cache, each drawn alone: uint8 images."""
+    out = []
+    for i in range(count):
+        run = engine.make_run(to_spec(model_body(service, cache, class_label=i, seed=i)))
+        sample(engine.denoiser, [run])
+        out.append(run.images())
+    return np.concatenate(out)
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of uint8 images against the reference, over all of them (dB; inf: equal)."""
+    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 async def load_round(service, url: str, cache: dict, clients: int, warm: float, window: float) -> tuple[float, ...]:
@@ -109,10 +142,15 @@ async def run(args: argparse.Namespace) -> list[str]:
     caches = [json.loads(c) for c in args.caches]
     url = f"http://127.0.0.1:{args.port}"
     settings = Settings(max_batch_rows=max(32, 2 * args.clients), max_queue=256)
+    if args.dit_s2:
+        folder = Path(tempfile.mkdtemp())
+        checkpoint, _ = import_model(dit_s2_pipeline(folder / "dit-s2"), "dit-s2-256", folder / "store")
+        settings = Settings(model_path=checkpoint, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
     server, serving, service = await serve(settings, args.port)
     engine = service.model().client.engine
     try:
         flops = [await engine.run_in_worker(flops_per_image, service, engine, c) for c in caches]
+        drawn = [await engine.run_in_worker(images_alone, service, engine, c, args.psnr_images) for c in caches]
         rounds: list[list[tuple[float, ...]]] = [[] for _ in caches]
         for _ in range(args.rounds):
             for k, cache in enumerate(caches):
@@ -121,11 +159,14 @@ async def run(args: argparse.Namespace) -> list[str]:
         server.should_exit = True
         await serving
     info = service.model().info
+    model = "a DiT-S/2-sized model with random weights (speed only)" if args.dit_s2 else f"model {info['id']}"
     out = [
         f"## Step caching through the service, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
         "",
         f"- machine: {machine_description()}",
         f"- command: `python3 {' '.join(sys.argv)}`",
+        f"- {model}; PSNR: {args.psnr_images} one-image default requests drawn alone with each setting, against the "
+        "first setting's",
         f"- the default request (20 {info['default_sampler']} steps, its guidance interval), one image per request, "
         f"{args.clients} wrk connections back to back; forward: precision {info['precision']}, channels_last "
         f"{info['channels_last']}, compiled {info['compile']} (a cached forward runs eager)",
@@ -134,18 +175,19 @@ async def run(args: argparse.Namespace) -> list[str]:
         f"over the rounds; counted: the server's count of finished images in a {args.window:g} s window after "
         f"{args.warm:g} s (coarse: images finish in waves of up to {args.clients})",
         "",
-        "| cache | FLOPs per image (M) | FLOP cut | images/s | vs no cache | p50 (s) | p99 (s) | images/s by round "
-        "| counted images/s by round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| cache | FLOPs per image (M) | FLOP cut | PSNR (dB) | images/s | vs no cache | p50 (s) | p99 (s) "
+        "| images/s by round | counted images/s by round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     base_ips = statistics.median(r[0] for r in rounds[0]) or float("nan")  # no image in a window: too short
-    for cache, f, measured in zip(caches, flops, rounds, strict=True):
+    for cache, f, measured, images in zip(caches, flops, rounds, drawn, strict=True):
         ips = statistics.median(r[0] for r in measured)
         p50, p99 = (statistics.median(r[i] for r in measured) for i in (1, 2))
         by_round = ", ".join(f"{r[0]:.2f}" for r in measured)
         counted = ", ".join(f"{r[3]:.1f}" for r in measured)
         out.append(
-            f"| `{json.dumps(cache)}` | {f / 1e6:.0f} | {flops[0] / f:.2f}x | {ips:.2f} | {ips / base_ips:.2f}x "
+            f"| `{json.dumps(cache)}` | {f / 1e6:.0f} | {flops[0] / f:.2f}x | {psnr(images, drawn[0]):.1f} "
+            f"| {ips:.2f} | {ips / base_ips:.2f}x "
             f"| {p50:.2f} | {p99:.2f} | {by_round} | {counted} |"
         )
     return out
@@ -159,6 +201,8 @@ def main() -> None:
     p.add_argument("--warm", type=float, default=5.0, help="seconds of load before a window")
     p.add_argument("--window", type=float, default=10.0, help="seconds measured per setting and round")
     p.add_argument("--port", type=int, default=8766)
+    p.add_argument("--psnr-images", type=int, default=8, help="images per setting for the PSNR column")
+    p.add_argument("--dit-s2", action="store_true", help="serve a DiT-S/2-sized model with random weights")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     args = p.parse_args()
     publish(asyncio.run(run(args)), args.record)

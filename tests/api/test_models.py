@@ -113,6 +113,34 @@ def test_concurrent_requests_to_both_models_match_each_sampled_alone(client, sto
     assert results[-1]["model"] == "fashion-mnist-cfg" and decode(results[-1]["images"][0]).shape == (28, 28)
 
 
+@pytest.mark.integration  # batch invariance
+def test_first_block_requests_in_flight_together_draw_what_each_draws_alone_and_are_counted(client):
+    """Several first_block requests of the DiT (one at another threshold) and one without a cache, in flight at
+    once: each draws what it draws alone, and the rows that skipped the DiT's other blocks are counted."""
+    cache = {"kind": "first_block", "threshold": 0.3}
+    bodies = [
+        {"model": "tiny-dit", "class_label": c, "num_images": n, "steps": 12, "seed": c, "cache": cache}
+        for c, n in ((1, 1), (2, 2), (3, 1))
+    ]
+    bodies.append({**bodies[0], "class_label": 4, "seed": 4, "cache": {"kind": "first_block", "threshold": 0.6}})
+    bodies.append({"model": "tiny-dit", "class_label": 5, "num_images": 2, "steps": 12, "seed": 5})
+    before = client.get("/metrics").text
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: client.post("/generate", json=b), bodies))
+    after = client.get("/metrics").text
+    for body, mine in zip(bodies, together, strict=True):
+        single = client.post("/generate", json=body)
+        assert mine.status_code == single.status_code == 200, (mine.text, single.text)
+        got, want = (np.stack([decode(b) for b in r.json()["images"]]).astype(int) for r in (mine, single))
+        assert np.abs(got - want).max() <= 1, body
+    shallow = 'cfg_engine_path_rows_total{model="tiny-dit",path="shallow"}'
+    assert metric_value(after, shallow) > metric_value(before, shallow)
+    r = client.post("/generate", json={**bodies[0], "cache": {"kind": "first_block", "threshold": 0}})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "cache", "first_block", "threshold"] and "greater than 0" in error["msg"]
+
+
 @pytest.mark.parametrize(
     "guidance",
     [
