@@ -14,7 +14,6 @@ from app.models.first_block import FirstBlockError, check_first_block, forward_r
 from app.models.latent import DiTDenoiser
 from tests.tiny_models import tiny_dit, tiny_unet
 
-pytestmark = pytest.mark.stand_in  # a tiny random DiT: the forward's structure is what is tested
 ATOL = 1e-5  # batched and unbatched matmuls round differently (tests/models/test_latent.py)
 
 

@@ -19,7 +19,6 @@ from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec
 from app.sampling.cache import FirstBlockParams
 from tests.tiny_models import tiny_dit
 
-pytestmark = pytest.mark.stand_in  # a tiny random DiT: what is tested is which rows run what, and batching
 SHAPE, NULL = (4, 8, 8), 10
 CACHE = FirstBlockParams(threshold=0.2)
 # Batched and unbatched matmuls round differently (tests/models/test_latent.py): on latents.
