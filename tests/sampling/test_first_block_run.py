@@ -26,7 +26,7 @@ ATOL = RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def denoiser():
+def dit_denoiser():
     return DiTDenoiser(tiny_dit(NULL, num_layers=4).eval(), eps_channels=4)
 
 
@@ -35,18 +35,21 @@ def config():
     return dict(DDIMScheduler(clip_sample=False).config)
 
 
-def make_run(config, denoiser, spec: SampleSpec) -> SampleRun:
-    return SampleRun(spec, config, SHAPE, NULL, class_embedding=denoiser.class_embedding)
+def make_run(config, dit_denoiser, spec: SampleSpec) -> SampleRun:
+    return SampleRun(spec, config, SHAPE, NULL, class_embedding=dit_denoiser.class_embedding)
 
 
-def test_rows_skip_the_other_blocks_and_the_images_change(config, denoiser):
+def test_rows_skip_the_other_blocks_and_the_images_change(config, dit_denoiser):
     spec = SampleSpec(3, (1, 2), 12, "dpmpp_2m", GuidanceParams(4.0), cache=CACHE)
-    run, plain = make_run(config, denoiser, spec), make_run(config, denoiser, SampleSpec(3, (1, 2), 12, "dpmpp_2m"))
+    run, plain = (
+        make_run(config, dit_denoiser, spec),
+        make_run(config, dit_denoiser, SampleSpec(3, (1, 2), 12, "dpmpp_2m")),
+    )
     shallow = []
     while not run.done:
-        denoise_step(denoiser, [run])
+        denoise_step(dit_denoiser, [run])
         shallow.append(run.shallow_rows)
-    sample(denoiser, [plain])
+    sample(dit_denoiser, [plain])
     assert shallow[0] == 0 and sum(shallow) > 0  # the first step has nothing to compare with
     assert not torch.allclose(run.latents, plain.latents, atol=1e-2)
 
@@ -67,20 +70,20 @@ CASES = {
 }
 
 
-def staggered(config, denoiser, specs) -> list[SampleRun]:
+def staggered(config, dit_denoiser, specs) -> list[SampleRun]:
     """The specs stepped together, each started a step after the one before, until all are done."""
-    runs = [make_run(config, denoiser, s) for s in specs]
+    runs = [make_run(config, dit_denoiser, s) for s in specs]
     active: list[SampleRun] = []
     for run in runs:
         active.append(run)
-        denoise_step(denoiser, [r for r in active if not r.done])
+        denoise_step(dit_denoiser, [r for r in active if not r.done])
     while any(not r.done for r in runs):
-        denoise_step(denoiser, [r for r in runs if not r.done])
+        denoise_step(dit_denoiser, [r for r in runs if not r.done])
     return runs
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_several_first_block_requests_of_a_kind_draw_together_what_each_draws_alone(config, denoiser, case):
+def test_several_first_block_requests_of_a_kind_draw_together_what_each_draws_alone(config, dit_denoiser, case):
     # Three requests of the kind (other seeds and classes, one of 2 images), one without a cache and one at another
     # threshold: every forward mixes rows that skip with rows that run in full, at different steps.
     fields = CASES[case]
@@ -91,20 +94,20 @@ def test_several_first_block_requests_of_a_kind_draw_together_what_each_draws_al
         SampleSpec(2, (15,), 8, guidance=DEFAULT_GUIDANCE),
         SampleSpec(9, (16,), 8, cache=FirstBlockParams(threshold=0.5), **fields),
     ]
-    together = staggered(config, denoiser, specs)
+    together = staggered(config, dit_denoiser, specs)
     for spec, run in zip(specs, together, strict=True):
-        alone = make_run(config, denoiser, spec)
-        sample(denoiser, [alone])
+        alone = make_run(config, dit_denoiser, spec)
+        sample(dit_denoiser, [alone])
         assert torch.allclose(run.latents, alone.latents, atol=ATOL, rtol=RTOL), f"{case}, seeds {spec.seeds}"
 
 
-def test_a_run_frees_its_states_when_it_finishes(config, denoiser):
-    run = make_run(config, denoiser, SampleSpec(3, (1, 2), 6, guidance=GuidanceParams(3.0), cache=CACHE))
-    denoise_step(denoiser, [run])
+def test_a_run_frees_its_states_when_it_finishes(config, dit_denoiser):
+    run = make_run(config, dit_denoiser, SampleSpec(3, (1, 2), 6, guidance=GuidanceParams(3.0), cache=CACHE))
+    denoise_step(dit_denoiser, [run])
     assert run.cache is not None
     held = [weakref.ref(t) for t in run.cache.tensors]
     assert len(held) == 4  # each conditional and unconditional row its own state
     while not run.done:
-        denoise_step(denoiser, [run])
+        denoise_step(dit_denoiser, [run])
     gc.collect()
     assert run.cache.tensors == [] and all(ref() is None for ref in held)
