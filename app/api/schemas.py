@@ -144,6 +144,9 @@ class DeepCache(_Strict):
     full_sigma_max: float | None = Field(
         None, ge=0, le=1000, description="the band's top (null: no bound; both null: no band)"
     )
+    order: int = Field(
+        0, ge=0, le=1, description="0: reuse the last full step's features; 1: forecast them from the last two"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DeepCache:

@@ -40,10 +40,13 @@ class DeepCacheParams:
     end: float = 1.0
     full_sigma_min: float | None = None
     full_sigma_max: float | None = None
+    order: int = 0  # 0: reuse the features of the last full step; 1: forecast them from the last two (TaylorSeer)
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ValueError(f"deepcache interval must be at least 1, not {self.interval}")
+        if self.order not in (0, 1):
+            raise ValueError(f"deepcache order must be 0 or 1, not {self.order}")
         if self.branch < 0:
             raise ValueError(f"deepcache branch must be at least 0, not {self.branch}")
         if not 0 <= self.start <= self.end <= 1:
@@ -112,7 +115,19 @@ class RowCache:
         self.params = params
         self._last_full = params.full_steps(sigmas)
         self._held: dict[str, tuple[int, torch.Tensor]] = {}
+        self._before: dict[str, tuple[int, torch.Tensor]] = {}  # order 1: each kind's full step before the last
         self._planned: tuple[int, tuple[str, ...], frozenset[str]] | None = None
+
+    def _features(self, kind: str, step: int) -> torch.Tensor:
+        """The kind's features to reuse at `step`: those of its last full step, or at order 1, where it ran in full
+        twice within `interval` steps, their first-order forecast (TaylorSeer, Liu et al. 2025):
+        F(s) = F1 + (F1 - F0) (s - s1) / (s1 - s0)."""
+        s1, f1 = self._held[kind]
+        before = self._before.get(kind)
+        if self.params.order == 0 or before is None or s1 - before[0] > self.params.interval:
+            return f1
+        s0, f0 = before
+        return f1 + (f1 - f0) * ((step - s1) / (s1 - s0))
 
     def _reusable(self, kind: str, step: int) -> bool:
         held = self._held.get(kind)
@@ -125,7 +140,7 @@ class RowCache:
         self._planned = (step, tuple(kinds), reuse)
         cached: list[torch.Tensor | None] = []
         for kind in kinds:
-            cached += list(self._held[kind][1].unbind(0)) if kind in reuse else [None] * images
+            cached += list(self._features(kind, step).unbind(0)) if kind in reuse else [None] * images
         return CachePlan("deepcache", (self.params.branch,) * len(cached), tuple(cached))
 
     def keep(self, step: int, deep: Sequence[torch.Tensor | None]) -> None:
@@ -139,16 +154,19 @@ class RowCache:
                 rows = deep[k * images : (k + 1) * images]
                 if any(r is None for r in rows):
                     raise RuntimeError(f"the forward gave no deep features for the {kind} rows it ran in full")
+                if self.params.order == 1 and kind in self._held:
+                    self._before[kind] = self._held[kind]
                 self._held[kind] = (step, torch.stack(rows))  # type: ignore[arg-type]
         self._planned = None
 
     def clear(self) -> None:
         self._held.clear()
+        self._before.clear()
         self._planned = None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [t for _, t in self._held.values()]
+        return [t for _, t in (*self._held.values(), *self._before.values())]
 
     def nbytes(self) -> int:
         return sum(t.nelement() * t.element_size() for t in self.tensors)

@@ -57,6 +57,7 @@ def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
             "end": 1.0,
             "full_sigma_min": None,
             "full_sigma_max": None,
+            "order": 0,
         }
         band = {**DEEPCACHE, "full_sigma_min": 5, "full_sigma_max": 1}
         error = error_of(c.post("/generate", json={"cache": band}))

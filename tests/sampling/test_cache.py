@@ -146,3 +146,35 @@ def test_first_block_rows_reuse_the_states_of_the_step_before_and_drop_them_afte
 def test_a_first_block_threshold_outside_0_to_1_is_refused(threshold):
     with pytest.raises(ValueError, match=r"first_block threshold must be in \(0, 1\]"):
         FirstBlockParams(threshold=threshold)
+
+
+def test_order_1_forecasts_the_features_from_the_last_two_full_steps_of_the_kind():
+    # Full steps 0, 2, 4 (interval 2). The conditional rows' features are 4 at step 0, 24 at step 2, 44 at step 4
+    # (features(): step * 10 + len(kind)); at step 1 only one full step is known: plain reuse.
+    cache = RowCache(DeepCacheParams(interval=2, order=1), sigmas(6))
+    reused: dict[int, float] = {}
+    for step in range(6):
+        plan = cache.plan(step, ("cond",), IMAGES)
+        if plan.cached[0] is None:
+            cache.keep(step, features(step, "cond"))
+        else:
+            assert torch.equal(plan.cached[0], plan.cached[1])
+            reused[step] = plan.cached[0][0].item()
+            cache.keep(step, plan.cached)
+    # F(s) = F1 + (F1 - F0) (s - s1) / (s1 - s0): at step 3, 24 + 20 * 1 / 2; at step 5, 44 + 20 * 1 / 2.
+    assert reused == {1: 4.0, 3: 34.0, 5: 54.0}
+    assert cache.nbytes() == 2 * IMAGES * 3 * 4  # the last two full steps' features
+    cache.clear()
+    assert cache.tensors == []
+
+
+def test_order_1_reuses_plainly_where_the_full_step_before_is_further_back_than_the_interval():
+    # The unconditional rows run at step 0, then from step 4 (back from a guidance interval's skip: in full): their
+    # two full steps are 4 apart, more than the interval, so step 5 reuses step 4's features as they are (a
+    # forecast would read 44 + 40 / 4 = 54).
+    cache = RowCache(DeepCacheParams(interval=3, order=1), sigmas(8))
+    kinds = {0: ("cond", "uncond"), **{i: ("cond",) for i in range(1, 4)}, 4: ("cond", "uncond"), 5: ("cond", "uncond")}
+    seen = run_steps(cache, kinds)
+    assert seen[4]["uncond"] is None and seen[5]["uncond"] == 4  # its features of step 4, not a forecast
+    # The conditional rows' full steps, 0 and 3, are an interval apart: forecast, 34 + (34 - 4) * 2 / 3 = 54.
+    assert seen[5]["cond"] == 5

@@ -157,3 +157,21 @@ def test_a_run_frees_its_features_when_it_finishes(loaded, denoiser):
         denoise_step(denoiser, [run])
     gc.collect()
     assert run.cache.tensors == [] and all(ref() is None for ref in held)
+
+
+def test_several_order_1_requests_draw_together_what_each_draws_alone_and_the_forecast_changes_them(loaded, denoiser):
+    # A forecast is made per run from its own features: three such requests, one of 2 images, beside a plain one
+    # and one reusing its features as they are.
+    forecast = DeepCacheParams(interval=3, branch=0, order=1)
+    specs = [
+        SampleSpec(1, (21,), 10, guidance=DEFAULT_GUIDANCE, cache=forecast),
+        SampleSpec(6, (22, 23), 10, guidance=DEFAULT_GUIDANCE, cache=forecast),
+        SampleSpec(8, (24,), 10, sampler="euler_a", guidance=GuidanceParams(3.0), cache=forecast),
+        SampleSpec(2, (25,), 10, guidance=DEFAULT_GUIDANCE),
+        SampleSpec(3, (26,), 10, guidance=DEFAULT_GUIDANCE, cache=CACHE),
+    ]
+    together = staggered(loaded, denoiser, specs)
+    for spec, images in zip(specs, together, strict=True):
+        assert np.abs(images - alone(loaded, denoiser, spec)).max() <= 1, spec.seeds
+    reuse = alone(loaded, denoiser, SampleSpec(1, (21,), 10, guidance=DEFAULT_GUIDANCE, cache=CACHE))
+    assert np.abs(together[0] - reuse).max() > 1  # the forecast is not the plain reuse
