@@ -15,7 +15,7 @@ For each cache setting (--caches, the request's `cache` field as JSON; the first
      drawn alone in the raw loop with each setting, the decoded uint8 images compared.
 
 The app runs in this process as `python -m app.serve` runs it (bench/bench_service.py's serve), with the
-precision of CFG_PRECISION (fp32 by default). `apt-get install wrk` first.
+precision of CFG_PRECISION (fp32 by default). wrk: `scripts/install.sh --system` installs it.
 
 With --dit-s2 it serves a DiT-S/2-sized latent model with random weights (bench/bench_dit.py's: 12 blocks, width
 384, 32x32x4 latents, Stable Diffusion's VAE shape at 256 px) instead of the shipped UNet: for First-Block Cache,

@@ -31,7 +31,7 @@ CPU_INDEX=https://download.pytorch.org/whl/cpu
 CPU_TORCH=2.13.0     # the CPU build this project is tested with
 CUDA_TORCH=">=2.4,<2.15"
 TEST_EXTRAS=test,int8,research,fleet
-DEBIAN_PACKAGES=(dataset-fashion-mnist nginx-light prometheus docker-compose chromium redis-server)
+DEBIAN_PACKAGES=(dataset-fashion-mnist nginx-light prometheus docker-compose chromium redis-server wrk)
 
 system=0
 deps_only=0

@@ -151,9 +151,16 @@ def test_the_serve_install_is_the_project_without_extras_and_the_test_install_ad
     commands = plan(env, "--system")[1]
     assert commands[-1] == f"{sys.executable} -m pip install -q -e '.[test,int8,research,fleet]'"
     apt = next(c for c in commands if c.startswith("apt-get install"))
-    assert {"dataset-fashion-mnist", "nginx-light", "prometheus", "docker-compose", "chromium", "redis-server"} <= set(
-        apt.split()
-    )
+    packages = {
+        "dataset-fashion-mnist",
+        "nginx-light",
+        "prometheus",
+        "docker-compose",
+        "chromium",
+        "redis-server",
+        "wrk",
+    }
+    assert packages <= set(apt.split())
 
 
 def test_the_image_install_is_torch_and_the_runtime_dependencies_only(tmp_path: Path) -> None:
