@@ -44,6 +44,7 @@ class Job:
     queue_position: int | None = None  # while queued: 1 for the next to be admitted
     queue_wait_s: float | None = None  # once admitted: how long it waited
     preempted: bool = False  # out of the batch for interactive work, its state kept, queued again
+    preemptions: int = 0  # times it has been preempted: an event stream that read it late still tells each one
     step: int = 0  # steps taken; once finished, the step it had then
     trace: list[TraceRow] = field(default_factory=list, repr=False)  # with return_trace: the rows so far
     preview: Preview | None = field(default=None, repr=False)  # the newest preview
@@ -83,6 +84,7 @@ class Job:
             return
         self.step = min(progress.step, progress.steps)
         self.queue_position, self.queue_wait_s = progress.queue_position, progress.queue_wait_s
+        self.preemptions += progress.preempted and not self.preempted
         self.preempted = progress.preempted
         self.trace.extend(progress.trace)
         if progress.preview is not None:

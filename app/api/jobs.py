@@ -136,18 +136,25 @@ class ProgressCursor:
     """What one event stream has sent of a job: the next event carries only what is new."""
 
     def __init__(self) -> None:
-        self.last: tuple[int, int | None, bool] | None = None
+        self.last: tuple[int, int | None, bool, int] | None = None
         self.traced = 0
         self.previewed: int | None = None
 
     def event(self, job: Job) -> str | None:
-        """A `progress` event if the job's step or place in the queue changed since the last; else None."""
-        if (job.step, job.queue_position, job.preempted) == self.last:
+        """A `progress` event if the job's step, place in the queue or preemption changed since the last; else
+        None. A preemption and its resumption both between two reads (the stream woke late) are told as the two
+        events they were, so a client counting them misses none."""
+        now = (job.step, job.queue_position, job.preempted, job.preemptions)
+        if now == self.last:
             return None
-        change = None
-        if self.last is not None and self.last[2] != job.preempted:
-            change = "preempted" if job.preempted else "resumed"
-        self.last = (job.step, job.queue_position, job.preempted)
+        changes: list[str | None] = [None]
+        if self.last is not None:
+            was, missed = self.last[2], job.preemptions - self.last[3] - (job.preempted and not self.last[2])
+            changes = ["preempted", "resumed"] * missed if not was else ["resumed", "preempted"] * missed
+            if was != job.preempted:
+                changes.append("preempted" if job.preempted else "resumed")
+            changes = changes or [None]
+        self.last = now
         trace = None
         if job.spec.return_trace:
             trace, self.traced = job.trace[self.traced :], len(job.trace)
@@ -157,10 +164,22 @@ class ProgressCursor:
         else:
             preview = None
         queued = job.queue_wait_s is None
-        body = progress_body(
-            job.step, job.spec.steps, job.queue_position, queued, trace, preview, job.preempted, change
-        )
-        return sse("progress", body)
+        events = []
+        for i, change in enumerate(changes):
+            last = i == len(changes) - 1  # the job's state now; the ones before it, the states it passed
+            preempted = job.preempted if last else change == "preempted"
+            body = progress_body(
+                job.step,
+                job.spec.steps,
+                job.queue_position,
+                queued and last,
+                trace if last else None,
+                preview if last else None,
+                preempted,
+                change,
+            )
+            events.append(sse("progress", body))
+        return "".join(events)
 
 
 async def job_events(job: Job) -> AsyncIterator[str]:

@@ -231,6 +231,8 @@ class RedisJobs:
             "queue_position": job.queue_position,
             "queue_wait_s": job.queue_wait_s,
             "preview": preview_record(job.preview),
+            "preempted": job.preempted,
+            "preemptions": job.preemptions,
         }
 
     async def saved(self, job: Job) -> None:
@@ -313,6 +315,8 @@ class RedisJobs:
             step=state["step"],
             trace=[json.loads(row) for row in trace],
             preview=preview_from(state["preview"]),
+            preempted=state.get("preempted", False),  # a state written before it was kept: none
+            preemptions=state.get("preemptions", 0),
         )
         if "outcome" in record:
             final = json.loads(record["final"])
@@ -375,6 +379,7 @@ class RedisJobs:
         """Bring a job read earlier up to date with the store."""
         job.step, job.queue_position, job.queue_wait_s = loaded.step, loaded.queue_position, loaded.queue_wait_s
         job.trace, job.preview = loaded.trace, loaded.preview
+        job.preempted, job.preemptions = loaded.preempted, loaded.preemptions
         if loaded.outcome is not None:
             job.finish(loaded.outcome, result=loaded.result, error=loaded.error)
             job.finished_at = loaded.finished_at

@@ -236,3 +236,37 @@ def test_thousands_of_jobs_keep_the_store_at_its_bound():
         wait_for(client, ids[-1], lambda j: j["status"] == "succeeded")
         assert client.get(f"/v1/jobs/{ids[0]}").status_code == 404
         assert client.get(f"/v1/jobs/{ids[-1]}").json()["result"]["seeds"] == [1999]
+
+
+def read_events(text: str) -> list[dict]:
+    return [json.loads(chunk.split("data: ", 1)[1]) for chunk in text.split("\n\n") if chunk.startswith("event:")]
+
+
+def test_an_event_stream_that_reads_a_job_late_still_tells_each_preemption_and_resumption():
+    """The stream reads the job when it wakes; a preemption and its resumption both before it wakes (a short one,
+    or a busy event loop) are told as the two events they were, in order, and a stream opened later replays none."""
+    from app.api.job_store import Job
+    from app.api.jobs import ProgressCursor
+    from app.engine.outputs import Progress
+    from app.sampling import SampleSpec
+
+    job = Job(id="j", spec=SampleSpec(1, (1,), 10), model="m", request_id="r", body={}, arrived=0.0, created_at=0.0)
+    cursor = ProgressCursor()
+
+    def step(n: int, preempted: bool = False) -> None:
+        job.update(Progress("r", n, 10, 2 if preempted else None, 0.0, preempted=preempted))
+
+    step(1)
+    assert [e.get("event") for e in read_events(cursor.event(job))] == [None]
+    step(2, preempted=True)
+    step(2)  # resumed before the stream woke
+    events = read_events(cursor.event(job))
+    assert [(e.get("event"), e["status"]) for e in events] == [("preempted", "preempted"), ("resumed", "running")]
+    step(3, preempted=True)
+    assert [e["event"] for e in read_events(cursor.event(job))] == ["preempted"]
+    step(4)
+    step(4, preempted=True)
+    step(5)  # resumed, preempted again and resumed: three changes in one read
+    assert [e["event"] for e in read_events(cursor.event(job))] == ["resumed", "preempted", "resumed"]
+    assert cursor.event(job) is None and job.preemptions == 3
+    assert [e.get("event") for e in read_events(ProgressCursor().event(job))] == [None]  # a new stream: no replay
