@@ -261,6 +261,26 @@ def test_a_cancel_the_runner_did_not_hear_ends_the_job_there_from_its_own_progre
     assert on_ran["status"] == "cancelled" and on_ran["error"] == error and on_ran["step"] < LONG_STEPS
 
 
+def test_a_follower_on_another_replica_is_told_of_the_preemption_where_the_job_runs(fleet, store):
+    """A batch job fills its replica's rows; an interactive /generate there preempts it. The job's state in Redis
+    says so, so its event stream on the other replica tells `preempted`, then `resumed`, as on its own."""
+    body = {**BODY, "num_images": 4, "steps": LONG_STEPS, "seed": 31, "schedule": {"kind": "constant"}}  # 8 rows
+    job_id = httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"]
+    wait_job(fleet[0].url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
+    ran = replica_of(fleet, store, job_id)
+    elsewhere = other(fleet, ran)
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(events, elsewhere.url, job_id)
+        time.sleep(0.5)  # the stream is open
+        r = httpx.post(f"{ran.url}/generate", json={"class_label": 1, "steps": 12, "seed": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        wait_job(elsewhere.url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
+        assert httpx.delete(f"{elsewhere.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+        told = stream.result(timeout=60)
+    changes = [e["event"] for kind, e in told if kind == "progress" and "event" in e]
+    assert changes[:2] == ["preempted", "resumed"], told
+
+
 def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store):
     """Both batches full (a job of 8 rows each): a third job waits in Redis, where a cancel removes it."""
     body = {**BODY, "num_images": 4, "steps": 200}
