@@ -3,7 +3,10 @@
 A request with a deadline (`timeout_s`) is refused at once where the work ahead of it, at this pace, leaves it no
 time to finish (app/engine/engine.py). The pace is measured, not modelled: each tick's wall time (forward, sampler
 steps, decode of the finished) updates an exponentially weighted mean at its row count, so it follows the machine
-as its load changes (a shared CPU's pace moves by tens of per cent within seconds). Row counts not run yet are
+as its load changes (a shared CPU's pace moves by tens of per cent within seconds). Only ticks whose rows all ran
+in full are measured: a row that reuses cached features (a request's `cache`) costs a fraction of one, so such
+ticks would pull the pace below what full rows take and let through deadlines that full work cannot meet; a
+cached request is judged at the pace of full rows, which errs towards refusing. Row counts not run yet are
 read from the nearest measured count above (a forward of fewer rows takes no longer), else scaled from the largest
 below in proportion to the rows (a compute-bound forward's time grows with them). Before any tick there is no
 measure, and no request is refused for its deadline.

@@ -521,3 +521,27 @@ def test_a_cached_request_s_features_are_freed_when_it_is_cancelled_and_a_branch
     assert failed.kind == "cancelled" and len(held) == 2 and all(ref() is None for ref in held)
     assert run.cache.tensors == []
     assert refused.kind == "invalid" and "deepcache branch must be 0..1 (got 9)" in refused.message  # 2 levels
+
+
+def test_the_pace_is_measured_on_ticks_whose_rows_all_ran_in_full(loaded, denoiser):
+    from app.sampling.cache import DeepCacheParams
+
+    stats: list[EngineStats] = []
+    observed: list[int] = []
+
+    async def main():
+        client = make_client(loaded, denoiser, stats)
+        pace = client.engine._pace
+        measure = pace.observe
+        pace.observe = lambda rows, seconds: (observed.append(rows), measure(rows, seconds))
+        await client.start()
+        spec = SampleSpec(class_label=4, seeds=(1,), steps=7, cache=DeepCacheParams(interval=3))
+        await Tracked(client, spec).result()
+        await client.shutdown()
+
+    asyncio.run(main())
+    ticks = [s for s in stats if s.rows]
+    full = [s.rows for s in ticks if not s.shallow_rows]
+    # Steps 0, 3 and 6 ran in full; the four between reused features, cheaper than their rows say.
+    assert len(full) == 3 and len(ticks) == 7
+    assert observed == full
