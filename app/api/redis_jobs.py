@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from app.api.job_store import Job, JobRunner, StoreFullError, StoreUnavailableError
 from app.api.redis_backlog import GROUP, Consumer, backlog_key
-from app.api.redis_scripts import ADD, FINISH, PROGRESS
+from app.api.redis_scripts import ADD, FINISH, POSITION, PROGRESS
 from app.sampling import Preview, SampleSpec
 
 log = logging.getLogger("uvicorn.error")
@@ -111,6 +111,7 @@ class RedisJobs:
         self._counts = (0, 0)
         self._add, self._finish = self.redis.register_script(ADD), self.redis.register_script(FINISH)
         self._progress = self.redis.register_script(PROGRESS)
+        self._position = self.redis.register_script(POSITION)
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.Task | None = None
         self.consumer: Consumer | None = None
@@ -295,7 +296,12 @@ class RedisJobs:
             return record, trace
 
         record, trace = await self._call(read)
-        return self._job(record, trace) if record else None
+        if not record:
+            return None
+        job = self._job(record, trace)
+        if "runner" not in record and job.outcome is None:  # in the backlog: its place there
+            job.queue_position = await self._call(lambda: self._position(keys=[job_key(job_id)], args=[GROUP]))
+        return job
 
     def _job(self, record: dict[str, str], trace: list[str]) -> Job:
         meta, state = json.loads(record["meta"]), json.loads(record["state"])

@@ -1,10 +1,11 @@
-"""The steps of a job's life on Redis that must be atomic, as Lua scripts (app/api/redis_jobs.py runs the first
-two, app/api/redis_backlog.py the rest).
+"""The steps of a job's life on Redis that must be atomic, as Lua scripts (app/api/redis_jobs.py runs ADD, FINISH,
+PROGRESS and POSITION, app/api/redis_backlog.py the rest).
 
 A job is added with its backlog entry (ADD); a replica that takes the entry names itself the job's runner (TAKE);
 from then on only the runner renews the entry (RENEW), writes progress (PROGRESS), hands the job back (RELEASE) or
 ends it (FINISH), and a cancel ends it from anywhere (FINISH without a runner). The first end stands: a late
-original and the replica that took its job over can't both finish it.
+original and the replica that took its job over can't both finish it. While no replica has been given the job,
+any replica reads its place in the backlog (POSITION).
 """
 
 # Makes room (expired jobs, then the first finished) and adds the job and its backlog entry, atomically; or names
@@ -103,4 +104,29 @@ redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('DEL', KEYS[1] .. ':trace')
 redis.call('PUBLISH', KEYS[1], 'progress')
 return 1
+"""
+
+# A job's place in its model's backlog while no replica has been given it: 1 + the entries not yet delivered to any
+# replica that were added before its own (the consumer group's last-delivered id bounds the delivered ones); false
+# once delivered, taken or ended (a replica's engine then tells its place, or it runs).
+POSITION = """
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 or redis.call('HEXISTS', KEYS[1], 'runner') == 1 then
+  return false
+end
+local stream, entry = redis.call('HGET', KEYS[1], 'stream'), redis.call('HGET', KEYS[1], 'entry')
+if not stream then return false end
+local start = '-'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+if ok then
+  for _, group in ipairs(groups) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    if fields['name'] == ARGV[1] and fields['last-delivered-id'] ~= '0-0' then
+      start = '(' .. fields['last-delivered-id']
+    end
+  end
+end
+local ahead = #redis.call('XRANGE', stream, start, entry)
+if ahead == 0 then return false end
+return ahead
 """

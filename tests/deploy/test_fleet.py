@@ -25,7 +25,7 @@ import redis
 
 from app.api.redis_backlog import GROUP, MAX_ATTEMPTS, QUEUED_STATE, backlog_key
 from app.api.redis_jobs import FINISHED, PREFIX, UNFINISHED, job_key
-from app.api.redis_scripts import ADD, FINISH, PROGRESS, RENEW, TAKE
+from app.api.redis_scripts import ADD, FINISH, POSITION, PROGRESS, RENEW, TAKE
 from tests.metrics import metric_value
 from tests.pngs import same_images
 
@@ -289,6 +289,8 @@ def test_a_job_cancelled_while_it_waits_in_the_backlog_is_never_run(fleet, store
     waiting = httpx.post(f"{fleet[0].url}/v1/jobs", json={**BODY, "seed": 77}, timeout=30).json()["id"]
     time.sleep(1)
     assert runner(store, waiting) is None  # no replica had room for it
+    # Read on the replica where it was not submitted: the next to be taken from the backlog.
+    assert httpx.get(f"{fleet[1].url}/v1/jobs/{waiting}", timeout=10).json()["queue_position"] == 1
     r = httpx.delete(f"{fleet[1].url}/v1/jobs/{waiting}", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     entries = [e for stream in store.scan_iter(f"{PREFIX}backlog:*") for e in store.xrange(stream)]
@@ -335,6 +337,29 @@ def test_a_late_original_cannot_write_or_finish_a_job_another_replica_took_over(
     store.hdel(key, "outcome")  # as if it had never ended: a third and a fourth take
     assert take(keys=[key], args=["c", MAX_ATTEMPTS, QUEUED_STATE]) == "run"
     assert take(keys=[key], args=["d", MAX_ATTEMPTS, QUEUED_STATE]) == "exhausted"
+
+
+def test_a_job_in_the_backlog_is_told_its_place_until_a_replica_is_given_it(store):
+    """The POSITION script, on the real server: 1 + the undelivered entries ahead; none once delivered or ended."""
+    stream = backlog_key("place-model")
+    store.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    add, take, finish, position = (store.register_script(s) for s in (ADD, TAKE, FINISH, POSITION))
+    ids = [f"place-{k}" for k in range(4)]
+    for i in ids:
+        meta = json.dumps({"id": i})
+        assert add(keys=[UNFINISHED, FINISHED, stream], args=[time.time(), 60, 100, i, meta, "{}", PREFIX, ""])
+
+    def places() -> list[int | None]:
+        return [position(keys=[job_key(i)], args=[GROUP]) for i in ids]
+
+    assert places() == [1, 2, 3, 4]
+    store.xreadgroup(GROUP, "a", {stream: ">"}, count=1)  # delivered: its replica's engine tells its place now
+    assert places() == [None, 1, 2, 3]
+    assert take(keys=[job_key(ids[0])], args=["a", MAX_ATTEMPTS, QUEUED_STATE]) == "run"
+    assert places() == [None, 1, 2, 3]
+    cancel = [UNFINISHED, FINISHED, job_key(ids[2])]
+    assert finish(keys=cancel, args=[ids[2], "cancelled", "{}", time.time(), 60, "", "", GROUP]) == 1
+    assert places() == [None, 1, None, 2]  # a cancelled job leaves the backlog, and the one behind moves up
 
 
 def test_an_idempotency_key_holds_across_replicas(fleet):
