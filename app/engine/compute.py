@@ -53,6 +53,11 @@ class SharedCompute:
     def used_seconds(self, owner: Any) -> float:
         return self._used.get(owner, 0.0)
 
+    def busy_others(self, owner: Any) -> int:
+        """How many other owners have work now: while they keep it, `owner` gets 1 / (this + 1) of the thread."""
+        with self._lock:
+            return sum(1 for o in self._owners if o is not owner and o.has_work())
+
     def attach(self, owner: Ticking) -> None:
         with self._lock:
             self._owners.append(owner)

@@ -433,9 +433,15 @@ class Engine:
         now = time.monotonic()
         timeout_s = deadline - request.enqueued_at
         left = deadline - now
+        # Other models' engines with work share the compute thread equally (app/engine/compute.py): while they
+        # keep it, each of this engine's ticks takes (1 + their number) times its own time in wall time.
+        others = self._compute.busy_others(self)
+        table = table * (1 + others)
         horizon = int(left / table[1:].min()) + 1  # no tick is faster than the fastest measured
         plan = self._scheduler.plan(request.run, request.priority, request.client, horizon)
         reason = f"cannot finish within timeout_s={timeout_s:g}: behind the {request.priority} work ahead of it"
+        if others:
+            reason += f", sharing the compute thread with {others} other busy model{'s' if others > 1 else ''}"
         if plan is None:
             message = f"{reason}, it would not start within {left:.2f} s at the engine's measured pace"
             return Failed(request.id, "deadline", message, retry_after_s=max(1.0, left))
@@ -444,7 +450,8 @@ class Engine:
             return None
         message = (
             f"{reason}, it would start in about {start_s:.2f} s and finish in about {total_s:.2f} s at the engine's "
-            f"measured pace ({table[int(plan.rows.max())]:.3f} s per tick of {int(plan.rows.max())} rows)"
+            f"measured pace ({table[int(plan.rows.max())]:.3f} s per tick of {int(plan.rows.max())} rows"
+            f"{' in its share of the thread' if others else ''})"
         )
         return Failed(request.id, "deadline", message, retry_after_s=max(1.0, start_s))
 

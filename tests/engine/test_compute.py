@@ -3,7 +3,7 @@
 import asyncio
 import threading
 
-from app.engine import EngineStats, SharedCompute
+from app.engine import EngineStats, Failed, Finished, SharedCompute
 from app.sampling import SampleSpec
 from tests.engine.test_engine import make_client, until
 
@@ -102,3 +102,36 @@ def test_the_thread_goes_to_the_owner_with_work_that_has_used_the_least_time():
 
     asyncio.run(main())
     assert order == ["light", "middle", "heavy"]
+
+
+def test_a_deadline_is_judged_at_the_engine_s_share_of_the_thread_while_other_models_have_work(loaded, denoiser):
+    """A's pace is set to 0.05 s a tick: 10 steps take about 0.5 s alone, inside a 0.8 s deadline; while another
+    model has work, A gets half the thread, 1 s, and the same request is refused at once, saying why."""
+    busy_stats: list[EngineStats] = []
+
+    def set_pace(client) -> None:
+        client.engine._pace.measured[1:] = 0.05  # idle engine: no tick updates it until the next request's
+
+    async def main():
+        compute = SharedCompute()
+        a = make_client(loaded, denoiser, compute=compute)
+        b = make_client(loaded, denoiser, busy_stats, compute=compute)
+        await a.start()
+        await b.start()
+        spec = SampleSpec(class_label=1, seeds=(1,), steps=10)
+        set_pace(a)
+        alone = await a.result(a.add(spec, timeout_s=0.8))
+        busy = b.add(SampleSpec(class_label=2, seeds=(2,), steps=2000))
+        await until(lambda: len(busy_stats) >= 2)
+        set_pace(a)
+        shared = await a.result(a.add(spec, timeout_s=0.8))
+        b.abort(busy)
+        for client in (a, b):
+            await client.shutdown()
+        compute.shutdown()
+        return alone, shared
+
+    alone, shared = asyncio.run(main())
+    assert isinstance(alone, Finished), alone
+    assert isinstance(shared, Failed) and shared.kind == "deadline", shared
+    assert "sharing the compute thread with 1 other busy model" in shared.message, shared.message
