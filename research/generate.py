@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from app.guidance import NOISE_SCHEDULE_KINDS, Cads, GuidanceMethod, GuidanceSchedule, MethodParams, method_models
 from app.images import labelled_grid, make_grid, to_pil, upscale
-from app.models import CheckpointError, LoadedModel, guide_mismatch, load_checkpoint, unet_denoiser
+from app.models import CheckpointError, LoadedModel, guide_mismatch, load_checkpoint, model_denoiser, unet_denoiser
 from app.sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -112,7 +112,7 @@ def generate(
     """The images of each spec, uint8 (N, H, W, C), in spec order: the one function the research tools draw
     with. on_step is called after each forward; forward replaces the model's fp32 forward (another precision);
     guides are the guide models autoguidance specs name, by name (load_guides)."""
-    denoiser = unet_denoiser(model.unet)
+    denoiser = model_denoiser(model)  # the UNet's, or a pixel-space DiT's (research.train --arch dit)
     m = model.manifest
     image_shape = (m.in_channels, m.image_size, m.image_size)
     parts: list[list[np.ndarray]] = [[] for _ in specs]

@@ -1,5 +1,8 @@
 """Train the class-conditional CFG model on Fashion-MNIST: python -m research.train --out model_store/NAME.
 
+--arch dit trains a small pixel-space DiT instead of the UNet (app/models/checkpoint.py's build_dit): a trained
+transformer for measuring First-Block Cache's quality (docs/caching.md), since none can be downloaded here.
+
 Label dropout to the null class with probability p_uncond (Ho & Salimans 2022, Algorithm 1),
 epsilon prediction, an EMA of the weights, AdamW with warmup and cosine decay, Min-SNR-gamma loss
 weights (Hang et al. 2023), and bfloat16 autocast where the device computes it natively (AMX or
@@ -22,7 +25,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from app.models import build_unet, load_checkpoint, save_checkpoint
+from app.models import build_dit, build_unet, load_checkpoint, save_checkpoint
 from research.data import CLASS_NAMES, DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 
 
@@ -37,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-uncond", type=float, default=0.15, help="label dropout probability (0.1 to 0.2)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--channels", type=str, default="32,64,128", help="UNet block_out_channels")
+    p.add_argument("--arch", choices=["unet", "dit"], default="unet", help="the denoiser to train")
+    p.add_argument("--dit", type=str, default="6,4,48,2", help="with --arch dit: layers, heads, head dim, patch size")
     p.add_argument(
         "--beta-schedule",
         default="linear",
@@ -108,11 +113,15 @@ def train(args: argparse.Namespace) -> Path:
     null_label = len(CLASS_NAMES)
     channels = tuple(int(c) for c in args.channels.split(","))
 
-    unet = build_unet(image_size=28, num_classes=len(CLASS_NAMES), block_out_channels=channels)
+    if args.arch == "dit":
+        layers, heads, head_dim, patch = (int(v) for v in args.dit.split(","))
+        unet = build_dit(28, len(CLASS_NAMES), num_layers=layers, heads=heads, head_dim=head_dim, patch_size=patch)
+    else:
+        unet = build_unet(image_size=28, num_classes=len(CLASS_NAMES), block_out_channels=channels)
     previous_training = None
     if args.init_from:
         init = load_checkpoint(args.init_from)
-        unet.load_state_dict(init.unet.state_dict())
+        unet.load_state_dict(init.network.state_dict())
         previous_training = init.manifest.training
     unet.to(device)
     # The cosine schedule's last step has alpha_bar ~ 2e-9 (sigma ~ 2e4): the sigma-space samplers
@@ -148,6 +157,7 @@ def train(args: argparse.Namespace) -> Path:
                 "image_size": 28,
                 "in_channels": 1,
                 "prediction_type": "epsilon",
+                "kind": args.arch,
                 "training": {
                     "data": f"Fashion-MNIST train split (60000 images) from {args.data_dir}",
                     "steps_done": step,
@@ -176,7 +186,7 @@ def train(args: argparse.Namespace) -> Path:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            pred = unet(x_t, t, class_labels=y).sample
+            pred = unet(x_t, t, class_labels=y).sample  # a DiT's label embedding drops labels too: --p-uncond
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(alphas_cumprod, t, args.snr_gamma)).mean()
         time_fraction = (time.monotonic() - start) / (args.max_minutes * 60) if args.max_minutes else 0.0

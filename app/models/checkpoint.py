@@ -167,18 +167,40 @@ def build_unet(image_size: int, num_classes: int, block_out_channels=(32, 64, 12
     )
 
 
+def build_dit(
+    image_size: int, num_classes: int, num_layers: int = 6, heads: int = 4, head_dim: int = 48, patch_size: int = 2
+) -> DiTTransformer2DModel:
+    """A pixel-space class-conditional DiT (adaLN-Zero) for one-channel images: num_classes labels plus one null
+    label (index num_classes: diffusers' label embedding adds it). Trained by research.train --arch dit."""
+    return DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=1,
+        out_channels=1,
+        num_layers=num_layers,
+        sample_size=image_size,
+        patch_size=patch_size,
+        num_embeds_ada_norm=num_classes,
+    )
+
+
 def save_checkpoint(
-    path: Path, unet: UNet2DModel, noise_scheduler: ConfigMixin, manifest_fields: dict[str, Any]
+    path: Path,
+    network: UNet2DModel | DiTTransformer2DModel,
+    noise_scheduler: ConfigMixin,
+    manifest_fields: dict[str, Any],
 ) -> Manifest:
-    """Write a checkpoint folder; the manifest's weights_sha256 is computed from the written file."""
+    """Write a checkpoint folder (a UNet's, or with kind "dit" in manifest_fields a pixel-space DiT's); the
+    manifest's weights_sha256 is computed from the written file."""
     path = Path(path)
-    (path / "unet").mkdir(parents=True, exist_ok=True)
+    folder = "transformer" if isinstance(network, DiTTransformer2DModel) else "unet"
+    (path / folder).mkdir(parents=True, exist_ok=True)
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
-    unet.save_config(path / "unet")
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
-    save_file(state, path / "unet" / WEIGHTS_NAME)
+    network.save_config(path / folder)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
+    save_file(state, path / folder / WEIGHTS_NAME)
     noise_scheduler.save_config(path / "scheduler")
-    manifest = Manifest(**manifest_fields, weights_sha256=sha256_file(path / "unet" / WEIGHTS_NAME))
+    manifest = Manifest(**manifest_fields, weights_sha256=sha256_file(path / folder / WEIGHTS_NAME))
     (path / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return manifest
 

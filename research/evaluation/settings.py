@@ -10,8 +10,9 @@ ones as objects, and every field optional but the name; a missing field takes th
 
 samplers defaults to every sampler the table draws (--samplers); "cads" takes true (the defaults),
 an object of Cads fields, or null; an interval schedule's start defaults to 0 (guided from the first
-step, as in research.generate). "cache" takes the request's step cache, {"kind": "none"} (the default) or
-{"kind": "deepcache", "interval": 3, "branch": 0, "start": 0, "end": 1} (app/sampling/cache.py).
+step, as in research.generate). "cache" takes the request's step cache, {"kind": "none"} (the default),
+{"kind": "deepcache", "interval": 3, "branch": 0, "start": 0, "end": 1} for a UNet, or {"kind": "first_block",
+"threshold": 0.1} for a DiT (app/sampling/cache.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from app.guidance import (
     method_kinds,
 )
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
-from app.sampling.cache import DeepCacheParams
+from app.sampling.cache import CacheParams, DeepCacheParams, FirstBlockParams, cache_kind
 
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
 SETTING_KEYS = ("name", "samplers", "cache")
@@ -68,7 +69,7 @@ class GuidanceSetting:
     name: str
     guidance: GuidanceParams
     samplers: tuple[str, ...] = ()  # empty: every sampler the table draws
-    cache: DeepCacheParams | None = None  # the step cache its images are drawn with
+    cache: CacheParams | None = None  # the step cache its images are drawn with
 
 
 def default_settings() -> list[GuidanceSetting]:
@@ -137,20 +138,24 @@ def setting_from_dict(data: object) -> GuidanceSetting:
     return GuidanceSetting(name, guidance, samplers, _cache(data.get("cache"), f"{where}: cache"))
 
 
-def _cache(value: object, where: str) -> DeepCacheParams | None:
-    """A step cache from its JSON form: null or {"kind": "none"}, or {"kind": "deepcache", ...its fields}."""
+def _cache(value: object, where: str) -> CacheParams | None:
+    """A step cache from its JSON form: null or {"kind": "none"}, or {"kind": "deepcache" or "first_block", ...its
+    fields}."""
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("kind") not in ("none", "deepcache"):
+    kinds = {"deepcache": DeepCacheParams, "first_block": FirstBlockParams}
+    if not isinstance(value, dict) or value.get("kind") not in ("none", *kinds):
         raise SettingError(
-            f'{where}: expected {{"kind": "none"}} or {{"kind": "deepcache", ...}}, got {json.dumps(value)}'
+            f'{where}: expected {{"kind": "none"}}, {{"kind": "deepcache", ...}} or {{"kind": "first_block", ...}}, '
+            f"got {json.dumps(value)}"
         )
     if value["kind"] == "none":
         if len(value) > 1:
             raise SettingError(f"{where}: kind none takes no other field, got {json.dumps(value)}")
         return None
+    params = kinds[value["kind"]]
     fields_ = {k: v for k, v in value.items() if k != "kind"}
-    known = [f.name for f in fields(DeepCacheParams)]
+    known = [f.name for f in fields(params)]
     for key, v in fields_.items():
         if key not in known:
             raise SettingError(f"{where}: unknown field {key!r}; expected one of kind, {', '.join(known)}")
@@ -160,7 +165,7 @@ def _cache(value: object, where: str) -> DeepCacheParams | None:
         if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
             raise SettingError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}")
     try:
-        return DeepCacheParams(**fields_)
+        return params(**fields_)
     except ValueError as exc:
         raise SettingError(f"{where}: {exc}") from None
 
@@ -278,7 +283,7 @@ def setting_to_dict(setting: GuidanceSetting) -> dict[str, Any]:
     if setting.samplers:
         out["samplers"] = list(setting.samplers)
     if setting.cache is not None:
-        out["cache"] = {"kind": "deepcache", **asdict(setting.cache)}
+        out["cache"] = {"kind": cache_kind(setting.cache), **asdict(setting.cache)}
     return out
 
 

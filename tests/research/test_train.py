@@ -1,5 +1,6 @@
 """The training command: its learning-rate and loss-weight functions, and a tiny real run on the Debian data."""
 
+import dataclasses
 import json
 import math
 
@@ -53,3 +54,23 @@ def test_tiny_run_writes_a_loadable_checkpoint_that_records_its_history(tmp_path
     assert training["steps_done"] == 2 and training["autocast"] == "fp32" and training["snr_gamma"] == 5.0
     assert training["init_from_training"]["out"] == str(first)  # the run it continued, with its settings
     assert json.loads((second / "manifest.json").read_text())["weights_sha256"] == loaded.manifest.weights_sha256
+
+
+def test_a_tiny_dit_run_writes_a_dit_checkpoint_that_draws_with_first_block_cache(tmp_path):
+    """--arch dit: a pixel-space DiT checkpoint that loads, and that research.generate draws with, a First-Block
+    Cache included (the path docs/caching.md's trained-DiT table takes)."""
+    from app.models import model_denoiser
+    from app.models.latent import DiTDenoiser
+    from app.sampling import SampleSpec
+    from app.sampling.cache import FirstBlockParams
+    from research.generate import generate
+
+    out = tmp_path / "dit"
+    main(["--out", str(out), "--arch", "dit", "--dit", "2,2,8,4", "--steps", "2", "--batch-size", "8"])
+    loaded = load_checkpoint(out)
+    assert loaded.manifest.kind == "dit" and (out / "transformer").is_dir() and not (out / "unet").exists()
+    assert isinstance(model_denoiser(loaded), DiTDenoiser)
+    spec = SampleSpec(class_label=3, seeds=(1, 2), steps=4, sampler="dpmpp_2m_karras")
+    plain, cached = generate(loaded, [spec, dataclasses.replace(spec, cache=FirstBlockParams(1.0))])
+    assert plain.shape == cached.shape == (2, 28, 28, 1)
+    assert not (plain == cached).all()  # threshold 1: every row after its first step skips the blocks after the first

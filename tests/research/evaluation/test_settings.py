@@ -4,7 +4,7 @@ import pytest
 
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import GuidanceParams
-from app.sampling.cache import DeepCacheParams
+from app.sampling.cache import DeepCacheParams, FirstBlockParams
 from research.evaluation.settings import (
     REFERENCE_NAME,
     GuidanceSetting,
@@ -71,6 +71,9 @@ def test_parse_setting_fills_the_dataclass_defaults():
     assert cached.cache == DeepCacheParams(interval=2, branch=0, start=0.5, end=1.0)
     assert parse_setting('{"name": "c", "cache": {"kind": "none"}}').cache is None
     assert parse_setting(json.dumps(setting_to_dict(cached))) == cached  # the JSON form draws it again
+    first = parse_setting('{"name": "f", "cache": {"kind": "first_block", "threshold": 0.2}}')
+    assert first.cache == FirstBlockParams(threshold=0.2)
+    assert parse_setting(json.dumps(setting_to_dict(first))) == first
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,9 @@ def test_parse_setting_fills_the_dataclass_defaults():
         ('{"name": "x", "cads": {"psi": 2}}', "cads: psi: Input should be less than or equal to 1, got 2"),
         ('{"name": "x", "samplers": ["ddim", "plms"]}', "unknown sampler(s) ['plms']"),
         ('{"name": "x", "samplers": []}', "samplers must be a non-empty list of sampler names"),
-        ('{"name": "x", "cache": {"kind": "teacache"}}', 'cache: expected {"kind": "none"} or {"kind": "deepcache"'),
+        ('{"name": "x", "cache": {"kind": "teacache"}}', 'cache: expected {"kind": "none"}, {"kind": "deepcache"'),
+        ('{"name": "x", "cache": {"kind": "first_block", "interval": 2}}', "cache: unknown field 'interval'"),
+        ('{"name": "x", "cache": {"kind": "first_block", "threshold": 2}}', "threshold must be in (0, 1], not 2"),
         ('{"name": "x", "cache": {"kind": "deepcache", "every": 2}}', "cache: unknown field 'every'"),
         ('{"name": "x", "cache": {"kind": "deepcache", "interval": 2.5}}', "cache: interval must be an integer"),
         ('{"name": "x", "cache": {"kind": "deepcache", "interval": 0}}', "interval must be at least 1, not 0"),
