@@ -26,6 +26,9 @@ With --dit-s2 it serves a DiT-S/2-sized latent model with random weights (bench/
 Its weights are random (nothing may be downloaded here): its speed is a DiT-S's, its images are no picture of
 anything, and how often rows skip depends on how its residuals move, which random weights do not share with a
 trained model. The PSNR there says how far a setting moves such a model's images, no more.
+
+With --model FOLDER it serves that checkpoint instead: a trained one, such as the small pixel-space DiT that
+`python -m research.train --arch dit` trains (docs/caching.md).
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ async def run(args: argparse.Namespace) -> list[str]:
         folder = Path(tempfile.mkdtemp())
         checkpoint, _ = import_model(dit_s2_pipeline(folder / "dit-s2"), "dit-s2-256", folder / "store")
         settings = Settings(model_path=checkpoint, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
+    elif args.model is not None:
+        settings = Settings(model_path=args.model, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
     server, serving, service = await serve(settings, args.port)
     engine = service.model().client.engine
     try:
@@ -203,6 +208,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8766)
     p.add_argument("--psnr-images", type=int, default=8, help="images per setting for the PSNR column")
     p.add_argument("--dit-s2", action="store_true", help="serve a DiT-S/2-sized model with random weights")
+    p.add_argument("--model", type=Path, default=None, help="serve this checkpoint folder (default: the shipped one)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     args = p.parse_args()
     publish(asyncio.run(run(args)), args.record)
