@@ -47,9 +47,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     CFG_MODELS=fashion-mnist-cfg
 WORKDIR /srv/cfg
 # The checkpoints change less often than the code: their layers come first. The guide (2.5 MB) is not served
-# by default: on a CPU it adds about 40% to the startup's warmup (docs/autoguidance.md).
+# by default: on a CPU it adds about 40% to the startup's warmup (docs/autoguidance.md); nor is the small DiT
+# (8 MB), on which First-Block Cache is judged (docs/caching.md).
 COPY model_store/fashion-mnist-cfg model_store/fashion-mnist-cfg
 COPY model_store/fashion-mnist-guide model_store/fashion-mnist-guide
+COPY model_store/fashion-mnist-dit model_store/fashion-mnist-dit
 COPY app app
 # Compiled now: the unprivileged user can't write __pycache__ next to the code at run time.
 RUN python -m compileall -q app

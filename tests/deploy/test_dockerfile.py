@@ -109,11 +109,13 @@ def test_embedded_checkpoint_is_the_default_model_path() -> None:
     assert (REPO / "model_store" / "fashion-mnist-cfg" / "manifest.json").is_file()
 
 
-def test_the_image_holds_the_default_models_autoguidance_guide() -> None:
-    """Shipped beside the default model, not served unless CFG_MODELS names it (docs/autoguidance.md)."""
+def test_the_image_holds_the_default_models_autoguidance_guide_and_the_small_dit() -> None:
+    """Shipped beside the default model, not served unless CFG_MODELS names them (docs/autoguidance.md,
+    docs/caching.md)."""
     copied = [shlex.split(args) for keyword, args in final_stage() if keyword == "COPY" and "--from" not in args]
-    assert ["model_store/fashion-mnist-guide", "model_store/fashion-mnist-guide"] in copied
-    assert not dockerignore_excludes("model_store/fashion-mnist-guide/manifest.json")
+    for name in ("fashion-mnist-guide", "fashion-mnist-dit"):
+        assert [f"model_store/{name}", f"model_store/{name}"] in copied
+        assert not dockerignore_excludes(f"model_store/{name}/manifest.json")
     assert dockerignore_excludes("model_store/other-checkpoint/manifest.json")
 
 
