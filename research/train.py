@@ -41,7 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--channels", type=str, default="32,64,128", help="UNet block_out_channels")
     p.add_argument("--arch", choices=["unet", "dit"], default="unet", help="the denoiser to train")
-    p.add_argument("--dit", type=str, default="6,4,48,2", help="with --arch dit: layers, heads, head dim, patch size")
+    p.add_argument(
+        "--dit",
+        type=str,
+        default="6,4,32,4",
+        help="with --arch dit: layers, heads, head dim, patch size (the shipped DiT's)",
+    )
     p.add_argument(
         "--beta-schedule",
         default="linear",
@@ -157,7 +162,6 @@ def train(args: argparse.Namespace) -> Path:
                 "image_size": 28,
                 "in_channels": 1,
                 "prediction_type": "epsilon",
-                "kind": args.arch,
                 "training": {
                     "data": f"Fashion-MNIST train split (60000 images) from {args.data_dir}",
                     "steps_done": step,

@@ -190,17 +190,18 @@ def save_checkpoint(
     noise_scheduler: ConfigMixin,
     manifest_fields: dict[str, Any],
 ) -> Manifest:
-    """Write a checkpoint folder (a UNet's, or with kind "dit" in manifest_fields a pixel-space DiT's); the
-    manifest's weights_sha256 is computed from the written file."""
+    """Write a checkpoint folder, a UNet's or a pixel-space DiT's: the manifest's kind follows the network, and its
+    weights_sha256 is computed from the written file."""
     path = Path(path)
-    folder = "transformer" if isinstance(network, DiTTransformer2DModel) else "unet"
+    kind = "dit" if isinstance(network, DiTTransformer2DModel) else "unet"
+    folder = "transformer" if kind == "dit" else "unet"  # Manifest.denoiser_folder
     (path / folder).mkdir(parents=True, exist_ok=True)
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     network.save_config(path / folder)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
     save_file(state, path / folder / WEIGHTS_NAME)
     noise_scheduler.save_config(path / "scheduler")
-    manifest = Manifest(**manifest_fields, weights_sha256=sha256_file(path / folder / WEIGHTS_NAME))
+    manifest = Manifest(**manifest_fields, kind=kind, weights_sha256=sha256_file(path / folder / WEIGHTS_NAME))
     (path / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return manifest
 
