@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         "eager forward is bound by kernel launches (6.4x faster replayed at 2 rows on an H200, docs/benchmarks.md); "
         "UNet checkpoints only (a DiT's capture has not been verified on a card yet); ignored on the CPU",
     )
+    engine_process: bool = Field(
+        False,
+        description="run the engines (the models, their batching loop and the compute thread) in a process of their "
+        "own, the API process doing HTTP, validation, PNG and JSON; they talk over pipes in msgpack "
+        "(docs/engine.md, The engine in its own process)",
+    )
     max_jobs: int = Field(
         1000,
         ge=1,

@@ -17,12 +17,12 @@ import os
 import time
 from pathlib import Path
 
-import app.main
+import app.loading
 from app import serve
 from app.engine import Engine
 
 HOLD_DIR = Path(os.environ["HOLD_DIR"])
-real_load, real_warmup = app.main.load_for_serving, Engine.warmup
+real_load, real_warmup = app.loading.load_for_serving, Engine.warmup
 
 
 def held_load(*args, **kwargs):
@@ -40,7 +40,7 @@ async def held_warmup(self, spec):
     await real_warmup(self, spec)
 
 
-app.main.load_for_serving = held_load
+app.loading.load_for_serving = held_load
 Engine.warmup = held_warmup
 
 if __name__ == "__main__":

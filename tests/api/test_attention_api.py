@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from app.api.methods import method_error
 from app.config import Settings
 from app.guidance import GuidanceMethod
-from app.main import create_app, model_info
+from app.loading import model_info
+from app.main import create_app
 from app.models.attention import perturbation_support
 from app.sampling import GuidanceParams, SampleSpec
 from tests.metrics import metric_value
@@ -112,7 +113,7 @@ def test_under_int8_every_attention_method_is_refused(loaded):
     may have no int8 dot product)."""
     support = perturbation_support(loaded.network, "int8")
     info = model_info(Settings(), loaded.manifest, torch.device("cpu"), "int8", False, perturbations=support)
-    # (autoguidance stays until the service pairs the model with its guides: app.main.pair_guides)
+    # (autoguidance stays until the service pairs the model with its guides: app.loading.pair_guides)
     assert info["guidance_methods"] == ["cfg", "apg", "cfg_zero_star", "autoguidance"]
     for kind in ("pag", "seg", "slg"):
         error = method_error(info, GuidanceMethod(kind))

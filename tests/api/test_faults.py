@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-import app.main
+import app.loading
 from app.config import Settings
 from app.main import create_app
 from tests.metrics import metric_value
@@ -61,14 +61,14 @@ class FaultyDenoiser:
 def faulty_app(monkeypatch) -> Iterator[Callable[..., tuple[TestClient, FaultyDenoiser]]]:
     """create_app with the faulty stand-in in place of the real denoiser; the client runs its lifespan."""
     made: list[FaultyDenoiser] = []
-    real_factory = app.main.model_denoiser
+    real_factory = app.loading.model_denoiser
 
     def factory(loaded):
         made.append(FaultyDenoiser(real_factory(loaded), **options))
         return made[-1]
 
     options: dict = {}
-    monkeypatch.setattr(app.main, "model_denoiser", factory)
+    monkeypatch.setattr(app.loading, "model_denoiser", factory)
     clients: list[TestClient] = []
 
     def start(kind: str, hold: bool = False, **settings) -> tuple[TestClient, FaultyDenoiser]:

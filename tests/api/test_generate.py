@@ -268,16 +268,16 @@ def test_the_model_is_loaded_in_the_engine_thread_not_the_event_loop(monkeypatch
     # makes it sleep between parallel regions and slows every forward (app/engine/engine.py).
     import threading
 
-    import app.main
+    import app.loading
 
     threads = []
-    real_load = app.main.load_checkpoint
+    real_load = app.loading.load_checkpoint
 
     def recording_load(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(app.main, "load_checkpoint", recording_load)
+    monkeypatch.setattr(app.loading, "load_checkpoint", recording_load)
     with TestClient(create_app(Settings(warmup=False))) as c:
         assert c.get("/readyz").status_code == 200
     assert len(threads) == 1 and threads[0].startswith("engine-forward")

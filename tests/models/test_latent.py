@@ -163,7 +163,7 @@ def test_cuda_graphs_are_captured_for_unet_checkpoints_only(loaded, dit_loaded):
     """CFG_CUDA_GRAPHS applies to the verified path (a UNet, tests/test_cuda.py); a DiT runs eager until its
     capture has run on a card."""
     from app.config import Settings
-    from app.main import captures_cuda_graphs
+    from app.loading import captures_cuda_graphs
 
     assert captures_cuda_graphs(Settings(), loaded) is True
     assert captures_cuda_graphs(Settings(cuda_graphs=False), loaded) is False
