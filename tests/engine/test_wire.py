@@ -7,8 +7,7 @@ import pytest
 from app.engine import EngineOutputs, EngineStats, Failed, Finished, Progress
 from app.engine.outputs import CurvePoint
 from app.engine.wire import decode, encode
-from app.guidance import Cads, GuidanceSchedule
-from app.guidance import GuidanceMethod
+from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import DEFAULT_GUIDANCE, Preview, SampleSpec
 from app.sampling.cache import DeepCacheParams, FirstBlockParams
 from app.sampling.spec import GuidanceParams
