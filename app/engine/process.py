@@ -114,24 +114,27 @@ class _EngineSide:
         self.send(("models", {name: info for name, (_, info) in built.items()}))
         beat = asyncio.create_task(self._beat())
         while (message := await inbox.get()) is not None:
-            try:
-                self._handle(message)
-            except Exception:  # a message this side can't act on is logged; the engines go on
-                log.exception("a message from the API process failed: %.200r", message)
+            self._handle(message)
         beat.cancel()  # the API process closed its pipe: stop whatever still runs, at once
         for engine in self.engines.values():
             await engine.stop(drain=False)
         compute.shutdown()
 
     def _read(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
-        """In a thread: each message from the API process, decoded, into the event loop; None at its end."""
+        """In a thread: each message from the API process, decoded. Requests and aborts go to their engine from
+        here (add_request and abort_request only queue a message for the compute thread, and only this thread
+        calls them): no hop through the event loop on a request's way in. Calls go to the event loop; None at
+        the pipe's end."""
         while True:
             try:
                 message = decode(self.inbox.recv_bytes())
             except (EOFError, OSError):
                 loop.call_soon_threadsafe(inbox.put_nowait, None)
                 return
-            loop.call_soon_threadsafe(inbox.put_nowait, message)
+            if message[0] in ("add", "abort"):
+                self._handle(message)
+            else:
+                loop.call_soon_threadsafe(inbox.put_nowait, message)
 
     def _outputs(self, name: str, outputs: EngineOutputs) -> None:
         """In the compute thread, after each tick: the outputs and the engine's state, as they are."""
@@ -143,6 +146,12 @@ class _EngineSide:
             await asyncio.sleep(STATE_EVERY_S)
 
     def _handle(self, message: tuple) -> None:
+        try:
+            self._act(message)
+        except Exception:  # a message this side can't act on is logged; the engines go on
+            log.exception("a message from the API process failed: %.200r", message)
+
+    def _act(self, message: tuple) -> None:
         kind, name, *args = message
         engine = self.engines[name]
         if kind == "add":
