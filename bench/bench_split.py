@@ -71,10 +71,9 @@ def levels(text: str) -> list[tuple[int, int]]:
 
 async def run(args: argparse.Namespace) -> list[str]:
     todo = levels(args.levels)
-    top = max(images * clients for images, clients in todo)
     env = {
         "CFG_DEVICE": args.device,
-        "CFG_MAX_BATCH_ROWS": str(max(32, 2 * top) if args.max_batch_rows is None else args.max_batch_rows),
+        "CFG_MAX_BATCH_ROWS": str(args.max_batch_rows),
         "CFG_MAX_QUEUE": str(4 * max(c for _, c in todo)),
     }
     logs = Path(args.logs)
@@ -163,7 +162,13 @@ def main() -> None:
     p.add_argument("--window", type=float, default=15.0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-batch-rows", type=int, default=None, help="default: max(32, 2 x the most images at once)")
+    p.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=32,
+        help="the servers' CFG_MAX_BATCH_ROWS (on a GPU: 2 x the most images "
+        "at once, as bench_gpu.py; each server's warmup runs a forward at every row count up to it)",
+    )
     p.add_argument("--raw", action="store_true", help="also the raw sampling loop in this process, per level")
     p.add_argument("--port", type=int, default=8790)
     p.add_argument("--logs", default="/tmp/bench-split")

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"app.serve"},
     {"app.main"},
+    {"app.loading"},  # builds a served model's engine: in the API's process, or in the engine process
     {"app.api"},
     {"app.engine", "app.metrics"},
     {"app.sampling"},
