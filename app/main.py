@@ -194,13 +194,18 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         compute = SharedCompute()
         metrics = create_metrics(top_clients=settings.metrics_top_clients)
         jobs = job_backend(settings, limits, metrics)
+        process = None  # the engine process, with CFG_ENGINE_PROCESS: it holds the models, and reads their memory
+        if settings.engine_process:
+            process = app.state.engine_process = EngineProcess(
+                partial(build_engines, settings, paths, str(device), limits)
+            )
         service = Service(
             metrics=metrics,
             limits=limits,
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
             jobs=jobs,
-            on_scrape=lambda: metrics.on_scrape(device),
+            on_scrape=lambda: metrics.on_scrape(device, None if process is None else process.memory),
             drain_timeout_s=settings.drain_timeout_s,
         )
         metrics.jobs_stored.labels(state="unfinished").set_function(lambda: service.jobs.counts()[0])
@@ -208,10 +213,6 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         metrics.job_backlog.labels(state="waiting").set_function(lambda: service.jobs.backlog()[0])
         metrics.job_backlog.labels(state="taken").set_function(lambda: service.jobs.backlog()[1])
         app.state.service = service
-        process = None
-        if settings.engine_process:
-            build = partial(build_engines, settings, paths, str(device), limits)
-            process = app.state.engine_process = EngineProcess(build)
         starting = start_serving(service, settings, paths, device, compute, process)
         service.startup = asyncio.create_task(starting, name="startup")
         try:

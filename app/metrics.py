@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import collections
-import resource
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from app.sampling.device import memory_in_use
 
 # CPU generation is slow: latency buckets reach well past 60 s.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -138,20 +138,15 @@ class Metrics:
                 for client, share in shares.get((model, priority), {OTHER_CLIENTS: 0.0}).items():
                     self.client_row_share.labels(client=client, priority=priority, model=model).set(share)
 
-    def on_scrape(self, device: torch.device) -> None:
-        """Refresh what is read at scrape time: the device's memory, the clients' shares."""
-        self.update_device_memory(device)
+    def on_scrape(self, device: torch.device, memory: dict[str, float] | None = None) -> None:
+        """Refresh what is read at scrape time: the device's memory (memory: as the engine process last read
+        it, with CFG_ENGINE_PROCESS; else read here), the clients' shares."""
+        self.update_device_memory(device, memory)
         self.update_client_shares()
 
-    def update_device_memory(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.device_memory.labels(device=str(device), kind="allocated").set(torch.cuda.memory_allocated(device))
-            self.device_memory.labels(device=str(device), kind="reserved").set(torch.cuda.memory_reserved(device))
-        else:
-            # On the CPU the model lives in host memory: report the process's peak resident set.
-            scale = 1 if sys.platform == "darwin" else 1024
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-            self.device_memory.labels(device="cpu", kind="max_rss").set(peak)
+    def update_device_memory(self, device: torch.device, memory: dict[str, float] | None = None) -> None:
+        for kind, value in (memory if memory is not None else memory_in_use(device)).items():
+            self.device_memory.labels(device=str(device), kind=kind).set(value)
 
 
 def create_metrics(registry: CollectorRegistry | None = None, top_clients: int = 8) -> Metrics:

@@ -104,8 +104,8 @@ async def run(args: argparse.Namespace) -> list[str]:
             # The forward as the servers run it: channels_last weights and inputs, the default precision (fp32;
             # fp16 on a GPU under "auto" only), CUDA graphs on a GPU.
             loaded, model = load_for_serving(DEFAULT_MODEL_PATH, device, channels_last=True)
-            rows = int(env["CFG_MAX_BATCH_ROWS"])
-            denoiser = fast_denoiser(model, device, "fp32", channels_last=True, max_rows=rows, cuda_graphs=True)
+            budget = int(env["CFG_MAX_BATCH_ROWS"])
+            denoiser = fast_denoiser(model, device, "fp32", channels_last=True, max_rows=budget, cuda_graphs=True)
             for images, clients in todo:
                 n = images * clients
                 raw_images_per_s(loaded, denoiser, n, args.steps, "dpmpp_2m", device)  # warm

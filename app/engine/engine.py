@@ -218,6 +218,10 @@ class Engine:
         return free if taken == self._sent and self._accepting and self._error is None else 0
 
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def held(self) -> int:
         """Requests sent that have not ended (finished, failed or dropped)."""
         return self._sent - self._finals

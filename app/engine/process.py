@@ -37,6 +37,7 @@ from app.engine.policy import PRIORITIES
 from app.engine.scheduler import ANONYMOUS
 from app.engine.wire import decode, encode
 from app.sampling import SampleSpec
+from app.sampling.device import memory_in_use
 
 log = logging.getLogger("uvicorn.error")
 
@@ -141,8 +142,10 @@ class _EngineSide:
         self.send_built(lambda: ("outputs", name, outputs, self.state(name)))
 
     async def _beat(self) -> None:
+        device = next(iter(self.engines.values())).device
         while True:
             self.send_built(lambda: ("state", {name: self.state(name) for name in self.engines}))
+            self.send(("memory", memory_in_use(device)))
             await asyncio.sleep(STATE_EVERY_S)
 
     def _handle(self, message: tuple) -> None:
@@ -195,6 +198,7 @@ class EngineProcess:
         self._build = build
         self.clients: dict[str, ProcessClient] = {}
         self.error: str | None = None  # why the process is gone, where it died
+        self.memory: dict[str, float] | None = None  # the device memory it holds (app.sampling.memory_in_use)
         self._context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._process: Any = None
         self._outbox: Connection | None = None
@@ -274,6 +278,8 @@ class EngineProcess:
             for name, state in args[0].items():
                 if (client := self.clients.get(name)) is not None:
                     client.state = state
+        elif kind == "memory":
+            self.memory = args[0]
         elif kind == "reply":
             call_id, ok, value = args
             future = self._calls.get(call_id)

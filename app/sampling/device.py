@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not wait for the device.
+"""Host-to-device copies that do not wait for the device, and what a device holds.
 
 A plain `tensor.to("cuda")` from pageable host memory synchronizes the stream after the copy: it waits for
 every kernel already queued, forwards included. A request's sampler state is built in the event loop's
@@ -11,6 +11,9 @@ held until the copy is done.
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import torch
 
 
@@ -20,3 +23,13 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def memory_in_use(device: torch.device) -> dict[str, float]:
+    """Bytes by kind, for the device-memory gauge: torch's allocated and reserved on CUDA; on the CPU, where the
+    model lives in host memory, this process's peak resident set (max_rss). Read in the process that holds the
+    models (the engine process's is sent to the API's with CFG_ENGINE_PROCESS)."""
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}

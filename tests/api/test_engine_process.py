@@ -97,6 +97,21 @@ def test_a_cancelled_job_leaves_the_engine_process(split):
     assert split.post("/generate", json={"class_label": 1, "steps": 2}).status_code == 200
 
 
+def peak_rss(pid: int) -> float:
+    """A process's peak resident set in bytes (VmHWM, what getrusage's ru_maxrss reports)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return float(line.split()[1]) * 1024
+
+
+def test_the_memory_gauge_reads_the_engine_process(split):
+    # The model lives in the engine process: the gauge is its peak resident set, not the API process's.
+    engine = split.app.state.engine_process.pid
+    time.sleep(0.5)  # a state beat after the requests above
+    reported = metric(split, "cfg_device_memory_bytes")
+    assert reported == pytest.approx(peak_rss(engine), rel=0.05)
+    assert abs(reported - peak_rss(engine)) < abs(reported - peak_rss(os.getpid()))  # nearer it than the API's own
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is pid (from /proc)."""
     found = []
