@@ -4,7 +4,7 @@ does not share the server's event loop or GIL:
     python3 bench/load_client.py '["http://127.0.0.1:8777", 64, 20, 3.0, 8.0]'   # url, clients, steps, warm, window
     python3 bench/load_client.py '["http://127.0.0.1:8777", 64, 20, 3.0, 8.0, 4]'  # ... 4 images per request
 
-prints one JSON line: images/s, p50 and p99 latency, the responses counted in the window and all completed.
+prints one JSON line: images/s, p50, p99 and mean latency, the responses counted in the window and all completed.
 
 Each client is one keep-alive HTTP/1.1 connection on asyncio's streams, posting one-image requests back to
 back: no HTTP library. httpx's pool was the bottleneck at 64 connections: against a server with a
@@ -67,6 +67,7 @@ async def closed_loop(url: str, clients: int, steps: int, warm: float, window: f
         "images_per_s": images * len(inside) / window,
         "p50": q[49],
         "p99": q[98],
+        "mean": statistics.fmean(inside) if inside else float("nan"),
         "responses": len(inside),
         "completed": len(done),  # the whole run's, warm-up included
     }
