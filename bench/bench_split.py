@@ -7,10 +7,10 @@ Two real servers (`python -m app.serve`, the same settings but CFG_ENGINE_PROCES
 loaded at a time, in alternating rounds (A then B, then B then A), so the machine's drift hits both. Each level is
 IMAGESxCLIENTS: that many closed-loop clients (bench/load_client.py, in a process of its own, one keep-alive
 connection each) posting requests of that many images back to back (20 dpmpp_2m steps, constant CFG s = 3).
-Reported per level: images/s (the clients over the mean latency), p50 and p99 of each, the split over one process (median of the rounds' ratios),
-and, with --raw, the raw sampling loop in this process (bench_service.raw_images_per_s, the same request shape,
-IMAGES x CLIENTS requests stepped together, the servers' forward: channels_last, CUDA graphs on a GPU), against
-which each server's images/s is read.
+Reported per level: images/s (the clients over the mean latency), p50 and p99 of each, the split over one process
+(median of the rounds' ratios), and, with --raw, the raw sampling loop in this process
+(bench_service.raw_images_per_s, the same request shape, IMAGES x CLIENTS requests stepped together, the servers'
+forward: channels_last, CUDA graphs on a GPU), against which each server's images/s is read.
 """
 
 from __future__ import annotations
