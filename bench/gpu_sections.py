@@ -279,7 +279,7 @@ def section_dit(args, report: Any) -> list[str]:
         "|---" * (1 + len(args.dit_rows)) + "|",
     ]
     variants = [("fp32", denoiser), ("bf16 autocast", FastDenoiser(denoiser, device, "bf16"))]
-    if device.type == "cuda":  # not yet served (app.main.captures_cuda_graphs): this checks the capture
+    if device.type == "cuda":  # not yet served (app.loading.captures_cuda_graphs): this checks the capture
         top = max(args.dit_rows)
         variants += [
             ("CUDA graphs, fp32", FastDenoiser(denoiser, device, cuda_graphs=True, max_rows=top)),

@@ -204,7 +204,7 @@ def test_each_model_is_loaded_and_adapted_in_the_compute_thread(store, monkeypat
     built in the event loop, it made the imported DiT-S/2 serve 19% slower than DiTPipeline (docs/benchmarks.md)."""
     import threading
 
-    import app.main
+    import app.loading
 
     calls = []
 
@@ -216,7 +216,7 @@ def test_each_model_is_loaded_and_adapted_in_the_compute_thread(store, monkeypat
         return call
 
     for name in ("load_checkpoint", "model_denoiser"):
-        monkeypatch.setattr(app.main, name, recording(name, getattr(app.main, name)))
+        monkeypatch.setattr(app.loading, name, recording(name, getattr(app.loading, name)))
     with TestClient(create_app(Settings(model_store=store, models=MODELS, warmup=False))) as c:
         assert c.get("/readyz").status_code == 200
     assert sorted(name for name, _ in calls) == ["load_checkpoint"] * 2 + ["model_denoiser"] * 2
