@@ -147,13 +147,13 @@ def gone(pid: int, timeout: float = 30) -> bool:
     return False
 
 
-def test_sigterm_drains_across_the_processes_then_both_exit(start_server):
-    server = start_server(engine_process=1, warmup=0)
-    engine = engine_pid(server)
-    result = {}
+def post_in_flight(server, steps: int) -> tuple[threading.Thread, dict]:
+    """A 4-image request posted from a thread; returns once the server counts it in flight. result["r"]: its
+    response, once the thread ends."""
+    result: dict = {}
 
     def post():
-        body = {"class_label": 4, "num_images": 4, "steps": 60, "seed": 1}
+        body = {"class_label": 4, "num_images": 4, "steps": steps, "seed": 1}
         result["r"] = httpx.post(f"{server.url}/generate", json=body, timeout=120)
 
     t = threading.Thread(target=post)
@@ -161,6 +161,13 @@ def test_sigterm_drains_across_the_processes_then_both_exit(start_server):
     deadline = time.monotonic() + 60
     while server.metric("cfg_requests_in_flight") != 1 and time.monotonic() < deadline:
         time.sleep(0.05)
+    return t, result
+
+
+def test_sigterm_drains_across_the_processes_then_both_exit(start_server):
+    server = start_server(engine_process=1, warmup=0)
+    engine = engine_pid(server)
+    t, result = post_in_flight(server, steps=60)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert httpx.post(f"{server.url}/generate", json={"class_label": 1}, timeout=10).status_code == 503  # draining
@@ -173,17 +180,7 @@ def test_sigterm_drains_across_the_processes_then_both_exit(start_server):
 def test_a_dead_engine_process_is_a_503_with_the_reason(start_server):
     server = start_server(engine_process=1, warmup=0)
     engine = engine_pid(server)
-    result = {}
-
-    def post():
-        body = {"class_label": 4, "num_images": 4, "steps": 200, "seed": 1}
-        result["r"] = httpx.post(f"{server.url}/generate", json=body, timeout=120)
-
-    t = threading.Thread(target=post)
-    t.start()
-    deadline = time.monotonic() + 60
-    while server.metric("cfg_requests_in_flight") != 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    t, result = post_in_flight(server, steps=200)
     os.kill(engine, signal.SIGKILL)
     t.join()
     reason = "killed by signal 9"
