@@ -23,6 +23,7 @@ With --dit-s2 it serves a DiT-S/2-sized latent model with random weights (bench/
     python3 bench/bench_cache.py --dit-s2 --clients 8 --warm 30 --window 60 --rounds 2 \
         --caches '{"kind": "none"}' '{"kind": "first_block", "threshold": 0.2}'
 
+--dit-xl2 serves DiT-XL/2's size instead (28 blocks, width 1152: issue 26, on a lent GPU: bench/gpu/run.sh cache).
 Its weights are random (nothing may be downloaded here): its speed is a DiT-S's, its images are no picture of
 anything, and how often rows skip depends on how its residuals move, which random weights do not share with a
 trained model. The PSNR there says how far a setting moves such a model's images, no more.
@@ -145,9 +146,9 @@ async def run(args: argparse.Namespace) -> list[str]:
     caches = [json.loads(c) for c in args.caches]
     url = f"http://127.0.0.1:{args.port}"
     settings = Settings(max_batch_rows=max(32, 2 * args.clients), max_queue=256)
-    if args.dit_s2:
-        folder = Path(tempfile.mkdtemp())
-        checkpoint, _ = import_model(dit_s2_pipeline(folder / "dit-s2"), "dit-s2-256", folder / "store")
+    if args.dit_s2 or args.dit_xl2:
+        folder, size = Path(tempfile.mkdtemp()), "xl2" if args.dit_xl2 else "s2"
+        checkpoint, _ = import_model(dit_s2_pipeline(folder / "dit", size), f"dit-{size}-256", folder / "store")
         settings = Settings(model_path=checkpoint, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
     elif args.model is not None:
         settings = Settings(model_path=args.model, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
@@ -164,7 +165,9 @@ async def run(args: argparse.Namespace) -> list[str]:
         server.should_exit = True
         await serving
     info = service.model().info
-    model = "a DiT-S/2-sized model with random weights (speed only)" if args.dit_s2 else f"model {info['id']}"
+    model = f"model {info['id']}"
+    if args.dit_s2 or args.dit_xl2:
+        model = f"a DiT-{'XL' if args.dit_xl2 else 'S'}/2-sized model with random weights (speed only)"
     out = [
         f"## Step caching through the service, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
         "",
@@ -208,6 +211,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8766)
     p.add_argument("--psnr-images", type=int, default=8, help="images per setting for the PSNR column")
     p.add_argument("--dit-s2", action="store_true", help="serve a DiT-S/2-sized model with random weights")
+    p.add_argument("--dit-xl2", action="store_true", help="the same at DiT-XL/2's size (28 blocks, width 1152)")
     p.add_argument("--model", type=Path, default=None, help="serve this checkpoint folder (default: the shipped one)")
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     args = p.parse_args()

@@ -36,15 +36,21 @@ from app.models.importer import import_model  # noqa: E402
 from bench.record import publish  # noqa: E402
 from research.evaluate import git_commit, machine_description  # noqa: E402
 
+# name -> (attention heads, head width, blocks): DiT's sizes at patch 2 (Peebles and Xie 2023)
+DIT_SIZES = {"s2": (6, 64, 12), "xl2": (16, 72, 28)}
 
-def dit_s2_pipeline(path: Path) -> Path:
+
+def dit_s2_pipeline(path: Path, size: str = "s2") -> Path:
+    """A DiTPipeline of a DiT-S/2-sized (or `size`: DIT_SIZES) transformer with random weights and Stable
+    Diffusion's VAE shape, at 256 px, saved to path."""
     torch.manual_seed(0)
+    heads, width, blocks = DIT_SIZES[size]
     dit = DiTTransformer2DModel(
-        num_attention_heads=6,
-        attention_head_dim=64,
+        num_attention_heads=heads,
+        attention_head_dim=width,
         in_channels=4,
         out_channels=8,
-        num_layers=12,
+        num_layers=blocks,
         sample_size=32,
         patch_size=2,
         num_embeds_ada_norm=1000,
