@@ -31,5 +31,19 @@ def memory_in_use(device: torch.device) -> dict[str, float]:
     models (the engine process's is sent to the API's with CFG_ENGINE_PROCESS)."""
     if device.type == "cuda":
         return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+    return {"max_rss": peak_resident_bytes()}
+
+
+def peak_resident_bytes() -> float:
+    """This process's peak resident set: Linux's VmHWM, which starts afresh at exec; getrusage's ru_maxrss keeps
+    the peak of the process it was forked from (a spawned engine process would report its parent's), so it is only
+    the fallback where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
-    return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
