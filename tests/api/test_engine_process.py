@@ -5,6 +5,7 @@ dies reported as 503 with the reason."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -15,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
+from app.config import DEFAULT_MODEL_PATH, Settings
 from app.main import create_app
 from tests.pngs import same_images
 
@@ -74,6 +75,19 @@ def test_progress_crosses_the_pipe(split):
     chunks = [c for c in text.split("\n\n") if c.strip()]
     progress = [json.loads(c.split("data: ", 1)[1]) for c in chunks if c.startswith("event: progress")]
     assert [p["step"] for p in progress][-6:] == [1, 2, 3, 4, 5, 6] and chunks[-1].startswith("event: result")
+
+
+def test_a_load_that_fails_in_the_engine_process_fails_the_startup_with_its_error(tmp_path):
+    # The folder passes verification (every file there, the weights' sha256 right) but its config does not fit
+    # its weights: only loading them, in the engine process, finds that out.
+    folder = tmp_path / "fashion-mnist-cfg"
+    shutil.copytree(DEFAULT_MODEL_PATH, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": 3}))
+    # The engine process's error, as its own loader words it, is the startup's (/healthz, /readyz and the log).
+    with pytest.raises(RuntimeError, match="CheckpointError: checkpoint weights do not match .*config.json"):
+        with TestClient(create_app(Settings(engine_process=True, warmup=False, model_path=folder))):
+            pass
 
 
 def metric(client: TestClient, name: str) -> float:
