@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_guide_argument(p)
     add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/guidance-table.md"))
+    p.add_argument("--title", default="Guidance methods at the same seeds", help="the report's heading")
     p.add_argument("--json", type=Path, default=Path("docs/guidance-table.json"))
     p.add_argument(
         "--grid",

@@ -63,10 +63,10 @@ def judge_table(table: MethodsTable, judge: str) -> list[str]:
     return lines
 
 
-def render_markdown(table: MethodsTable, grid_png: str) -> str:
+def render_markdown(table: MethodsTable, grid_png: str, title: str = "Guidance methods at the same seeds") -> str:
     n = table.per_class * len(table.class_names)
     lines = [
-        "# Guidance methods at the same seeds",
+        f"# {title}",
         "",
         "Written by `python -m research.evaluation.methods`; rerun it to refresh this page.",
         "",
@@ -122,7 +122,7 @@ def write_outputs(args: argparse.Namespace, table: MethodsTable, rows: Sequence[
     args.grid.parent.mkdir(parents=True, exist_ok=True)
     methods_grid(images, rows, table.class_names).save(args.grid, format="PNG")
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(render_markdown(table, os.path.relpath(args.grid, args.report.parent)))
+    args.report.write_text(render_markdown(table, os.path.relpath(args.grid, args.report.parent), args.title))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(table), indent=2) + "\n")
 

@@ -24,8 +24,9 @@ def test_methods_table_on_a_tiny_config(tmp_path, capsys):
     argv = ["--model", str(CHECKPOINT), "--only", "apg s=5", "--samplers", "dpmpp_2m", "--extra", EXTRA,
             "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--classifier-train-images", "1000",
             "--classifier-cache", str(tmp_path / "clf.safetensors"),
-            "--report", str(report), "--json", str(results_json)]  # fmt: skip
+            "--report", str(report), "--json", str(results_json), "--title", "APG against CFG here"]  # fmt: skip
     main(argv)
+    assert report.read_text().startswith("# APG against CFG here\n")  # --title heads the page
     out = capsys.readouterr().out
     assert "judge 1: small CNN test accuracy" in out and "judge 2: ResNet test accuracy" in out
 
