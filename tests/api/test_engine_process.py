@@ -36,6 +36,9 @@ BODIES = [
     {"class_label": 8, "seed": 19, "steps": 6, "sampler": "euler_a", "return_trace": True},
 ]
 
+# The playground's guidance curve: a call (not a request) to the engine, answered across the pipe.
+CURVE_BODIES = ({}, {"guidance_scale": 4, "schedule": {"kind": "cosine"}, "noise_level": 0.5, "steps": 9})
+
 
 def draw_together(client: TestClient) -> list[dict]:
     with ThreadPoolExecutor(len(BODIES)) as pool:
@@ -54,12 +57,15 @@ def test_the_split_draws_the_images_of_the_engine_in_process(split):
     with TestClient(create_app(Settings(warmup=False))) as alone:
         expected = draw_together(alone)
         models = alone.get("/v1/models").json()
+        curves = {str(body): alone.post("/v1/guidance/curve", json=body).json() for body in CURVE_BODIES}
     got = draw_together(split)
     for body, want, have in zip(BODIES, expected, got, strict=True):
         assert same_images(want["images"], have["images"]), body
         assert have["seeds"] == want["seeds"]
     assert have["trace"] == want["trace"]  # the euler_a request's, across the pipe as lists of numbers
     assert split.get("/v1/models").json() == models  # the engine process's entry, as the API's own would be
+    for body in CURVE_BODIES:
+        assert split.post("/v1/guidance/curve", json=body).json() == curves[str(body)]  # a call across the pipe
     text = split.get("/metrics").text  # each tick's stats cross back and are recorded by the API process
     assert 'cfg_images_generated_total{model="fashion-mnist-cfg"}' in text
     count = [line for line in text.splitlines() if line.startswith('cfg_images_generated_total{model="fashion')]
