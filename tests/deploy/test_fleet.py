@@ -212,6 +212,27 @@ def test_twenty_jobs_through_the_gateway_are_drained_by_both_replicas_and_read_w
     assert any(kind == "progress" for stream in streams for kind, _ in stream)  # followed live, elsewhere
 
 
+def test_replicas_with_their_engines_in_processes_of_their_own_share_the_backlog(redis_server, store, tmp_path):
+    """CFG_ENGINE_PROCESS: a replica takes backlog work only while its engine, in the engine process, reports rows
+    free (that state crosses the pipe): both replicas take jobs, each holds at most what its batch has room for,
+    and every job succeeds with its own seeds."""
+    with running_replicas(tmp_path, {**fleet_env(redis_server), "CFG_ENGINE_PROCESS": "1"}) as split:
+        bodies = [{**BODY, "steps": 8, "seed": 300 + i} for i in range(10)]
+        ids = [httpx.post(f"{split[i % 2].url}/v1/jobs", json=b, timeout=30).json()["id"] for i, b in enumerate(bodies)]
+        held = []
+        deadline = time.monotonic() + 240
+        while any(store.smismember(UNFINISHED, ids)) and time.monotonic() < deadline:
+            held += [replica.gauge("cfg_requests_in_flight", "cfg_queue_depth") for replica in split]
+            time.sleep(0.1)
+        assert max(held) <= 3, held
+        runners = set()
+        for job_id, body in zip(ids, bodies, strict=True):
+            job = httpx.get(f"{split[0].url}/v1/jobs/{job_id}", timeout=10).json()
+            assert job["status"] == "succeeded" and job["result"]["seeds"] == [body["seed"], body["seed"] + 1], job
+            runners.add(replica_of(split, store, job_id).url)
+        assert runners == {r.url for r in split}, "one replica ran every job"
+
+
 def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet, store):
     body = {**BODY, "num_images": 4, "steps": LONG_STEPS}  # the whole batch: 8 rows
     job_id = httpx.post(f"{fleet[0].url}/v1/jobs", json=body, timeout=30).json()["id"]
