@@ -212,10 +212,23 @@ def test_twenty_jobs_through_the_gateway_are_drained_by_both_replicas_and_read_w
     assert any(kind == "progress" for stream in streams for kind, _ in stream)  # followed live, elsewhere
 
 
-def test_replicas_with_their_engines_in_processes_of_their_own_share_the_backlog(redis_server, store, tmp_path):
+def test_replicas_with_their_engines_in_processes_of_their_own_share_the_backlog(tmp_path):
     """CFG_ENGINE_PROCESS: a replica takes backlog work only while its engine, in the engine process, reports rows
     free (that state crosses the pipe): both replicas take jobs, each holds at most what its batch has room for,
-    and every job succeeds with its own seeds."""
+    and every job succeeds with its own seeds. A Redis server of its own: the module's fleet takes work from
+    its store's backlog too."""
+    (tmp_path / "redis").mkdir()
+    own = RedisServer(free_port(), tmp_path / "redis")
+    own.start()
+    store = redis.Redis.from_url(own.url, decode_responses=True)
+    try:
+        split_fleet_shares_the_backlog(own, store, tmp_path)
+    finally:
+        store.close()
+        own.stop()
+
+
+def split_fleet_shares_the_backlog(redis_server: RedisServer, store: redis.Redis, tmp_path: Path) -> None:
     with running_replicas(tmp_path, {**fleet_env(redis_server), "CFG_ENGINE_PROCESS": "1"}) as split:
         bodies = [{**BODY, "steps": 8, "seed": 300 + i} for i in range(10)]
         ids = [httpx.post(f"{split[i % 2].url}/v1/jobs", json=b, timeout=30).json()["id"] for i, b in enumerate(bodies)]
