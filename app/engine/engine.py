@@ -72,6 +72,18 @@ class EngineClosedError(RuntimeError):
     """The engine is draining, stopped or failed, and admits no new requests."""
 
 
+def refuse_unless_open(priority: str, error: str | None, accepting: bool) -> None:
+    """Why a request can't be added now, raised: ValueError for a priority outside PRIORITIES, EngineClosedError
+    where the engine failed (error) or admits nothing (starting up or draining). Its client checks the same before
+    sending, in whichever process the engine runs."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if error is not None:
+        raise EngineClosedError(f"the engine failed: {error}")
+    if not accepting:
+        raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
+
+
 class Engine:
     def __init__(
         self,
@@ -171,12 +183,7 @@ class Engine:
         for a caller that bounds its own requests (the jobs API's store). priority: one of PRIORITIES. client:
         whose share of the class's rows it takes. timeout_s: it must finish within this many seconds of now, else
         it is refused at once (Failed "deadline") where the engine's pace says it cannot."""
-        if priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        if self._error is not None:
-            raise EngineClosedError(f"the engine failed: {self.error}")
-        if not self._accepting:
-            raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
+        refuse_unless_open(priority, self.error, self._accepting)
         self._sent += 1
         now = time.monotonic()
         deadline = None if timeout_s is None else now + timeout_s

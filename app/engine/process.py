@@ -31,9 +31,8 @@ from typing import Any
 
 from app.engine.client import StatsHook, Streams
 from app.engine.compute import SharedCompute
-from app.engine.engine import Engine, EngineClosedError
+from app.engine.engine import Engine, EngineClosedError, refuse_unless_open
 from app.engine.outputs import CurvePoint, EngineOutputs, Failed, Finished, RequestOutput
-from app.engine.policy import PRIORITIES
 from app.engine.scheduler import ANONYMOUS
 from app.engine.wire import decode, encode
 from app.sampling import SampleSpec
@@ -144,8 +143,7 @@ class _EngineSide:
     async def _beat(self) -> None:
         device = next(iter(self.engines.values())).device
         while True:
-            self.send_built(lambda: ("state", {name: self.state(name) for name in self.engines}))
-            self.send(("memory", memory_in_use(device)))
+            self.send_built(lambda: ("state", {name: self.state(name) for name in self.engines}, memory_in_use(device)))
             await asyncio.sleep(STATE_EVERY_S)
 
     def _handle(self, message: tuple) -> None:
@@ -194,7 +192,7 @@ class EngineProcess:
     """The engine process as the API process sees it: start() spawns it and returns the models it loaded; each
     model's ProcessClient sends through it; a thread reads what comes back and hands it to the event loop."""
 
-    def __init__(self, build: Build, start_timeout_s: float = math.inf) -> None:
+    def __init__(self, build: Build) -> None:
         self._build = build
         self.clients: dict[str, ProcessClient] = {}
         self.error: str | None = None  # why the process is gone, where it died
@@ -274,12 +272,12 @@ class EngineProcess:
             client = self.clients.get(name)
             if client is not None:
                 client.receive(outputs, state)
-        elif kind == "state":
+        elif kind == "state":  # the engines' states, and with the periodic one the device memory
             for name, state in args[0].items():
                 if (client := self.clients.get(name)) is not None:
                     client.state = state
-        elif kind == "memory":
-            self.memory = args[0]
+            if len(args) > 1:
+                self.memory = args[1]
         elif kind == "reply":
             call_id, ok, value = args
             future = self._calls.get(call_id)
@@ -352,12 +350,7 @@ class ProcessClient:
         client: str = ANONYMOUS,
         timeout_s: float | None = None,
     ) -> str:
-        if priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        if (error := self.error) is not None:
-            raise EngineClosedError(f"the engine failed: {error}")
-        if not self.accepting:
-            raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
+        refuse_unless_open(priority, self.error, self.accepting)
         request_id = f"{self.name}-{next(self._ids)}"
         options = {
             "progress": progress, "limit_queue": limit_queue, "priority": priority, "client": client,
