@@ -90,7 +90,9 @@ def model_info(
 
 def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None) -> dict[str, Any]:
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
-    service whether it can run it (reason None), and deepcache's deepest branch."""
+    service whether it can run it (reason None), and deepcache's deepest branch. uncond enters no network: every
+    model runs it."""
+    support = {**support, "uncond": None}
     runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:

@@ -51,6 +51,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     full_rows = metrics.path_rows.labels(path="full", model=model)
     shallow_rows = metrics.path_rows.labels(path="shallow", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
+    reused_rows = metrics.reused_rows.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
     preemptions = metrics.preemptions.labels(model=model)
 
@@ -64,6 +65,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
         full_rows.inc(stats.rows - stats.shallow_rows)
         shallow_rows.inc(stats.shallow_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
+        reused_rows.inc(stats.reused_uncond_rows)
         if stats.images_finished:
             images.inc(stats.images_finished)
         for seconds in stats.queue_waits:

@@ -90,6 +90,7 @@ class Metrics:
     jobs_taken_over: Counter
     forward_rows: Counter
     skipped_rows: Counter
+    reused_rows: Counter
     path_rows: Counter
     class_queue_wait: Histogram
     class_latency: Histogram
@@ -116,7 +117,14 @@ class Metrics:
             self.forward_rows.labels(kind=kind, model=model)
         for path in FORWARD_PATHS:
             self.path_rows.labels(path=path, model=model)
-        for metric in (self.queue_wait, self.step_duration, self.batch_rows, self.images, self.skipped_rows):
+        for metric in (
+            self.queue_wait,
+            self.step_duration,
+            self.batch_rows,
+            self.images,
+            self.skipped_rows,
+            self.reused_rows,
+        ):
             metric.labels(model=model)
         for priority in PRIORITY_CLASSES:
             for metric in (self.class_queue_wait, self.class_latency, self.class_rows):
@@ -222,6 +230,13 @@ def create_metrics(registry: CollectorRegistry | None = None, top_clients: int =
         skipped_rows=Counter(
             "cfg_engine_skipped_uncond_rows",
             "Unconditional rows not run because the step's guidance weight was exactly 1 (interval schedules)",
+            ["model"],
+            registry=registry,
+        ),
+        reused_rows=Counter(
+            "cfg_engine_reused_uncond_rows",
+            "Unconditional rows not run because their request's step cache (kind uncond) reused its guidance "
+            "difference eps_c - eps_u from an earlier step",
             ["model"],
             registry=registry,
         ),

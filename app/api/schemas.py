@@ -169,7 +169,21 @@ class FirstBlockCache(_Strict):
     )
 
 
-Cache = Annotated[NoCache | DeepCache | FirstBlockCache, Field(discriminator="kind")]
+class UncondCache(_Strict):
+    """CFG-Cache (FasterCache, Lv et al. 2025), for any model: the unconditional rows run on the first guided step
+    and every `every`-th after it; the guided steps between take eps_uncond = eps_cond - d, d the guidance
+    difference of the last steps that ran them (docs/caching.md)."""
+
+    kind: Literal["uncond"]
+    every: int = Field(
+        3, ge=1, le=10, description="the guided steps run the unconditional rows every this many (1: no reuse)"
+    )
+    order: int = Field(
+        1, ge=0, le=1, description="0: reuse the last guidance difference; 1: forecast it from the last two"
+    )
+
+
+Cache = Annotated[NoCache | DeepCache | FirstBlockCache | UncondCache, Field(discriminator="kind")]
 
 
 def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -242,7 +256,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
-    cache: NoCache | DeepCache | FirstBlockCache
+    cache: NoCache | DeepCache | FirstBlockCache | UncondCache
     timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
@@ -323,8 +337,8 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         )
         cache: Cache = Field(
             default_factory=NoCache,
-            description="reuse features between steps for speed: none, deepcache (UNets) or first_block (DiTs); "
-            "GET /v1/models lists "
+            description="reuse work between steps for speed: none, deepcache (UNets), first_block (DiTs) or "
+            "uncond (any model: CFG's unconditional rows on fewer steps); GET /v1/models lists "
             "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md)",
         )
         guidance_rescale: float = Field(

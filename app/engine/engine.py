@@ -413,6 +413,8 @@ class Engine:
         if cache is None:
             return None
         kind = cache_kind(cache)
+        if kind == "uncond":  # it skips rows and enters no network: every model runs it
+            return None
         support: dict[str, str | None] = getattr(self._denoiser, "cache_support", dict)()
         if kind not in support:
             return "invalid", f"model {self.name} has no step cache: cache.kind must be none"
@@ -494,6 +496,7 @@ class Engine:
             share = (request.priority, request.client)
             client_rows[share] = client_rows.get(share, 0) + rows_now
         skipped = sum(r.skipped_uncond_rows() for r in runs)
+        reused = sum(r.reused_uncond_rows() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         guide_rows = sum(r.guide_rows_needed() for r in runs)
         rows = denoise_step(self._denoiser, runs, self._guides)
@@ -546,6 +549,7 @@ class Engine:
             perturbed_rows=perturbed,
             guide_rows=guide_rows,
             skipped_uncond_rows=skipped,
+            reused_uncond_rows=reused,
             shallow_rows=shallow,
             queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]

@@ -64,9 +64,9 @@ PREEMPTED_STATE_FACTOR = 4
 
 def state_bytes(run: SampleRun) -> int:
     """What a preempted run holds in memory, as counted against max_preempted_bytes: its latent-sized state and
-    the features its step cache holds (app/sampling/cache.py), which it keeps to resume with the same images."""
-    cached = 0 if run.cache is None else run.cache.nbytes()
-    return PREEMPTED_STATE_FACTOR * run.latents.nelement() * run.latents.element_size() + cached
+    what its step cache holds (app/sampling/cache.py: features, states, guidance differences), which it keeps
+    to resume with the same images."""
+    return PREEMPTED_STATE_FACTOR * run.latents.nelement() * run.latents.element_size() + run.cached_bytes()
 
 
 @dataclass(eq=False)

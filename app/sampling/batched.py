@@ -74,6 +74,12 @@ class BatchedRun(Protocol):
 
     def needs_uncond(self) -> bool: ...
 
+    def reuses_uncond(self, i: int) -> bool: ...
+
+    def uncond_estimate(self, eps_cond: torch.Tensor) -> torch.Tensor: ...
+
+    def keep_delta(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> None: ...
+
     def finish_step(self, latents: torch.Tensor, eps_guided: torch.Tensor) -> None: ...
 
 
@@ -164,12 +170,23 @@ def _advance(
     runs = [run for run, _ in members]
     sizes = [r.spec.num_images for r in runs]
     per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
+    estimates: list[torch.Tensor] = []  # the unconditional rows of runs that reuse their guidance difference
+    estimated_at = eps.shape[0]  # where they go: after the forward's rows
     for (run, offset), n in zip(members, sizes, strict=True):
         i = run.step_index
-        guided = run.needs_uncond()
-        scale, shift = (run.scales[i], n) if guided else (1.0, 0)
+        if run.needs_uncond():
+            run.keep_delta(eps[offset : offset + n], eps[offset + n : offset + 2 * n])
+            scale, uncond = run.scales[i], offset + n
+        elif run.reuses_uncond(i):
+            estimates.append(run.uncond_estimate(eps[offset : offset + n]))
+            scale, uncond = run.scales[i], estimated_at
+            estimated_at += n
+        else:
+            scale, uncond = 1.0, offset
         coefs = table_of(run)[i]
-        per_row += [[offset + j, offset + j + shift, scale, *coefs] for j in range(n)]
+        per_row += [[offset + j, uncond + j, scale, *coefs] for j in range(n)]
+    if estimates:
+        eps = torch.cat([eps, *estimates])
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step
     cond, uncond = table[:, 0].long(), table[:, 1].long()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-CACHE_KINDS = ("none", "deepcache", "first_block")
+CACHE_KINDS = ("none", "deepcache", "first_block", "uncond")
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,31 @@ class FirstBlockParams:
             raise ValueError(f"first_block threshold must be in (0, 1], not {self.threshold:g}")
 
 
-CacheParams = DeepCacheParams | FirstBlockParams
+@dataclass(frozen=True)
+class UncondParams:
+    """{"kind": "uncond"}: CFG's unconditional rows run on the first of a request's guided steps and on every
+    `every`-th after it; the guided steps between skip them and take eps_uncond = eps_cond - d, with d the
+    guidance difference eps_cond - eps_uncond of the last step that ran them (order 0) or its first-order forecast
+    from the last two (order 1), as FasterCache's CFG-Cache (Lv et al. 2025) does. Any model, any precision: it
+    skips rows, it enters no network."""
+
+    every: int = 3
+    order: int = 1
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"uncond every must be at least 1, not {self.every}")
+        if self.order not in (0, 1):
+            raise ValueError(f"uncond order must be 0 or 1, not {self.order}")
+
+
+CacheParams = DeepCacheParams | FirstBlockParams | UncondParams
 
 
 def cache_kind(params: CacheParams) -> str:
-    return "deepcache" if isinstance(params, DeepCacheParams) else "first_block"
+    if isinstance(params, DeepCacheParams):
+        return "deepcache"
+    return "first_block" if isinstance(params, FirstBlockParams) else "uncond"
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,53 @@ class FirstBlockRows:
         return sum(t.nelement() * t.element_size() for t in self.tensors)
 
 
-def make_row_cache(params: CacheParams, sigmas: Sequence[float]) -> RowCache | FirstBlockRows:
-    """What a run with this step cache keeps."""
-    return RowCache(params, sigmas) if isinstance(params, DeepCacheParams) else FirstBlockRows(params)
+class GuidanceDeltas:
+    """One run's reused guidance differences (UncondParams): which of its guided steps skip the unconditional
+    rows, and the differences d = eps_cond - eps_uncond of the last two guided steps that ran them.
+
+    The guided steps are the run's steps whose guidance asks for unconditional rows (a guidance interval's few,
+    or every step at a constant scale), known in advance: the first of them runs its rows, and every `every`-th
+    after it; the others reuse. Each image keeps its own difference (a row of d), so an image's guidance never
+    depends on another's. At order 1 the forecast is d1 + (d1 - d0) (s - s1) / (s1 - s0), in steps, from the last
+    two steps that ran the rows; before there are two, it is d1 as it was."""
+
+    def __init__(self, params: UncondParams, guided: Sequence[int]) -> None:
+        self.params = params
+        ran = set(guided[:: params.every])
+        self.reused = frozenset(guided) - ran
+        self._held: list[tuple[int, torch.Tensor]] = []
+
+    def reuses(self, step: int) -> bool:
+        """Whether step `step` takes its unconditional prediction from the held differences, running no rows."""
+        return step in self.reused
+
+    def keep(self, step: int, delta: torch.Tensor) -> None:
+        """Step `step` ran the unconditional rows: their difference from the conditional ones, eps_c - eps_u."""
+        self._held = [*self._held[-1:], (step, delta)]
+
+    def delta(self, step: int) -> torch.Tensor:
+        """The difference step `step` reuses: the last one kept, or at order 1 its forecast."""
+        if not self._held:
+            raise RuntimeError(f"step {step} reuses a guidance difference, and none was kept before it")
+        s1, d1 = self._held[-1]
+        if self.params.order == 0 or len(self._held) < 2:
+            return d1
+        s0, d0 = self._held[0]
+        return d1 + (d1 - d0) * ((step - s1) / (s1 - s0))
+
+    def clear(self) -> None:
+        self._held = []
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [d for _, d in self._held]
+
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in self.tensors)
+
+
+def make_row_cache(params: CacheParams, sigmas: Sequence[float]) -> RowCache | FirstBlockRows | None:
+    """What a run with this step cache keeps in its forwards (None: a cache that enters no network)."""
+    if isinstance(params, DeepCacheParams):
+        return RowCache(params, sigmas)
+    return FirstBlockRows(params) if isinstance(params, FirstBlockParams) else None

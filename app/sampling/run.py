@@ -33,7 +33,7 @@ from app.guidance import (
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import step_table
-from app.sampling.cache import CachePlan, make_row_cache
+from app.sampling.cache import CachePlan, GuidanceDeltas, UncondParams, make_row_cache
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
     config_key,
@@ -111,6 +111,11 @@ class SampleRun:
         self.preview: Preview | None = None
         self.step_index = 0
         self.cache = None if spec.cache is None else make_row_cache(spec.cache, self.sigmas)
+        # A cache that reuses CFG's guidance difference on some guided steps, which then run no unconditional rows.
+        self.deltas: GuidanceDeltas | None = None
+        if isinstance(spec.cache, UncondParams):
+            guided = [i for i in range(spec.steps) if "uncond" in self._guider_branches(i)]
+            self.deltas = GuidanceDeltas(spec.cache, guided)
         self.shallow_rows = 0  # its rows that ran only the shallow path at its last step (a step cache's)
 
     def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:
@@ -130,11 +135,36 @@ class SampleRun:
     def done(self) -> bool:
         return self.step_index >= self.spec.steps
 
-    def branches(self, i: int) -> tuple[Branch, ...]:
-        """The predictions step i takes beside eps_cond, in their rows' order: the guider's, without the
-        unconditional one for a request without a class."""
+    def _guider_branches(self, i: int) -> tuple[Branch, ...]:
+        """The guider's predictions at step i, without the unconditional one for a request without a class."""
         branches = self.guider.branches(i)
         return branches if self.spec.class_label is not None else tuple(b for b in branches if b != "uncond")
+
+    def branches(self, i: int) -> tuple[Branch, ...]:
+        """The predictions step i takes beside eps_cond, in their rows' order: the guider's, without the
+        unconditional one where the request has no class or reuses its guidance difference at step i."""
+        branches = self._guider_branches(i)
+        return tuple(b for b in branches if b != "uncond") if self.reuses_uncond(i) else branches
+
+    def reuses_uncond(self, i: int) -> bool:
+        """Step i takes eps_uncond from the request's held guidance difference (an uncond cache) and runs no
+        unconditional rows."""
+        return self.deltas is not None and self.deltas.reuses(i)
+
+    def reused_uncond_rows(self) -> int:
+        """This step's unconditional rows not run because the request reuses its guidance difference."""
+        return self.spec.num_images if self.reuses_uncond(self.step_index) else 0
+
+    def uncond_estimate(self, eps_cond: torch.Tensor) -> torch.Tensor:
+        """This step's unconditional prediction where it reuses the guidance difference: eps_cond - d."""
+        if self.deltas is None:
+            raise RuntimeError("a run without an uncond cache has no guidance difference to reuse")
+        return eps_cond - self.deltas.delta(self.step_index)
+
+    def keep_delta(self, eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> None:
+        """This step ran the unconditional rows: an uncond cache keeps their difference from the conditional."""
+        if self.deltas is not None:
+            self.deltas.keep(self.step_index, eps_cond - eps_uncond)
 
     def _guided(self, i: int) -> bool:
         """Step i runs the unconditional rows: where the guider needs them, and only with a class."""
@@ -205,9 +235,17 @@ class SampleRun:
             self.cache.keep(self.step_index, deep)
 
     def release(self) -> None:
-        """Free what the run holds beyond its latents: its cached features (it finished, or left the engine)."""
+        """Free what the run holds beyond its latents: its cached features and guidance differences (it
+        finished, or left the engine)."""
         if self.cache is not None:
             self.cache.clear()
+        if self.deltas is not None:
+            self.deltas.clear()
+
+    def cached_bytes(self) -> int:
+        """What its step cache holds: cached features or states, and guidance differences."""
+        held = [c for c in (self.cache, self.deltas) if c is not None]
+        return sum(c.nbytes() for c in held)
 
     @functools.cached_property
     def _cond_labels(self) -> torch.Tensor:
@@ -276,7 +314,8 @@ class SampleRun:
         eps_cond = eps[:n]
         for conditioner in self.conditioners:
             eps_cond = conditioner.eps_cond(i, eps_cond)
-        if not branches:
+        reused = self.reuses_uncond(i)
+        if not branches and not reused:
             if self.spec.return_trace:
                 self.trace.append(StepTrace(i, scale))
             return eps_cond
@@ -286,6 +325,10 @@ class SampleRun:
         preds: dict[str, torch.Tensor] = {b: eps[n * (k + 1) : n * (k + 2)] for k, b in enumerate(main)}
         uncond = "uncond" in preds
         eps_uncond = preds.pop("uncond", eps_cond)
+        if uncond:
+            self.keep_delta(eps_cond, eps_uncond)
+        elif reused:
+            eps_uncond, uncond = self.uncond_estimate(eps_cond), True
         # The combine reads CFG's scale only where the step has its unconditional rows.
         step = GuidanceStep(
             eps_cond,

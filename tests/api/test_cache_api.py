@@ -15,6 +15,7 @@ from tests.api.test_priorities import images, sse_events, stream_batch
 from tests.metrics import metric_value
 
 DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
+UNCOND = {"kind": "uncond", "every": 3, "order": 1}
 
 
 def error_of(response) -> dict:
@@ -27,12 +28,19 @@ def error_of(response) -> dict:
 def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
     with TestClient(create_app(Settings(warmup=False))) as c:
         entry = c.get("/v1/models").json()["data"][0]["cache"]
-        assert entry["kinds"] == ["none", "deepcache"] and entry["deepcache"]["reason"] is None
+        assert entry["kinds"] == ["none", "deepcache", "uncond"] and entry["deepcache"]["reason"] is None
         deepest = entry["deepcache"]["max_branch"]
         assert deepest >= 1
 
         error = error_of(c.post("/generate", json={"cache": {"kind": "teacache"}}))
         assert error["loc"][:2] == ["body", "cache"] and "'none', 'deepcache'" in error["msg"]
+        assert "'uncond'" in error["msg"]
+        error = error_of(c.post("/generate", json={"cache": {**UNCOND, "every": 0}}))
+        assert error["loc"] == ["body", "cache", "uncond", "every"] and "greater than or equal to 1" in error["msg"]
+        error = error_of(c.post("/generate", json={"cache": {**UNCOND, "order": 2}}))
+        assert error["loc"] == ["body", "cache", "uncond", "order"] and "less than or equal to 1" in error["msg"]
+        out = c.post("/generate", json={"class_label": 1, "steps": 4, "seed": 1, "cache": {"kind": "uncond"}}).json()
+        assert out["cache"] == UNCOND  # the defaults, echoed
         error = error_of(c.post("/generate", json={"cache": {**DEEPCACHE, "interval": 0}}))
         assert (
             error["loc"] == ["body", "cache", "deepcache", "interval"] and "greater than or equal to 1" in error["msg"]
@@ -72,6 +80,10 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
         for c, n in ((1, 1), (4, 2), (7, 1), (9, 2))
     ]
     bodies.append({"class_label": 5, "steps": 20, "seed": 3, "cache": {**DEEPCACHE, "branch": 1, "interval": 2}})
+    # the uncond cache's requests (the default request's 7 guided steps: 4 of them reuse) beside them
+    bodies += [
+        {"class_label": c, "num_images": n, "steps": 20, "seed": 60 + c, "cache": UNCOND} for c, n in ((3, 1), (6, 2))
+    ]
     plain = {"class_label": 2, "num_images": 2, "steps": 20, "seed": 8}
     with TestClient(create_app(Settings(warmup=False, max_batch_rows=32))) as c:
         with ThreadPoolExecutor(len(bodies) + 1) as pool:
@@ -84,6 +96,7 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
     full = metric_value(metrics, 'cfg_engine_path_rows_total{model="fashion-mnist-cfg",path="full"}')
     assert shallow > 0 and full > 0
     assert full + shallow == metric_value(metrics, 'cfg_engine_batch_rows_sum{model="fashion-mnist-cfg"}')
+    assert metric_value(metrics, 'cfg_engine_reused_uncond_rows_total{model="fashion-mnist-cfg"}') == 4 * (1 + 2)
     for body, mine, single in zip(bodies, together[:-1], alone, strict=True):
         assert mine.status_code == single.status_code == 200, (mine.text, single.text)
         diff = np.abs(images(mine.json()) - images(single.json())).max()
@@ -94,14 +107,16 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
 
 
 @pytest.mark.integration  # the subject is the images: the shipped checkpoint
-def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_unpreempted_images():
+@pytest.mark.parametrize("cache", [DEEPCACHE, UNCOND], ids=["deepcache", "uncond"])
+def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_unpreempted_images(cache):
     # Two cached batch requests of 2 guided images fill the 8 rows; an interactive one of 2 images needs 4. A
-    # preempted run keeps its cached features (counted in its preempted state) and resumes with them.
+    # preempted run keeps what its cache holds (cached features, guidance differences; counted in its preempted
+    # state) and resumes with it.
     batch = [
         {"class_label": 1, "num_images": 2, "steps": 14, "seed": 11, "guidance_scale": 3.0, "priority": "batch",
-         "cache": DEEPCACHE},
+         "cache": cache},
         {"class_label": 7, "num_images": 2, "steps": 14, "seed": 23, "guidance_scale": 3.0, "priority": "batch",
-         "cache": DEEPCACHE},
+         "cache": cache},
     ]  # fmt: skip
     interactive = {"class_label": 3, "num_images": 2, "steps": 4, "seed": 5, "guidance_scale": 2.0}
     settings = Settings(request_timeout_s=300, warmup=False, max_batch_rows=8, max_images=4)

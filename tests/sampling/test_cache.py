@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.sampling.cache import DeepCacheParams, FirstBlockParams, FirstBlockRows, RowCache, make_row_cache
+from app.sampling.cache import (
+    DeepCacheParams,
+    FirstBlockParams,
+    FirstBlockRows,
+    GuidanceDeltas,
+    RowCache,
+    UncondParams,
+    make_row_cache,
+)
 
 IMAGES = 2
 
@@ -178,3 +186,42 @@ def test_order_1_reuses_plainly_where_the_full_step_before_is_further_back_than_
     assert seen[4]["uncond"] is None and seen[5]["uncond"] == 4  # its features of step 4, not a forecast
     # The conditional rows' full steps, 0 and 3, are an interval apart: forecast, 34 + (34 - 4) * 2 / 3 = 54.
     assert seen[5]["cond"] == 5
+
+
+def test_uncond_reuses_between_every_nth_guided_step_and_enters_no_network():
+    # A guidance interval on steps 9..15: the unconditional rows run on 9, 12 and 15; 10, 11, 13 and 14 reuse.
+    deltas = GuidanceDeltas(UncondParams(every=3), list(range(9, 16)))
+    assert sorted(deltas.reused) == [10, 11, 13, 14]
+    assert not any(deltas.reuses(i) for i in (*range(9), 9, 12, 15, 16))
+    assert make_row_cache(UncondParams(), sigmas(20)) is None  # nothing to plan in the forward
+    assert GuidanceDeltas(UncondParams(every=1), list(range(20))).reused == frozenset()
+
+
+def test_uncond_reuses_the_last_difference_at_order_0_and_forecasts_from_the_last_two_at_order_1():
+    d9, d12 = torch.full((2, 3), 1.0), torch.full((2, 3), 4.0)
+    plain = GuidanceDeltas(UncondParams(every=3, order=0), list(range(9, 16)))
+    forecast = GuidanceDeltas(UncondParams(every=3, order=1), list(range(9, 16)))
+    with pytest.raises(RuntimeError, match="none was kept"):
+        forecast.delta(10)
+    for deltas in (plain, forecast):
+        deltas.keep(9, d9)
+    assert torch.equal(forecast.delta(10), d9)  # one difference: as it was
+    for deltas in (plain, forecast):
+        deltas.keep(12, d12)
+    assert torch.equal(plain.delta(13), d12) and torch.equal(plain.delta(14), d12)
+    # d12 + (d12 - d9) (s - 12) / 3: 5 at step 13, 6 at step 14
+    assert torch.equal(forecast.delta(13), torch.full((2, 3), 5.0))
+    assert torch.equal(forecast.delta(14), torch.full((2, 3), 6.0))
+    assert forecast.nbytes() == 2 * 6 * 4  # the last two, fp32
+    forecast.keep(15, d9)
+    assert len(forecast.tensors) == 2 and forecast.tensors[0] is d12  # only the last two are held
+    forecast.clear()
+    assert forecast.tensors == [] and forecast.nbytes() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"every": 0}, "every must be at least 1"), ({"order": 2}, "order must be 0 or 1")]
+)
+def test_uncond_settings_out_of_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UncondParams(**kwargs)
