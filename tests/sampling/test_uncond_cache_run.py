@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app.guidance import Cads, GuidanceMethod
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec, denoise_step, sample
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
 from app.sampling.cache import DeepCacheParams, UncondParams
 from tests.sampling.test_cache_run import alone, make_run, staggered
 
@@ -132,3 +132,16 @@ def test_a_run_frees_its_differences_when_it_finishes_and_counts_them_while_it_r
         denoise_step(denoiser, [run])
     gc.collect()
     assert run.deltas.tensors == [] and run.cached_bytes() == 0 and all(ref() is None for ref in held)
+
+
+def test_the_batched_step_and_the_run_s_own_step_draw_the_same_images(loaded, denoiser):
+    # app.sampling.batched steps the default request with the others of its kind; SampleRun.advance is its own
+    # step through its guider (the reference: together=False). Both must reuse the same differences.
+    spec = SampleSpec(6, (31, 32), 20, guidance=DEFAULT_GUIDANCE, cache=REUSE)
+    batched = make_run(loaded, denoiser, spec)
+    m = loaded.manifest
+    reference = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, together=False)
+    assert batched.table is not None and reference.table is None
+    sample(denoiser, [batched])
+    sample(denoiser, [reference])
+    assert np.abs(batched.images().astype(int) - reference.images().astype(int)).max() <= 1
