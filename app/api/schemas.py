@@ -121,6 +121,15 @@ class NoCache(_Strict):
     kind: Literal["none"] = "none"
 
 
+def uncond_fields() -> tuple[Any, Any]:
+    """deepcache's and first_block's uncond_every and uncond_order: with uncond_every > 1 they run with the uncond
+    cache (FasterCache pairs the two)."""
+    every = Field(
+        1, ge=1, le=10, description="with an uncond cache: the guided steps run the unconditional rows every this many"
+    )
+    return every, Field(1, ge=0, le=1, description="the uncond cache's order (kind uncond's order)")
+
+
 class DeepCache(_Strict):
     """DeepCache (Ma et al. 2024), for UNets: a full step every `interval` steps caches the features that enter
     the up path at depth `branch`; the steps between run only the shallow path and reuse them. Each kind of row
@@ -147,6 +156,9 @@ class DeepCache(_Strict):
     order: int = Field(
         0, ge=0, le=1, description="0: reuse the last full step's features; 1: forecast them from the last two"
     )
+    uncond_every: int
+    uncond_order: int
+    uncond_every, uncond_order = uncond_fields()
 
     @model_validator(mode="after")
     def _ordered(self) -> DeepCache:
@@ -167,6 +179,9 @@ class FirstBlockCache(_Strict):
     threshold: float = Field(
         0.1, gt=0, le=1, description="the first block's relative residual change below which a row skips the rest"
     )
+    uncond_every: int
+    uncond_order: int
+    uncond_every, uncond_order = uncond_fields()
 
 
 class UncondCache(_Strict):

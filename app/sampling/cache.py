@@ -27,6 +27,13 @@ import torch
 CACHE_KINDS = ("none", "deepcache", "first_block", "uncond")
 
 
+def check_uncond(every: int, order: int) -> None:
+    if every < 1:
+        raise ValueError(f"uncond every must be at least 1, not {every}")
+    if order not in (0, 1):
+        raise ValueError(f"uncond order must be 0 or 1, not {order}")
+
+
 @dataclass(frozen=True)
 class DeepCacheParams:
     """{"kind": "deepcache"}: a full step every `interval` steps, the steps between on the shallow path of depth
@@ -41,8 +48,11 @@ class DeepCacheParams:
     full_sigma_min: float | None = None
     full_sigma_max: float | None = None
     order: int = 0  # 0: reuse the features of the last full step; 1: forecast them from the last two (TaylorSeer)
+    uncond_every: int = 1  # with an uncond cache (UncondParams' every; 1: none)
+    uncond_order: int = 1
 
     def __post_init__(self) -> None:
+        check_uncond(self.uncond_every, self.uncond_order)
         if self.interval < 1:
             raise ValueError(f"deepcache interval must be at least 1, not {self.interval}")
         if self.order not in (0, 1):
@@ -85,8 +95,11 @@ class FirstBlockParams:
     absolute) since its last full step."""
 
     threshold: float = 0.1
+    uncond_every: int = 1  # with an uncond cache (UncondParams' every; 1: none)
+    uncond_order: int = 1
 
     def __post_init__(self) -> None:
+        check_uncond(self.uncond_every, self.uncond_order)
         if not 0 < self.threshold <= 1:
             raise ValueError(f"first_block threshold must be in (0, 1], not {self.threshold:g}")
 
@@ -103,13 +116,18 @@ class UncondParams:
     order: int = 1
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"uncond every must be at least 1, not {self.every}")
-        if self.order not in (0, 1):
-            raise ValueError(f"uncond order must be 0 or 1, not {self.order}")
+        check_uncond(self.every, self.order)
 
 
 CacheParams = DeepCacheParams | FirstBlockParams | UncondParams
+
+
+def uncond_params(params: CacheParams | None) -> UncondParams | None:
+    """The uncond cache a request's step cache includes: its own (kind uncond), or deepcache's or first_block's
+    uncond_every and uncond_order where uncond_every > 1 (the two together: FasterCache's pairing); else None."""
+    if params is None or isinstance(params, UncondParams):
+        return params
+    return UncondParams(params.uncond_every, params.uncond_order) if params.uncond_every > 1 else None
 
 
 def cache_kind(params: CacheParams) -> str:

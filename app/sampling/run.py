@@ -33,7 +33,7 @@ from app.guidance import (
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import step_table
-from app.sampling.cache import CachePlan, GuidanceDeltas, UncondParams, make_row_cache
+from app.sampling.cache import CachePlan, GuidanceDeltas, make_row_cache, uncond_params
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
     config_key,
@@ -113,9 +113,9 @@ class SampleRun:
         self.cache = None if spec.cache is None else make_row_cache(spec.cache, self.sigmas)
         # A cache that reuses CFG's guidance difference on some guided steps, which then run no unconditional rows.
         self.deltas: GuidanceDeltas | None = None
-        if isinstance(spec.cache, UncondParams):
+        if (reuse := uncond_params(spec.cache)) is not None:
             guided = [i for i in range(spec.steps) if "uncond" in self._guider_branches(i)]
-            self.deltas = GuidanceDeltas(spec.cache, guided)
+            self.deltas = GuidanceDeltas(reuse, guided)
         self.shallow_rows = 0  # its rows that ran only the shallow path at its last step (a step cache's)
 
     def _conditioners(self, class_embedding: ClassEmbedding | None, device: torch.device) -> list[Conditioner]:

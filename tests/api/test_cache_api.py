@@ -66,6 +66,8 @@ def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
             "full_sigma_min": None,
             "full_sigma_max": None,
             "order": 0,
+            "uncond_every": 1,
+            "uncond_order": 1,
         }
         band = {**DEEPCACHE, "full_sigma_min": 5, "full_sigma_max": 1}
         error = error_of(c.post("/generate", json={"cache": band}))

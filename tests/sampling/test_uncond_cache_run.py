@@ -96,6 +96,9 @@ CASES = {
     "apg": dict(guidance=GuidanceParams(5.0, method=GuidanceMethod("apg"))),  # each run's own step
     "cfg_zero_star": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("cfg_zero_star"))),
     "pag with cfg": dict(guidance=GuidanceParams(3.0, method=GuidanceMethod("pag", scale=1.0))),
+    "with deepcache": dict(  # FasterCache's pairing: the early steps' deep features, and the guidance difference
+        guidance=DEFAULT_GUIDANCE, cache=DeepCacheParams(interval=5, full_sigma_max=40, uncond_every=2)
+    ),
     "cads, noise, trace, previews": dict(
         guidance=GuidanceParams(3.0, noise_level=0.1, cads=Cads(tau1=0.3, tau2=0.7)),
         return_trace=True,
@@ -120,6 +123,20 @@ def test_several_uncond_cached_requests_of_a_kind_draw_together_what_each_draws_
     for spec, images in zip(specs, together, strict=True):
         diff = np.abs(images - alone(loaded, denoiser, spec)).max()
         assert diff <= 1, f"{case}, seeds {spec.seeds}: {diff} grey levels from the request alone"
+
+
+def test_deepcache_with_uncond_every_skips_both_the_deep_part_and_the_unconditional_rows(loaded, denoiser):
+    # The default request with its 7 guided steps (9..15) run in full (sigma <= 40), every second of them without
+    # unconditional rows, and its first 5 steps (sigma > 40) at interval 5: 1-4 on the shallow path.
+    cache = DeepCacheParams(interval=5, full_sigma_max=40, uncond_every=2, uncond_order=1)
+    run = make_run(loaded, denoiser, SampleSpec(3, (1,), 20, guidance=DEFAULT_GUIDANCE, cache=cache))
+    assert run.deltas is not None and sorted(run.deltas.reused) == [10, 12, 14]
+    shallow, rows = [], []
+    while not run.done:
+        rows.append(denoise_step(denoiser, [run]))
+        shallow.append(run.shallow_rows)
+    assert shallow == [0, 1, 1, 1, 1, *[0] * 15]
+    assert rows == [2 if i in (9, 11, 13, 15) else 1 for i in range(20)]
 
 
 def test_a_run_frees_its_differences_when_it_finishes_and_counts_them_while_it_runs(loaded, denoiser):
