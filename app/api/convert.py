@@ -7,7 +7,7 @@ from typing import Any
 from app.api.schemas import request_fields
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleSpec
-from app.sampling.cache import CacheParams, DeepCacheParams, FirstBlockParams, UncondParams, cache_kind
+from app.sampling.cache import CACHE_PARAMS, CacheParams, cache_kind
 
 
 def to_spec(body: Any) -> SampleSpec:
@@ -34,8 +34,7 @@ def to_spec(body: Any) -> SampleSpec:
 
 def cache_params(cache: Any) -> CacheParams | None:
     """The engine's step cache of the body's `cache`."""
-    kinds = {"deepcache": DeepCacheParams, "first_block": FirstBlockParams, "uncond": UncondParams}
-    params = kinds.get(cache.kind)
+    params = CACHE_PARAMS.get(cache.kind)
     return None if params is None else params(**cache.model_dump(exclude={"kind"}))
 
 

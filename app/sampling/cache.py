@@ -122,6 +122,14 @@ class UncondParams:
 CacheParams = DeepCacheParams | FirstBlockParams | UncondParams
 
 
+# Each kind's settings, by the name a request gives it ("none": no cache).
+CACHE_PARAMS: dict[str, type[CacheParams]] = {
+    "deepcache": DeepCacheParams,
+    "first_block": FirstBlockParams,
+    "uncond": UncondParams,
+}
+
+
 def uncond_params(params: CacheParams | None) -> UncondParams | None:
     """The uncond cache a request's step cache includes: its own (kind uncond), or deepcache's or first_block's
     uncond_every and uncond_order where uncond_every > 1 (the two together: FasterCache's pairing); else None."""

@@ -12,7 +12,7 @@ samplers defaults to every sampler the table draws (--samplers); "cads" takes tr
 an object of Cads fields, or null; an interval schedule's start defaults to 0 (guided from the first
 step, as in research.generate). "cache" takes the request's step cache, {"kind": "none"} (the default),
 {"kind": "deepcache", "interval": 3, "branch": 0, "start": 0, "end": 1} for a UNet, or {"kind": "first_block",
-"threshold": 0.1} for a DiT (app/sampling/cache.py).
+"threshold": 0.1} for a DiT, or {"kind": "uncond", "every": 3, "order": 1} for any model (app/sampling/cache.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from app.guidance import (
     method_kinds,
 )
 from app.sampling import DEFAULT_SAMPLER, SAMPLERS, GuidanceParams
-from app.sampling.cache import CacheParams, DeepCacheParams, FirstBlockParams, cache_kind
+from app.sampling.cache import CACHE_PARAMS, CacheParams, cache_kind
 
 REFERENCE_NAME = "cfg s=1"  # the row every other row of its sampler is divided by
 SETTING_KEYS = ("name", "samplers", "cache")
@@ -139,16 +139,14 @@ def setting_from_dict(data: object) -> GuidanceSetting:
 
 
 def _cache(value: object, where: str) -> CacheParams | None:
-    """A step cache from its JSON form: null or {"kind": "none"}, or {"kind": "deepcache" or "first_block", ...its
+    """A step cache from its JSON form: null or {"kind": "none"}, or {"kind": one of CACHE_PARAMS, ...its
     fields}."""
     if value is None:
         return None
-    kinds = {"deepcache": DeepCacheParams, "first_block": FirstBlockParams}
+    kinds = CACHE_PARAMS
     if not isinstance(value, dict) or value.get("kind") not in ("none", *kinds):
-        raise SettingError(
-            f'{where}: expected {{"kind": "none"}}, {{"kind": "deepcache", ...}} or {{"kind": "first_block", ...}}, '
-            f"got {json.dumps(value)}"
-        )
+        expected = ", ".join(f'{{"kind": "{k}", ...}}' for k in kinds)
+        raise SettingError(f'{where}: expected {{"kind": "none"}} or {expected}, got {json.dumps(value)}')
     if value["kind"] == "none":
         if len(value) > 1:
             raise SettingError(f"{where}: kind none takes no other field, got {json.dumps(value)}")
