@@ -139,9 +139,7 @@ def uncond_params(params: CacheParams | None) -> UncondParams | None:
 
 
 def cache_kind(params: CacheParams) -> str:
-    if isinstance(params, DeepCacheParams):
-        return "deepcache"
-    return "first_block" if isinstance(params, FirstBlockParams) else "uncond"
+    return next(kind for kind, settings in CACHE_PARAMS.items() if isinstance(params, settings))
 
 
 @dataclass(frozen=True)
