@@ -70,7 +70,12 @@ def test_each_model_lists_its_step_cache_and_refuses_the_other_s_naming_why(clie
     assert "fashion-mnist-cfg runs none, deepcache, uncond" in error["msg"]
     assert client.post("/generate", json={**body, "cache": {"kind": "none"}}).status_code == 200
     r = client.post("/generate", json={**body, "cache": {"kind": "first_block", "threshold": 0.2}})
-    assert r.status_code == 200 and r.json()["cache"] == {"kind": "first_block", "threshold": 0.2}, r.text
+    assert r.status_code == 200 and r.json()["cache"] == {
+        "kind": "first_block",
+        "threshold": 0.2,
+        "uncond_every": 1,
+        "uncond_order": 1,
+    }, r.text
 
 
 def test_a_latent_model_draws_rgb_images_at_the_vae_size_by_any_synonym(client):
