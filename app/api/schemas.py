@@ -12,7 +12,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.guidance import Cads, GuidanceSchedule, IntervalWeighting, MethodParams, method_models
 from app.models.labels import resolve_label
-from app.sampling import DEFAULT_CACHE, DEFAULT_GUIDANCE, DEFAULT_SAMPLER
+from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a")
 Priority = Literal["interactive", "batch"]  # app/engine/policy.py's PRIORITIES
@@ -351,11 +351,10 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
             description="condition-annealed sampling: noise on the class embedding early in sampling; null: off",
         )
         cache: Cache = Field(
-            default_factory=lambda: UncondCache(kind="uncond", **asdict(DEFAULT_CACHE)),
+            default_factory=NoCache,
             description="reuse work between steps for speed: none, deepcache (UNets), first_block (DiTs) or "
             "uncond (any model: CFG's unconditional rows on fewer steps); GET /v1/models lists "
-            "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md); the "
-            f"default, uncond every {DEFAULT_CACHE.every}, kept the default request's quality",
+            "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md)",
         )
         guidance_rescale: float = Field(
             DEFAULT_GUIDANCE.guidance_rescale,

@@ -1,7 +1,6 @@
 """Sampler runs over a denoiser callable, built on diffusers' schedulers, one instance per request."""
 
 from app.pixels import ImageDecoder, to_uint8
-from app.sampling.cache import DEFAULT_CACHE
 from app.sampling.run import SampleRun
 from app.sampling.schedulers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, set_timesteps, step_kwargs
 from app.sampling.spec import (
@@ -17,7 +16,6 @@ from app.sampling.spec import (
 from app.sampling.step import denoise_step, sample
 
 __all__ = [
-    "DEFAULT_CACHE",
     "DEFAULT_GUIDANCE",
     "DEFAULT_SAMPLER",
     "SAMPLERS",

@@ -122,11 +122,6 @@ class UncondParams:
 CacheParams = DeepCacheParams | FirstBlockParams | UncondParams
 
 
-# The API's step cache for a request that names none (the engine's SampleSpec defaults to no cache): chosen by
-# measurement, docs/caching.md. It keeps the default request's accuracy, FID and diversity under both judges, on
-# any model and precision, for a tenth more images/s through the service.
-DEFAULT_CACHE = UncondParams(every=2, order=1)
-
 # Each kind's settings, by the name a request gives it ("none": no cache).
 CACHE_PARAMS: dict[str, type[CacheParams]] = {
     "deepcache": DeepCacheParams,

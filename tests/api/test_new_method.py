@@ -19,7 +19,7 @@ from pydantic import Field
 from app.config import Settings
 from app.guidance import GUIDERS, GuidanceStep, Guided, Guider, MethodParams, register_guider, unregister_guider
 from app.main import create_app
-from app.sampling import DEFAULT_CACHE, GuidanceParams, SampleSpec
+from app.sampling import GuidanceParams, SampleSpec
 from tests.pngs import response_images as images
 from tests.sampled import sampled_alone
 
@@ -82,9 +82,7 @@ def body(seed: int, **method: float) -> dict:
 def direct_images(loaded, denoiser, seed: int, method: MethodParams) -> np.ndarray:
     guidance = GuidanceParams(5.0, method=method)
     return sampled_alone(
-        loaded,
-        denoiser,
-        SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance, cache=DEFAULT_CACHE),
+        loaded, denoiser, SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance)
     )
 
 
