@@ -23,7 +23,7 @@ from tests.pngs import same_images
 pytestmark = pytest.mark.integration
 
 # Several requests of each kind at once, so that they share forwards: plain CFG, the default request, CADS,
-# a cache, a trace and previews, and a sampler of its own.
+# two step caches, a trace and previews, and a sampler of its own.
 BODIES = [
     {"class_label": 3, "num_images": 2, "seed": 11, "steps": 8},
     {"class_label": 3, "num_images": 1, "seed": 12, "steps": 8},
@@ -34,6 +34,8 @@ BODIES = [
     {"class_label": 1, "seed": 17, "steps": 9, "cache": {"kind": "deepcache", "interval": 3}},
     {"class_label": 1, "seed": 18, "steps": 9, "cache": {"kind": "deepcache", "interval": 3}},
     {"class_label": 8, "seed": 19, "steps": 6, "sampler": "euler_a", "return_trace": True},
+    {"class_label": 2, "seed": 20, "steps": 8, "guidance_scale": 3, "cache": {"kind": "uncond", "every": 3}},
+    {"class_label": 2, "seed": 21, "steps": 8, "guidance_scale": 3, "cache": {"kind": "uncond", "every": 3}},
 ]
 
 # The playground's guidance curve: a call (not a request) to the engine, answered across the pipe.

@@ -9,7 +9,7 @@ from app.engine.outputs import CurvePoint
 from app.engine.wire import decode, encode
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import DEFAULT_GUIDANCE, Preview, SampleSpec
-from app.sampling.cache import DeepCacheParams, FirstBlockParams
+from app.sampling.cache import DeepCacheParams, FirstBlockParams, UncondParams
 from app.sampling.spec import GuidanceParams
 
 
@@ -33,7 +33,8 @@ from app.sampling.spec import GuidanceParams
             cache=DeepCacheParams(interval=4, full_sigma_min=1.0, full_sigma_max=20.0, order=1),
         ),
         SampleSpec(class_label=2, seeds=(1,), guidance=GuidanceParams(method=GuidanceMethod("pag"))),
-        SampleSpec(class_label=2, seeds=(1,), cache=FirstBlockParams(threshold=0.3)),
+        SampleSpec(class_label=2, seeds=(1,), cache=FirstBlockParams(threshold=0.3, uncond_every=2)),
+        SampleSpec(class_label=2, seeds=(1,), cache=UncondParams(every=3, order=0)),
     ],
 )
 def test_a_spec_comes_back_equal(spec):
