@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.models.latent import DiTDenoiser
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
-from app.sampling.cache import FirstBlockParams
+from app.sampling.cache import FirstBlockParams, UncondParams
 from tests.tiny_models import tiny_dit
 
 SHAPE, NULL = (4, 8, 8), 10
@@ -111,3 +111,27 @@ def test_a_run_frees_its_states_when_it_finishes(config, dit_denoiser):
         denoise_step(dit_denoiser, [run])
     gc.collect()
     assert run.cache.tensors == [] and all(ref() is None for ref in held)
+
+
+def test_several_uncond_requests_on_a_dit_draw_together_what_each_draws_alone(config, dit_denoiser):
+    # The uncond cache enters no network: on a DiT, alone and beside first_block (uncond_every), three requests of
+    # each kind with other requests in the same forwards draw what each draws alone.
+    reuse = UncondParams(every=3)
+    paired = FirstBlockParams(threshold=0.2, uncond_every=2)
+    specs = [
+        SampleSpec(1, (21,), 9, guidance=GuidanceParams(3.0), cache=reuse),
+        SampleSpec(6, (22, 23), 9, sampler="euler_a", guidance=GuidanceParams(3.0), cache=reuse),
+        SampleSpec(8, (24,), 9, guidance=GuidanceParams(4.0, method=GuidanceMethod("apg")), cache=reuse),
+        SampleSpec(2, (25,), 9, guidance=GuidanceParams(3.0), cache=paired),
+        SampleSpec(3, (26, 27), 9, guidance=GuidanceParams(3.0), cache=paired),
+        SampleSpec(5, (28,), 9, guidance=GuidanceParams(3.0), cache=paired),
+        SampleSpec(4, (29,), 9, guidance=DEFAULT_GUIDANCE),
+    ]
+    together = staggered(config, dit_denoiser, specs)
+    for spec, run in zip(specs, together, strict=True):
+        alone = make_run(config, dit_denoiser, spec)
+        sample(dit_denoiser, [alone])
+        assert torch.allclose(run.latents, alone.latents, atol=ATOL, rtol=RTOL), spec.seeds
+    plain = make_run(config, dit_denoiser, SampleSpec(1, (21,), 9, guidance=GuidanceParams(3.0)))
+    sample(dit_denoiser, [plain])
+    assert not torch.allclose(together[0].latents, plain.latents, atol=1e-2)  # the reuse is really used
