@@ -22,7 +22,7 @@ from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-from app.sampling.cache import CACHE_KINDS
+from app.sampling.cache import CACHE_KINDS, CACHE_PARAMS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +101,24 @@ def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None
     return entry
 
 
+def default_cache(manifest: Manifest, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's default step cache (its manifest's default_cache), as the request's `cache` field: refused
+    (a RuntimeError that fails the startup) where its settings are out of range or the model, at the precision
+    served, does not run its kind."""
+    chosen = dict(manifest.default_cache or {"kind": "none"})
+    kind = str(chosen.get("kind"))
+    if kind == "none":
+        return chosen
+    if kind not in entry["kinds"]:
+        why = entry.get(kind, {}).get("reason") or "no such step cache"
+        raise RuntimeError(f"model {manifest.name}: its manifest's default_cache is {kind}, which it can't run: {why}")
+    try:
+        CACHE_PARAMS[kind](**{k: v for k, v in chosen.items() if k != "kind"})
+    except (TypeError, ValueError) as exc:
+        raise RuntimeError(f"model {manifest.name}: its manifest's default_cache is refused: {exc}") from exc
+    return chosen
+
+
 def model_cache_entry(denoiser: Any) -> dict[str, Any]:
     """cache_entry of a served model's denoiser (app/models/fast.py's FastDenoiser)."""
     support: dict[str, str | None] = denoiser.cache_support()
@@ -166,6 +184,7 @@ async def build_engine(
         perturbations=perturbations,
     )
     cache = model_cache_entry(denoiser)
+    cache["default"] = default_cache(m, cache)
     info = model_info(settings, m, device, precision, channels_last, denoiser.cuda_graphs, perturbations, cache)
     return engine, info
 

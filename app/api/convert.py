@@ -34,7 +34,7 @@ def to_spec(body: Any) -> SampleSpec:
 
 def cache_params(cache: Any) -> CacheParams | None:
     """The engine's step cache of the body's `cache`."""
-    params = CACHE_PARAMS.get(cache.kind)
+    params = None if cache is None else CACHE_PARAMS.get(cache.kind)
     return None if params is None else params(**cache.model_dump(exclude={"kind"}))
 
 

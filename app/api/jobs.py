@@ -23,7 +23,7 @@ from app.api.encoding import preview_body, progress_body, result_body
 from app.api.errors import ApiError, bounded_text
 from app.api.job_store import Job, StoreFullError, StoreUnavailableError, new_job_id
 from app.api.media import EVENT_STREAM, JSON, json_body, produces
-from app.api.methods import served_method_error
+from app.api.methods import served_method_error, with_default_cache
 from app.api.responses import (
     ErrorDetail,
     JobConflict,
@@ -254,6 +254,7 @@ def build_jobs_router(limits: Limits) -> APIRouter:
             msg = "timeout_s applies to /generate and /v1/images/generations: a job runs until done or cancelled"
             error = {"loc": ["body", "timeout_s"], "msg": msg, "type": "not_for_jobs", "input": body.timeout_s}
             return JSONResponse({"detail": [error]}, status_code=422)
+        body = with_default_cache(service, body)  # stored resolved: a replica that takes the job over draws the same
         request_body = body.model_dump(mode="json")
         try:
             if idempotency_key is not None and (known := await service.jobs.by_key(idempotency_key)) is not None:

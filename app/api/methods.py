@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
+from app.api.schemas import Cache
 from app.api.service import Service
 from app.guidance import MethodParams
 
@@ -51,6 +54,18 @@ def cache_error(info: dict[str, Any], cache: Any) -> dict[str, Any] | None:
         msg = f"cache.branch must be 0..{entry['max_branch']} for model {model} (got {cache.branch})"
         return {"loc": ["body", "cache", "branch"], "msg": msg, "type": "value_error", "input": cache.branch}
     return None
+
+
+CACHE_FIELD: TypeAdapter[Any] = TypeAdapter(Cache)
+
+
+def with_default_cache(service: Service, body: Any) -> Any:
+    """The body with its served model's default step cache (GET /v1/models: cache.default, from the checkpoint's
+    manifest) where it names none; as it is while the model is not loaded (the request is refused as starting)."""
+    served = service.models.get(body.model)
+    if body.cache is not None or served is None:
+        return body
+    return body.model_copy(update={"cache": CACHE_FIELD.validate_python(served.info["cache"]["default"])})
 
 
 def served_method_error(service: Service, body: Any) -> dict[str, Any] | None:

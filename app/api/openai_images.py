@@ -21,7 +21,7 @@ from app.api.clients import API_KEY_HEADER, CLIENT_ID_HEADER, bearer_key, client
 from app.api.convert import to_spec
 from app.api.errors import ApiError, openai_error
 from app.api.media import JSON, json_body, produces
-from app.api.methods import served_method_error
+from app.api.methods import served_method_error, with_default_cache
 from app.api.responses import ImagesResponse, OpenAIError, refusals
 from app.api.schemas import GenerateBody, Limits, build_generate_request
 from app.api.service import Service, ServiceDep
@@ -218,6 +218,7 @@ def build_openai_router(limits: Limits) -> APIRouter:
         except InvalidRequest as exc:
             service.metrics.observe_request("invalid")
             return openai_error(exc.status, exc.message, exc.param, exc.code)
+        validated = with_default_cache(service, validated)
         if (error := served_method_error(service, validated)) is not None:
             service.metrics.observe_request("invalid")
             return openai_error(400, error["msg"], error["loc"][1])

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from app.api.convert import to_spec
 from app.api.media import JSON, json_body, produces
+from app.api.methods import with_default_cache
 from app.api.responses import ValidationErrorBody, refusals
 from app.api.schemas import Limits, build_generate_request
 from app.api.service import ServiceDep
@@ -71,7 +72,7 @@ def build_playground_router(limits: Limits) -> APIRouter:
         if (refused := refusal(service)) is not None:
             return refused.response()
         # Seeds and image count do not change the curve: one image's run is enough.
-        spec = replace(to_spec(body), seeds=(0,))
+        spec = replace(to_spec(with_default_cache(service, body)), seeds=(0,))
         points = await service.model(body.model).client.guidance_curve(spec)
         return GuidanceCurve(steps=[CurveStep(**asdict(p)) for p in points])
 

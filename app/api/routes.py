@@ -15,7 +15,7 @@ from app.api.convert import to_spec
 from app.api.encoding import result_body
 from app.api.errors import ApiError
 from app.api.media import EVENT_STREAM, JSON, PNG, json_body, produces
-from app.api.methods import served_method_error
+from app.api.methods import served_method_error, with_default_cache
 from app.api.responses import RequestError, ValidationErrorBody, event_stream_content, json_errors, refusals
 from app.api.schemas import GenerateResponse, Limits, build_generate_request
 from app.api.service import ServiceDep
@@ -68,6 +68,7 @@ def build_router(limits: Limits) -> APIRouter:
         media_type: Annotated[str, Depends(produces(JSON, PNG, EVENT_STREAM))],
     ) -> Response:
         arrived = time.monotonic()
+        body = with_default_cache(service, body)
         if (error := served_method_error(service, body)) is not None:
             raise RequestValidationError([error])  # the schema's 422: this model cannot run the method as asked
         spec = to_spec(body)

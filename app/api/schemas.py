@@ -271,7 +271,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
-    cache: NoCache | DeepCache | FirstBlockCache | UncondCache
+    cache: NoCache | DeepCache | FirstBlockCache | UncondCache | None
     timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
@@ -350,11 +350,13 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
             DEFAULT_GUIDANCE.cads,
             description="condition-annealed sampling: noise on the class embedding early in sampling; null: off",
         )
-        cache: Cache = Field(
-            default_factory=NoCache,
+        cache: Cache | None = Field(
+            None,
             description="reuse work between steps for speed: none, deepcache (UNets), first_block (DiTs) or "
             "uncond (any model: CFG's unconditional rows on fewer steps); GET /v1/models lists "
-            "each model's kinds. It changes the images a little for a cut in compute (docs/caching.md)",
+            "each model's kinds and its default (cache.default, chosen by measuring that checkpoint), which a "
+            "request without the field (or null) takes. It changes the images a little for a cut in compute "
+            "(docs/caching.md)",
         )
         guidance_rescale: float = Field(
             DEFAULT_GUIDANCE.guidance_rescale,

@@ -69,6 +69,9 @@ class Manifest:
     # "drop": the model outputs 2C channels, eps then a learned variance, and the variance is dropped (as DiTPipeline).
     learned_sigma: str = "none"
     source: dict[str, Any] = field(default_factory=dict)  # an import's record: folder, classes, versions, notes
+    # The step cache of a request to this model that names none, as the request's `cache` field (None: none):
+    # chosen by measuring this checkpoint (docs/caching.md), checked against what the model runs when it is served.
+    default_cache: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -14,6 +14,7 @@ from app.loading import model_info
 from app.main import create_app
 from app.models.attention import perturbation_support
 from app.sampling import GuidanceParams, SampleSpec
+from tests.defaults import DEFAULT_CACHE
 from tests.metrics import metric_value
 from tests.pngs import response_images as images
 from tests.sampled import sampled_alone
@@ -38,7 +39,9 @@ def request(method: dict, **fields) -> dict:
 
 def direct_images(loaded, denoiser, guidance: GuidanceParams) -> np.ndarray:
     return sampled_alone(
-        loaded, denoiser, SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
+        loaded,
+        denoiser,
+        SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance, cache=DEFAULT_CACHE),
     )
 
 

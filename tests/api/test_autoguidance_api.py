@@ -15,6 +15,7 @@ from app.guidance import GuidanceMethod, GuidanceSchedule
 from app.main import create_app
 from app.models import load_checkpoint, unet_denoiser
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
+from tests.defaults import DEFAULT_CACHE
 from tests.metrics import metric_value
 from tests.pngs import response_images as images
 from tests.sampled import sampled_alone
@@ -49,7 +50,8 @@ def direct(loaded, denoiser, guide_denoiser, body: dict) -> np.ndarray:
         method=GuidanceMethod(method.get("kind", "cfg"), **fields),
     )
     seeds = tuple(body["seed"] + i for i in range(body.get("num_images", 1)))
-    spec = SampleSpec(body["class_label"], seeds, body["steps"], body.get("sampler", "dpmpp_2m_karras"), guidance)
+    sampler = body.get("sampler", "dpmpp_2m_karras")
+    spec = SampleSpec(body["class_label"], seeds, body["steps"], sampler, guidance, cache=DEFAULT_CACHE)
     return sampled_alone(loaded, denoiser, spec, guides={GUIDE: guide_denoiser})
 
 

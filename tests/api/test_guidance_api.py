@@ -16,6 +16,7 @@ from app.main import create_app
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec
 from app.sampling.run import schedule_values
 from app.sampling.schedulers import config_key
+from tests.defaults import DEFAULT_CACHE
 from tests.metrics import metric_value
 from tests.pngs import decode
 from tests.sampled import sampled_alone
@@ -84,7 +85,9 @@ def api_images(client, fields: dict) -> tuple[np.ndarray, dict]:
 
 def direct_images(loaded, denoiser, guidance: GuidanceParams, spec: SampleSpec | None = None) -> np.ndarray:
     return sampled_alone(
-        loaded, denoiser, spec or SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance)
+        loaded,
+        denoiser,
+        spec or SampleSpec(LABEL, tuple(SEED + i for i in range(N)), STEPS, "ddpm", guidance, cache=DEFAULT_CACHE),
     )
 
 
@@ -210,6 +213,7 @@ def test_several_cads_requests_in_one_tick_each_draw_what_they_draw_alone(loaded
             tuple(body["seed"] + i for i in range(3)),
             10,
             guidance=GuidanceParams(3.0, cads=Cads(**body["cads"])),
+            cache=DEFAULT_CACHE,
         )
         want = direct_images(loaded, denoiser, spec.guidance, spec)
         diff = np.abs(got.astype(int) - want.astype(int)).max()
@@ -274,7 +278,7 @@ def test_several_span_weighted_requests_in_one_tick_each_draw_what_they_draw_alo
             else DEFAULT_GUIDANCE
         )
         seeds = tuple(body["seed"] + i for i in range(3))
-        spec = SampleSpec(body["class_label"], seeds, body["steps"], body["sampler"], guidance)
+        spec = SampleSpec(body["class_label"], seeds, body["steps"], body["sampler"], guidance, cache=DEFAULT_CACHE)
         want = direct_images(loaded, denoiser, guidance, spec)
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= 1, f"{body}: max pixel difference {diff}"

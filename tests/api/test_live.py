@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from app.sampling import DEFAULT_GUIDANCE, SampleRun, SampleSpec, sample
+from tests.defaults import DEFAULT_CACHE
 from tests.pngs import decode
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,9 @@ def test_concurrent_requests_get_their_own_class_and_seed(start_server, loaded, 
         assert res["class_label"] == c and res["seeds"] == [100 + c]
         # Batch invariance: the image equals the same request sampled alone, in-process.
         guidance = replace(DEFAULT_GUIDANCE, guidance_scale=3.0)  # the request's scale, the default schedule
-        spec = SampleSpec(class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm", guidance=guidance)
+        spec = SampleSpec(
+            class_label=c, seeds=(100 + c,), steps=6, sampler="ddpm", guidance=guidance, cache=DEFAULT_CACHE
+        )
         alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
         sample(denoiser, [alone])
         diff = np.abs(decode(res["images"][0]).astype(int) - alone.images()[0, :, :, 0].astype(int))
@@ -83,7 +86,14 @@ def test_full_queue_gives_503_and_disconnects_cancel(start_server):
     wait_until(lambda: server.metric("cfg_requests_in_flight") == 0 and server.metric("cfg_queue_depth") == 0)
     # Every forward from here on holds only the next request's rows: none of the cancelled ones.
     steps, rows = server.metric("cfg_engine_step_duration_seconds_count"), server.metric("cfg_engine_batch_rows_sum")
-    small = {"class_label": 3, "steps": 2, "guidance_scale": 3, "schedule": {"kind": "constant"}}  # two rows a step
+    small = {
+        "class_label": 3,
+        "steps": 2,
+        "guidance_scale": 3,
+        "schedule": {"kind": "constant"},
+        "cache": {"kind": "none"},
+    }
+    # two rows a step (no step cache: the default's would reuse the guidance difference at the second)
     assert httpx.post(f"{server.url}/generate", json=small, timeout=60).status_code == 200
     assert server.metric("cfg_engine_step_duration_seconds_count") == steps + 2, "compute continued after cancel"
     assert server.metric("cfg_engine_batch_rows_sum") == rows + 4

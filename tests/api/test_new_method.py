@@ -20,6 +20,7 @@ from app.config import Settings
 from app.guidance import GUIDERS, GuidanceStep, Guided, Guider, MethodParams, register_guider, unregister_guider
 from app.main import create_app
 from app.sampling import GuidanceParams, SampleSpec
+from tests.defaults import DEFAULT_CACHE
 from tests.pngs import response_images as images
 from tests.sampled import sampled_alone
 
@@ -82,7 +83,9 @@ def body(seed: int, **method: float) -> dict:
 def direct_images(loaded, denoiser, seed: int, method: MethodParams) -> np.ndarray:
     guidance = GuidanceParams(5.0, method=method)
     return sampled_alone(
-        loaded, denoiser, SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance)
+        loaded,
+        denoiser,
+        SampleSpec(LABEL, tuple(seed + i for i in range(N)), STEPS, "ddpm", guidance, cache=DEFAULT_CACHE),
     )
 
 

@@ -1,0 +1,38 @@
+"""app.loading.default_cache: a checkpoint's default step cache (its manifest's default_cache) is served only where
+the model runs it, with settings in range; anything else fails the startup naming why (pure: no model)."""
+
+from dataclasses import replace
+
+import pytest
+
+from app.config import DEFAULT_MODEL_PATH
+from app.loading import cache_entry, default_cache
+from app.models import read_manifest
+
+MANIFEST = read_manifest(DEFAULT_MODEL_PATH)
+UNET = cache_entry({"deepcache": None, "first_block": "a DiT's"}, max_branch=2)
+INT8 = cache_entry({"deepcache": "int8 runs a quantized graph", "first_block": "a DiT's"})
+
+
+def test_the_shipped_checkpoint_names_the_cache_measured_for_it():
+    assert default_cache(MANIFEST, UNET) == {"kind": "uncond", "every": 2, "order": 1}
+    assert default_cache(MANIFEST, INT8) == {"kind": "uncond", "every": 2, "order": 1}  # uncond runs at any precision
+
+
+def test_a_manifest_without_one_defaults_to_none():
+    assert default_cache(replace(MANIFEST, default_cache=None), UNET) == {"kind": "none"}
+
+
+@pytest.mark.parametrize(
+    ("chosen", "entry", "message"),
+    [
+        ({"kind": "deepcache", "interval": 3}, INT8, "default_cache is deepcache, which it can't run: int8 runs"),
+        ({"kind": "first_block"}, UNET, "default_cache is first_block, which it can't run: a DiT's"),
+        ({"kind": "teacache"}, UNET, "default_cache is teacache, which it can't run: no such step cache"),
+        ({"kind": "uncond", "every": 0}, UNET, "default_cache is refused: uncond every must be at least 1"),
+        ({"kind": "uncond", "speed": 2}, UNET, "default_cache is refused: .*unexpected keyword argument 'speed'"),
+    ],
+)
+def test_a_default_the_model_cannot_run_fails_the_startup_naming_why(chosen, entry, message):
+    with pytest.raises(RuntimeError, match=message):
+        default_cache(replace(MANIFEST, default_cache=chosen), entry)
