@@ -11,11 +11,13 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.api.test_jobs import wait_for
 from tests.api.test_priorities import images, sse_events, stream_batch
 from tests.metrics import metric_value
 
 DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
 UNCOND = {"kind": "uncond", "every": 3, "order": 1}
+UNCOND_DEFAULT = {"kind": "uncond", "every": 2, "order": 1}  # the shipped checkpoint's manifest's default_cache
 
 
 def error_of(response) -> dict:
@@ -142,3 +144,16 @@ def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_
         assert events[-1][0] == "result", events[-1]
         diff = np.abs(images(events[-1][1]) - images(single.json())).max()
         assert diff <= 1, f"{body}: {diff} grey levels from the same request unpreempted"
+
+
+@pytest.mark.integration  # the shipped checkpoint's manifest names the default
+def test_a_job_without_a_cache_is_stored_and_drawn_with_the_model_s_default():
+    body = {"class_label": 4, "steps": 8, "seed": 31}
+    with TestClient(create_app(Settings(warmup=False))) as c:
+        job = c.post("/v1/jobs", json=body).json()
+        done = wait_for(c, job["id"], lambda j: j["status"] == "succeeded")
+        named = c.post("/generate", json={**body, "cache": UNCOND_DEFAULT}).json()
+        none = c.post("/generate", json={**body, "cache": {"kind": "none"}}).json()
+    assert done["result"]["cache"] == UNCOND_DEFAULT
+    assert np.array_equal(images(done["result"]), images(named))
+    assert np.abs(images(done["result"]) - images(none)).max() > 1
