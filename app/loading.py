@@ -22,7 +22,7 @@ from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-from app.sampling.cache import CACHE_KINDS, CACHE_PARAMS
+from app.sampling.cache import CACHE_KINDS, CACHE_PARAMS, ROW_CACHE_KINDS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,9 +90,9 @@ def model_info(
 
 def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None) -> dict[str, Any]:
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
-    service whether it can run it (reason None), and deepcache's deepest branch. uncond enters no network: every
-    model runs it."""
-    support = {**support, "uncond": None}
+    service whether it can run it (reason None), and deepcache's deepest branch. The kinds that enter no network
+    (ROW_CACHE_KINDS: uncond) every model runs."""
+    support = {**support, **dict.fromkeys(ROW_CACHE_KINDS)}
     runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:

@@ -1,9 +1,10 @@
 """The batching engine: one loop owns the model and runs one forward per tick over all active rows. The API talks
 to it only through its client (app/engine/client.py), and reads back only plain outputs (app/engine/outputs.py)."""
 
+from app.engine.admission import EngineClosedError
 from app.engine.client import EngineClient, InProcessClient
 from app.engine.compute import SharedCompute, worker
-from app.engine.engine import Engine, EngineClosedError
+from app.engine.engine import Engine
 from app.engine.outputs import (
     CurvePoint,
     EngineOutputs,

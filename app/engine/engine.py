@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from app.engine.admission import deadline_refusal, model_refusal, refuse_unless_open
 from app.engine.compute import SharedCompute
 from app.engine.outputs import (
     CurvePoint,
@@ -49,39 +50,19 @@ from app.engine.outputs import (
     Failed,
     FailureKind,
     Finished,
-    Progress,
-    ProgressEvent,
     RequestOutput,
 )
 from app.engine.pace import TickTimes
-from app.engine.policy import PRIORITIES, seconds_over
+from app.engine.policy import PRIORITIES
 from app.engine.scheduler import ANONYMOUS, EngineRequest, Scheduler
-from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
-from app.models.deepcache import DeepCacheError
+from app.models.attention import PerturbationSupport
 from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
-from app.sampling.cache import DeepCacheParams, cache_kind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Sink = Callable[[EngineOutputs], None]
 # A tick without outputs (no request finished, none asked for progress) sends its stats at most this often.
 STATS_EVERY_S = 0.1
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is draining, stopped or failed, and admits no new requests."""
-
-
-def refuse_unless_open(priority: str, error: str | None, accepting: bool) -> None:
-    """Why a request can't be added now, raised: ValueError for a priority outside PRIORITIES, EngineClosedError
-    where the engine failed (error) or admits nothing (starting up or draining). Its client checks the same before
-    sending, in whichever process the engine runs."""
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-    if error is not None:
-        raise EngineClosedError(f"the engine failed: {error}")
-    if not accepting:
-        raise EngineClosedError("the engine is not accepting requests (starting up or draining)")
 
 
 class Engine:
@@ -329,8 +310,8 @@ class Engine:
                 admitted = decision.admitted
                 self._queue_changed |= bool(admitted or decision.preempted)
                 self._preemptions += len(decision.preempted)
-                outputs += [self._progress(r, "preempted") for r in decision.preempted if r.progress]
-                outputs += [self._progress(r, "resumed" if r.preemptions else None) for r in admitted if r.progress]
+                outputs += [r.report("preempted") for r in decision.preempted if r.progress]
+                outputs += [r.report("resumed" if r.preemptions else None) for r in admitted if r.progress]
                 if outputs:  # admissions and ends show at once, not after the forward (a job is running from here)
                     self._sink(EngineOutputs(tuple(outputs), ()))
                     outputs = []
@@ -380,8 +361,7 @@ class Engine:
             outputs.append(Failed(request_id, "engine", f"engine failure: {self._error}"))
             return
         request = EngineRequest(request_id, self.make_run(spec), enqueued_at, progress, priority, client)
-        refusal = self._perturbation_refusal(request.run) or self._guide_refusal(request.run)
-        refusal = refusal or self._cache_refusal(request.run)
+        refusal = model_refusal(request.run, self.name, self._denoiser, self._perturbations, self._guides)
         refusal = refusal or self._scheduler.refusal(request.run, limit_queue)
         if refusal is not None:
             self._finals += 1
@@ -395,78 +375,11 @@ class Engine:
         self._scheduler.add(request)
         self._queue_changed = True
 
-    def _perturbation_refusal(self, run: SampleRun) -> tuple[str, str] | None:
-        """("invalid", why) where this model cannot run the run's perturbed rows: checked here, since a forward
-        that raised would fail the whole tick (the API refuses these first, naming the fields)."""
-        if run.perturbation is None or self._perturbations is None:
-            return None
-        try:
-            resolve_layers(self._perturbations[run.perturbation.kind], run.perturbation)
-        except PerturbationError as exc:
-            return "invalid", f"model {self.name}: {exc}"
-        return None
-
-    def _cache_refusal(self, run: SampleRun) -> tuple[str, str] | None:
-        """("invalid", why) where this model cannot run the run's step cache, or not at its branch (the API
-        refuses these first, naming the fields)."""
-        cache = run.spec.cache
-        if cache is None:
-            return None
-        kind = cache_kind(cache)
-        if kind == "uncond":  # it skips rows and enters no network: every model runs it
-            return None
-        support: dict[str, str | None] = getattr(self._denoiser, "cache_support", dict)()
-        if kind not in support:
-            return "invalid", f"model {self.name} has no step cache: cache.kind must be none"
-        if support[kind] is not None:
-            return "invalid", f"model {self.name}: {support[kind]}"
-        if isinstance(cache, DeepCacheParams):
-            try:
-                deepest = self._denoiser.deepcache_branches()  # type: ignore[attr-defined]
-            except DeepCacheError as exc:
-                return "invalid", f"model {self.name}: {exc}"
-            if cache.branch > deepest:
-                return "invalid", f"model {self.name}: deepcache branch must be 0..{deepest} (got {cache.branch})"
-        return None
-
-    def _guide_refusal(self, run: SampleRun) -> tuple[str, str] | None:
-        """(kind, message) where the run names a guide this engine does not serve (the API refuses it first)."""
-        guide = run.guider.guide_model
-        if guide is None or guide in self._guides:
-            return None
-        allowed = ", ".join(self._guides) or "none"
-        return "invalid", f"method.guide {guide!r} is not a guide served for {self.name} (served guides: {allowed})"
-
     def _late(self, request: EngineRequest, deadline: float) -> Failed | None:
-        """Failed "deadline" where, at the measured pace, the request cannot start and finish by its deadline behind
-        the work ahead of it (Scheduler.plan); None where it can, or before any tick has been measured."""
+        """deadline_refusal at the engine's measured pace, in its share of the compute thread."""
         table = self._pace.table()
-        if table is None:
-            return None
-        now = time.monotonic()
-        timeout_s = deadline - request.enqueued_at
-        left = deadline - now
-        # Other models' engines with work share the compute thread equally (app/engine/compute.py): while they
-        # keep it, each of this engine's ticks takes (1 + their number) times its own time in wall time.
-        others = self._compute.busy_others(self)
-        table = table * (1 + others)
-        horizon = int(left / table[1:].min()) + 1  # no tick is faster than the fastest measured
-        plan = self._scheduler.plan(request.run, request.priority, request.client, horizon)
-        reason = f"cannot finish within timeout_s={timeout_s:g}: behind the {request.priority} work ahead of it"
-        if others:
-            reason += f", sharing the compute thread with {others} other busy model{'s' if others > 1 else ''}"
-        if plan is None:
-            message = f"{reason}, it would not start within {left:.2f} s at the engine's measured pace"
-            return Failed(request.id, "deadline", message, retry_after_s=max(1.0, left))
-        start_s, total_s = seconds_over(plan.rows[: plan.start], table), seconds_over(plan.rows, table)
-        if total_s <= left:
-            return None
-        message = (
-            f"{reason}, it would start in about {start_s:.2f} s and finish in about {total_s:.2f} s at the engine's "
-            f"measured pace ({table[int(plan.rows.max())]:.3f} s per tick of {int(plan.rows.max())} rows"
-            f"{' in its share of the thread' if others else ''})"
-        )
-        return Failed(request.id, "deadline", message, retry_after_s=max(1.0, start_s))
+        others = 0 if table is None else self._compute.busy_others(self)
+        return deadline_refusal(request, deadline, table, others, self._scheduler)
 
     def _end(self, request: EngineRequest, kind: FailureKind, message: str, outputs: list[RequestOutput]) -> None:
         """A request leaves before its last step: its rows leave the batch, its client gets the reason."""
@@ -523,7 +436,7 @@ class Engine:
                 self._end(request, "non_finite", message, outputs)
                 continue
             if request.progress:
-                outputs.append(self._progress(request))
+                outputs.append(request.report())
             if run.done:
                 self._scheduler.finished(request)
                 del self._requests[request.id]
@@ -563,26 +476,6 @@ class Engine:
         count, self._preemptions = self._preemptions, 0
         return count
 
-    def _progress(self, request: EngineRequest, event: ProgressEvent | None = None) -> Progress:
-        """The request's progress since the last one sent: its step, new trace rows (plain lists: the device sync
-        is here, in the compute thread) and a new preview."""
-        run = request.run
-        trace: tuple[dict, ...] = ()
-        if run.spec.return_trace:
-            new = run.trace[request.traced : run.step_index]
-            request.traced += len(new)
-            trace = tuple(t.to_dict() for t in new)
-        preview = run.preview
-        if preview is not None and preview.step != request.previewed:
-            request.previewed = preview.step
-        else:
-            preview = None
-        wait = request.queue_wait_s
-        position = request.position if wait is None or request.preempted else None
-        return Progress(
-            request.id, run.step_index, run.spec.steps, position, wait, trace, preview, request.preempted, event
-        )
-
     def _send_positions(self, outputs: list[RequestOutput]) -> None:
         """A Progress for each waiting request whose place in the queue changed."""
         if not self._queue_changed:
@@ -591,4 +484,4 @@ class Engine:
         for position, request in enumerate(self._scheduler.ordered(), start=1):
             if request.progress and request.position != position:
                 request.position = position
-                outputs.append(self._progress(request))
+                outputs.append(request.report())

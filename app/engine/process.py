@@ -29,9 +29,10 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
+from app.engine.admission import EngineClosedError, refuse_unless_open
 from app.engine.client import StatsHook, Streams
 from app.engine.compute import SharedCompute
-from app.engine.engine import Engine, EngineClosedError, refuse_unless_open
+from app.engine.engine import Engine
 from app.engine.outputs import CurvePoint, EngineOutputs, Failed, Finished, RequestOutput
 from app.engine.scheduler import ANONYMOUS
 from app.engine.wire import decode, encode

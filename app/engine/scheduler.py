@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.engine.outputs import Progress, ProgressEvent
 from app.engine.policy import (
     PRIORITIES,
     Waiting,
@@ -91,6 +92,24 @@ class EngineRequest:
     @property
     def queue_wait_s(self) -> float | None:
         return None if self.started_at is None else self.started_at - self.enqueued_at
+
+    def report(self, event: ProgressEvent | None = None) -> Progress:
+        """Its progress since the last one sent: its step, its place in the queue while it waits, new trace rows
+        (plain lists: the device sync is here, in the compute thread) and a new preview."""
+        run = self.run
+        trace: tuple[dict, ...] = ()
+        if run.spec.return_trace:
+            new = run.trace[self.traced : run.step_index]
+            self.traced += len(new)
+            trace = tuple(t.to_dict() for t in new)
+        preview = run.preview
+        if preview is not None and preview.step != self.previewed:
+            self.previewed = preview.step
+        else:
+            preview = None
+        wait = self.queue_wait_s
+        position = self.position if wait is None or self.preempted else None
+        return Progress(self.id, run.step_index, run.spec.steps, position, wait, trace, preview, self.preempted, event)
 
     def profile(self) -> np.ndarray:
         """Its run's remaining rows profile, kept while its step does not move: a waiting request's is read at

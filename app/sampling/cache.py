@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 
 CACHE_KINDS = ("none", "deepcache", "first_block", "uncond")
+# Kinds that skip rows and enter no network: every model runs them, at every precision (the others need the
+# model's own support: its cache_support()).
+ROW_CACHE_KINDS = frozenset({"uncond"})
 
 
 def check_uncond(every: int, order: int) -> None:
