@@ -165,7 +165,8 @@ def sweep_image(
     """
     per_class = min(images[0].shape[0], max_per_class or images[0].shape[0])
     ncols = len(guidance_scales)
-    cells, row_labels = [], []
+    cells: list[np.ndarray] = []
+    row_labels: list[str] = []
     for r, name in enumerate(class_names):
         row = images[r * ncols : (r + 1) * ncols]
         for i in range(per_class):
@@ -413,11 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         seeds = tuple(args.seed + i for i in range(args.num_images or 16))
         spec = SampleSpec(class_label, seeds, args.steps, args.sampler, guidance_from_args(args))
-        (images,) = run_with_progress(model, [spec], args.max_rows, guides)
-        if len(images) == 1:
-            grid = images[0]
+        (drawn,) = run_with_progress(model, [spec], args.max_rows, guides)
+        if len(drawn) == 1:
+            grid = drawn[0]
         else:
-            grid = make_grid(images, args.ncols or math.ceil(math.sqrt(len(images))))
+            grid = make_grid(drawn, args.ncols or math.ceil(math.sqrt(len(drawn))))
         zoom = args.zoom or 1
         picture = to_pil(upscale(grid, zoom))
         out = args.out or Path("samples.png")

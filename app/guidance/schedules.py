@@ -10,7 +10,7 @@ from typing import Literal, get_args
 ScheduleKind = Literal["constant", "linear", "cosine", "interval"]
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 IntervalWeighting = Literal["step", "span"]
-INTERVAL_WEIGHTINGS: tuple[str, ...] = get_args(IntervalWeighting)
+INTERVAL_WEIGHTINGS: tuple[IntervalWeighting, ...] = get_args(IntervalWeighting)
 
 
 @dataclass(frozen=True)

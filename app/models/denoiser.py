@@ -47,10 +47,14 @@ class HookedDenoiser:
         x: torch.Tensor,
         timesteps: torch.Tensor,
         class_labels: torch.Tensor,
-        embed_delta: torch.Tensor | None = None,
-        *,
+        /,
+        *extra: torch.Tensor,
         perturb: RowPerturbations | None = None,
     ) -> torch.Tensor:
+        """extra: the Denoiser protocol's optional embed_delta, (rows, D), or nothing."""
+        if len(extra) > 1:
+            raise TypeError(f"a denoiser takes at most one tensor after class_labels (embed_delta), got {len(extra)}")
+        embed_delta = extra[0] if extra else None
         if embed_delta is None and perturb is None:
             return self._forward(x, timesteps, class_labels)
         with self._hooked(x.shape[0], embed_delta, perturb):

@@ -28,7 +28,8 @@ CLASSIFIER_ARCH = "cnn-32-64-64-fc128-v1"
 class FeatureClassifier(Protocol):
     """A judge's network: features() of images, and a head that is linear in eval mode."""
 
-    head: nn.Module
+    @property
+    def head(self) -> nn.Module: ...  # read-only here: a judge's may be any module (Linear, Sequential)
 
     def features(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -29,11 +29,11 @@ class Manifold:
 
 
 def _distances(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-    a = torch.as_tensor(np.asarray(a, dtype=np.float64))
-    b = torch.as_tensor(np.asarray(b, dtype=np.float64))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"need two (N, D) feature sets of the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return torch.cdist(a, b)
+    x = torch.as_tensor(np.asarray(a, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(b, dtype=np.float64))
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need two (N, D) feature sets of the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return torch.cdist(x, y)
 
 
 def kth_neighbour_distances(features: np.ndarray, k: int) -> torch.Tensor:

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         guides = load_guides(model, args.guide)  # ValueError: a guide of another task
     except (CheckpointError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    missing = {g for row in rows if (g := getattr(row.setting.guidance.method, "guide", None)) not in (None, *guides)}
+    named = {getattr(row.setting.guidance.method, "guide", None) for row in rows}
+    missing = {str(g) for g in named if g is not None and g not in guides}
     if missing:
         parser.error(f"settings name guides that are not loaded: {', '.join(sorted(missing))}; add --guide FOLDER")
     try:

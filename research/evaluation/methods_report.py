@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from app.images import labelled_grid
+from research.evaluation.judges.scoring import JudgedMetrics
 from research.evaluation.methods_table import MethodsTable
 from research.evaluation.settings import Row
 
@@ -133,8 +134,10 @@ def print_summary(table: MethodsTable) -> None:
         print(f"{judge.title} (test accuracy {judge.test_accuracy:.4f})")
         print(f"{'setting':<{width}} {'sampler':>9} {'accuracy':>9} {'FID':>8} {'/s=1':>6} {'diversity':>10} "
               f"{'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'pixel':>6}")  # fmt: skip
-        rows = [(r.name, r.sampler, r.judges[name], f"{r.judges[name].fid_vs_s1:>6.2f}", r.mean_pixel)
-                for r in table.results]  # fmt: skip
+        rows: list[tuple[str, str, JudgedMetrics, str, float]] = [
+            (r.name, r.sampler, r.judges[name], f"{r.judges[name].fid_vs_s1:>6.2f}", r.mean_pixel)
+            for r in table.results
+        ]
         rows.append(
             (f"real (n = {table.real.n})"[:width], "", table.real.judges[name], f"{'':>6}", table.real.mean_pixel)
         )

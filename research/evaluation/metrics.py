@@ -66,7 +66,8 @@ def within_class_diversity(features: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([mean_pairwise_distance(features[labels == c]) for c in np.unique(labels)]))
 
 
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(predictions: np.ndarray, labels: np.ndarray | int) -> float:
+    """The share of predictions equal to labels (one label for all, or one each)."""
     return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
 
 
@@ -78,11 +79,11 @@ def mean_grey(images: torch.Tensor) -> float:
 def split_real_baseline(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a class-balanced subset of per_class images per class, and of the rest (the reference)."""
     rng = np.random.default_rng(seed)
-    subset = []
+    chosen: list[np.ndarray] = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if per_class > members.size // 2:
             raise ValueError(f"--per-class {per_class} leaves too few test images of class {c} for the reference")
-        subset.append(rng.choice(members, size=per_class, replace=False))
-    subset = np.sort(np.concatenate(subset))
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    subset = np.sort(np.concatenate(chosen))
     return subset, np.setdiff1d(np.arange(labels.size), subset)

@@ -140,7 +140,7 @@ def run_steps(args: argparse.Namespace, model: LoadedModel, command: str) -> Ste
     classes = range(model.manifest.num_classes)
     g = DEFAULT_GUIDANCE
     keys = [(sampler, steps) for sampler in args.samplers for steps in args.steps]
-    results = []
+    results: list[StepsResult] = []
     for precision in args.precisions:
         t0 = time.monotonic()
         specs = [
@@ -162,9 +162,9 @@ def run_steps(args: argparse.Namespace, model: LoadedModel, command: str) -> Ste
                 )  # fmt: skip
             )
     most = max(args.steps)
-    for r in results:
-        ref = next(x for x in results if (x.sampler, x.precision, x.steps) == (r.sampler, r.precision, most))
-        r.fid_vs_most = r.fid / ref.fid
+    for row in results:
+        ref = next(x for x in results if (x.sampler, x.precision, x.steps) == (row.sampler, row.precision, most))
+        row.fid_vs_most = row.fid / ref.fid
     timings["total"] = time.monotonic() - started
     return StepsTable(
         **run_provenance(command, args.model, model.manifest),

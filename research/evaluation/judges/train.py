@@ -102,7 +102,7 @@ def train_judge(
     """SGD with Nesterov momentum under a one-cycle learning rate, label smoothing, crops and flips."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = ResNetJudge(int(labels.max()) + 1, config.stem, config.widths).to(memory_format=torch.channels_last)
+    model = ResNetJudge(int(labels.max()) + 1, config.stem, config.widths).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack memory_format
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.max_lr, momentum=config.momentum, nesterov=True,
         weight_decay=config.weight_decay,
