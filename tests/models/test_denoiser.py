@@ -57,3 +57,12 @@ def test_the_cads_hook_adds_its_delta_in_the_forward(denoiser):
     delta[1] = 1.0
     hooked = denoiser(x, t, labels, delta)
     assert torch.equal(hooked[0], plain[0]) and not torch.allclose(hooked[1], plain[1])
+
+
+def test_a_denoiser_takes_one_tensor_after_the_labels_at_most(denoiser):
+    """The Denoiser protocol's *extra is the optional embed_delta alone: a second tensor is a caller's mistake,
+    not something to ignore."""
+    x, t, labels = torch.zeros(1, 1, 28, 28), torch.full((1,), 500), torch.tensor([4])
+    delta = torch.zeros(1, denoiser.unet.class_embedding.weight.shape[1])
+    with pytest.raises(TypeError, match="at most one tensor after class_labels"):
+        denoiser(x, t, labels, delta, delta)
