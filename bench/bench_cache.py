@@ -139,6 +139,8 @@ async def load_round(service, url: str, cache: dict, clients: int, warm: float, 
     _, errors, non2xx, p50, p99, mean = (float(v) for v in line.split()[1:])
     if errors or non2xx:
         raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
+    if mean == 0:  # no response within wrk's run (a request outlasts it: a smoke run, a large model): no rate
+        return math.nan, math.nan, math.nan, (n1 - n0) / wall
     return clients / (mean / 1e6), p50 / 1e6, p99 / 1e6, (n1 - n0) / wall
 
 

@@ -42,3 +42,14 @@ def test_with_model_it_serves_the_given_checkpoint_a_trained_dit_with_first_bloc
     assert none[2] == "1.00x" and none[3] == "inf"
     assert float(cached[2].removesuffix("x")) > 1.5  # 2.09x measured (docs/benchmarks.md): rows skip their blocks
     assert float(none[4]) > 0 and float(cached[4]) > 0
+
+
+def test_dit_s2_serves_a_dit_s2_sized_latent_model_with_first_block():
+    """--dit-s2 (its figures in docs/benchmarks.md): a DiT-S/2-sized latent model with random weights, imported as a
+    user's DiTPipeline is. Its requests outlast a 1 s window here, so images/s may be nan (no response within wrk's
+    run), which the bench prints rather than failing; FLOPs and PSNR do not depend on the window."""
+    none, cached = bench_rows([{"kind": "none"}, {"kind": "first_block", "threshold": 0.3}], "--dit-s2")
+    assert none[2] == "1.00x" and none[3] == "inf"
+    assert float(cached[2].removesuffix("x")) > 2  # 3.94x measured at 0.3 (docs/benchmarks.md)
+    assert 10 < float(cached[3]) < 60  # a PSNR of changed images
+    assert all(v == "nan" or float(v) > 0 for v in (none[4], cached[4]))
