@@ -270,12 +270,14 @@ def test_the_readme_serves_after_the_serve_install_and_tests_after_the_test_inst
 
 
 def test_ci_fails_when_pytest_collects_no_test(tmp_path: Path) -> None:
-    """.ci/run in a copy of the repository whose install does nothing, whose app is one empty module (ruff and
-    mypy pass) and whose tests folder is empty."""
+    """.ci/run in a copy of the repository whose install does nothing, whose app and research are an empty module
+    each (ruff and mypy pass) and whose tests folder is empty."""
     (tmp_path / ".ci").mkdir()
     (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "research").mkdir()
+    (tmp_path / "research" / "__init__.py").write_text("")
     (tmp_path / ".ci" / "run").write_text((REPO / ".ci" / "run").read_text())
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "install.sh").write_text('echo "$@" > install-args\n')
