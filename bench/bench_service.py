@@ -112,14 +112,14 @@ def bench_rows(loaded, denoiser, steps) -> tuple[list[str], int]:
     return rows, best[1]
 
 
-# wrk's Lua hooks: every request a new seed and class; at the end one line with the counts and the
-# latency percentiles (microseconds).
+# wrk's Lua hooks: every request a new seed and class, uncached as the raw loop (no model default cache); at the
+# end one line with the counts and the latency percentiles (microseconds).
 WRK_SCRIPT = """
 local n = 0
 request = function()
   n = n + 1
   local body = string.format('{"class_label": %d, "steps": STEPS, "seed": %d, "guidance_scale": 3, "sampler": "ddpm", '
-                             .. '"schedule": {"kind": "constant"}}', n % 10, n)
+                             .. '"schedule": {"kind": "constant"}, "cache": {"kind": "none"}}', n % 10, n)
   return wrk.format("POST", "/generate", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
