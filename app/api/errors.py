@@ -8,6 +8,7 @@ so that no input, however long or whatever its characters, turns an error into a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -60,6 +61,46 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**echo(e), "msg": bounded_text(str(e.get("msg", "")), 4 * ECHO_CHARS)} for e in errors]
 
 
+def union_kinds(openapi: dict[str, Any], path: str, method: str, loc: Sequence[Any]) -> list[str] | None:
+    """The kinds the discriminated union at loc (["body", field, ...]) of the (method, path) operation's JSON body
+    allows, in the OpenAPI document's order; None where loc is no such union there."""
+    refs: dict[str, Any] = openapi.get("components", {}).get("schemas", {})
+
+    def resolved(node: dict[str, Any]) -> dict[str, Any]:
+        ref = node.get("$ref", "")
+        return refs.get(ref.rsplit("/", 1)[-1], {}) if ref else node
+
+    operation = openapi.get("paths", {}).get(path, {}).get(method.lower(), {})
+    node = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    for part in loc[1:]:
+        if node is None:
+            return None
+        node = resolved(node).get("properties", {}).get(part)
+    for union in [node, *(node or {}).get("anyOf", [])]:
+        mapping = (union or {}).get("discriminator", {}).get("mapping")
+        if mapping:
+            kind_of = {ref: kind for kind, ref in mapping.items()}
+            return [kind_of[branch["$ref"]] for branch in union.get("oneOf", []) if branch.get("$ref") in kind_of]
+    return None
+
+
+def name_missing_kinds(request: Request, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's error for a union field given an object without its `kind` says only that it found no tag;
+    this one names the field and the kinds it allows, as the error for an unknown kind does."""
+    named = []
+    for error in errors:
+        loc = error.get("loc") or []
+        if error.get("type") == "union_tag_not_found" and loc and loc[0] == "body":
+            kinds = union_kinds(request.app.openapi(), request.url.path, request.method, loc)
+            if kinds:
+                field = ".".join(str(part) for part in loc[1:])
+                allowed = ", ".join(f"'{kind}'" for kind in kinds)
+                msg = f"{field}.kind is required: one of {allowed}"
+                error = {**error, "msg": msg, "ctx": {**error.get("ctx", {}), "expected_tags": allowed}}
+        named.append(error)
+    return named
+
+
 def openai_error(
     status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -106,7 +147,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         if request.url.path == "/generate":
             count_invalid(request)
-        return JSONResponse({"detail": field_errors(jsonable_encoder(exc.errors()))}, status_code=422)
+        errors = name_missing_kinds(request, jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": field_errors(errors)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:

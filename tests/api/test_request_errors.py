@@ -171,3 +171,19 @@ def test_the_openapi_document_gives_responses_their_schemas_and_links_job_ids(cl
     events = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
     assert "application/json" in events["404"]["content"] and "text/event-stream" in events["200"]["content"]
     json.dumps(doc)  # and it is JSON all through
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+@pytest.mark.parametrize("field", ["schedule", "method", "cache"])
+def test_a_union_field_without_its_kind_is_a_422_naming_the_kinds_it_allows(client, path, field):
+    # pydantic's own message says only that it found no tag; the allowed kinds are those an unknown kind lists
+    unknown = client.post(path, json={field: {"kind": "nope"}})
+    assert unknown.status_code == 422, unknown.text
+    (refused,) = unknown.json()["detail"]
+    allowed = refused["ctx"]["expected_tags"]
+    missing = client.post(path, json={field: {"scale": 2}})
+    assert missing.status_code == 422, missing.text
+    (error,) = missing.json()["detail"]
+    assert error["loc"] == ["body", field] and error["type"] == "union_tag_not_found"
+    assert error["msg"] == f"{field}.kind is required: one of {allowed}"
+    assert error["ctx"]["expected_tags"] == allowed and allowed.startswith("'")
