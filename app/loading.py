@@ -12,11 +12,11 @@ import torch
 
 from app.api.clients import weights_by_client
 from app.api.convert import guidance_body
-from app.api.schemas import SAMPLER_NAMES, Limits
+from app.api.schemas import CACHE_MODELS, SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, SharedCompute
 from app.engine.calibrate import model_calibrator
-from app.guidance import NOISE_SCHEDULE_KINDS, method_fields, method_kinds
+from app.guidance import NOISE_SCHEDULE_KINDS, form_fields, method_fields, method_kinds
 from app.models import LoadedModel, Manifest, image_decoder, load_checkpoint, model_denoiser
 from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
@@ -90,14 +90,19 @@ def model_info(
 
 def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None) -> dict[str, Any]:
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
-    service whether it can run it (reason None), and deepcache's deepest branch. The kinds that enter no network
-    (ROW_CACHE_KINDS: uncond) every model runs."""
+    service whether it can run it (reason None), and deepcache's deepest branch; `fields`, the settings of each
+    kind it runs as a form builds its inputs (the playground), deepcache's branch bounded by that branch. The
+    kinds that enter no network (ROW_CACHE_KINDS: uncond) every model runs."""
     support = {**support, **dict.fromkeys(ROW_CACHE_KINDS)}
     runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:
         entry[kind] = {"reason": support.get(kind, "this model has no step cache")}
     entry["deepcache"]["max_branch"] = max_branch if entry["deepcache"]["reason"] is None else None
+    entry["fields"] = {kind: form_fields(CACHE_MODELS[kind]) for kind in runs}
+    for field in entry["fields"].get("deepcache", []):
+        if field["name"] == "branch" and max_branch is not None:
+            field["maximum"] = max_branch
     return entry
 
 

@@ -206,6 +206,7 @@ def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
 
 
 SCHEDULE_MODELS = _by_kind(ConstantSchedule, LinearSchedule, CosineSchedule, IntervalSchedule)
+CACHE_MODELS = _by_kind(NoCache, DeepCache, FirstBlockCache, UncondCache)
 
 
 def method_union(models: tuple[type[MethodParams], ...]) -> Any:

@@ -41,6 +41,7 @@ from app.guidance.guider import Branch, GuidanceStep, Guided, Guider, MethodPara
 from app.guidance.registry import (
     GUIDERS,
     GuidanceMethod,
+    form_fields,
     guider_class,
     make_guider,
     method_fields,
@@ -104,6 +105,7 @@ __all__ = [
     "eps_to_x0",
     "guider_class",
     "make_guider",
+    "form_fields",
     "method_fields",
     "method_kinds",
     "method_models",

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from app.guidance.apg import Apg
 from app.guidance.attention import Pag, Seg, Slg
 from app.guidance.autoguidance import Autoguidance
@@ -63,14 +65,14 @@ def method_fields() -> dict[str, list[dict[str, Any]]]:
     in declaration order, each with name, type (JSON Schema's: number, integer, boolean, string, array),
     default, and where its model declares them minimum, maximum, enum, items (an array's item type),
     nullable and description. `kind` itself is left out."""
-    return {
-        kind: [_field(name, prop) for name, prop in _properties(guider) if name != "kind"]
-        for kind, guider in GUIDERS.items()
-    }
+    return {kind: form_fields(guider.params_model) for kind, guider in GUIDERS.items()}
 
 
-def _properties(guider: type[Guider]) -> list[tuple[str, dict[str, Any]]]:
-    return list(guider.params_model.model_json_schema()["properties"].items())
+def form_fields(settings: type[BaseModel]) -> list[dict[str, Any]]:
+    """A settings model's fields as a form builds its inputs (method_fields; the step caches' in GET /v1/models):
+    in declaration order, `kind` left out."""
+    properties = settings.model_json_schema()["properties"].items()
+    return [_field(name, prop) for name, prop in properties if name != "kind"]
 
 
 def _field(name: str, prop: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,9 @@
 import { apiUrl, describeFailure, hasApiKey, readEvents, readJson, request, setApiKey } from "./api.js";
 import { drawChart, drawMessage, formatNumber } from "./chart.js";
 
-// The schedules' per-kind defaults (app/api/schemas.py); the methods' come with their fields from /v1/models
-// (guidance_method_fields). The default request's own schedule and method come from /v1/models'
-// default_guidance and override these.
+// The schedules' per-kind defaults (app/api/schemas.py); the methods' and the step caches' come with their
+// fields from /v1/models (guidance_method_fields, cache.fields). The default request's own schedule and method
+// come from /v1/models' default_guidance, and its cache from cache.default, and override these.
 const SCHEDULE_DEFAULTS = {
   constant: {},
   linear: { start: 1, end: 0 },
@@ -89,10 +89,12 @@ function defaultState() {
     noise_schedule: g.noise_schedule,
     "method.kind": g.method.kind,
     "schedule.kind": g.schedule.kind,
+    "cache.kind": model.cache.default.kind,
   };
   const kinds = [
     ["schedule", SCHEDULE_DEFAULTS, g.schedule],
-    ["method", methodDefaults(), g.method],
+    ["method", kindDefaults(methodFields()), g.method],
+    ["cache", kindDefaults(cacheFields()), model.cache.default],
   ];
   for (const [group, defaults, chosen] of kinds) {
     for (const [kind, params] of Object.entries(defaults)) {
@@ -105,13 +107,23 @@ function defaultState() {
   return state;
 }
 
-// ---- a method's inputs, from its settings model (GET /v1/models: guidance_method_fields) ------------------
+// ---- a method's and a step cache's inputs, from their settings models (GET /v1/models) --------------------
 
 const methodFields = () => model.guidance_method_fields ?? {};
 
-function methodDefaults() {
+// Every served model's cache kinds (a column keeps its inputs when the model changes; the kind list is the
+// model's own).
+function cacheFields() {
+  const fields = {};
+  for (const m of models) {
+    for (const [kind, list] of Object.entries(m.cache?.fields ?? {})) fields[kind] ??= list;
+  }
+  return fields;
+}
+
+function kindDefaults(fieldsByKind) {
   const defaults = {};
-  for (const [kind, fields] of Object.entries(methodFields())) {
+  for (const [kind, fields] of Object.entries(fieldsByKind)) {
     defaults[kind] = Object.fromEntries(fields.map((f) => [f.name, fieldText(f, f.default)]));
   }
   return defaults;
@@ -125,22 +137,23 @@ function fieldText(field, value) {
 
 const kindTitle = (kind) => kind.toUpperCase().replaceAll("_", " ");
 
-// One grid of inputs per method kind with settings, hidden until its kind is chosen (showKinds).
-function buildMethodInputs(root) {
-  const box = root.querySelector('[data-id="method-params"]');
-  for (const [kind, fields] of Object.entries(methodFields())) {
+// One grid of inputs per kind with settings (of group: method or cache), hidden until its kind is chosen
+// (showKinds).
+function buildKindInputs(root, group, fieldsByKind) {
+  const box = root.querySelector(`[data-id="${group}-params"]`);
+  for (const [kind, fields] of Object.entries(fieldsByKind)) {
     if (!fields.length) continue;
     const grid = document.createElement("div");
     grid.className = "grid";
-    grid.dataset.kindOf = "method";
+    grid.dataset.kindOf = group;
     grid.dataset.kind = kind;
     grid.hidden = true;
-    for (const field of fields) grid.append(methodInput(kind, field));
+    for (const field of fields) grid.append(kindInput(group, kind, field));
     box.append(grid);
   }
 }
 
-function methodInput(kind, field) {
+function kindInput(group, kind, field) {
   const box = document.createElement("div");
   box.className = "field";
   const id = `${kind}-${field.name}`;
@@ -167,7 +180,7 @@ function methodInput(kind, field) {
     }
   }
   input.dataset.id = id;
-  input.dataset.field = `method.${kind}.${field.name}`;
+  input.dataset.field = `${group}.${kind}.${field.name}`;
   input.dataset.type = field.type;
   if (field.items) input.dataset.items = field.items;
   if (field.description) input.title = field.description;
@@ -175,8 +188,8 @@ function methodInput(kind, field) {
   return box;
 }
 
-// A method input's value for the request body: undefined where blank (the server's default applies).
-function methodValue(el) {
+// A method's or cache's input value for the request body: undefined where blank (the server's default applies).
+function fieldValue(el) {
   const type = el.dataset.type;
   if (type === "boolean") return el.checked;
   if (type === "number" || type === "integer") return numberOf(el, { optional: true });
@@ -211,6 +224,7 @@ function fillColumnOptions(col) {
   fillSelect(col.field("sampler"), pairs(model.samplers), keep("sampler"));
   fillSelect(col.field("method.kind"), pairs(model.guidance_methods), keep("method.kind"));
   fillSelect(col.field("schedule.kind"), pairs(model.schedules), keep("schedule.kind"));
+  fillSelect(col.field("cache.kind"), pairs(model.cache.kinds), keep("cache.kind"));
   fillSelect(col.field("noise_schedule"), pairs(model.noise_schedules), keep("noise_schedule"));
   const limits = model.limits;
   col.field("steps").max = limits.max_steps;
@@ -227,7 +241,8 @@ function showKinds(col) {
 
 function createColumn(state, after) {
   const root = $("#column-template").content.firstElementChild.cloneNode(true);
-  buildMethodInputs(root);
+  buildKindInputs(root, "method", methodFields());
+  buildKindInputs(root, "cache", cacheFields());
   const prefix = `c${++columnCounter}`;
   root.id = prefix;
   for (const el of root.querySelectorAll("[data-id]")) el.id = `${prefix}-${el.dataset.id}`;
@@ -296,7 +311,7 @@ function kindParams(col, group, kind) {
   for (const el of col.root.querySelectorAll(`[data-field^="${prefix}"]`)) {
     // A schedule's choice (the interval's weighting) goes as its text; its numbers as numbers.
     const value =
-      group === "method" ? methodValue(el) : el.tagName === "SELECT" ? el.value : numberOf(el, { optional: true });
+      group !== "schedule" ? fieldValue(el) : el.tagName === "SELECT" ? el.value : numberOf(el, { optional: true });
     if (value !== undefined) params[el.dataset.field.slice(prefix.length)] = value;
   }
   return params;
@@ -316,6 +331,7 @@ function requestBody(col, seed) {
   put("guidance_scale", numberOf(col.field("guidance_scale")));
   body.method = kindParams(col, "method", col.field("method.kind").value);
   body.schedule = kindParams(col, "schedule", col.field("schedule.kind").value);
+  body.cache = kindParams(col, "cache", col.field("cache.kind").value);
   put("guidance_rescale", numberOf(col.field("guidance_rescale")));
   put("noise_level", numberOf(col.field("noise_level")));
   body.noise_schedule = col.field("noise_schedule").value;

@@ -348,3 +348,61 @@ def test_every_method_s_inputs_come_from_its_settings_model_and_each_method_runs
         wait_done(col)
         job = httpx.get(f"{server.url}/v1/jobs/{col.get_attribute('data-job-id')}").json()
         assert job["result"]["guidance"]["method"]["kind"] == kind
+
+
+def test_each_setting_chooses_its_step_cache_and_draws_what_the_api_draws_with_it(page: Page, server):
+    """The cache select lists the model's kinds with its default chosen (/v1/models' cache.default), each kind's
+    inputs come from cache.fields (deepcache's branch bounded by the model's deepest), and each column's job runs
+    its own cache: the images the API draws for the same body."""
+    info = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    cache = info["cache"]
+    default = cache["default"]
+    open_page(page)
+    a = column(page, "A")
+    options = control(a, "cache").locator("option").evaluate_all("os => os.map(o => o.value)")
+    assert options == cache["kinds"] and "uncond" in options and "deepcache" in options
+    expect(control(a, "cache")).to_have_value(default["kind"])
+    for name, value in default.items():
+        if name != "kind":
+            expect(control(a, f"{default['kind']}-{name}")).to_have_value(str(value))
+    set_shared(page, **FAST)
+    set_constant(a, 3)  # every step guided: the uncond cache reuses the unconditional rows of every other one
+    a.get_by_role("button", name="Duplicate setting A").click()
+    column(page, "B").get_by_role("button", name="Duplicate setting B").click()
+    control(a, "cache").select_option("none")
+    expect(control(a, "uncond-every")).to_be_hidden()
+    c = column(page, "C")
+    control(c, "cache").select_option("deepcache")
+    branch = control(c, "deepcache-branch")
+    expect(branch).to_be_visible()
+    assert branch.get_attribute("max") == str(cache["deepcache"]["max_branch"])
+    control(c, "deepcache-interval").fill("2")
+    page.click("#generate")
+    chosen = {}
+    for letter in "ABC":
+        col = column(page, letter)
+        wait_done(col)
+        job = httpx.get(f"{server.url}/v1/jobs/{col.get_attribute('data-job-id')}").json()
+        chosen[letter] = job["result"]["cache"]
+        result = job["result"]
+        body = {**FAST, "class_label": result["class_label"], "seed": result["seeds"][0], "cache": chosen[letter]}
+        body |= {"guidance_scale": 3, "schedule": {"kind": "constant"}}
+        api = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()["images"]
+        page_images = [s.split(",", 1)[1] for s in image_sources(col)]
+        assert all(level_diff(x, y) <= 1 for x, y in zip(page_images, api, strict=True)), letter
+    assert chosen["A"]["kind"] == "none" and chosen["B"] == default
+    assert chosen["C"]["kind"] == "deepcache" and chosen["C"]["interval"] == 2
+    assert image_sources(a) != image_sources(column(page, "B"))  # the cache changed the images (a little)
+
+
+def test_a_cache_setting_out_of_range_shows_its_error_at_its_input(page: Page, console):
+    console.allow("status of 422")
+    open_page(page)
+    col = column(page, "A")
+    control(col, "cache").select_option("uncond")
+    every = control(col, "uncond-every")
+    every.fill("11")  # loc ["body", "cache", "uncond", "every"]
+    expect(page.locator("#c1-uncond-every-error")).to_have_text("Input should be less than or equal to 10")
+    expect(every).to_have_attribute("aria-invalid", "true")
+    every.fill("2")
+    expect(page.locator("[aria-invalid=true]")).to_have_count(0)
