@@ -41,7 +41,7 @@ async def held_warmup(self, spec):
 
 
 app.loading.load_for_serving = held_load
-Engine.warmup = held_warmup
+Engine.warmup = held_warmup  # type: ignore[method-assign]  # held for the test, in this server's process only
 
 if __name__ == "__main__":
     serve.main()

@@ -21,11 +21,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO, free_port
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli there
+    import tomli as tomllib
 
 pytestmark = pytest.mark.slow  # pip resolves in subprocesses: tens of seconds
 
@@ -270,8 +274,8 @@ def test_the_readme_serves_after_the_serve_install_and_tests_after_the_test_inst
 
 
 def test_ci_fails_when_pytest_collects_no_test(tmp_path: Path) -> None:
-    """.ci/run in a copy of the repository whose install does nothing, whose app and research are an empty module
-    each (ruff and mypy pass) and whose tests folder is empty."""
+    """.ci/run in a copy of the repository whose install does nothing, whose app, research and tests are an empty
+    package each (ruff and mypy pass): no test to collect."""
     (tmp_path / ".ci").mkdir()
     (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
     (tmp_path / "app").mkdir()
@@ -282,6 +286,7 @@ def test_ci_fails_when_pytest_collects_no_test(tmp_path: Path) -> None:
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "install.sh").write_text('echo "$@" > install-args\n')
     (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "__init__.py").write_text("")
     out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, cwd="/")
     assert (tmp_path / "install-args").read_text().split() == ["--system"]
     assert "no tests ran" in out.stdout and out.returncode == 5

@@ -72,7 +72,9 @@ def test_a_body_at_the_limit_is_served(client, stream):
 
 def rss_bytes(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert found is not None, status
+    return int(found[1]) * 1024
 
 
 def test_a_50_mb_body_against_a_real_server_is_refused_and_its_memory_stays_flat(start_server):

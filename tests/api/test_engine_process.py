@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,7 +40,10 @@ BODIES = [
 ]
 
 # The playground's guidance curve: a call (not a request) to the engine, answered across the pipe.
-CURVE_BODIES = ({}, {"guidance_scale": 4, "schedule": {"kind": "cosine"}, "noise_level": 0.5, "steps": 9})
+CURVE_BODIES: tuple[dict, ...] = (
+    {},
+    {"guidance_scale": 4, "schedule": {"kind": "cosine"}, "noise_level": 0.5, "steps": 9},
+)
 
 
 def draw_together(client: TestClient) -> list[dict]:
@@ -50,7 +54,7 @@ def draw_together(client: TestClient) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def split() -> TestClient:
+def split() -> Iterator[TestClient]:
     with TestClient(create_app(Settings(engine_process=True, warmup=False))) as client:
         yield client
 

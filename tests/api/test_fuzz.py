@@ -66,6 +66,16 @@ FUZZ_SETTINGS = settings(
 )
 
 
+def in_dict(rebuild: Callable[[Any], Any], value: dict, key: Any) -> Callable[[Any], Any]:
+    """rebuild, given value with its item at key replaced."""
+    return lambda new: rebuild({**value, key: new})
+
+
+def in_list(rebuild: Callable[[Any], Any], value: list, i: int) -> Callable[[Any], Any]:
+    """rebuild, given value with its item at i replaced."""
+    return lambda new: rebuild([*value[:i], new, *value[i + 1 :]])
+
+
 def with_lone_surrogates(body: Any) -> list[Any]:
     """Copies of a JSON body, each with one of its strings (a value or a key) carrying a lone UTF-16 surrogate:
     JSON can escape one ("\\ud800") and Python reads it, but UTF-8 cannot encode it. schemathesis draws only
@@ -80,10 +90,10 @@ def with_lone_surrogates(body: Any) -> list[Any]:
                 first = next(iter(value))
                 variants.append(rebuild({("\udc00" + k if k == first else k): v for k, v in value.items()}))
             for key, item in value.items():
-                walk(item, lambda new, key=key, value=value: rebuild({**value, key: new}))
+                walk(item, in_dict(rebuild, value, key))
         elif isinstance(value, list):
             for i, item in enumerate(value):
-                walk(item, lambda new, i=i, value=value: rebuild([*value[:i], new, *value[i + 1 :]]))
+                walk(item, in_list(rebuild, value, i))
 
     walk(body, lambda new: new)
     return variants

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import httpx
@@ -115,6 +115,10 @@ def nginx_test(prefix: Path, conf: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=30,
     )
+
+
+def answers_ready(url: str) -> bool:
+    return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -271,12 +275,7 @@ def running_replicas(logs: Path, env: dict[str, str], count: int = 2) -> Iterato
             started.append(Replica(f"http://127.0.0.1:{port}", proc, log_path))
         for replica in started:
             try:
-                wait_for(
-                    lambda r=replica: httpx.get(f"{r.url}/readyz", timeout=2).status_code == 200,
-                    240,
-                    f"replica {replica.url}",
-                    replica.proc,
-                )
+                wait_for(partial(answers_ready, replica.url), 240, f"replica {replica.url}", replica.proc)
             except (TimeoutError, RuntimeError) as exc:
                 pytest.fail(f"{exc}\n{replica.log()}")
         yield started

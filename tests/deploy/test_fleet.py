@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ from .support import Gateway, Replica, free_port, require_tool, running_replicas
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration]
 
-BODY = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}  # 4 rows at each step
+BODY: dict[str, Any] = {"class_label": "sneaker", "num_images": 2, "steps": 12, "seed": 5}  # 4 rows at each step
 # Two such jobs fill a replica's batch: the rest of a backlog waits in Redis, not in an engine's queue.
 MAX_BATCH_ROWS = 8
 LONG_STEPS = 2000  # a job that must still run when the test acts on it: minutes here, not seconds
@@ -105,7 +106,8 @@ def store(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 def runner(store: redis.Redis, job_id: str) -> str | None:
     """The replica that runs (or ran) the job, as its consumer's name: host-pid-token."""
-    return store.hget(job_key(job_id), "runner")
+    name = store.hget(job_key(job_id), "runner")
+    return None if name is None else str(name)
 
 
 def replica_of(fleet: list[Replica], store: redis.Redis, job_id: str) -> Replica:
@@ -188,13 +190,13 @@ def test_twenty_jobs_through_the_gateway_are_drained_by_both_replicas_and_read_w
 
     held, waiting = [], []
     with ThreadPoolExecutor(len(ids)) as pool:
-        streams = pool.map(follow_elsewhere, ids)
+        following = pool.map(follow_elsewhere, ids)
         while any(store.smismember(UNFINISHED, ids)):
             for replica in fleet:
                 held.append(replica.gauge("cfg_requests_in_flight", "cfg_queue_depth"))
             waiting.append(metric_value(httpx.get(f"{fleet[0].url}/metrics").text, 'cfg_job_backlog{state="waiting"}'))
             time.sleep(0.1)
-        streams = list(streams)
+        streams = list(following)
     assert max(held) <= 3, held
     assert max(waiting) > 0, waiting
 

@@ -32,7 +32,9 @@ def directives(conf: str) -> str:
 
 def seconds(value: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", value).groups()
+    found = re.fullmatch(r"(\d+)(ms|s|m|h)?", value)
+    assert found is not None, value
+    number, unit = found.groups()
     return int(number) * units[unit or "s"]
 
 

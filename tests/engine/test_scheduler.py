@@ -53,8 +53,8 @@ class Ticks:
             rows[request.client] = rows.get(request.client, 0) + request.run.rows_needed()
         self.client_rows.append(rows)
         if active:
-            rows = denoise_step(self.denoiser, [r.run for r in active])
-            assert rows <= self.scheduler.max_batch_rows
+            stepped = denoise_step(self.denoiser, [r.run for r in active])
+            assert stepped <= self.scheduler.max_batch_rows
             self.scheduler.stepped()
             for request in active:
                 if request.run.done:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def read_during_a_cads_forward(denoiser: UNetDenoiser, read):
     """Run a CADS forward and, while its hook is registered, call read() in another thread; returns what
     read() gave there."""
-    got = {}
+    got: dict[str, object] = {}
 
     def during_forward(_module, _inputs, _out):
         t = threading.Thread(target=lambda: got.setdefault("value", read()))

@@ -80,7 +80,7 @@ def test_mixed_rows_in_one_forward_equal_each_rows_own_computation(dit):
     # threshold above its change (it skips) and row 3 below it (it runs in full and refreshes).
     held = [None, None, earlier.deep[2], earlier.deep[3]]
     now = forward_rows(dit, x, t, y, [1.0] * 4, [None] * 4).deep
-    change = relative_change(torch.stack([s[0] for s in now]), held)  # type: ignore[index]
+    change = relative_change(torch.stack([s[0] for s in now]), held)
     assert change[2] is not None and change[3] is not None and change[2] > 0 and change[3] > 0
     thresholds = [None, 0.1, change[2] * 1.5, change[3] * 0.5]
     calls, handle = rows_into_block_1(dit)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import ConsoleMessage
 
 from tests.conftest import LiveServer
 
@@ -67,7 +68,12 @@ def page(browser, server: LiveServer, console: ConsoleErrors):
     )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
-    page.on("console", lambda m: m.type == "error" and console.seen.append(f"console: {m.text} ({m.location})"))
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            console.seen.append(f"console: {message.text} ({message.location})")
+
+    page.on("console", on_console)
     page.on("pageerror", lambda e: console.seen.append(f"pageerror: {e}"))
     yield page
     context.close()

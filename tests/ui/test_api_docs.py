@@ -4,7 +4,7 @@ the API from the service's own files, and ask no other host for anything (a CDN,
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Request, expect
 
 pytestmark = pytest.mark.browser
 
@@ -18,8 +18,16 @@ def record_other_hosts(page: Page) -> dict[str, str | None]:
         url = urlsplit(request.url)
         return url.scheme not in ("data", "blob") and url.hostname != "127.0.0.1"
 
-    page.on("request", lambda r: elsewhere(r) and outside.setdefault(r.url, None))
-    page.on("requestfailed", lambda r: elsewhere(r) and outside.__setitem__(r.url, r.failure))
+    def on_request(request: Request) -> None:
+        if elsewhere(request):
+            outside.setdefault(request.url, None)
+
+    def on_failed(request: Request) -> None:
+        if elsewhere(request):
+            outside[request.url] = request.failure
+
+    page.on("request", on_request)
+    page.on("requestfailed", on_failed)
     return outside
 
 

@@ -5,16 +5,23 @@ import json
 import re
 import shlex
 import subprocess
+from typing import TypedDict
 
 import httpx
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Locator, Page, Request, expect
 
 from tests.pngs import level_diff
 
 pytestmark = pytest.mark.browser
 
-FAST = {"steps": 4, "num_images": 2}  # a few seconds a job on 2 CPU cores
+
+class Shared(TypedDict):
+    steps: int
+    num_images: int
+
+
+FAST: Shared = {"steps": 4, "num_images": 2}  # a few seconds a job on 2 CPU cores
 
 
 def open_page(page: Page) -> None:
@@ -31,7 +38,7 @@ def control(col: Locator, data_id: str) -> Locator:
     return col.locator(f'[data-id="{data_id}"]')
 
 
-def set_shared(page: Page, steps_col: Locator | None = None, *, num_images: int, steps: int) -> None:
+def set_shared(page: Page, *, num_images: int, steps: int, steps_col: Locator | None = None) -> None:
     page.fill("#num_images", str(num_images))
     control(steps_col or column(page, "A"), "steps").fill(str(steps))
 
@@ -52,7 +59,12 @@ def image_sources(col: Locator) -> list[str]:
 
 def test_page_loads_from_the_app_alone(page: Page, server):
     outside = []
-    page.on("request", lambda r: r.url.startswith((server.url, "data:")) or outside.append(r.url))
+
+    def on_request(request: Request) -> None:
+        if not request.url.startswith((server.url, "data:")):
+            outside.append(request.url)
+
+    page.on("request", on_request)
     open_page(page)
     expect(page).to_have_title("cfg-serve playground")
     expect(page.locator("#class_label option")).to_have_count(11)  # 10 classes and unconditional
@@ -231,7 +243,12 @@ def test_copy_curl_gives_the_same_images(page: Page):
 
 def test_api_key_goes_with_every_api_request(page: Page):
     sent = []
-    page.on("request", lambda r: "/v1/" in r.url and sent.append((r.url, r.headers.get("x-api-key"))))
+
+    def on_request(request: Request) -> None:
+        if "/v1/" in request.url:
+            sent.append((request.url, request.headers.get("x-api-key")))
+
+    page.on("request", on_request)
     open_page(page)
     page.fill("#api_key", "k-123")
     set_shared(page, **FAST)
@@ -336,7 +353,7 @@ def test_every_method_s_inputs_come_from_its_settings_model_and_each_method_runs
                     assert float(el.input_value()) == field["default"], (kind, field)
                 for bound in ("minimum", "maximum"):
                     if bound in field:
-                        assert float(el.get_attribute(bound[:3])) == field[bound], (kind, field)
+                        assert float(el.get_attribute(bound[:3]) or "nan") == field[bound], (kind, field)
             elif field["type"] == "boolean":
                 assert el.is_checked() == bool(field["default"]), (kind, field)
         others = [k for k in kinds if k != kind and fields[k]]

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import ConsoleMessage, expect
 
 from tests.ui.conftest import TIMEOUT_MS
 
@@ -20,7 +20,12 @@ def test_the_page_opened_during_startup_says_so_and_loads_once_ready(browser, la
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
-    page.on("console", lambda m: m.type == "error" and "503" not in m.text and errors.append(m.text))
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error" and "503" not in message.text:
+            errors.append(message.text)
+
+    page.on("console", on_console)
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto("/")
