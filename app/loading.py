@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from app.api.clients import weights_by_client
 from app.api.convert import guidance_body
+from app.api.methods import CACHE_FIELD, cache_error
 from app.api.schemas import CACHE_MODELS, SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, SharedCompute
@@ -22,7 +24,7 @@ from app.models.attention import PerturbationSupport, perturbation_support
 from app.models.denoiser import HookedDenoiser
 from app.models.fast import fast_denoiser, resolve_precision, to_channels_last
 from app.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-from app.sampling.cache import CACHE_KINDS, CACHE_PARAMS, ROW_CACHE_KINDS
+from app.sampling.cache import ANY_MODEL_CACHE_KINDS, CACHE_KINDS, CACHE_PARAMS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,8 +94,8 @@ def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
     service whether it can run it (reason None), and deepcache's deepest branch; `fields`, the settings of each
     kind it runs as a form builds its inputs (the playground), deepcache's branch bounded by that branch. The
-    kinds that enter no network (ROW_CACHE_KINDS: uncond) every model runs."""
-    support = {**support, **dict.fromkeys(ROW_CACHE_KINDS)}
+    kinds that enter no network (ANY_MODEL_CACHE_KINDS: uncond) every model runs."""
+    support = {**support, **dict.fromkeys(ANY_MODEL_CACHE_KINDS)}
     runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:
@@ -109,7 +111,8 @@ def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None
 def default_cache(manifest: Manifest, entry: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint's default step cache (its manifest's default_cache), as the request's `cache` field: refused
     (a RuntimeError that fails the startup) where its settings are out of range or the model, at the precision
-    served, does not run its kind."""
+    served, does not run its kind or branch: checked as a request's cache is (the API's schema and cache_error),
+    since every request that names no cache takes it."""
     chosen = dict(manifest.default_cache or {"kind": "none"})
     kind = str(chosen.get("kind"))
     if kind == "none":
@@ -117,10 +120,18 @@ def default_cache(manifest: Manifest, entry: Mapping[str, Any]) -> dict[str, Any
     if kind not in entry["kinds"]:
         why = entry.get(kind, {}).get("reason") or "no such step cache"
         raise RuntimeError(f"model {manifest.name}: its manifest's default_cache is {kind}, which it can't run: {why}")
+    refused = f"model {manifest.name}: its manifest's default_cache is refused"
     try:
         CACHE_PARAMS[kind](**{k: v for k, v in chosen.items() if k != "kind"})
     except (TypeError, ValueError) as exc:
-        raise RuntimeError(f"model {manifest.name}: its manifest's default_cache is refused: {exc}") from exc
+        raise RuntimeError(f"{refused}: {exc}") from exc
+    try:
+        cache = CACHE_FIELD.validate_python(chosen)  # the API's ranges
+    except ValidationError as exc:
+        why = "; ".join(f"cache.{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
+        raise RuntimeError(f"{refused}: {why}") from exc
+    if (error := cache_error({"id": manifest.name, "cache": entry}, cache)) is not None:
+        raise RuntimeError(f"{refused}: {error['msg']}")
     return chosen
 
 

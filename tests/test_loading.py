@@ -31,6 +31,9 @@ def test_a_manifest_without_one_defaults_to_none():
         ({"kind": "teacache"}, UNET, "default_cache is teacache, which it can't run: no such step cache"),
         ({"kind": "uncond", "every": 0}, UNET, "default_cache is refused: uncond every must be at least 1"),
         ({"kind": "uncond", "speed": 2}, UNET, "default_cache is refused: .*unexpected keyword argument 'speed'"),
+        # past the API's ranges, or the model's deepest branch: every request without a cache would fail on it
+        ({"kind": "uncond", "every": 11}, UNET, "default_cache is refused: .*less than or equal to 10"),
+        ({"kind": "deepcache", "branch": 7}, UNET, "default_cache is refused: cache.branch must be 0..2"),
     ],
 )
 def test_a_default_the_model_cannot_run_fails_the_startup_naming_why(chosen, entry, message):

@@ -15,16 +15,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from app.engine.outputs import Failed
+from app.engine.outputs import Failed, FailureKind
 from app.engine.policy import PRIORITIES, seconds_over
 from app.engine.scheduler import EngineRequest, Scheduler
 from app.models.attention import PerturbationError, PerturbationSupport, resolve_layers
 from app.models.deepcache import DeepCacheError
 from app.sampling import Denoiser, SampleRun
-from app.sampling.cache import ROW_CACHE_KINDS, DeepCacheParams, cache_kind
+from app.sampling.cache import ANY_MODEL_CACHE_KINDS, DeepCacheParams, cache_kind
 
 # (failure kind, message)
-Refusal = tuple[str, str]
+Refusal = tuple[FailureKind, str]
 
 
 class EngineClosedError(RuntimeError):
@@ -83,12 +83,12 @@ def guide_refusal(run: SampleRun, name: str, guides: Mapping[str, Denoiser]) -> 
 
 def cache_refusal(run: SampleRun, name: str, denoiser: Denoiser) -> Refusal | None:
     """Where the model can't run the run's step cache, or not at its branch. A kind that enters no network
-    (ROW_CACHE_KINDS) every model runs; the others, as the denoiser's cache_support() says."""
+    (ANY_MODEL_CACHE_KINDS) every model runs; the others, as the denoiser's cache_support() says."""
     cache = run.spec.cache
     if cache is None:
         return None
     kind = cache_kind(cache)
-    if kind in ROW_CACHE_KINDS:
+    if kind in ANY_MODEL_CACHE_KINDS:
         return None
     support: dict[str, str | None] = getattr(denoiser, "cache_support", dict)()
     if kind not in support:

@@ -365,7 +365,7 @@ class Engine:
         refusal = refusal or self._scheduler.refusal(request.run, limit_queue)
         if refusal is not None:
             self._finals += 1
-            outputs.append(Failed(request.id, refusal[0], refusal[1]))  # type: ignore[arg-type]
+            outputs.append(Failed(request.id, *refusal))
             return
         if deadline is not None and (late := self._late(request, deadline)) is not None:
             self._finals += 1

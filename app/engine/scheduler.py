@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.outputs import Progress, ProgressEvent
+from app.engine.outputs import FailureKind, Progress, ProgressEvent
 from app.engine.policy import (
     PRIORITIES,
     Waiting,
@@ -164,7 +164,7 @@ class Scheduler:
         self.served: dict[tuple[int, str], float] = {}
         self._members: dict[tuple[int, str], int] = {}
 
-    def refusal(self, run: SampleRun, limit_queue: bool) -> tuple[str, str] | None:
+    def refusal(self, run: SampleRun, limit_queue: bool) -> tuple[FailureKind, str] | None:
         """(kind, message) where a new request cannot be queued: it can never fit, or the queue is full (unless it
         fits now); None where it can. limit_queue=False: its caller bounds its own requests (the jobs API)."""
         rows = run.admission_profile().max(initial=0)

@@ -27,7 +27,7 @@ import torch
 CACHE_KINDS = ("none", "deepcache", "first_block", "uncond")
 # Kinds that skip rows and enter no network: every model runs them, at every precision (the others need the
 # model's own support: its cache_support()).
-ROW_CACHE_KINDS = frozenset({"uncond"})
+ANY_MODEL_CACHE_KINDS = frozenset({"uncond"})
 
 
 def check_uncond(every: int, order: int) -> None:

@@ -21,7 +21,7 @@ from app.engine.admission import (
 from app.engine.scheduler import EngineRequest, Scheduler
 from app.guidance.autoguidance import AutoguidanceMethod
 from app.sampling import DEFAULT_GUIDANCE, SampleSpec
-from app.sampling.cache import ROW_CACHE_KINDS, DeepCacheParams, FirstBlockParams, UncondParams
+from app.sampling.cache import ANY_MODEL_CACHE_KINDS, DeepCacheParams, FirstBlockParams, UncondParams
 from tests.sampling.test_cache_run import make_run
 
 
@@ -35,7 +35,7 @@ def test_a_model_without_a_step_cache_runs_the_caches_that_enter_no_network(load
     def plain(x, t, labels):
         return denoiser(x, t, labels)
 
-    assert ROW_CACHE_KINDS == {"uncond"}
+    assert ANY_MODEL_CACHE_KINDS == {"uncond"}
     assert cache_refusal(make_run(loaded, denoiser, spec(UncondParams(2, 1))), "m", plain) is None
     for cache in (DeepCacheParams(interval=3), FirstBlockParams(threshold=0.1)):
         refusal = cache_refusal(make_run(loaded, denoiser, spec(cache)), "m", plain)

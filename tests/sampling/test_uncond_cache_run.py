@@ -162,3 +162,18 @@ def test_the_batched_step_and_the_run_s_own_step_draw_the_same_images(loaded, de
     sample(denoiser, [batched])
     sample(denoiser, [reference])
     assert np.abs(batched.images().astype(int) - reference.images().astype(int)).max() <= 1
+
+
+def test_uncond_cached_requests_of_different_settings_draw_together_what_each_draws_alone(loaded, denoiser):
+    # Three uncond requests with their own every, order, seeds and scales in the same forwards (staggered, so
+    # their reused and refreshing steps fall on different ticks), beside deepcache + uncond_every.
+    specs = [
+        SampleSpec(1, (21,), 12, guidance=GuidanceParams(3.0), cache=UncondParams(every=2, order=0)),
+        SampleSpec(6, (22, 23), 12, guidance=GuidanceParams(4.5), cache=UncondParams(every=3, order=1)),
+        SampleSpec(8, (24,), 12, guidance=DEFAULT_GUIDANCE, cache=UncondParams(every=4, order=1)),
+        SampleSpec(3, (25,), 12, guidance=GuidanceParams(2.0), cache=DeepCacheParams(interval=3, uncond_every=2)),
+    ]
+    together = staggered(loaded, denoiser, specs)
+    for spec, images in zip(specs, together, strict=True):
+        diff = np.abs(images - alone(loaded, denoiser, spec)).max()
+        assert diff <= 1, f"{spec.cache}, seeds {spec.seeds}: {diff} grey levels from the request alone"
