@@ -116,6 +116,15 @@ def _narrow(t: torch.Tensor, have: list[int], keep: list[int]) -> torch.Tensor:
     return t.index_select(0, torch.tensor([where[row] for row in keep], device=t.device))
 
 
+def _stack_like(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The rows stacked into one batch in the memory format of `like` (a skip the batch is concatenated with):
+    channels_last where the network runs in it. torch.stack alone gives NCHW, and a concatenation or a
+    convolution mixing the two formats copies (9% and 7% of a cached forward's time at branch 0, 32 rows)."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return torch.stack([row.permute(1, 2, 0) for row in rows]).permute(0, 3, 1, 2)
+    return torch.stack(rows)
+
+
 def forward_rows(
     unet: UNet2DModel,
     sample: torch.Tensor,
@@ -174,7 +183,7 @@ def forward_rows(
         if entering:  # the cached rows entering here join the rows coming up from below, in row order
             coming = {row: j for j, row in enumerate(alive)}
             parts = [cached[i] if enter[i] == level else h[coming[i]] for i in level_rows]
-            h = torch.stack(parts)  # type: ignore[arg-type]
+            h = _stack_like(parts, taken[-1])  # type: ignore[arg-type]
         for j, i in enumerate(level_rows):
             if cached[i] is None and branches[i] == level:
                 deep[i] = h[j].clone()  # a row of its own: the batch's tensor is not kept alive by it
