@@ -52,6 +52,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
     shallow_rows = metrics.path_rows.labels(path="shallow", model=model)
     skipped_rows, images = metrics.skipped_rows.labels(model=model), metrics.images.labels(model=model)
     reused_rows = metrics.reused_rows.labels(model=model)
+    skipped_steps = metrics.skipped_steps.labels(model=model)
     queue_wait = metrics.queue_wait.labels(model=model)
     preemptions = metrics.preemptions.labels(model=model)
 
@@ -66,6 +67,7 @@ def stats_hook(metrics: Metrics, model: str) -> Callable[[EngineStats], None]:
         shallow_rows.inc(stats.shallow_rows)
         skipped_rows.inc(stats.skipped_uncond_rows)
         reused_rows.inc(stats.reused_uncond_rows)
+        skipped_steps.inc(stats.skipped_step_images)
         if stats.images_finished:
             images.inc(stats.images_finished)
         for seconds in stats.queue_waits:

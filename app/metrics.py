@@ -91,6 +91,7 @@ class Metrics:
     forward_rows: Counter
     skipped_rows: Counter
     reused_rows: Counter
+    skipped_steps: Counter
     path_rows: Counter
     class_queue_wait: Histogram
     class_latency: Histogram
@@ -124,6 +125,7 @@ class Metrics:
             self.images,
             self.skipped_rows,
             self.reused_rows,
+            self.skipped_steps,
         ):
             metric.labels(model=model)
         for priority in PRIORITY_CLASSES:
@@ -237,6 +239,13 @@ def create_metrics(registry: CollectorRegistry | None = None, top_clients: int =
             "cfg_engine_reused_uncond_rows",
             "Unconditional rows not run because their request's step cache (kind uncond) reused its guidance "
             "difference eps_c - eps_u from an earlier step",
+            ["model"],
+            registry=registry,
+        ),
+        skipped_steps=Counter(
+            "cfg_engine_skipped_step_images",
+            "Images whose step ran no row because their request's step cache (kind skip) stepped on its denoised "
+            "estimate from an earlier step",
             ["model"],
             registry=registry,
         ),

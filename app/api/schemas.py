@@ -130,21 +130,12 @@ def uncond_fields() -> tuple[Any, Any]:
     return every, Field(1, ge=0, le=1, description="the uncond cache's order (kind uncond's order)")
 
 
-class DeepCache(_Strict):
-    """DeepCache (Ma et al. 2024), for UNets: a full step every `interval` steps caches the features that enter
-    the up path at depth `branch`; the steps between run only the shallow path and reuse them. Each kind of row
-    (conditional, unconditional, perturbed) keeps its own features. Every step runs in full outside [start, end),
-    fractions of the steps, and where full_sigma_min < sigma <= full_sigma_max (docs/caching.md)."""
+class _CachedSteps(_Strict):
+    """The steps deepcache and skip reuse work on: a full step every `interval` steps, the steps between cached;
+    every step in full outside [start, end), fractions of the steps, and where full_sigma_min < sigma <=
+    full_sigma_max (docs/caching.md)."""
 
-    kind: Literal["deepcache"]
     interval: int = Field(3, ge=1, le=10, description="a full step every this many steps (1: no reuse)")
-    branch: int = Field(
-        0,
-        ge=0,
-        le=8,
-        description="split depth: 0 is the shallowest (the cheapest cached step); GET /v1/models "
-        "lists each model's branches",
-    )
     start: float = Field(0.0, ge=0, le=1, description="fraction of the steps before which every step is full")
     end: float = Field(1.0, ge=0, le=1, description="fraction of the steps from which every step is full")
     full_sigma_min: float | None = Field(
@@ -153,21 +144,46 @@ class DeepCache(_Strict):
     full_sigma_max: float | None = Field(
         None, ge=0, le=1000, description="the band's top (null: no bound; both null: no band)"
     )
-    order: int = Field(
-        0, ge=0, le=1, description="0: reuse the last full step's features; 1: forecast them from the last two"
-    )
+    order: int = Field(0, ge=0, le=1, description="0: reuse what the last full step computed; 1: forecast it")
     uncond_every: int
     uncond_order: int
     uncond_every, uncond_order = uncond_fields()
 
     @model_validator(mode="after")
-    def _ordered(self) -> DeepCache:
+    def _ordered(self) -> _CachedSteps:
         if self.start > self.end:
             raise ValueError(f"cache.start ({self.start:g}) must not exceed cache.end ({self.end:g})")
         low, high = self.full_sigma_min, self.full_sigma_max
         if low is not None and high is not None and low >= high:
             raise ValueError(f"cache.full_sigma_min ({low:g}) must be below cache.full_sigma_max ({high:g})")
         return self
+
+
+class DeepCache(_CachedSteps):
+    """DeepCache (Ma et al. 2024), for UNets: a full step every `interval` steps caches the features that enter
+    the up path at depth `branch`; the steps between run only the shallow path and reuse them (order 0) or
+    forecast them from the last two (order 1). Each kind of row (conditional, unconditional, perturbed) keeps its
+    own features."""
+
+    kind: Literal["deepcache"]
+    branch: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="split depth: 0 is the shallowest (the cheapest cached step); GET /v1/models "
+        "lists each model's branches",
+    )
+
+
+class SkipCache(_CachedSteps):
+    """Step skipping, for any model: the steps between full ones run no row at all; each image's denoised
+    estimate is that of its last full step (order 0) or forecast from the last two (order 1). By default only
+    steps with sigma above 10, the first ones from pure noise, may skip (docs/caching.md)."""
+
+    kind: Literal["skip"]
+    full_sigma_max: float | None = Field(
+        10.0, ge=0, le=1000, description="the band's top (null: no bound; both null: no band)"
+    )
 
 
 class FirstBlockCache(_Strict):
@@ -198,7 +214,7 @@ class UncondCache(_Strict):
     )
 
 
-Cache = Annotated[NoCache | DeepCache | FirstBlockCache | UncondCache, Field(discriminator="kind")]
+Cache = Annotated[NoCache | DeepCache | FirstBlockCache | UncondCache | SkipCache, Field(discriminator="kind")]
 
 
 def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -206,7 +222,7 @@ def _by_kind(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
 
 
 SCHEDULE_MODELS = _by_kind(ConstantSchedule, LinearSchedule, CosineSchedule, IntervalSchedule)
-CACHE_MODELS = _by_kind(NoCache, DeepCache, FirstBlockCache, UncondCache)
+CACHE_MODELS = _by_kind(NoCache, DeepCache, FirstBlockCache, UncondCache, SkipCache)
 
 
 def method_union(models: tuple[type[MethodParams], ...]) -> Any:
@@ -272,7 +288,7 @@ class GenerateBody(Protocol):
     model: str
     priority: Priority | None
     method: MethodParams
-    cache: NoCache | DeepCache | FirstBlockCache | UncondCache | None
+    cache: NoCache | DeepCache | FirstBlockCache | UncondCache | SkipCache | None
     timeout_s: float | None
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
@@ -353,8 +369,9 @@ def _generate_request(limits: Limits, methods: tuple[type[MethodParams], ...]) -
         )
         cache: Cache | None = Field(
             None,
-            description="reuse work between steps for speed: none, deepcache (UNets), first_block (DiTs) or "
-            "uncond (any model: CFG's unconditional rows on fewer steps); GET /v1/models lists "
+            description="reuse work between steps for speed: none, deepcache (UNets), first_block (DiTs), "
+            "uncond (any model: CFG's unconditional rows on fewer steps) or skip (any model: no row at all on "
+            "some of the first steps, each image's denoised estimate reused); GET /v1/models lists "
             "each model's kinds and its default (cache.default, chosen by measuring that checkpoint), which a "
             "request without the field (or null) takes. It changes the images a little for a cut in compute "
             "(docs/caching.md)",

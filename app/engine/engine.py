@@ -410,6 +410,7 @@ class Engine:
             client_rows[share] = client_rows.get(share, 0) + rows_now
         skipped = sum(r.skipped_uncond_rows() for r in runs)
         reused = sum(r.reused_uncond_rows() for r in runs)
+        skipped_steps = sum(r.skipped_step_images() for r in runs)
         perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
         guide_rows = sum(r.guide_rows_needed() for r in runs)
         rows = denoise_step(self._denoiser, runs, self._guides)
@@ -463,6 +464,7 @@ class Engine:
             guide_rows=guide_rows,
             skipped_uncond_rows=skipped,
             reused_uncond_rows=reused,
+            skipped_step_images=skipped_steps,
             shallow_rows=shallow,
             queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
             class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]

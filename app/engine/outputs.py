@@ -78,6 +78,7 @@ class EngineStats:
     guide_rows: int = 0  # rows through a guide model's forward (autoguidance), beside the `rows` of this model's
     skipped_uncond_rows: int = 0  # unconditional rows not run: the weight of that step was exactly 1
     reused_uncond_rows: int = 0  # unconditional rows not run: their request reused its guidance difference
+    skipped_step_images: int = 0  # images whose request skipped this step (a skip cache): none of their rows ran
     shallow_rows: int = 0  # rows of `rows` that reused cached deep features and ran only the shallow path
     queue_waits: tuple[float, ...] = ()  # seconds each request admitted at this tick waited (resumed ones aside)
     class_queue_waits: tuple[tuple[str, float], ...] = ()  # the same, each with its request's priority class

@@ -74,6 +74,10 @@ class BatchedRun(Protocol):
 
     def needs_uncond(self) -> bool: ...
 
+    def skips(self, i: int) -> bool: ...
+
+    def skipped_eps(self) -> torch.Tensor: ...
+
     def reuses_uncond(self, i: int) -> bool: ...
 
     def uncond_estimate(self, eps_cond: torch.Tensor) -> torch.Tensor: ...
@@ -120,11 +124,12 @@ def inputs_together(runs: Sequence[BatchedRun]) -> tuple[torch.Tensor, torch.Ten
     start = 0
     for r, table in zip(runs, tables, strict=True):
         n, i = r.spec.num_images, r.step_index
-        rows = list(range(start, start + n))
-        guided = r.needs_uncond()
-        index += rows + rows if guided else rows
-        labels += [r.label] * n + [r.null_label] * n if guided else [r.label] * n
-        timesteps += [table.timesteps[i]] * (2 * n if guided else n)
+        if not r.skips(i):  # a skipped step runs no row; its scaled input is kept all the same
+            rows = list(range(start, start + n))
+            guided = r.needs_uncond()
+            index += rows + rows if guided else rows
+            labels += [r.label] * n + [r.null_label] * n if guided else [r.label] * n
+            timesteps += [table.timesteps[i]] * (2 * n if guided else n)
         if scaled:
             divisors += [1.0 if table.input_divisors is None else table.input_divisors[i]] * n
         start += n
@@ -137,8 +142,9 @@ def inputs_together(runs: Sequence[BatchedRun]) -> tuple[torch.Tensor, torch.Ten
         r.scaled_input = view
     dtype = functools.reduce(torch.promote_types, {t.timestep_dtype for t in tables})
     device = latents.device
-    x_rows = x.index_select(0, to_device(torch.tensor(index), device))
-    return x_rows, to_device(torch.tensor(timesteps, dtype=dtype), device), to_device(torch.tensor(labels), device)
+    x_rows = x.index_select(0, to_device(torch.tensor(index, dtype=torch.long), device))
+    labels_rows = to_device(torch.tensor(labels, dtype=torch.long), device)
+    return x_rows, to_device(torch.tensor(timesteps, dtype=dtype), device), labels_rows
 
 
 def advance_together(runs: Sequence[BatchedRun], eps: torch.Tensor, offsets: Sequence[int]) -> None:
@@ -170,11 +176,18 @@ def _advance(
     runs = [run for run, _ in members]
     sizes = [r.spec.num_images for r in runs]
     per_row: list[list[float]] = []  # cond index, uncond index, scale, then the step-table row
-    estimates: list[torch.Tensor] = []  # the unconditional rows of runs that reuse their guidance difference
-    estimated_at = eps.shape[0]  # where they go: after the forward's rows
+    # The rows no forward gave: the unconditional rows of runs that reuse their guidance difference, the eps of
+    # runs that skip the step; they go after the forward's rows.
+    estimates: list[torch.Tensor] = []
+    estimated_at = eps.shape[0]
     for (run, offset), n in zip(members, sizes, strict=True):
-        i = run.step_index
-        if run.needs_uncond():
+        i, cond = run.step_index, offset
+        if run.skips(i):
+            estimates.append(run.skipped_eps())
+            scale, cond = 1.0, estimated_at
+            uncond = cond
+            estimated_at += n
+        elif run.needs_uncond():
             run.keep_delta(eps[offset : offset + n], eps[offset + n : offset + 2 * n])
             scale, uncond = run.scales[i], offset + n
         elif run.reuses_uncond(i):
@@ -184,13 +197,12 @@ def _advance(
         else:
             scale, uncond = 1.0, offset
         coefs = table_of(run)[i]
-        per_row += [[offset + j, uncond + j, scale, *coefs] for j in range(n)]
+        per_row += [[cond + j, uncond + j, scale, *coefs] for j in range(n)]
     if estimates:
         eps = torch.cat([eps, *estimates])
     host = torch.tensor(per_row, dtype=torch.float32)
     table = to_device(host, eps.device)  # one copy, which does not wait: no host-device sync in the step
-    cond, uncond = table[:, 0].long(), table[:, 1].long()
-    eps_guided = combine_rows(eps, cond, uncond, table[:, 2])
+    eps_guided = combine_rows(eps, table[:, 0].long(), table[:, 1].long(), table[:, 2])
     sample = torch.cat([r.latents for r in runs]) if len(runs) > 1 else runs[0].latents
     x0_prev = None
     if solver.history:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-CACHE_KINDS = ("none", "deepcache", "first_block", "uncond")
+CACHE_KINDS = ("none", "deepcache", "first_block", "uncond", "skip")
 # Kinds that skip rows and enter no network: every model runs them, at every precision (the others need the
 # model's own support: its cache_support()).
-ANY_MODEL_CACHE_KINDS = frozenset({"uncond"})
+ANY_MODEL_CACHE_KINDS = frozenset({"uncond", "skip"})
 
 
 def check_uncond(every: int, order: int) -> None:
@@ -38,38 +39,37 @@ def check_uncond(every: int, order: int) -> None:
 
 
 @dataclass(frozen=True)
-class DeepCacheParams:
-    """{"kind": "deepcache"}: a full step every `interval` steps, the steps between on the shallow path of depth
-    `branch` (app/models/deepcache.py); every step in full outside [start, end), fractions of the steps (0: the
-    first, pure noise), and where full_sigma_min < sigma <= full_sigma_max (None: no bound on that side; both
-    None: no band)."""
+class CachedSteps:
+    """The steps a deepcache or skip cache reuses work on: a full step every `interval` steps, the steps between
+    cached; every step in full outside [start, end), fractions of the steps (0: the first, pure noise), and where
+    full_sigma_min < sigma <= full_sigma_max (None: no bound on that side; both None: no band). order 0 reuses
+    what the last full step computed, order 1 forecasts it from the last two (TaylorSeer's first order)."""
 
+    KIND: ClassVar[str]
     interval: int = 3
-    branch: int = 0
     start: float = 0.0
     end: float = 1.0
     full_sigma_min: float | None = None
     full_sigma_max: float | None = None
-    order: int = 0  # 0: reuse the features of the last full step; 1: forecast them from the last two (TaylorSeer)
+    order: int = 0
     uncond_every: int = 1  # with an uncond cache (UncondParams' every; 1: none)
     uncond_order: int = 1
 
     def __post_init__(self) -> None:
         check_uncond(self.uncond_every, self.uncond_order)
+        kind = self.KIND
         if self.interval < 1:
-            raise ValueError(f"deepcache interval must be at least 1, not {self.interval}")
+            raise ValueError(f"{kind} interval must be at least 1, not {self.interval}")
         if self.order not in (0, 1):
-            raise ValueError(f"deepcache order must be 0 or 1, not {self.order}")
-        if self.branch < 0:
-            raise ValueError(f"deepcache branch must be at least 0, not {self.branch}")
+            raise ValueError(f"{kind} order must be 0 or 1, not {self.order}")
         if not 0 <= self.start <= self.end <= 1:
-            raise ValueError(f"deepcache needs 0 <= start <= end <= 1, not start {self.start:g}, end {self.end:g}")
+            raise ValueError(f"{kind} needs 0 <= start <= end <= 1, not start {self.start:g}, end {self.end:g}")
         low, high = self.full_sigma_min, self.full_sigma_max
         if low is not None and high is not None and low >= high:
-            raise ValueError(f"deepcache full_sigma_min ({low:g}) must be below full_sigma_max ({high:g})")
+            raise ValueError(f"{kind} full_sigma_min ({low:g}) must be below full_sigma_max ({high:g})")
 
     def caches_at(self, step: int, sigmas: Sequence[float]) -> bool:
-        """Whether step `step` of the run whose steps have these sigmas may reuse features (else it is full)."""
+        """Whether step `step` of the run whose steps have these sigmas may reuse work (else it is full)."""
         if not self.start <= step / len(sigmas) < self.end:
             return False
         if self.full_sigma_min is None and self.full_sigma_max is None:
@@ -89,6 +89,32 @@ class DeepCacheParams:
             else:
                 last.append(last[-1])
         return last
+
+
+@dataclass(frozen=True)
+class DeepCacheParams(CachedSteps):
+    """{"kind": "deepcache"}: the steps between full ones run the shallow path of depth `branch`
+    (app/models/deepcache.py) and reuse (order 0) or forecast (order 1) the deep features."""
+
+    KIND: ClassVar[str] = "deepcache"
+    branch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.branch < 0:
+            raise ValueError(f"deepcache branch must be at least 0, not {self.branch}")
+
+
+@dataclass(frozen=True)
+class SkipParams(CachedSteps):
+    """{"kind": "skip"}: the steps between full ones run no row at all: each image's denoised estimate is that of
+    its last full step (order 0) or forecast from the last two (order 1), and the sampler steps on the eps that
+    gives it (app/sampling/skip.py). By default only steps with sigma above 10 may skip: the first steps, from
+    pure noise, where the estimate barely moves (docs/caching.md)."""
+
+    KIND: ClassVar[str] = "skip"
+    full_sigma_min: float | None = None
+    full_sigma_max: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +148,7 @@ class UncondParams:
         check_uncond(self.every, self.order)
 
 
-CacheParams = DeepCacheParams | FirstBlockParams | UncondParams
+CacheParams = DeepCacheParams | FirstBlockParams | UncondParams | SkipParams
 
 
 # Each kind's settings, by the name a request gives it ("none": no cache).
@@ -130,6 +156,7 @@ CACHE_PARAMS: dict[str, type[CacheParams]] = {
     "deepcache": DeepCacheParams,
     "first_block": FirstBlockParams,
     "uncond": UncondParams,
+    "skip": SkipParams,
 }
 
 

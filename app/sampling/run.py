@@ -33,15 +33,17 @@ from app.guidance import (
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
 from app.sampling.batched import step_table
-from app.sampling.cache import CachePlan, GuidanceDeltas, make_row_cache, uncond_params
+from app.sampling.cache import CachePlan, GuidanceDeltas, SkipParams, make_row_cache, uncond_params
 from app.sampling.device import to_device
 from app.sampling.schedulers import (
     config_key,
     device_timesteps,
     request_scheduler,
     step_kwargs,
+    step_sigmas,
     timed_scheduler,
 )
+from app.sampling.skip import HeldDenoised
 from app.sampling.spec import (
     MAIN_BRANCHES,
     ClassEmbedding,
@@ -111,10 +113,14 @@ class SampleRun:
         self.preview: Preview | None = None
         self.step_index = 0
         self.cache = None if spec.cache is None else make_row_cache(spec.cache, self.sigmas)
+        # A skip cache's steps that run no row (app/sampling/skip.py).
+        self.skip: HeldDenoised | None = None
+        if isinstance(spec.cache, SkipParams):
+            self.skip = HeldDenoised(spec.cache, self.sigmas, step_sigmas(spec.sampler, key, spec.steps))
         # A cache that reuses CFG's guidance difference on some guided steps, which then run no unconditional rows.
         self.deltas: GuidanceDeltas | None = None
         if (reuse := uncond_params(spec.cache)) is not None:
-            guided = [i for i in range(spec.steps) if "uncond" in self._guider_branches(i)]
+            guided = [i for i in range(spec.steps) if "uncond" in self._guider_branches(i) and not self.skips(i)]
             self.deltas = GuidanceDeltas(reuse, guided)
         self.shallow_rows = 0  # its rows that ran only the shallow path at its last step (a step cache's)
 
@@ -142,9 +148,26 @@ class SampleRun:
 
     def branches(self, i: int) -> tuple[Branch, ...]:
         """The predictions step i takes beside eps_cond, in their rows' order: the guider's, without the
-        unconditional one where the request has no class or reuses its guidance difference at step i."""
+        unconditional one where the request has no class or reuses its guidance difference at step i; none at
+        a step it skips."""
+        if self.skips(i):
+            return ()
         branches = self._guider_branches(i)
         return tuple(b for b in branches if b != "uncond") if self.reuses_uncond(i) else branches
+
+    def skips(self, i: int) -> bool:
+        """Step i runs no row: a skip cache steps on the held denoised estimate (app/sampling/skip.py)."""
+        return self.skip is not None and self.skip.skips(i)
+
+    def skipped_step_images(self) -> int:
+        """This step's images that run no row because the request skips the step."""
+        return self.spec.num_images if self.skips(self.step_index) else 0
+
+    def skipped_eps(self) -> torch.Tensor:
+        """A skipped step's eps, from the held denoised estimate and this step's model input."""
+        if self.skip is None:
+            raise RuntimeError("a run without a skip cache skips no step")
+        return self.skip.eps(self.step_index, self._step_input())
 
     def reuses_uncond(self, i: int) -> bool:
         """Step i takes eps_uncond from the request's held guidance difference (an uncond cache) and runs no
@@ -179,6 +202,8 @@ class SampleRun:
 
     def _main_rows(self, i: int) -> int:
         """Step i's rows in the main model's forward: the conditional rows and those of MAIN_BRANCHES."""
+        if self.skips(i):
+            return 0
         return self.spec.num_images * (1 + sum(b in MAIN_BRANCHES for b in self.branches(i)))
 
     def _guide_rows(self, i: int) -> int:
@@ -190,7 +215,8 @@ class SampleRun:
         none for a request without a class, or whose method does not use CFG (attention guidance or autoguidance
         without cfg never asks for them)."""
         guided = self.spec.class_label is not None and self.guider.uses_cfg
-        skipped = guided and not self.needs_uncond() and self.scales[self.step_index] == 1.0
+        i = self.step_index
+        skipped = guided and not self.skips(i) and not self.needs_uncond() and self.scales[i] == 1.0
         return self.spec.num_images if skipped else 0
 
     def rows_needed(self) -> int:
@@ -235,16 +261,15 @@ class SampleRun:
             self.cache.keep(self.step_index, deep)
 
     def release(self) -> None:
-        """Free what the run holds beyond its latents: its cached features and guidance differences (it
-        finished, or left the engine)."""
-        if self.cache is not None:
-            self.cache.clear()
-        if self.deltas is not None:
-            self.deltas.clear()
+        """Free what the run holds beyond its latents: its cached features, guidance differences and denoised
+        estimates (it finished, or left the engine)."""
+        for held in (self.cache, self.deltas, self.skip):
+            if held is not None:
+                held.clear()
 
     def cached_bytes(self) -> int:
-        """What its step cache holds: cached features or states, and guidance differences."""
-        held = [c for c in (self.cache, self.deltas) if c is not None]
+        """What its step cache holds: cached features or states, guidance differences, denoised estimates."""
+        held = [c for c in (self.cache, self.deltas, self.skip) if c is not None]
         return sum(c.nbytes() for c in held)
 
     @functools.cached_property
@@ -265,6 +290,8 @@ class SampleRun:
         else:
             x = self.scheduler.scale_model_input(self.latents, t)
         self.scaled_input = x
+        if self.skips(self.step_index):
+            return ModelInput(x=x[:0], timesteps=t.expand(0).to(x.device), class_labels=self._cond_labels[:0])
         delta = self._embed_delta(t)
         # The conditional rows, then each branch's: the null label's, and the conditional rows again (with CADS's
         # delta, if any) with perturbed attention.
@@ -310,6 +337,10 @@ class SampleRun:
         n = self.spec.num_images
         i = self.step_index
         scale = self.scales[i]
+        if self.skips(i):
+            if self.spec.return_trace:
+                self.trace.append(StepTrace(i, scale))
+            return self.skipped_eps()
         branches = self.branches(i)
         eps_cond = eps[:n]
         for conditioner in self.conditioners:
@@ -360,6 +391,8 @@ class SampleRun:
     def finish_step(self, latents: torch.Tensor, eps_guided: torch.Tensor) -> None:
         """The step's new latents, from this run's scheduler or from app.sampling.batched; a preview if due."""
         i = self.step_index
+        if self.skip is not None and not self.skips(i):
+            self.skip.keep(i, self._step_input(), eps_guided)
         self.latents = latents
         self.step_index += 1
         if self.done:

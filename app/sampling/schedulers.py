@@ -156,3 +156,17 @@ def device_timesteps(sampler: str, scheduler_config_json: str, steps: int, devic
 @functools.lru_cache(maxsize=256)
 def _device_timesteps(sampler: str, scheduler_config_json: str, steps: int, device: str) -> torch.Tensor:
     return to_device(_timed_prototype(sampler, scheduler_config_json, steps)[0].timesteps, device)
+
+
+@functools.lru_cache(maxsize=256)
+def step_sigmas(sampler: str, scheduler_config_json: str, steps: int) -> tuple[float, ...]:
+    """Each step's sigma as the sampler converts eps to x0 (x0 = (x - sigma eps) / alpha in the model input's
+    scale, alpha = 1 / sqrt(1 + sigma^2)): its own `sigmas` where it keeps them (DPM-Solver and Euler; Karras's
+    exactly, where the timesteps the model sees are rounded), else from alphas_cumprod at its timesteps (DDIM,
+    DDPM)."""
+    scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        return tuple(float(s) for s in sigmas[:steps])
+    alpha_bars = scheduler.alphas_cumprod[scheduler.timesteps.long()].double()
+    return tuple(((1 - alpha_bars) / alpha_bars).sqrt().tolist())

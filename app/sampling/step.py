@@ -43,7 +43,9 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[
         perturb = RowPerturbations.from_rows(per_row, args[0].device)
     ordered = [*together, *alone]  # the runs in their rows' order
     plans = [r.cache_plan() for r in ordered]
-    if any(p is not None for p in plans):
+    if args[0].shape[0] == 0:  # every run skips this step (a skip cache): no forward
+        eps = args[0]
+    elif any(p is not None for p in plans):
         eps = _cached_forward(denoiser, args, perturb, ordered, plans)
     elif perturb is not None:
         eps = denoiser(*args, perturb=perturb)

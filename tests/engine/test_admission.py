@@ -21,7 +21,7 @@ from app.engine.admission import (
 from app.engine.scheduler import EngineRequest, Scheduler
 from app.guidance.autoguidance import AutoguidanceMethod
 from app.sampling import DEFAULT_GUIDANCE, SampleSpec
-from app.sampling.cache import ANY_MODEL_CACHE_KINDS, DeepCacheParams, FirstBlockParams, UncondParams
+from app.sampling.cache import ANY_MODEL_CACHE_KINDS, DeepCacheParams, FirstBlockParams, SkipParams, UncondParams
 from tests.sampling.test_cache_run import make_run
 
 
@@ -30,13 +30,14 @@ def spec(cache=None, **guidance) -> SampleSpec:
 
 
 def test_a_model_without_a_step_cache_runs_the_caches_that_enter_no_network(loaded, denoiser):
-    # A forward that is only a function (an imported model's, say) has no cache_support: the uncond cache skips
-    # rows and runs on it; deepcache and first_block need the network's own support.
+    # A forward that is only a function (an imported model's, say) has no cache_support: the uncond and skip
+    # caches skip rows and run on it; deepcache and first_block need the network's own support.
     def plain(x, t, labels):
         return denoiser(x, t, labels)
 
-    assert ANY_MODEL_CACHE_KINDS == {"uncond"}
+    assert ANY_MODEL_CACHE_KINDS == {"uncond", "skip"}
     assert cache_refusal(make_run(loaded, denoiser, spec(UncondParams(2, 1))), "m", plain) is None
+    assert cache_refusal(make_run(loaded, denoiser, spec(SkipParams())), "m", plain) is None
     for cache in (DeepCacheParams(interval=3), FirstBlockParams(threshold=0.1)):
         refusal = cache_refusal(make_run(loaded, denoiser, spec(cache)), "m", plain)
         assert refusal == ("invalid", "model m has no step cache: cache.kind must be none")

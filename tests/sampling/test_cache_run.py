@@ -11,22 +11,15 @@ import weakref
 import numpy as np
 import pytest
 
-from app.config import DEFAULT_MODEL_PATH
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
-from app.models import load_checkpoint, unet_denoiser
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
 from app.sampling.cache import DeepCacheParams
+from tests.sampling.conftest import GUIDE
 
 pytestmark = pytest.mark.integration  # the shipped UNet's features are what is cached
 
 SHAPE = (1, 28, 28)
-GUIDE = "fashion-mnist-guide"
 CACHE = DeepCacheParams(interval=3, branch=0)
-
-
-@pytest.fixture(scope="module")
-def guides():
-    return {GUIDE: unet_denoiser(load_checkpoint(DEFAULT_MODEL_PATH.parent / GUIDE, "cpu").unet)}
 
 
 def make_run(loaded, denoiser, spec: SampleSpec) -> SampleRun:
