@@ -44,11 +44,11 @@ def test_a_default_the_model_cannot_run_fails_the_startup_naming_why(chosen, ent
 def test_each_cache_kind_the_model_runs_lists_its_settings_for_a_form():
     # GET /v1/models' cache.fields (the playground builds its inputs from them): the API schema's fields, their
     # defaults and bounds, deepcache's branch bounded by the model's deepest rather than the schema's 8
-    assert set(UNET["fields"]) == {"none", "deepcache", "uncond"} and UNET["fields"]["none"] == []
+    assert set(UNET["fields"]) == {"none", "deepcache", "uncond", "skip"} and UNET["fields"]["none"] == []
     uncond = {f["name"]: f for f in UNET["fields"]["uncond"]}
     assert uncond["every"] == {**uncond["every"], "type": "integer", "default": 3, "minimum": 1, "maximum": 10}
     assert uncond["order"]["default"] == 1 and uncond["order"]["maximum"] == 1
     deep = {f["name"]: f for f in UNET["fields"]["deepcache"]}
     assert deep["branch"]["maximum"] == 2 and deep["interval"]["default"] == 3
     assert deep["full_sigma_max"]["nullable"] and deep["full_sigma_max"]["default"] is None
-    assert "kind" not in deep and set(INT8["fields"]) == {"none", "uncond"}
+    assert "kind" not in deep and set(INT8["fields"]) == {"none", "uncond", "skip"}

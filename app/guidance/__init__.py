@@ -56,10 +56,12 @@ from app.guidance.schedules import (
     GuidanceSchedule,
     IntervalWeighting,
     ScheduleKind,
+    guidance_scales,
 )
 
 __all__ = [
     "GUIDERS",
+    "guidance_scales",
     "NOISE_SCHEDULE_KINDS",
     "INTERVAL_WEIGHTINGS",
     "IntervalWeighting",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,3 +88,11 @@ class GuidanceSchedule:
             )
             return 1.0 if inside else 0.0
         return max(0.0, high - low) / (sigma_from - sigma_to)
+
+
+@functools.lru_cache(maxsize=1024)
+def guidance_scales(
+    schedule: GuidanceSchedule, guidance_scale: float, steps: int, sigmas: tuple[float, ...]
+) -> tuple[float, ...]:
+    """GuidanceSchedule.scales, kept per (schedule, scale, steps, sigmas): the API's few settings recur."""
+    return tuple(schedule.scales(guidance_scale, steps, sigmas))

@@ -21,14 +21,13 @@ from app.guidance import (
     CadsConditioner,
     Conditioner,
     ConditionNoise,
-    GuidanceSchedule,
     GuidanceStep,
     eps_to_x0,
+    guidance_scales,
     make_guider,
     noise_factors,
     rescale_guidance,
     row_norm,
-    sigma_of,
 )
 from app.pixels import ImageDecoder, to_uint8
 from app.rng import StackedRandom
@@ -39,6 +38,7 @@ from app.sampling.schedulers import (
     config_key,
     device_timesteps,
     request_scheduler,
+    schedule_values,
     step_kwargs,
     step_sigmas,
     timed_scheduler,
@@ -415,21 +415,3 @@ class SampleRun:
     def images(self) -> np.ndarray:
         """The finished images as uint8, shape (N, H, W, C)."""
         return self.decode(self.latents)
-
-
-@functools.lru_cache(maxsize=256)
-def schedule_values(
-    sampler: str, scheduler_config_json: str, steps: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """alpha_bar and sigma at each step of (sampler, config_key, steps), computed once on the host."""
-    scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
-    alpha_bars = tuple(scheduler.alphas_cumprod.cpu()[scheduler.timesteps.long()].tolist())
-    return alpha_bars, tuple(sigma_of(a) for a in alpha_bars)
-
-
-@functools.lru_cache(maxsize=1024)
-def guidance_scales(
-    schedule: GuidanceSchedule, guidance_scale: float, steps: int, sigmas: tuple[float, ...]
-) -> tuple[float, ...]:
-    """GuidanceSchedule.scales, kept per (schedule, scale, steps, sigmas): the API's few settings recur."""
-    return tuple(schedule.scales(guidance_scale, steps, sigmas))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from typing import Any, Final
 
 import torch
@@ -170,3 +171,14 @@ def step_sigmas(sampler: str, scheduler_config_json: str, steps: int) -> tuple[f
         return tuple(float(s) for s in sigmas[:steps])
     alpha_bars = scheduler.alphas_cumprod[scheduler.timesteps.long()].double()
     return tuple(((1 - alpha_bars) / alpha_bars).sqrt().tolist())
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_values(
+    sampler: str, scheduler_config_json: str, steps: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """alpha_bar and sigma at each step of (sampler, config_key, steps), computed once on the host: alphas_cumprod
+    at the timesteps the model sees (rounded, for Karras's sigmas: step_sigmas has the unrounded ones)."""
+    scheduler = timed_scheduler(sampler, scheduler_config_json, steps)
+    alpha_bars = tuple(scheduler.alphas_cumprod.cpu()[scheduler.timesteps.long()].tolist())
+    return alpha_bars, tuple(math.sqrt((1 - a) / a) for a in alpha_bars)

@@ -22,10 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.config import DEFAULT_MODEL_PATH
-from app.guidance import INTERVAL_WEIGHTINGS, GuidanceSchedule
+from app.guidance import INTERVAL_WEIGHTINGS, GuidanceSchedule, guidance_scales
 from app.sampling import DEFAULT_GUIDANCE, SAMPLERS
-from app.sampling.run import guidance_scales, schedule_values
-from app.sampling.schedulers import config_key
+from app.sampling.schedulers import config_key, schedule_values
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from tests.metrics import metric_value
 
 DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
 UNCOND = {"kind": "uncond", "every": 3, "order": 1}
-UNCOND_DEFAULT = {"kind": "uncond", "every": 2, "order": 1}  # the shipped checkpoint's manifest's default_cache
+UNCOND_DEFAULT = {"kind": "uncond", "every": 2, "order": 1}
+SKIP = {"kind": "skip", "interval": 3}  # the shipped checkpoint's manifest's default_cache
 
 
 def error_of(response) -> dict:
@@ -30,7 +31,7 @@ def error_of(response) -> dict:
 def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
     with TestClient(create_app(Settings(warmup=False))) as c:
         entry = c.get("/v1/models").json()["data"][0]["cache"]
-        assert entry["kinds"] == ["none", "deepcache", "uncond"] and entry["deepcache"]["reason"] is None
+        assert entry["kinds"] == ["none", "deepcache", "uncond", "skip"] and entry["deepcache"]["reason"] is None
         deepest = entry["deepcache"]["max_branch"]
         assert deepest >= 1
 
@@ -71,6 +72,22 @@ def test_the_cache_field_names_its_kinds_and_ranges_and_the_model_s_branches():
             "uncond_every": 1,
             "uncond_order": 1,
         }
+        out = c.post("/generate", json={"class_label": 1, "steps": 4, "seed": 1, "cache": {"kind": "skip"}}).json()
+        assert out["cache"] == {  # the defaults, echoed: only steps with sigma > 10 may skip
+            "kind": "skip",
+            "interval": 3,
+            "start": 0.0,
+            "end": 1.0,
+            "full_sigma_min": None,
+            "full_sigma_max": 10.0,
+            "order": 0,
+            "uncond_every": 1,
+            "uncond_order": 1,
+        }
+        error = error_of(c.post("/generate", json={"cache": {**SKIP, "interval": 11}}))
+        assert error["loc"] == ["body", "cache", "skip", "interval"] and "less than or equal to 10" in error["msg"]
+        error = error_of(c.post("/generate", json={"cache": {**SKIP, "full_sigma_min": 20}}))
+        assert "cache.full_sigma_min (20) must be below cache.full_sigma_max (10)" in error["msg"]
         band = {**DEEPCACHE, "full_sigma_min": 5, "full_sigma_max": 1}
         error = error_of(c.post("/generate", json={"cache": band}))
         assert "cache.full_sigma_min (5) must be below cache.full_sigma_max (1)" in error["msg"]
@@ -90,6 +107,10 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
     bodies += [
         {"class_label": c, "num_images": n, "steps": 20, "seed": 60 + c, "cache": UNCOND} for c, n in ((3, 1), (6, 2))
     ]
+    # and the skip cache's (the default request's steps 1, 2, 4, 5, 7 and 8 run no row)
+    bodies += [
+        {"class_label": c, "num_images": n, "steps": 20, "seed": 80 + c, "cache": SKIP} for c, n in ((0, 2), (8, 1))
+    ]
     plain = {"class_label": 2, "num_images": 2, "steps": 20, "seed": 8, "cache": {"kind": "none"}}
     with TestClient(create_app(Settings(warmup=False, max_batch_rows=32))) as c:
         with ThreadPoolExecutor(len(bodies) + 1) as pool:
@@ -106,6 +127,7 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
     assert shallow > 0 and full > 0
     assert full + shallow == metric_value(metrics, 'cfg_engine_batch_rows_sum{model="fashion-mnist-cfg"}')
     assert metric_value(metrics, 'cfg_engine_reused_uncond_rows_total{model="fashion-mnist-cfg"}') == 4 * (1 + 2)
+    assert metric_value(metrics, 'cfg_engine_skipped_step_images_total{model="fashion-mnist-cfg"}') == 6 * (2 + 1)
     for body, mine, single in zip(bodies, together[:-1], alone, strict=True):
         assert mine.status_code == single.status_code == 200, (mine.text, single.text)
         diff = np.abs(images(mine.json()) - images(single.json())).max()
@@ -118,11 +140,13 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
 
 
 @pytest.mark.integration  # the subject is the images: the shipped checkpoint
-@pytest.mark.parametrize("cache", [DEEPCACHE, UNCOND], ids=["deepcache", "uncond"])
+@pytest.mark.parametrize(
+    "cache", [DEEPCACHE, UNCOND, {**SKIP, "interval": 2, "full_sigma_max": 1}], ids=["deepcache", "uncond", "skip"]
+)
 def test_cached_batch_requests_preempted_for_interactive_ones_resume_with_their_unpreempted_images(cache):
     # Two cached batch requests of 2 guided images fill the 8 rows; an interactive one of 2 images needs 4. A
-    # preempted run keeps what its cache holds (cached features, guidance differences; counted in its preempted
-    # state) and resumes with it.
+    # preempted run keeps what its cache holds (cached features, guidance differences, denoised estimates; counted
+    # in its preempted state) and resumes with it.
     batch = [
         {"class_label": 1, "num_images": 2, "steps": 14, "seed": 11, "guidance_scale": 3.0, "priority": "batch",
          "cache": cache},

@@ -49,8 +49,8 @@ def test_the_models_are_listed_in_order_and_the_first_is_the_default(client):
 
 def test_each_model_lists_its_step_cache_and_refuses_the_other_s_naming_why(client):
     unet, dit = client.get("/v1/models").json()["data"]
-    assert unet["cache"]["kinds"] == ["none", "deepcache", "uncond"] and unet["cache"]["deepcache"]["max_branch"] == 2
-    assert dit["cache"]["kinds"] == ["none", "first_block", "uncond"]
+    assert unet["cache"]["kinds"] == ["none", "deepcache", "uncond", "skip"] and unet["cache"]["deepcache"]["max_branch"] == 2
+    assert dit["cache"]["kinds"] == ["none", "first_block", "uncond", "skip"]
     assert dit["cache"]["deepcache"]["max_branch"] is None
     assert dit["cache"]["first_block"] == {"reason": None}
     assert unet["cache"]["first_block"]["reason"].startswith("first_block skips a DiT's transformer blocks")
@@ -61,13 +61,13 @@ def test_each_model_lists_its_step_cache_and_refuses_the_other_s_naming_why(clie
     assert error["loc"] == ["body", "cache", "kind"]
     assert error["msg"] == (
         "cache kind deepcache can't run on model tiny-dit: deepcache splits a UNet at its levels, and this model "
-        "has none. tiny-dit runs none, first_block, uncond"
+        "has none. tiny-dit runs none, first_block, uncond, skip"
     )
     r = client.post("/generate", json={**body, "model": "fashion-mnist-cfg", "cache": {"kind": "first_block"}})
     assert r.status_code == 422, r.text
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "cache", "kind"]
-    assert "fashion-mnist-cfg runs none, deepcache, uncond" in error["msg"]
+    assert "fashion-mnist-cfg runs none, deepcache, uncond, skip" in error["msg"]
     assert client.post("/generate", json={**body, "cache": {"kind": "none"}}).status_code == 200
     r = client.post("/generate", json={**body, "cache": {"kind": "first_block", "threshold": 0.2}})
     assert r.status_code == 200 and r.json()["cache"] == {

@@ -30,7 +30,7 @@ def test_served_beside_the_default_first_block_skips_rows_and_its_threshold_sets
     settings = Settings(models="fashion-mnist-cfg,fashion-mnist-dit", warmup=False)
     with TestClient(create_app(settings)) as client:
         models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-        assert models["fashion-mnist-dit"]["cache"]["kinds"] == ["none", "first_block", "uncond"]
+        assert models["fashion-mnist-dit"]["cache"]["kinds"] == ["none", "first_block", "uncond", "skip"]
         drawn = {}
         for threshold in (None, 0.05, 0.3):
             body = {"model": "fashion-mnist-dit", "class_label": "Sneaker", "num_images": 4, "seed": 3}

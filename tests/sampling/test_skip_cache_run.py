@@ -67,7 +67,7 @@ def sampler_x0(run: SampleRun) -> list[torch.Tensor]:
         seen.append(run.scheduler.model_outputs[-1] if x0 is None else x0)
         return out
 
-    run.scheduler.step = recording  # type: ignore[method-assign]
+    run.scheduler.step = recording
     return seen
 
 
