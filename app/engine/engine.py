@@ -400,7 +400,7 @@ class Engine:
         t0 = time.perf_counter()
         requests = list(self._scheduler.active)
         runs = [r.run for r in requests]
-        cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None)
+        cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.skips(r.step_index))
         class_rows = dict.fromkeys(PRIORITIES, 0)
         client_rows: dict[tuple[str, str], int] = {}
         for request in requests:

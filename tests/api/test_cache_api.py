@@ -128,6 +128,11 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
     assert full + shallow == metric_value(metrics, 'cfg_engine_batch_rows_sum{model="fashion-mnist-cfg"}')
     assert metric_value(metrics, 'cfg_engine_reused_uncond_rows_total{model="fashion-mnist-cfg"}') == 4 * (1 + 2)
     assert metric_value(metrics, 'cfg_engine_skipped_step_images_total{model="fashion-mnist-cfg"}') == 6 * (2 + 1)
+    # The conditional rows each request ran (a skipped step runs none), and every row of the forwards by kind.
+    cond = metric_value(metrics, 'cfg_engine_forward_rows_total{kind="conditional",model="fashion-mnist-cfg"}')
+    uncond = metric_value(metrics, 'cfg_engine_forward_rows_total{kind="unconditional",model="fashion-mnist-cfg"}')
+    assert cond == 20 * (6 + 1 + 3 + 2) + (20 - 6) * 3  # deepcache, its branch 1, uncond, none; skip
+    assert uncond > 0 and cond + uncond == full + shallow
     for body, mine, single in zip(bodies, together[:-1], alone, strict=True):
         assert mine.status_code == single.status_code == 200, (mine.text, single.text)
         diff = np.abs(images(mine.json()) - images(single.json())).max()
