@@ -49,7 +49,8 @@ def test_the_models_are_listed_in_order_and_the_first_is_the_default(client):
 
 def test_each_model_lists_its_step_cache_and_refuses_the_other_s_naming_why(client):
     unet, dit = client.get("/v1/models").json()["data"]
-    assert unet["cache"]["kinds"] == ["none", "deepcache", "uncond", "skip"] and unet["cache"]["deepcache"]["max_branch"] == 2
+    assert unet["cache"]["kinds"] == ["none", "deepcache", "uncond", "skip"]
+    assert unet["cache"]["deepcache"]["max_branch"] == 2
     assert dit["cache"]["kinds"] == ["none", "first_block", "uncond", "skip"]
     assert dit["cache"]["deepcache"]["max_branch"] is None
     assert dit["cache"]["first_block"] == {"reason": None}
