@@ -17,8 +17,19 @@ from tests.metrics import metric_value
 
 DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
 UNCOND = {"kind": "uncond", "every": 3, "order": 1}
-UNCOND_DEFAULT = {"kind": "uncond", "every": 2, "order": 1}
-SKIP = {"kind": "skip", "interval": 3}  # the shipped checkpoint's manifest's default_cache
+SKIP = {"kind": "skip", "interval": 3}
+# the shipped checkpoint's manifest's default_cache, measured for it (docs/caching.md)
+SHIPPED_DEFAULT = {
+    "kind": "skip",
+    "interval": 5,
+    "start": 0.0,
+    "end": 1.0,
+    "full_sigma_min": None,
+    "full_sigma_max": 10.0,
+    "order": 0,
+    "uncond_every": 2,
+    "uncond_order": 1,
+}
 
 
 def error_of(response) -> dict:
@@ -117,11 +128,11 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
             together = list(pool.map(lambda b: c.post("/generate", json=b), [*bodies, plain]))
         metrics = c.get("/metrics").text
         # the shipped checkpoint's default, measured for it (docs/caching.md) and named in its manifest
-        assert c.get("/v1/models").json()["data"][0]["cache"]["default"] == {"kind": "uncond", "every": 2, "order": 1}
+        assert c.get("/v1/models").json()["data"][0]["cache"]["default"] == SHIPPED_DEFAULT
         alone = [c.post("/generate", json=b) for b in bodies]
         none = c.post("/generate", json=plain)
         without = c.post("/generate", json={k: v for k, v in plain.items() if k != "cache"})
-        default = c.post("/generate", json={**plain, "cache": {"kind": "uncond", "every": 2, "order": 1}})
+        default = c.post("/generate", json={**plain, "cache": SHIPPED_DEFAULT})
     shallow = metric_value(metrics, 'cfg_engine_path_rows_total{model="fashion-mnist-cfg",path="shallow"}')
     full = metric_value(metrics, 'cfg_engine_path_rows_total{model="fashion-mnist-cfg",path="full"}')
     assert shallow > 0 and full > 0
@@ -137,7 +148,8 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
         assert mine.status_code == single.status_code == 200, (mine.text, single.text)
         diff = np.abs(images(mine.json()) - images(single.json())).max()
         assert diff <= 1, f"{body}: {diff} grey levels from the same request alone"
-    # A request without the field takes the model's default cache (uncond every 2): the images of that cache named.
+    # A request without the field takes the model's default cache (skip, interval 5, uncond every 2): the images of
+    # that cache named.
     # {"kind": "none"} runs every row in full: other images, the same alone as beside the cached requests.
     assert np.array_equal(images(without.json()), images(default.json()))
     assert np.abs(images(none.json()) - images(without.json())).max() > 1
@@ -181,8 +193,8 @@ def test_a_job_without_a_cache_is_stored_and_drawn_with_the_model_s_default():
     with TestClient(create_app(Settings(warmup=False))) as c:
         job = c.post("/v1/jobs", json=body).json()
         done = wait_for(c, job["id"], lambda j: j["status"] == "succeeded")
-        named = c.post("/generate", json={**body, "cache": UNCOND_DEFAULT}).json()
+        named = c.post("/generate", json={**body, "cache": SHIPPED_DEFAULT}).json()
         none = c.post("/generate", json={**body, "cache": {"kind": "none"}}).json()
-    assert done["result"]["cache"] == UNCOND_DEFAULT
+    assert done["result"]["cache"] == SHIPPED_DEFAULT
     assert np.array_equal(images(done["result"]), images(named))
     assert np.abs(images(done["result"]) - images(none)).max() > 1
