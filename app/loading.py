@@ -94,9 +94,9 @@ def cache_entry(support: Mapping[str, str | None], max_branch: int | None = None
     """A model's step caches in GET /v1/models: the kinds it runs (none always), and for each cache kind of the
     service whether it can run it (reason None), and deepcache's deepest branch; `fields`, the settings of each
     kind it runs as a form builds its inputs (the playground), deepcache's branch bounded by that branch. The
-    kinds that enter no network (ANY_MODEL_CACHE_KINDS: uncond) every model runs."""
+    kinds that enter no network (ANY_MODEL_CACHE_KINDS: uncond, skip) every model runs."""
     support = {**support, **dict.fromkeys(ANY_MODEL_CACHE_KINDS)}
-    runs = ["none", *(kind for kind, reason in support.items() if reason is None)]
+    runs = ["none", *(kind for kind in CACHE_KINDS[1:] if kind in support and support[kind] is None)]  # in order
     entry: dict[str, Any] = {"kinds": runs}
     for kind in CACHE_KINDS[1:]:
         entry[kind] = {"reason": support.get(kind, "this model has no step cache")}
