@@ -172,6 +172,18 @@ def cache_kind(params: CacheParams) -> str:
     return next(kind for kind, settings in CACHE_PARAMS.items() if isinstance(params, settings))
 
 
+class HeldTensors:
+    """What a run's step cache holds (its features, states, differences or estimates): its tensors, and their
+    bytes (counted in a preempted run's state)."""
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in self.tensors)
+
+
 @dataclass(frozen=True)
 class CachePlan:
     """One step's rows of a run, in its rows' order: the cache's kind, each row's setting (deepcache's branch,
@@ -182,7 +194,7 @@ class CachePlan:
     cached: tuple[torch.Tensor | None, ...]
 
 
-class RowCache:
+class RowCache(HeldTensors):
     """One run's deep features, per kind of row: kind -> (the step they were computed at, (images, ...))."""
 
     def __init__(self, params: DeepCacheParams, sigmas: Sequence[float]) -> None:
@@ -242,11 +254,8 @@ class RowCache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, t in (*self._held.values(), *self._before.values())]
 
-    def nbytes(self) -> int:
-        return sum(t.nelement() * t.element_size() for t in self.tensors)
 
-
-class FirstBlockRows:
+class FirstBlockRows(HeldTensors):
     """One run's First-Block Cache states, per kind of row and image: kind -> (the last step its rows ran, one
     state (2, tokens, channels) per image). Each row decides for itself at every step (app/models/first_block.py);
     its state changes only at its full steps. A kind whose rows did not run at the step before (the unconditional
@@ -287,11 +296,8 @@ class FirstBlockRows:
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, rows in self._held.values() for t in rows]
 
-    def nbytes(self) -> int:
-        return sum(t.nelement() * t.element_size() for t in self.tensors)
 
-
-class GuidanceDeltas:
+class GuidanceDeltas(HeldTensors):
     """One run's reused guidance differences (UncondParams): which of its guided steps skip the unconditional
     rows, and the differences d = eps_cond - eps_uncond of the last two guided steps that ran them.
 
@@ -331,9 +337,6 @@ class GuidanceDeltas:
     @property
     def tensors(self) -> list[torch.Tensor]:
         return [d for _, d in self._held]
-
-    def nbytes(self) -> int:
-        return sum(t.nelement() * t.element_size() for t in self.tensors)
 
 
 def make_row_cache(params: CacheParams, sigmas: Sequence[float]) -> RowCache | FirstBlockRows | None:

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from app.sampling.cache import SkipParams
+from app.sampling.cache import HeldTensors, SkipParams
 
 
-class HeldDenoised:
+class HeldDenoised(HeldTensors):
     """One run's skipped steps (known in advance from its sigmas) and the denoised estimates of its last two full
     steps, one row per image."""
 
@@ -69,6 +69,3 @@ class HeldDenoised:
     @property
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, t in self._held]
-
-    def nbytes(self) -> int:
-        return sum(t.nelement() * t.element_size() for t in self.tensors)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -99,6 +100,29 @@ def alone(loaded, denoiser, spec, guides=None) -> np.ndarray:
     run = make_run(loaded, denoiser, spec)
     sample(denoiser, [run], guides=guides)
     return run.images().astype(int)
+
+
+def assert_freed_when_done(denoiser, run: SampleRun, held: Callable[[], list], count: int, nbytes: int) -> None:
+    """After the run's first step its cache holds `count` tensors (held() lists them) of `nbytes` in all, counted
+    by the run; stepped to its end, it holds none and every one of them is freed."""
+    denoise_step(denoiser, [run])
+    refs = [weakref.ref(t) for t in held()]
+    assert len(refs) == count and run.cached_bytes() == nbytes
+    while not run.done:
+        denoise_step(denoiser, [run])
+    gc.collect()
+    assert held() == [] and run.cached_bytes() == 0 and all(ref() is None for ref in refs)
+
+
+def assert_the_batched_step_draws_the_run_s_own(loaded, denoiser, spec: SampleSpec) -> None:
+    """app.sampling.batched steps the spec with the others of its kind; SampleRun.advance is its own step through
+    its guider (the reference: together=False). Both draw the same images, to a grey level."""
+    batched = make_run(loaded, denoiser, spec)
+    reference = SampleRun(spec, loaded.scheduler_config, SHAPE, loaded.manifest.null_label, together=False)
+    assert batched.table is not None and reference.table is None
+    sample(denoiser, [batched])
+    sample(denoiser, [reference])
+    assert np.abs(batched.images().astype(int) - reference.images().astype(int)).max() <= 1
 
 
 INTERVAL = GuidanceSchedule("interval", start=0.0, end=1.0, sigma_min=0.3, sigma_max=5.0)

@@ -6,9 +6,6 @@ it), and a run's estimates are freed when it finishes."""
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +14,13 @@ from app.guidance import Cads, GuidanceMethod
 from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
 from app.sampling.cache import DeepCacheParams, SkipParams
 from tests.sampling.conftest import GUIDE
-from tests.sampling.test_cache_run import alone, make_run, staggered
+from tests.sampling.test_cache_run import (
+    alone,
+    assert_freed_when_done,
+    assert_the_batched_step_draws_the_run_s_own,
+    make_run,
+    staggered,
+)
 
 pytestmark = pytest.mark.integration  # the subject is the images: the shipped checkpoint
 
@@ -157,26 +160,14 @@ def test_several_skipping_requests_of_a_kind_draw_together_what_each_draws_alone
 
 def test_the_batched_step_and_the_run_s_own_step_draw_the_same_images(loaded, denoiser):
     spec = SampleSpec(6, (31, 32), 20, guidance=DEFAULT_GUIDANCE, cache=SkipParams(uncond_every=2))
-    batched = make_run(loaded, denoiser, spec)
-    m = loaded.manifest
-    reference = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, together=False)
-    assert batched.table is not None and reference.table is None
-    sample(denoiser, [batched])
-    sample(denoiser, [reference])
-    assert np.abs(batched.images().astype(int) - reference.images().astype(int)).max() <= 1
+    assert_the_batched_step_draws_the_run_s_own(loaded, denoiser, spec)
 
 
 def test_a_run_frees_its_estimates_when_it_finishes_and_counts_them_while_it_runs(loaded, denoiser):
     cache = SkipParams(uncond_every=2)
     run = make_run(loaded, denoiser, SampleSpec(3, (1, 2), 20, guidance=DEFAULT_GUIDANCE, cache=cache))
-    denoise_step(denoiser, [run])
     assert run.skip is not None
-    held = [weakref.ref(t) for t in run.skip.tensors]
-    assert len(held) == 1 and run.cached_bytes() == 2 * 28 * 28 * 4  # one estimate of 2 images, fp32
-    while not run.done:
-        denoise_step(denoiser, [run])
-    gc.collect()
-    assert run.skip.tensors == [] and run.cached_bytes() == 0 and all(ref() is None for ref in held)
+    assert_freed_when_done(denoiser, run, lambda: run.skip.tensors, 1, 2 * 28 * 28 * 4)  # an x0 of 2 images, fp32
 
 
 def test_the_uncond_cache_beside_it_counts_only_the_guided_steps_that_run(loaded, denoiser):

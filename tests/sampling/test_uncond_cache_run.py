@@ -6,17 +6,20 @@ differences are freed when it finishes."""
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import pytest
 import torch
 
 from app.guidance import Cads, GuidanceMethod
-from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleRun, SampleSpec, denoise_step, sample
+from app.sampling import DEFAULT_GUIDANCE, GuidanceParams, SampleSpec, denoise_step, sample
 from app.sampling.cache import DeepCacheParams, UncondParams
-from tests.sampling.test_cache_run import alone, make_run, staggered
+from tests.sampling.test_cache_run import (
+    alone,
+    assert_freed_when_done,
+    assert_the_batched_step_draws_the_run_s_own,
+    make_run,
+    staggered,
+)
 
 pytestmark = pytest.mark.integration  # the subject is the images: the shipped checkpoint
 
@@ -141,27 +144,15 @@ def test_deepcache_with_uncond_every_skips_both_the_deep_part_and_the_unconditio
 
 def test_a_run_frees_its_differences_when_it_finishes_and_counts_them_while_it_runs(loaded, denoiser):
     run = make_run(loaded, denoiser, SampleSpec(3, (1, 2), 8, guidance=GuidanceParams(3.0), cache=REUSE))
-    denoise_step(denoiser, [run])
     assert run.deltas is not None
-    held = [weakref.ref(t) for t in run.deltas.tensors]
-    assert len(held) == 1 and run.cached_bytes() == 2 * 28 * 28 * 4  # one difference of 2 images, fp32
-    while not run.done:
-        denoise_step(denoiser, [run])
-    gc.collect()
-    assert run.deltas.tensors == [] and run.cached_bytes() == 0 and all(ref() is None for ref in held)
+    assert_freed_when_done(denoiser, run, lambda: run.deltas.tensors, 1, 2 * 28 * 28 * 4)  # one d of 2 images, fp32
 
 
 def test_the_batched_step_and_the_run_s_own_step_draw_the_same_images(loaded, denoiser):
-    # app.sampling.batched steps the default request with the others of its kind; SampleRun.advance is its own
-    # step through its guider (the reference: together=False). Both must reuse the same differences.
-    spec = SampleSpec(6, (31, 32), 20, guidance=DEFAULT_GUIDANCE, cache=REUSE)
-    batched = make_run(loaded, denoiser, spec)
-    m = loaded.manifest
-    reference = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), m.null_label, together=False)
-    assert batched.table is not None and reference.table is None
-    sample(denoiser, [batched])
-    sample(denoiser, [reference])
-    assert np.abs(batched.images().astype(int) - reference.images().astype(int)).max() <= 1
+    # Both must reuse the same differences.
+    assert_the_batched_step_draws_the_run_s_own(
+        loaded, denoiser, SampleSpec(6, (31, 32), 20, guidance=DEFAULT_GUIDANCE, cache=REUSE)
+    )
 
 
 def test_uncond_cached_requests_of_different_settings_draw_together_what_each_draws_alone(loaded, denoiser):
