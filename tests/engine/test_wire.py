@@ -9,7 +9,7 @@ from app.engine.outputs import CurvePoint
 from app.engine.wire import decode, encode
 from app.guidance import Cads, GuidanceMethod, GuidanceSchedule
 from app.sampling import DEFAULT_GUIDANCE, Preview, SampleSpec
-from app.sampling.cache import DeepCacheParams, FirstBlockParams, UncondParams
+from app.sampling.cache import DeepCacheParams, FirstBlockParams, SkipParams, UncondParams
 from app.sampling.spec import GuidanceParams
 
 
@@ -35,6 +35,7 @@ from app.sampling.spec import GuidanceParams
         SampleSpec(class_label=2, seeds=(1,), guidance=GuidanceParams(method=GuidanceMethod("pag"))),
         SampleSpec(class_label=2, seeds=(1,), cache=FirstBlockParams(threshold=0.3, uncond_every=2)),
         SampleSpec(class_label=2, seeds=(1,), cache=UncondParams(every=3, order=0)),
+        SampleSpec(class_label=2, seeds=(1,), cache=SkipParams(interval=5, full_sigma_max=5.0, uncond_every=2)),
     ],
 )
 def test_a_spec_comes_back_equal(spec):
