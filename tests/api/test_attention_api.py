@@ -14,7 +14,7 @@ from app.loading import model_info
 from app.main import create_app
 from app.models.attention import perturbation_support
 from app.sampling import GuidanceParams, SampleSpec
-from tests.defaults import DEFAULT_CACHE
+from tests.defaults import DEFAULT_CACHE, skipped_steps
 from tests.metrics import metric_value
 from tests.pngs import response_images as images
 from tests.sampled import sampled_alone
@@ -61,10 +61,14 @@ def test_an_attention_request_draws_what_the_sampler_draws_and_counts_its_rows(c
     body = r.json()
     echoed = {"scale": 3.0, "cfg": True, **method, "layers": method.get("layers")}
     assert body["guidance"]["method"] == {k: v for k, v in echoed.items() if v is not None}
-    assert all(len(t["perturbed_norm"]) == N for t in body["trace"])
-    assert all((t["diff_norm"] is None) == (not echoed["cfg"]) for t in body["trace"])
+    # Every step runs its perturbed rows but those the default cache skips (no row at all: no norms either).
+    skipped = skipped_steps("ddpm", STEPS)
+    ran = [t for t in body["trace"] if t["step"] not in skipped]
+    assert all(len(t["perturbed_norm"]) == N for t in ran)
+    assert all((t["diff_norm"] is None) == (not echoed["cfg"]) for t in ran)
+    assert all(t["perturbed_norm"] is None for t in body["trace"] if t["step"] in skipped)
     after = metric_value(client.get("/metrics").text, 'cfg_engine_forward_rows_total{kind="perturbed"}')
-    assert after - before == N * STEPS
+    assert after - before == N * len(ran)
 
 
 def test_models_say_which_attention_methods_each_model_runs(client):
