@@ -285,17 +285,19 @@ def test_the_model_is_loaded_in_the_engine_thread_not_the_event_loop(monkeypatch
 
 def test_forward_rows_are_counted_by_kind_and_skipped_rows_show(client):
     """The default request guides only where 0.25 < sigma <= 5 (span-weighted: every step whose noise span
-    reaches into it): 7 of dpmpp_2m_karras's 20 steps are guided and the other 13 skip the unconditional rows;
-    its default step cache (uncond every 2) runs them on 4 of the 7 and reuses the guidance difference on 3, and
+    reaches into it): 7 of dpmpp_2m_karras's 20 steps are guided and the other 13 skip the unconditional rows.
+    Its default step cache (skip interval 5, uncond every 2) runs no row at 7 of those 13 (steps 1-4 and 6-8,
+    sigma > 10), runs the unconditional rows on 4 of the 7 guided steps and reuses the guidance difference on 3;
     /metrics says so."""
     names = (
         'cfg_engine_forward_rows_total{kind="conditional"}',
         'cfg_engine_forward_rows_total{kind="unconditional"}',
         "cfg_engine_skipped_uncond_rows_total",
         "cfg_engine_reused_uncond_rows_total",
+        "cfg_engine_skipped_step_images_total",
     )
     before = [metric(client, n) for n in names]
     r = client.post("/generate", json={"class_label": 4, "num_images": 2, "steps": 20, "seed": 3})
     assert r.status_code == 200
     after = [metric(client, n) for n in names]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * 20, 2 * 4, 2 * 13, 2 * 3]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * 13, 2 * 4, 2 * 6, 2 * 3, 2 * 7]
