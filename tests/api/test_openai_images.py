@@ -149,11 +149,11 @@ def test_invalid_requests_raise_the_openai_error_naming_the_field(start_server):
     assert server.metric("cfg_requests_total", 'outcome="ok"') == 0
 
 
-def open_request(url: str, body: dict) -> socket.socket:
+def open_request(url: str, body: dict, path: str = "/v1/images/generations") -> socket.socket:
     """POST on a raw connection and leave it open: closing the socket is the client hanging up."""
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
-    head = ["POST /v1/images/generations HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.sendall("\r\n".join([*head, f"Content-Length: {len(data)}", "", ""]).encode() + data)
     return sock
@@ -161,8 +161,10 @@ def open_request(url: str, body: dict) -> socket.socket:
 
 def test_full_queue_is_a_503_with_retry_after(start_server):
     server = start_server(warmup="false", max_queue=0, retry_after_s=7)
-    # All 32 rows at every step (constant guidance: the default interval would leave rows free), for a while.
-    running = open_request(server.url, {"prompt": "Coat", "n": 16, "steps": 200, "schedule": {"kind": "constant"}})
+    # All 32 rows at every step, for a while: constant guidance and no step cache (the default interval, and the
+    # default cache's skipped steps, would leave rows free; this endpoint takes no cache, so /generate's request).
+    body = {"class_label": "Coat", "num_images": 16, "steps": 200, "schedule": {"kind": "constant"}}
+    running = open_request(server.url, {**body, "cache": {"kind": "none"}}, path="/generate")
     wait_until(lambda: server.metric("cfg_requests_in_flight") == 1)
     with pytest.raises(openai.InternalServerError) as caught:
         client_for(server).images.generate(prompt="Bag", extra_body={"steps": 2})

@@ -212,6 +212,7 @@ def test_trace_plot(page: Page):
     col = column(page, "A")
     set_shared(page, num_images=2, steps=5)
     set_constant(col, 4)
+    control(col, "cache").select_option("none")  # the default cache would skip a step, computing nothing there
     page.check("#return_trace")
     page.click("#generate")
     wait_done(col)
@@ -288,7 +289,8 @@ def test_keyboard_reaches_and_activates_generate(page: Page):
     set_shared(page, **FAST)
     page.locator("body").focus()
     page.evaluate("document.activeElement.blur()")
-    for _ in range(30):
+    stops = page.locator("a[href], button, input, select, textarea, [tabindex]").count()  # the page's, at most
+    for _ in range(stops + 1):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "generate":
             break
@@ -407,7 +409,7 @@ def test_each_setting_chooses_its_step_cache_and_draws_what_the_api_draws_with_i
         api = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()["images"]
         page_images = [s.split(",", 1)[1] for s in image_sources(col)]
         assert all(level_diff(x, y) <= 1 for x, y in zip(page_images, api, strict=True)), letter
-    assert chosen["A"]["kind"] == "none" and chosen["B"] == default
+    assert chosen["A"]["kind"] == "none" and default.items() <= chosen["B"].items()  # echoed with every field
     assert chosen["C"]["kind"] == "deepcache" and chosen["C"]["interval"] == 2
     assert image_sources(a) != image_sources(column(page, "B"))  # the cache changed the images (a little)
 
