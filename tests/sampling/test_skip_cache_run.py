@@ -158,6 +158,24 @@ def test_several_skipping_requests_of_a_kind_draw_together_what_each_draws_alone
         assert diff <= 1, f"{case}, seeds {spec.seeds}: {diff} grey levels from the request alone"
 
 
+def test_skipping_requests_of_different_settings_draw_together_what_each_draws_alone(loaded, denoiser):
+    # Four skip requests with their own interval, band, order, uncond cache, sampler, seeds and images in the same
+    # forwards (staggered, so one skips a step while another runs it), beside a plain request.
+    specs = [
+        SampleSpec(1, (41,), 12, guidance=DEFAULT_GUIDANCE, cache=SkipParams(3)),
+        SampleSpec(6, (42, 43), 12, guidance=DEFAULT_GUIDANCE, cache=SkipParams(5, uncond_every=2)),
+        SampleSpec(8, (44,), 12, "euler_a", GuidanceParams(3.0), cache=SkipParams(2, full_sigma_max=1, order=1)),
+        SampleSpec(3, (45, 46), 12, "ddim", GuidanceParams(4.0), cache=SkipParams(4, 0.2, full_sigma_min=0.5)),
+        SampleSpec(2, (47,), 12, guidance=DEFAULT_GUIDANCE),
+    ]
+    runs = [make_run(loaded, denoiser, spec) for spec in specs[:4]]
+    assert len({r.skip.skipped for r in runs if r.skip is not None}) == 4  # each skips steps of its own
+    together = staggered(loaded, denoiser, specs)
+    for spec, images in zip(specs, together, strict=True):
+        diff = np.abs(images - alone(loaded, denoiser, spec)).max()
+        assert diff <= 1, f"seeds {spec.seeds}: {diff} grey levels from the request alone"
+
+
 def test_the_batched_step_and_the_run_s_own_step_draw_the_same_images(loaded, denoiser):
     spec = SampleSpec(6, (31, 32), 20, guidance=DEFAULT_GUIDANCE, cache=SkipParams(uncond_every=2))
     assert_the_batched_step_draws_the_run_s_own(loaded, denoiser, spec)
