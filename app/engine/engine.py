@@ -10,10 +10,11 @@ aborts arrive as messages, in order; each tick, in the compute thread, it:
      max_batch_rows at every tick to come, and preempts less urgent running requests where that makes room
      (app/engine/scheduler.py): a preempted request keeps its SampleRun and resumes at a later tick where it
      stopped;
-  3. runs ONE forward over the rows of all active requests (each one's conditional and unconditional rows, and
-     its rows with perturbed attention where its method has them; per-row timesteps), and one forward of each
-     guide model over the rows of the autoguidance requests that name it (another served model's denoiser, in
-     this same thread);
+  3. steps each active request through its steps that run no row (a skip cache's, app/sampling/skip.py: no
+     forward, so they cost it no tick of their own), then runs ONE forward over the rows of all active requests
+     (each one's conditional and unconditional rows, and its rows with perturbed attention where its method has
+     them; per-row timesteps), and one forward of each guide model over the rows of the autoguidance requests
+     that name it (another served model's denoiser, in this same thread);
   4. advances each request's own sampler, fails requests whose latents went non-finite, decodes finished ones;
   5. sends the tick's outputs (progress, results, errors) and stats to the client in one message (stats alone
      at most every STATS_EVERY_S).
@@ -56,7 +57,16 @@ from app.engine.pace import TickTimes
 from app.engine.policy import PRIORITIES
 from app.engine.scheduler import ANONYMOUS, EngineRequest, Scheduler
 from app.models.attention import PerturbationSupport
-from app.sampling import ClassEmbedding, Denoiser, ImageDecoder, SampleRun, SampleSpec, denoise_step, to_uint8
+from app.sampling import (
+    ClassEmbedding,
+    Denoiser,
+    ImageDecoder,
+    SampleRun,
+    SampleSpec,
+    denoise_step,
+    skip_step,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -399,21 +409,22 @@ class Engine:
         (a latent model's VAE, batched over the requests); then each request's outputs."""
         t0 = time.perf_counter()
         requests = list(self._scheduler.active)
+        skipped_steps = self._skip_ahead(requests, outputs)
         runs = [r.run for r in requests]
-        cond = sum(r.spec.num_images for r in runs if r.spec.class_label is not None and not r.skips(r.step_index))
+        stepping = [r for r in runs if not r.done]  # a request whose last steps all skip finished above
+        cond = sum(r.spec.num_images for r in stepping if r.spec.class_label is not None)
         class_rows = dict.fromkeys(PRIORITIES, 0)
         client_rows: dict[tuple[str, str], int] = {}
         for request in requests:
-            rows_now = request.run.rows_needed()
+            rows_now = 0 if request.run.done else request.run.rows_needed()
             class_rows[request.priority] += rows_now
             share = (request.priority, request.client)
             client_rows[share] = client_rows.get(share, 0) + rows_now
-        skipped = sum(r.skipped_uncond_rows() for r in runs)
-        reused = sum(r.reused_uncond_rows() for r in runs)
-        skipped_steps = sum(r.skipped_step_images() for r in runs)
-        perturbed = sum(r.spec.num_images for r in runs if r.needs_perturbed())
-        guide_rows = sum(r.guide_rows_needed() for r in runs)
-        rows = denoise_step(self._denoiser, runs, self._guides)
+        skipped = sum(r.skipped_uncond_rows() for r in stepping)
+        reused = sum(r.reused_uncond_rows() for r in stepping)
+        perturbed = sum(r.spec.num_images for r in stepping if r.needs_perturbed())
+        guide_rows = sum(r.guide_rows_needed() for r in stepping)
+        rows = denoise_step(self._denoiser, stepping, self._guides) if stepping else 0
         shallow = sum(r.shallow_rows for r in runs if r.cache is not None)
         self._scheduler.stepped()
         # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
@@ -473,6 +484,16 @@ class Engine:
             client_rows=tuple((priority, client, n) for (priority, client), n in client_rows.items()),
             preemptions=self._take_preemptions(),
         )
+
+    def _skip_ahead(self, requests: list[EngineRequest], outputs: list[RequestOutput]) -> int:
+        """Step each request through its steps that run no row (skip_step), each with its progress as at any
+        step; returns the images of the steps skipped."""
+        images = 0
+        while skipping := skip_step(self._denoiser, [r.run for r in requests]):
+            images += sum(r.spec.num_images for r in skipping)
+            skipped = {id(r) for r in skipping}
+            outputs += [r.report() for r in requests if r.progress and id(r.run) in skipped and not r.run.done]
+        return images
 
     def _take_preemptions(self) -> int:
         count, self._preemptions = self._preemptions, 0

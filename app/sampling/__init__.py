@@ -13,7 +13,7 @@ from app.sampling.spec import (
     SampleSpec,
     StepTrace,
 )
-from app.sampling.step import denoise_step, sample
+from app.sampling.step import denoise_step, sample, skip_step
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -32,6 +32,7 @@ __all__ = [
     "make_scheduler",
     "sample",
     "set_timesteps",
+    "skip_step",
     "step_kwargs",
     "to_uint8",
 ]

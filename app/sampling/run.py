@@ -159,10 +159,6 @@ class SampleRun:
         """Step i runs no row: a skip cache steps on the held denoised estimate (app/sampling/skip.py)."""
         return self.skip is not None and self.skip.skips(i)
 
-    def skipped_step_images(self) -> int:
-        """This step's images that run no row because the request skips the step."""
-        return self.spec.num_images if self.skips(self.step_index) else 0
-
     def skipped_eps(self) -> torch.Tensor:
         """A skipped step's eps, from the held denoised estimate and this step's model input."""
         if self.skip is None:
@@ -227,18 +223,27 @@ class SampleRun:
         """This step's rows in the guide model's forward."""
         return self._guide_rows(self.step_index)
 
-    def rows_profile(self) -> np.ndarray:
-        """The main forward's rows of each step still to take, known in advance from the weight schedule."""
+    def tick_steps(self) -> list[int]:
+        """The steps still to take that each take a tick of the engine's: the steps that run rows, and the last
+        step where it runs none. An engine's tick first takes a request's steps that run no row (a skip cache's),
+        then its next step that runs rows, in one forward with the others' (app/engine/engine.py)."""
         steps = range(self.step_index, len(self.scales))
-        return np.array([self._main_rows(i) for i in steps], dtype=np.int64)
+        ticks = [i for i in steps if not self.skips(i)]
+        if steps and self.skips(steps[-1]):
+            ticks.append(steps[-1])
+        return ticks
+
+    def rows_profile(self) -> np.ndarray:
+        """The main forward's rows at each tick still to take (tick_steps), known in advance from the weight
+        schedule and the cache."""
+        return np.array([self._main_rows(i) for i in self.tick_steps()], dtype=np.int64)
 
     def guide_rows_profile(self) -> np.ndarray:
-        """The guide forward's rows of each step still to take."""
-        steps = range(self.step_index, len(self.scales))
-        return np.array([self._guide_rows(i) for i in steps], dtype=np.int64)
+        """The guide forward's rows at each tick still to take."""
+        return np.array([self._guide_rows(i) for i in self.tick_steps()], dtype=np.int64)
 
     def admission_profile(self) -> np.ndarray:
-        """The rows of each step still to take, in every forward (main and guide): what admission counts
+        """The rows of each tick still to take, in every forward (main and guide): what admission counts
         against max_batch_rows. A guide row counts as a full row, though the shipped guide costs about a
         quarter of one: the bound then holds for each forward, and a compiled guide's buckets cover it."""
         return self.rows_profile() + self.guide_rows_profile()

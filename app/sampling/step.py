@@ -1,4 +1,5 @@
-"""One denoiser call shared by many requests (denoise_step), and the loop of such steps (sample).
+"""One denoiser call shared by many requests (denoise_step), the steps that need none (skip_step), and the loop
+of such steps (sample).
 
 The conditional rows of all runs, and the rows of the branches their guidance takes at this step, go in ONE
 tensor with per-row timesteps and labels; the runs that app.sampling.batched steps together first, then the
@@ -64,6 +65,16 @@ def denoise_step(denoiser: Denoiser, runs: Sequence[SampleRun], guides: Mapping[
     if together:
         advance_together(together, eps, offsets)
     return offset
+
+
+def skip_step(denoiser: Denoiser, runs: Sequence[SampleRun]) -> list[SampleRun]:
+    """Advance, by one step and with no forward, the runs whose step runs no row (a skip cache's,
+    app/sampling/skip.py); returns them. An engine's tick calls it until none is left, then runs the others'
+    forward: a skipped step costs a request no tick of its own."""
+    skipping = [r for r in runs if not r.done and r.skips(r.step_index)]
+    if skipping:
+        denoise_step(denoiser, skipping)
+    return skipping
 
 
 def _cached_forward(

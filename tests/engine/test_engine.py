@@ -11,6 +11,7 @@ import torch
 from app.engine import Engine, EngineClosedError, EngineStats, Failed, Finished, InProcessClient, Progress
 from app.guidance import GuidanceSchedule
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample
+from app.sampling.cache import SkipParams
 
 # Queueing, admission, cancellation and failures: tests/stand_in.py's model. The tests that compare the
 # engine's images with a run sampled alone are marked integration: those keep the real checkpoint.
@@ -306,6 +307,42 @@ def test_a_request_asking_for_progress_gets_one_output_per_step(loaded, denoiser
     assert asyncio.run(main()) == [0, 1, 2, 3, 4, 5, 6]  # admitted, then after each step
 
 
+@pytest.mark.integration  # compares images: the real checkpoint
+def test_a_request_s_skipped_steps_take_no_tick_of_their_own_and_still_report_each_step(loaded, denoiser):
+    """A skip cache at interval 3 over 8 steps runs rows at steps 0, 3 and 6; a tick takes steps 1-2 and 4-5 before
+    the forwards of steps 3 and 6, and step 7, the last, skips: a tick of its own with no forward. Progress, the
+    trace and the previews still come at every step, and the images are the run's sampled step by step."""
+    spec = SampleSpec(
+        class_label=3,
+        seeds=(1, 2),
+        steps=8,
+        cache=SkipParams(interval=3, full_sigma_max=None),  # no band: steps 0, 3 and 6 in full
+        preview_every=1,
+        return_trace=True,
+    )
+    stats: list[EngineStats] = []
+
+    async def main():
+        client = make_client(loaded, denoiser, stats)
+        await client.start()
+        outputs = [o async for o in client.stream(client.add(spec, progress=True))]
+        await client.shutdown()
+        return outputs
+
+    outputs = asyncio.run(main())
+    progress = [o for o in outputs if isinstance(o, Progress) and not o.queued]
+    assert [s.rows for s in stats] == [4, 4, 4, 0]  # 2 images, guided
+    assert sum(s.skipped_step_images for s in stats) == 5 * 2
+    assert [p.step for p in progress] == list(range(9))  # admitted, then after each step
+    assert [p.preview.step for p in progress if p.preview is not None] == list(range(1, 8))
+    assert [row["step"] for p in progress for row in p.trace] == list(range(8))
+    alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
+    sample(denoiser, [alone])
+    result = outputs[-1]
+    assert isinstance(result, Finished)
+    assert (result.images.astype(int) - alone.images().astype(int)).__abs__().max() <= 1
+
+
 def test_ticks_run_back_to_back_in_the_compute_thread_while_the_event_loop_is_busy(loaded, denoiser):
     """The compute thread runs its next tick at once: a tick needs no turn of the event loop (a loop that
     handed every tick to the thread and waited for it would stop while the event loop is blocked)."""
@@ -426,8 +463,9 @@ def test_admission_by_rows_per_tick_fits_requests_whose_guidance_intervals_diffe
 
 
 def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded, denoiser):
-    """Requests of 1-4 images with random intervals, added and aborted at random: the scheduler's row
-    bookkeeping (`load`) equals the rows of the next tick, and no forward exceeds max_batch_rows."""
+    """Requests of 1-4 images with random intervals, some skipping steps (a skip cache: a tick takes a request's
+    skipped steps before its next step that runs rows), added and aborted at random: the scheduler's row
+    bookkeeping (`load`) equals the rows the tick runs, and no forward exceeds max_batch_rows."""
     rng = random.Random(3)
     stats: list[EngineStats] = []
     checks: list[tuple[int, int]] = []
@@ -437,10 +475,11 @@ def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded
         engine = client.engine
         original = engine._step
 
-        def step(outputs, admitted):  # in the compute thread, before the forward: the bookkeeping against the truth
-            active = engine._scheduler.active
-            checks.append((int(engine._scheduler.load[0]), sum(r.run.rows_needed() for r in active)))
-            return original(outputs, admitted)
+        def step(outputs, admitted):  # in the compute thread: the bookkeeping before the tick against its rows
+            load = int(engine._scheduler.load[0])
+            tick = original(outputs, admitted)
+            checks.append((load, tick.rows))
+            return tick
 
         engine._step = step
         await client.start()
@@ -452,6 +491,8 @@ def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded
                 seeds=tuple(range(rng.randint(1, 4))),
                 steps=rng.randint(2, 8),
                 guidance=interval(start, rng.choice([start + 0.25, 1.0])),
+                # every other step skips, the last ones too where the steps are even; or only the noisiest
+                cache=rng.choice([None, SkipParams(interval=2), SkipParams(interval=3, full_sigma_max=10.0)]),
             )
             ids.append(client.add(spec))
             waiters.append(asyncio.ensure_future(client.result(ids[-1])))

@@ -34,13 +34,24 @@ def test_a_skipped_step_runs_no_row_and_admission_knows_it_in_advance(loaded, de
     run = make_run(loaded, denoiser, SampleSpec(3, (1, 2), 20, guidance=DEFAULT_GUIDANCE, cache=SkipParams()))
     assert run.skip is not None and sorted(run.skip.skipped) == SKIPPED
     want = [0 if i in SKIPPED else 4 if i in GUIDED else 2 for i in range(20)]
-    assert list(run.rows_profile()) == want
+    # admission counts ticks: an engine's tick takes a request's skipped steps before its next step that runs rows
+    assert run.tick_steps() == [i for i in range(20) if i not in SKIPPED]
+    assert list(run.rows_profile()) == [w for i, w in enumerate(want) if i not in SKIPPED]
     rows, skipped = [], []
     while not run.done:
-        skipped.append(run.skipped_step_images())
+        skipped.append(run.skips(run.step_index))
         rows.append(denoise_step(denoiser, [run]))
     assert rows == want
-    assert skipped == [2 if i in SKIPPED else 0 for i in range(20)]
+    assert skipped == [i in SKIPPED for i in range(20)]
+
+
+def test_last_steps_that_skip_take_one_tick_with_no_row(loaded, denoiser):
+    # No band, interval 3 over 8 steps: steps 0, 3 and 6 run rows; 7, the last, skips and closes the run's last tick
+    run = make_run(loaded, denoiser, SampleSpec(3, (1,), 8, cache=SkipParams(interval=3, full_sigma_max=None)))
+    assert run.tick_steps() == [0, 3, 6, 7] and list(run.rows_profile()) == [2, 2, 2, 0]
+    while run.step_index < 7:
+        denoise_step(denoiser, [run])
+    assert run.tick_steps() == [7] and list(run.admission_profile()) == [0]
 
 
 def test_a_step_no_request_runs_calls_no_forward(loaded, denoiser):
