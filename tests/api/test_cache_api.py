@@ -19,7 +19,7 @@ DEEPCACHE = {"kind": "deepcache", "interval": 3, "branch": 0}
 UNCOND = {"kind": "uncond", "every": 3, "order": 1}
 SKIP = {"kind": "skip", "interval": 3}
 # the shipped checkpoint's manifest's default_cache, measured for it (docs/caching.md), and as requests echo it
-MANIFEST_DEFAULT = {"kind": "skip", "interval": 5, "uncond_every": 2}
+MANIFEST_DEFAULT = {"kind": "skip", "interval": 5, "uncond_every": 3}
 SHIPPED_DEFAULT = {
     "kind": "skip",
     "interval": 5,
@@ -28,7 +28,7 @@ SHIPPED_DEFAULT = {
     "full_sigma_min": None,
     "full_sigma_max": 10.0,
     "order": 0,
-    "uncond_every": 2,
+    "uncond_every": 3,
     "uncond_order": 1,
 }
 
@@ -149,7 +149,7 @@ def test_cached_requests_in_flight_together_draw_what_each_draws_alone_and_are_c
         assert mine.status_code == single.status_code == 200, (mine.text, single.text)
         diff = np.abs(images(mine.json()) - images(single.json())).max()
         assert diff <= 1, f"{body}: {diff} grey levels from the same request alone"
-    # A request without the field takes the model's default cache (skip, interval 5, uncond every 2): the images of
+    # A request without the field takes the model's default cache (skip, interval 5, uncond every 3): the images of
     # that cache named.
     # {"kind": "none"} runs every row in full: other images, the same alone as beside the cached requests.
     assert np.array_equal(images(without.json()), images(default.json()))
