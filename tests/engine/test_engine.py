@@ -491,8 +491,10 @@ def test_rows_at_every_tick_never_exceed_the_limit_under_random_intervals(loaded
                 seeds=tuple(range(rng.randint(1, 4))),
                 steps=rng.randint(2, 8),
                 guidance=interval(start, rng.choice([start + 0.25, 1.0])),
-                # every other step skips, the last ones too where the steps are even; or only the noisiest
-                cache=rng.choice([None, SkipParams(interval=2), SkipParams(interval=3, full_sigma_max=10.0)]),
+                # no band: every other step skips, the last one too where the steps are even; or only the noisiest
+                cache=rng.choice(
+                    [None, SkipParams(interval=2, full_sigma_max=None), SkipParams(interval=3, full_sigma_max=10.0)]
+                ),
             )
             ids.append(client.add(spec))
             waiters.append(asyncio.ensure_future(client.result(ids[-1])))
