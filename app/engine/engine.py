@@ -39,10 +39,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from app.engine.admission import deadline_refusal, model_refusal, refuse_unless_open
+from app.engine.batch import guidance_curve, sample_alone, step_batch, tick_stats, warm_rows
 from app.engine.compute import SharedCompute
 from app.engine.outputs import (
     CurvePoint,
@@ -63,8 +63,6 @@ from app.sampling import (
     ImageDecoder,
     SampleRun,
     SampleSpec,
-    denoise_step,
-    skip_step,
     to_uint8,
 )
 
@@ -287,24 +285,13 @@ class Engine:
         )
 
     def _sample_alone(self, spec: SampleSpec) -> None:
-        run = self.make_run(spec)
-        while not run.done:
-            denoise_step(self._denoiser, [run], self._guides)
+        sample_alone(self._denoiser, self.make_run(spec), self._guides)
 
     def _warm_rows(self, rows: int) -> None:
-        x = torch.zeros((rows, *self._image_shape), device=self._device)
-        t = torch.full((rows,), 500, dtype=torch.long, device=self._device)
-        labels = torch.full((rows,), self._null_label, dtype=torch.long, device=self._device)
-        self._denoiser(x, t, labels)
+        warm_rows(self._denoiser, rows, self._image_shape, self._null_label, self._device)
 
     def _curve(self, spec: SampleSpec) -> list[CurvePoint]:
-        run = self.make_run(spec)
-        level = spec.guidance.noise_level
-        rows = zip(run.timesteps.tolist(), run.sigmas, run.scales, run.noise_factors, strict=True)
-        return [
-            CurvePoint(step=i, timestep=int(t), sigma=sigma, scale=scale, noise_level=level * factor)
-            for i, (t, sigma, scale, factor) in enumerate(rows)
-        ]
+        return guidance_curve(self.make_run(spec))
 
     def has_work(self) -> bool:
         return bool(self._messages) or (self._error is None and bool(self._scheduler.active or self._scheduler.waiting))
@@ -405,43 +392,16 @@ class Engine:
             self._end(request, kind, message, outputs)
 
     def _step(self, outputs: list[RequestOutput], admitted: list[EngineRequest]) -> EngineStats:
-        """One shared forward, one host sync for all the finiteness flags, one decode of the samples that are done
-        (a latent model's VAE, batched over the requests); then each request's outputs."""
+        """The tick's compute (app/engine/batch.py), then each request's outputs: its progress, its end where its
+        latents went non-finite, its images where it is done."""
         t0 = time.perf_counter()
         requests = list(self._scheduler.active)
-        skipped_steps = self._skip_ahead(requests, outputs)
-        runs = [r.run for r in requests]
-        stepping = [r for r in runs if not r.done]  # a request whose last steps all skip finished above
-        cond = sum(r.spec.num_images for r in stepping if r.spec.class_label is not None)
-        class_rows = dict.fromkeys(PRIORITIES, 0)
-        client_rows: dict[tuple[str, str], int] = {}
-        for request in requests:
-            rows_now = 0 if request.run.done else request.run.rows_needed()
-            class_rows[request.priority] += rows_now
-            share = (request.priority, request.client)
-            client_rows[share] = client_rows.get(share, 0) + rows_now
-        skipped = sum(r.skipped_uncond_rows() for r in stepping)
-        reused = sum(r.reused_uncond_rows() for r in stepping)
-        perturbed = sum(r.spec.num_images for r in stepping if r.needs_perturbed())
-        guide_rows = sum(r.guide_rows_needed() for r in stepping)
-        rows = denoise_step(self._denoiser, stepping, self._guides) if stepping else 0
-        shallow = sum(r.shallow_rows for r in runs if r.cache is not None)
+        step = step_batch(self._denoiser, self._guides, self._decode, requests, outputs)
         self._scheduler.stepped()
-        # Every image's flag in one reduction over the batch (not two kernels per request: on a GPU each is a
-        # launch), read in the tick's one sync; a request is finite where all its images are.
-        per_image = torch.cat([r.latents.flatten(1) for r in runs]).isfinite().all(dim=1).tolist()
-        ends = np.cumsum([r.spec.num_images for r in runs])
-        finite = [all(per_image[b - r.spec.num_images : b]) for r, b in zip(runs, ends, strict=True)]
-        done = [r for r, ok in zip(runs, finite, strict=True) if ok and r.done]
-        images: dict[int, np.ndarray] = {}
-        if done:
-            decoded = self._decode(torch.cat([r.latents for r in done]))
-            offsets = np.cumsum([0] + [r.spec.num_images for r in done])
-            images = {id(r): decoded[a:b] for r, a, b in zip(done, offsets[:-1], offsets[1:], strict=True)}
         finished = 0
         latencies: list[tuple[str, float]] = []
         now = time.monotonic()
-        for request, ok in zip(requests, finite, strict=True):
+        for request, ok in zip(requests, step.finite, strict=True):
             run = request.run
             if not ok:
                 message = f"non-finite values in the latents at step {run.step_index}"
@@ -459,41 +419,20 @@ class Engine:
                 compute_s = now - request.started_at
                 wait_s = request.started_at - request.enqueued_at
                 latencies.append((request.priority, now - request.enqueued_at))
-                outputs.append(Finished(request.id, images[id(run)], wait_s, compute_s, trace))
+                outputs.append(Finished(request.id, step.images[id(run)], wait_s, compute_s, trace))
         tick_seconds = time.perf_counter() - t0
-        if not shallow:  # a tick with cached rows costs less than its rows say: the pace is that of full rows
-            self._pace.observe(rows, tick_seconds)
-        return EngineStats(
-            rows=rows,
+        if not step.shallow_rows:  # a tick with cached rows costs less than its rows say: the pace is of full rows
+            self._pace.observe(step.rows, tick_seconds)
+        return tick_stats(
+            step,
             active_requests=len(requests),
             queue_depth=len(self._scheduler.waiting),
             tick_seconds=tick_seconds,
             images_finished=finished,
-            cond_rows=cond,
-            uncond_rows=rows - cond - perturbed,
-            perturbed_rows=perturbed,
-            guide_rows=guide_rows,
-            skipped_uncond_rows=skipped,
-            reused_uncond_rows=reused,
-            skipped_step_images=skipped_steps,
-            shallow_rows=shallow,
-            queue_waits=tuple(r.queue_wait_s for r in admitted if not r.preemptions),  # type: ignore[misc]
-            class_queue_waits=tuple((r.priority, r.queue_wait_s) for r in admitted if not r.preemptions),  # type: ignore[misc]
-            class_rows=tuple(class_rows.items()),
-            latencies=tuple(latencies),
-            client_rows=tuple((priority, client, n) for (priority, client), n in client_rows.items()),
+            admitted=admitted,
+            latencies=latencies,
             preemptions=self._take_preemptions(),
         )
-
-    def _skip_ahead(self, requests: list[EngineRequest], outputs: list[RequestOutput]) -> int:
-        """Step each request through its steps that run no row (skip_step), each with its progress as at any
-        step; returns the images of the steps skipped."""
-        images = 0
-        while skipping := skip_step(self._denoiser, [r.run for r in requests]):
-            images += sum(r.spec.num_images for r in skipping)
-            skipped = {id(r) for r in skipping}
-            outputs += [r.report() for r in requests if r.progress and id(r.run) in skipped and not r.run.done]
-        return images
 
     def _take_preemptions(self) -> int:
         count, self._preemptions = self._preemptions, 0
