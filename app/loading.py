@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from app.api.clients import weights_by_client
 from app.api.convert import guidance_body
 from app.api.methods import CACHE_FIELD, cache_error
-from app.api.schemas import CACHE_MODELS, SAMPLER_NAMES, Limits
+from app.api.options import CACHE_MODELS
+from app.api.schemas import SAMPLER_NAMES, Limits
 from app.config import Settings
 from app.engine import Engine, SharedCompute
 from app.engine.calibrate import model_calibrator

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from app.api.schemas import Cache
+from app.api.options import Cache
 from app.api.service import Service
 from app.guidance import MethodParams
 
