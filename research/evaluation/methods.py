@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from app.models import CheckpointError, LoadedModel, load_checkpoint
+from app.models.fast import PrecisionError, resolve_precision
 from app.sampling import SAMPLERS, Denoiser
 from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from research.evaluation.classifier import add_classifier_arguments, score, uint8_to_model_images
@@ -63,6 +64,7 @@ from research.evaluation.settings import (
     setting_to_dict,
     table_rows,
 )
+from research.evaluation.steps import precision_forward
 from research.generate import (
     DEFAULT_MAX_ROWS,
     DEFAULT_MODEL,
@@ -89,9 +91,11 @@ def draw_rows(
     seed: int,
     max_rows: int,
     guides: Mapping[str, Denoiser] | None = None,
+    forward: Denoiser | None = None,
 ) -> list[np.ndarray]:
     """The images of each row, uint8 (num_classes * per_class, H, W, C), class-major; every row uses the
-    same seeds. All rows go to one generate() call, so rows of any setting and sampler share forwards."""
+    same seeds. All rows go to one generate() call, so rows of any setting and sampler share forwards. forward:
+    the model's forward at another precision (precision_forward), else its own fp32 one."""
     classes = range(model.manifest.num_classes)
     specs = []
     for row in rows:
@@ -99,7 +103,7 @@ def draw_rows(
         row_specs = sweep_specs(classes, [g.guidance_scale], seed, per_class, steps, row.sampler, g)
         specs += [replace(spec, cache=row.setting.cache) for spec in row_specs]
     with tqdm(total=total_steps(specs, max_rows), desc="sampling", unit="step", dynamic_ncols=True) as bar:
-        images = generate(model, specs, max_rows, on_step=bar.update, guides=guides)
+        images = generate(model, specs, max_rows, on_step=bar.update, forward=forward, guides=guides)
     n = len(classes)
     return [np.concatenate(images[r * n : (r + 1) * n]) for r in range(len(rows))]
 
@@ -161,8 +165,9 @@ def run_methods(
     )
 
     t0 = time.monotonic()
-    images = draw_rows(model, rows, args.per_class, args.steps, args.seed, args.max_rows, guides)
-    timings["sampling"] = time.monotonic() - t0
+    forward = None if args.precision == "fp32" else precision_forward(model, args.precision, args.max_rows)
+    images = draw_rows(model, rows, args.per_class, args.steps, args.seed, args.max_rows, guides, forward)
+    timings["sampling"] = time.monotonic() - t0  # with int8, its calibration and compilation
     t0 = time.monotonic()
     results = score_rows(rows, images, references)
     timings["scoring"] = time.monotonic() - t0
@@ -172,6 +177,7 @@ def run_methods(
         steps=args.steps,
         per_class=args.per_class,
         seed=args.seed,
+        precision=args.precision,
         judges={
             ref.judge.name: JudgeSummary(
                 ref.judge.title, ref.judge.source, ref.test_accuracy, int(ref.test.features.shape[1])
@@ -231,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", type=extra_setting, action="append", default=[], help="a setting as JSON; repeatable")
     p.add_argument("--list", action="store_true", help="print the settings that would be drawn, and exit")
     p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, help="model rows per forward")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="the model's forward, as the service's CFG_PRECISION builds it (int8: a CPU with VNNI, calibrated and "
+        "compiled; fp16: CUDA only); guide models stay fp32",
+    )
     add_guide_argument(p)
     add_classifier_arguments(p)
     p.add_argument("--report", type=Path, default=Path("docs/guidance-table.md"))
@@ -256,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     if not 2 <= args.per_class <= MAX_PER_CLASS:
         # Diversity needs two images of a class; the real baseline takes per_class test images of each class.
         parser.error(f"argument --per-class: must be between 2 and {MAX_PER_CLASS}, got {args.per_class}")
+    try:
+        resolve_precision(args.precision, torch.device(args.device))
+    except PrecisionError as exc:
+        parser.error(f"argument --precision: {exc}")
     try:
         rows = table_rows(choose_settings(args.only, args.extra), args.samplers)
     except SettingError as exc:

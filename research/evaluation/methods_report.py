@@ -78,7 +78,8 @@ def render_markdown(table: MethodsTable, grid_png: str, title: str = "Guidance m
         f"- checkpoint: `{table.checkpoint}`, weights sha256 `{table.checkpoint_sha256}`"
         + (f", {table.checkpoint_steps} training steps" if table.checkpoint_steps is not None else ""),
         f"- sampling: {table.steps} steps, {table.per_class} images per class (n = {n} per setting), "
-        f"seeds {table.seed}.., the same seeds in every row",
+        f"seeds {table.seed}.., the same seeds in every row"
+        + ("" if table.precision == "fp32" else f"; the model's forward at **{table.precision}**"),
         "- judges (docs/judges.md): "
         + "; ".join(
             f"**{j.title}** ({j.source}), test accuracy {j.test_accuracy:.4f}, {j.feature_dim}-d features"

@@ -58,3 +58,4 @@ class MethodsTable:
     real: RealRow
     results: list[MethodResult]
     timings_s: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # the model's forward (app/models/fast.py)

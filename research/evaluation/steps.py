@@ -33,7 +33,7 @@ from tqdm import tqdm
 from app.engine.calibrate import model_calibrator
 from app.models import CheckpointError, LoadedModel, load_checkpoint, unet_denoiser
 from app.models.fast import PrecisionError, fast_denoiser, resolve_precision
-from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, SampleSpec
+from app.sampling import DEFAULT_GUIDANCE, SAMPLERS, Denoiser, SampleSpec
 from research.data import DEFAULT_DATA_DIR, DatasetMissingError, load_fashion_mnist
 from research.evaluation.classifier import add_classifier_arguments, get_classifier, score, uint8_to_model_images
 from research.evaluation.metrics import accuracy
@@ -103,11 +103,15 @@ def draw(
     on_step: Callable[[], None] | None = None,
 ) -> list[np.ndarray]:
     """As research.generate.generate, with the forward at the given precision: the images of each spec, in order."""
+    return generate(model, specs, max_rows, on_step, forward=precision_forward(model, precision, max_rows))
+
+
+def precision_forward(model: LoadedModel, precision: str, max_rows: int) -> Denoiser:
+    """The model's forward at a precision, as the service builds it (app/models/fast.py): int8 calibrated on the
+    model's own sampling and compiled over row buckets; another precision under autocast."""
     base = unet_denoiser(model.unet)
-    # int8 as the service runs it: calibrated on the model's own sampling, compiled over row buckets.
     calibrate = model_calibrator(model, base) if precision == "int8" else None
-    forward = fast_denoiser(base, model.device, precision, max_rows=max_rows, calibrate=calibrate)
-    return generate(model, specs, max_rows, on_step, forward=forward)
+    return fast_denoiser(base, model.device, precision, max_rows=max_rows, calibrate=calibrate)
 
 
 def fewest_steps(results: Sequence[StepsResult], tolerance: float) -> list[FewestSteps]:

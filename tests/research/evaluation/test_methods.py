@@ -102,3 +102,36 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_table_draws_at_the_precision_asked_and_says_so(tmp_path):
+    """--precision builds the model's forward as the service's CFG_PRECISION does (research.evaluation.steps'
+    precision_forward): bf16 here (autocast; int8's calibration and compilation are tests/models/test_quantize.py's),
+    whose images differ from fp32's at the same seeds; the JSON and the report's header name it."""
+    from app.models import load_checkpoint
+    from research.evaluation.methods import draw_rows
+    from research.evaluation.settings import choose_settings, table_rows
+    from research.evaluation.steps import precision_forward
+
+    model = load_checkpoint(CHECKPOINT, "cpu")
+    rows = table_rows(choose_settings(["cfg s=3"], []), ("dpmpp_2m",))
+    fp32 = draw_rows(model, rows, 2, 3, 0, 64)
+    bf16 = draw_rows(model, rows, 2, 3, 0, 64, forward=precision_forward(model, "bf16", 64))
+    assert [a.shape for a in fp32] == [b.shape for b in bf16]
+    assert any((a != b).any() for a, b in zip(fp32, bf16, strict=True))
+
+    report, results_json = tmp_path / "p.md", tmp_path / "p.json"
+    argv = ["--model", str(CHECKPOINT), "--only", "cfg s=3", "--samplers", "dpmpp_2m", "--precision", "bf16",
+            "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--classifier-train-images", "1000",
+            "--classifier-cache", str(tmp_path / "clf.safetensors"),
+            "--report", str(report), "--json", str(results_json)]  # fmt: skip
+    main(argv)
+    assert json.loads(results_json.read_text())["precision"] == "bf16"
+    assert "the model's forward at **bf16**" in report.read_text()
+
+
+def test_a_precision_the_device_lacks_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--precision", "fp16", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "argument --precision:" in capsys.readouterr().err
