@@ -59,7 +59,7 @@ from app.models.fast import FastDenoiser  # noqa: E402
 from app.models.importer import import_model  # noqa: E402
 from app.sampling import sample  # noqa: E402
 from bench.bench_dit import dit_s2_pipeline  # noqa: E402
-from bench.bench_service import serve  # noqa: E402
+from bench.bench_service import in_process_engine, serve  # noqa: E402
 from bench.record import publish  # noqa: E402
 from research.evaluate import git_commit, machine_description  # noqa: E402
 
@@ -139,7 +139,7 @@ async def load_round(service, url: str, cache: dict, clients: int, warm: float, 
     await asyncio.sleep(window)
     n1, wall = registry.get_sample_value("cfg_images_generated_total", labels), time.perf_counter() - t0
     out = (await proc.communicate())[0].decode()
-    engine = service.model().client.engine
+    engine = in_process_engine(service)
     while engine.active_requests or engine.queue_depth:  # requests cut off by wrk's end leave the batch
         await asyncio.sleep(0.1)
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
@@ -162,7 +162,7 @@ async def run(args: argparse.Namespace) -> list[str]:
     elif args.model is not None:
         settings = Settings(model_path=args.model, max_batch_rows=max(32, 2 * args.clients), max_queue=256)
     server, serving, service = await serve(settings, args.port)
-    engine = service.model().client.engine
+    engine = in_process_engine(service)
     try:
         flops = [await engine.run_in_worker(flops_per_image, service, engine, c) for c in caches]
         drawn = [await engine.run_in_worker(images_alone, service, engine, c, args.psnr_images) for c in caches]

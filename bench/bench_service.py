@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from app.api.service import Service  # noqa: E402
 from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
+from app.engine import Engine, InProcessClient  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.models import load_checkpoint  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
@@ -170,7 +171,11 @@ class WrkLoad:
     def _sample(self) -> list[float]:
         registry = self.service.metrics.registry
         labels = {"model": self.service.model().name}  # the engine's series carry the model's name
-        return [registry.get_sample_value(n, labels) for n in self.NAMES]
+        values = [registry.get_sample_value(n, labels) for n in self.NAMES]
+        missing = [n for n, v in zip(self.NAMES, values, strict=True) if v is None]
+        if missing:
+            raise RuntimeError(f"the service exports no {', '.join(missing)}")
+        return [float(v or 0) for v in values]
 
     async def window(self, seconds: float) -> Level:
         m0, t0 = self._sample(), time.perf_counter()
@@ -184,14 +189,23 @@ class WrkLoad:
         if stop:
             self.proc.send_signal(signal.SIGINT)  # wrk stops and prints its summary
         out = (await self.proc.communicate())[0].decode()
-        engine = self.service.model().client.engine
-        while engine.active_jobs or engine.queue_depth:  # requests cut off by wrk's end leave the batch
+        engine = in_process_engine(self.service)
+        while engine.active_requests or engine.queue_depth:  # requests cut off by wrk's end leave the batch
             await asyncio.sleep(0.1)
         line = next(x for x in out.splitlines() if x.startswith("WRK "))
         responses, errors, non2xx, p50, p95, p99 = (float(v) for v in line.split()[1:])
         if errors or non2xx:
             raise RuntimeError(f"wrk: {errors:g} socket errors, {non2xx:g} non-2xx responses\n{out}")
         return WrkStats(responses / self.seconds, p50 / 1e6, p95 / 1e6, p99 / 1e6)
+
+
+def in_process_engine(service: Service) -> Engine:
+    """The default model's engine, which the benches time in its own thread (the service runs it in its process:
+    CFG_ENGINE_PROCESS off, as serve() builds it)."""
+    client = service.model().client
+    if not isinstance(client, InProcessClient):
+        raise RuntimeError("the benches time the engine in the API's process: unset CFG_ENGINE_PROCESS")
+    return client.engine
 
 
 async def serve(settings: Settings, port: int) -> tuple[uvicorn.Server, asyncio.Task, Service]:
@@ -214,7 +228,7 @@ async def run(args: argparse.Namespace) -> str:
     url = f"http://127.0.0.1:{args.port}"
     settings = Settings(max_batch_rows=max_rows, max_queue=256)  # CFG_PRECISION and CFG_COMPILE from the environment
     server, serving, service = await serve(settings, args.port)
-    engine = service.model().client.engine
+    engine = in_process_engine(service)
     try:
         # Every timing of the model, raw loop included, runs in the engine's thread: the same thread, process
         # and OpenMP team as the service's own forwards.
@@ -313,6 +327,8 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--record", action="store_true", help="append the results to docs/benchmarks/history.md")
     args = p.parse_args()
+    if args.rounds < 2:
+        p.error("argument --rounds: at least 2 (the per-round ratios' quartiles need two)")
     if shutil.which("wrk") is None:
         sys.exit("error: the load generator is wrk: apt-get install wrk")
     text = asyncio.run(run(args))

@@ -22,7 +22,7 @@ from app.config import DEFAULT_MODEL_PATH, Settings  # noqa: E402
 from app.models import load_checkpoint  # noqa: E402
 from app.models.fast import FastDenoiser  # noqa: E402
 from app.sampling import GuidanceParams, SampleRun, SampleSpec, sample  # noqa: E402
-from bench.bench_service import raw_images_per_s, serve  # noqa: E402
+from bench.bench_service import in_process_engine, raw_images_per_s, serve  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -158,7 +158,7 @@ async def service_async(args, report: Any) -> list[str]:
     settings = Settings(device=args.device, max_batch_rows=max(32, 2 * top), max_queue=4 * top, max_images=16)
     server, task, service = await serve(settings, args.port)
     url = f"http://127.0.0.1:{args.port}"
-    engine = service.model().client.engine
+    engine = in_process_engine(service)
     if args.stand_in:
         # A forward that costs next to nothing (eps = 0), in the service and the raw loop alike: what is left
         # is the per-request cost of everything else, HTTP and sampler included (a stand-in, by design).

@@ -46,6 +46,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in AMX tiles: there bf16 autocast served the shipped model at 1.4x
+    fp32's images/s (an Intel Xeon, docs/benchmarks.md), where on an AVX512-BF16 CPU without AMX it was 0.87x."""
+    return "amx_bf16" in cpu_flags()
+
+
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has VNNI (or AMX) int8 dot products: int8 is served only where it does."""
     return any(flag in cpu_flags() for flag in INT8_DOT_FLAGS)
