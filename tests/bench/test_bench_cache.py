@@ -65,20 +65,11 @@ def test_flops_are_counted_on_the_eager_model_beneath_the_served_forward(loaded,
     import torch
 
     from app.api.schemas import Limits
-    from app.engine import Engine
     from app.models.fast import FastDenoiser, fast_denoiser
     from bench.bench_cache import flops_per_image
+    from tests.engine.test_engine import make_client
 
-    served = fast_denoiser(denoiser, torch.device("cpu"))
-    engine = Engine(
-        served,
-        scheduler_config=loaded.scheduler_config,
-        image_shape=(1, 28, 28),
-        null_label=loaded.manifest.null_label,
-        device=torch.device("cpu"),
-        max_batch_rows=8,
-        max_queue=8,
-    )
+    engine = make_client(loaded, fast_denoiser(denoiser, torch.device("cpu"))).engine
     service = SimpleNamespace(limits=Limits((("m", tuple(loaded.manifest.class_names)),), 8, 100, 20, 20.0, 1.0))
     monkeypatch.setattr(FastDenoiser, "__call__", lambda *a, **k: pytest.fail("counted under the served forward"))
     flops = flops_per_image(service, engine, {"kind": "none"})
