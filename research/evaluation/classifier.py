@@ -4,6 +4,8 @@ cached as safetensors, whose penultimate features feed FID and diversity."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,10 @@ from research.generate import positive_int
 DEFAULT_CLASSIFIER_CACHE = Path("~/.cache/cfg-serve/classifier.safetensors")
 DEFAULT_CLASSIFIER_EPOCHS = 3
 CLASSIFIER_ARCH = "cnn-32-64-64-fc128-v1"
+# The default setup's classifier, committed with a manifest (research/evaluation/judges/cnn-fmnist/): trained again
+# on another CPU it is not bit-identical (test accuracy 0.9177 on an AMD EPYC, 0.9189 on the Intel Xeon that trained
+# this one), so the default judge 1 is this file on every machine. Other setups (tests' short trainings) train.
+COMMITTED_CLASSIFIER_DIR = Path(__file__).resolve().parent / "judges" / "cnn-fmnist"
 
 
 class FeatureClassifier(Protocol):
@@ -151,7 +157,11 @@ def get_classifier(
     images, labels = data
     if train_images:
         images, labels = images[:train_images], labels[:train_images]
-    setup = {"epochs": str(epochs), "train_images": str(images.shape[0]), "seed": "0"}
+    setup = classifier_setup(epochs, images.shape[0])
+    committed = load_committed_classifier(setup)
+    if committed is not None:
+        print(f"classifier: committed {COMMITTED_CLASSIFIER_DIR}")
+        return committed
     model = load_classifier(path, setup)
     if model is not None:
         print(f"classifier: cached {path}")
@@ -161,6 +171,35 @@ def get_classifier(
         model = train_classifier(images, labels, epochs, on_batch=bar.update)
     save_classifier(model, path, {**setup, "num_classes": str(int(labels.max()) + 1)})
     print(f"classifier: trained and cached at {path}")
+    return model
+
+
+def classifier_setup(epochs: int, train_images: int) -> dict[str, str]:
+    """How a classifier was trained, as its safetensors metadata and the committed one's manifest record it."""
+    return {"epochs": str(epochs), "train_images": str(train_images), "seed": "0"}
+
+
+def committed_setup(setup: dict[str, str], folder: Path = COMMITTED_CLASSIFIER_DIR) -> bool:
+    """Whether the committed classifier was trained with this setup (so get_classifier returns it)."""
+    training = json.loads((folder / "manifest.json").read_text())["training"]
+    return all(str(training.get(k)) == v for k, v in setup.items())
+
+
+def load_committed_classifier(
+    setup: dict[str, str], folder: Path = COMMITTED_CLASSIFIER_DIR
+) -> FashionClassifier | None:
+    """The committed classifier where it was trained with this setup, after checking its weights' sha256 against
+    its manifest (a mismatch raises: the committed judge was changed without its manifest); None for another setup."""
+    if not committed_setup(setup, folder):
+        return None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != manifest["weights_sha256"]:
+        raise ValueError(f"{weights} has sha256 {digest}, its manifest says {manifest['weights_sha256']}")
+    model = load_classifier(weights, setup)
+    if model is None:
+        raise ValueError(f"{weights} is not a {CLASSIFIER_ARCH} classifier trained with {setup}")
     return model
 
 

@@ -1,7 +1,8 @@
 """The judges that score generated images: two Fashion-MNIST classifiers whose predictions give accuracy
 and whose features give FID, diversity, precision, recall, density and coverage (docs/judges.md).
 
-  cnn     research/evaluation/classifier.py: a small CNN trained on the fly and cached (3 epochs, Adam)
+  cnn     research/evaluation/classifier.py: a small CNN (3 epochs, Adam), committed in cnn-fmnist/; other
+          --classifier-* settings train one on the fly and cache it
   resnet  resnet.py: a residual network trained once (train.py) and committed in resnet-fmnist/
 
 scoring.py  each judge's references on the test split, and the metrics of an image set under a judge
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from research.evaluation.classifier import FeatureClassifier, get_classifier
+from research.evaluation.classifier import FeatureClassifier, classifier_setup, committed_setup, get_classifier
 from research.evaluation.judges.resnet import load_resnet_judge
 
 
@@ -29,16 +30,22 @@ class Judge:
 
 
 def load_judges(args: argparse.Namespace, train_data: tuple[torch.Tensor, torch.Tensor]) -> list[Judge]:
-    """Both judges: the CNN from its cache (trained first where the cache has no match for the
-    --classifier-* flags), the ResNet from its committed weights (sha256 checked)."""
+    """Both judges: the CNN from its committed weights (sha256 checked) where the --classifier-* flags are the
+    defaults, else from its cache (trained first where the cache has no match); the ResNet from its committed
+    weights (sha256 checked)."""
     cnn = get_classifier(args.classifier_cache, args.classifier_epochs, args.classifier_train_images, train_data)
+    trained_on = min(args.classifier_train_images or len(train_data[0]), len(train_data[0]))
+    if committed_setup(classifier_setup(args.classifier_epochs, trained_on)):
+        cnn_source = "research/evaluation/judges/cnn-fmnist, committed"
+    else:
+        cnn_source = f"research/evaluation/classifier.py, trained here for {args.classifier_epochs} epochs and cached"
     resnet, manifest = load_resnet_judge()
     return [
         Judge(
             "cnn",
             "judge 1: small CNN",
             cnn,
-            f"research/evaluation/classifier.py, trained here for {args.classifier_epochs} epochs and cached",
+            cnn_source,
         ),
         Judge(
             "resnet",

@@ -24,6 +24,25 @@ def test_the_committed_judge_scores_the_test_split_as_its_manifest_records():
     assert (JUDGE_DIR / "model.safetensors").stat().st_size < 4 * 2**20
 
 
+def test_the_committed_cnn_judge_is_judge_1_and_scores_the_test_split_as_its_manifest_records():
+    """With the default --classifier-* flags, judge 1 is the committed CNN on every machine
+    (research/evaluation/judges/cnn-fmnist)."""
+    import argparse
+
+    from research.evaluation.classifier import COMMITTED_CLASSIFIER_DIR, DEFAULT_CLASSIFIER_CACHE
+    from research.evaluation.judges import load_judges
+
+    args = argparse.Namespace(
+        classifier_cache=DEFAULT_CLASSIFIER_CACHE, classifier_epochs=3, classifier_train_images=None
+    )
+    cnn = load_judges(args, load_fashion_mnist("train"))[0]
+    assert cnn.name == "cnn" and "cnn-fmnist, committed" in cnn.source
+    manifest = json.loads((COMMITTED_CLASSIFIER_DIR / "manifest.json").read_text())
+    images, labels = load_fashion_mnist("test")
+    measured = accuracy(score(cnn.model, images).predictions, labels.numpy())
+    assert measured == pytest.approx(manifest["test_accuracy"], abs=1e-4)
+
+
 def test_a_judge_whose_weights_changed_is_refused(tmp_path):
     judge = tmp_path / "judge"
     shutil.copytree(JUDGE_DIR, judge)
