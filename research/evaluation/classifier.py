@@ -157,7 +157,7 @@ def get_classifier(
     images, labels = data
     if train_images:
         images, labels = images[:train_images], labels[:train_images]
-    setup = classifier_setup(epochs, images.shape[0])
+    setup = classifier_setup(epochs, train_images, len(data[0]))
     committed = load_committed_classifier(setup)
     if committed is not None:
         print(f"classifier: committed {COMMITTED_CLASSIFIER_DIR}")
@@ -174,15 +174,22 @@ def get_classifier(
     return model
 
 
-def classifier_setup(epochs: int, train_images: int) -> dict[str, str]:
-    """How a classifier was trained, as its safetensors metadata and the committed one's manifest record it."""
-    return {"epochs": str(epochs), "train_images": str(train_images), "seed": "0"}
+def classifier_setup(epochs: int, train_images: int | None, available: int) -> dict[str, str]:
+    """How get_classifier's classifier is trained (the first train_images of the available ones, or all), as its
+    safetensors metadata and the committed one's manifest record it."""
+    used = min(train_images, available) if train_images else available
+    return {"epochs": str(epochs), "train_images": str(used), "seed": "0"}
 
 
 def committed_setup(setup: dict[str, str], folder: Path = COMMITTED_CLASSIFIER_DIR) -> bool:
     """Whether the committed classifier was trained with this setup (so get_classifier returns it)."""
-    training = json.loads((folder / "manifest.json").read_text())["training"]
-    return all(str(training.get(k)) == v for k, v in setup.items())
+    return _committed_manifest(setup, folder) is not None
+
+
+def _committed_manifest(setup: dict[str, str], folder: Path) -> dict | None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    training = manifest["training"]
+    return manifest if all(str(training.get(k)) == v for k, v in setup.items()) else None
 
 
 def load_committed_classifier(
@@ -190,9 +197,9 @@ def load_committed_classifier(
 ) -> FashionClassifier | None:
     """The committed classifier where it was trained with this setup, after checking its weights' sha256 against
     its manifest (a mismatch raises: the committed judge was changed without its manifest); None for another setup."""
-    if not committed_setup(setup, folder):
+    manifest = _committed_manifest(setup, folder)
+    if manifest is None:
         return None
-    manifest = json.loads((folder / "manifest.json").read_text())
     weights = folder / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest != manifest["weights_sha256"]:

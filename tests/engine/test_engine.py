@@ -118,6 +118,33 @@ def test_result_matches_the_request_sampled_alone(loaded, denoiser):
     assert (res.images.astype(int) - alone.images().astype(int)).__abs__().max() <= 1
 
 
+@pytest.mark.integration
+def test_at_bf16_each_co_batched_request_matches_itself_sampled_alone(loaded, denoiser):
+    """CFG_PRECISION=auto serves bf16 on a CPU with AMX: several requests of different classes, scales, samplers and
+    seeds in one batch at bf16 each give the images they give alone at bf16 (within one grey level)."""
+    from app.models.fast import fast_denoiser
+
+    bf16 = fast_denoiser(denoiser, torch.device("cpu"), "bf16", channels_last=True)
+    specs = [
+        SampleSpec(class_label=c, seeds=(10 + c, 20 + c), steps=6, sampler=sampler, guidance=GuidanceParams(1.5 + c))
+        for c, sampler in enumerate(("dpmpp_2m", "dpmpp_2m", "euler_a", "ddim"))
+    ]
+
+    async def main():
+        client = make_client(loaded, bf16)
+        await client.start()
+        ids = [client.add(spec) for spec in specs]
+        results = [await client.result(i) for i in ids]
+        await client.shutdown()
+        return results
+
+    for spec, res in zip(specs, asyncio.run(main()), strict=True):
+        alone = SampleRun(spec, loaded.scheduler_config, (1, 28, 28), loaded.manifest.null_label)
+        sample(bf16, [alone])
+        assert isinstance(res, Finished)
+        assert (res.images.astype(int) - alone.images().astype(int)).__abs__().max() <= 1
+
+
 def test_non_finite_latents_fail_only_that_request(loaded, denoiser):
     # Stand-in fault: the real model, but rows labelled 7 come back as NaN (a real network
     # does not fail on demand).

@@ -34,8 +34,8 @@ def load_judges(args: argparse.Namespace, train_data: tuple[torch.Tensor, torch.
     defaults, else from its cache (trained first where the cache has no match); the ResNet from its committed
     weights (sha256 checked)."""
     cnn = get_classifier(args.classifier_cache, args.classifier_epochs, args.classifier_train_images, train_data)
-    trained_on = min(args.classifier_train_images or len(train_data[0]), len(train_data[0]))
-    if committed_setup(classifier_setup(args.classifier_epochs, trained_on)):
+    setup = classifier_setup(args.classifier_epochs, args.classifier_train_images, len(train_data[0]))
+    if committed_setup(setup):
         cnn_source = "research/evaluation/judges/cnn-fmnist, committed"
     else:
         cnn_source = f"research/evaluation/classifier.py, trained here for {args.classifier_epochs} epochs and cached"

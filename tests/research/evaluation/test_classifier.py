@@ -40,9 +40,9 @@ def test_the_default_setup_is_the_committed_classifier_on_every_machine(tmp_path
     torch.testing.assert_close(model(x), committed(x))  # not the stale cache's network
     assert not torch.allclose(model(x), load_classifier(stale, {"epochs": "3"})(x))
 
-    assert classifier.committed_setup(classifier.classifier_setup(3, 60000))
-    assert not classifier.committed_setup(classifier.classifier_setup(1, 1000))  # the tests' short trainings
-    assert classifier.load_committed_classifier(classifier.classifier_setup(1, 1000)) is None
+    assert classifier.committed_setup(classifier.classifier_setup(3, None, 60000))
+    assert not classifier.committed_setup(classifier.classifier_setup(1, 1000, 60000))  # the tests' short trainings
+    assert classifier.load_committed_classifier(classifier.classifier_setup(1, 1000, 60000)) is None
 
     altered = tmp_path / "cnn-fmnist"
     shutil.copytree(classifier.COMMITTED_CLASSIFIER_DIR, altered)
@@ -50,4 +50,4 @@ def test_the_default_setup_is_the_committed_classifier_on_every_machine(tmp_path
     manifest["weights_sha256"] = "0" * 64
     (altered / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="its manifest says 0000"):
-        classifier.load_committed_classifier(classifier.classifier_setup(3, 60000), altered)
+        classifier.load_committed_classifier(classifier.classifier_setup(3, None, 60000), altered)
